@@ -1,0 +1,133 @@
+"""Artifacts: a compiled model as a directory.
+
+  plan.json            schema version, source model, spec, passes with configs and what each changed
+  weights.safetensors  every parameter and buffer of the rewritten graph (tied weights stored once)
+  graph.py             the readable fx code of the rewritten forward
+  report.md            what was done, in words and numbers
+  tokenizer/           tokenizer.json + tokenizer_config.json (when the model has a tokenizer)
+
+Loading rebuilds the canonical module from the spec, replays the passes in restore mode (structure
+only), then loads the saved tensors: logits equal the saved model's exactly. Saving writes into a
+temporary sibling directory renamed at the end, so a failed save leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fxforge.errors import FxforgeError, OutputPathError
+from fxforge.ir.capture import capture
+from fxforge.ir.model import Model
+from fxforge.ir.spec import ModelSpec
+
+SCHEMA_VERSION = 1
+PLAN, WEIGHTS, GRAPH, REPORT, TOKENIZER = "plan.json", "weights.safetensors", "graph.py", "report.md", "tokenizer"
+
+
+def save_artifact(model, directory, extra_report: str = "") -> Path:
+    """Write `model` (an OptimizedModel) to `directory` atomically; returns the final path."""
+    target = Path(directory).resolve()
+    if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / PLAN).exists())):
+        raise OutputPathError(f"output directory {str(target)!r} exists and is not an fxforge artifact; "
+                              "choose a new or empty directory")
+    parent = target.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+    except OSError as exc:
+        raise OutputPathError(f"cannot write to output directory {str(target)!r}: {exc.strerror}; "
+                              "choose a writable location") from None
+    try:
+        _write(model, staging, extra_report)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def _write(model, staging: Path, extra_report: str) -> None:
+    gm = model.module
+    tensors = _unique_state(gm, model.spec)
+    save_file(tensors, str(staging / WEIGHTS), metadata={"fxforge_schema": str(SCHEMA_VERSION)})
+    plan = {
+        "schema_version": SCHEMA_VERSION,
+        "source": model.source,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "spec": model.spec.to_dict(),
+        "passes": getattr(model, "passes", []),
+        "kv_formats": [list(f) for f in model.kv_formats()],
+        "kv_bytes_per_token": model.kv_bytes_per_token(),
+    }
+    (staging / PLAN).write_text(json.dumps(plan, indent=2, default=str))
+    (staging / GRAPH).write_text(f"# fx code of the rewritten forward ({model.spec.name or model.spec.family})\n"
+                                 + gm.code)
+    (staging / REPORT).write_text(render_report(plan) + extra_report)
+    if model.tokenizer is not None:
+        model.tokenizer.save(staging / TOKENIZER)
+
+
+def _unique_state(gm, spec: ModelSpec) -> dict[str, torch.Tensor]:
+    state = {k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()}
+    if spec.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+def render_report(plan: dict) -> str:
+    spec = plan["spec"]
+    lines = [f"# fxforge artifact: {spec.get('name') or spec['family']}", "",
+             f"- source: {plan['source']}", f"- dtype: {plan['dtype']}",
+             f"- KV bytes per token (all layers): {plan['kv_bytes_per_token']}", "", "## Passes", ""]
+    if not plan["passes"]:
+        lines.append("none (identity pipeline)")
+    for record in plan["passes"]:
+        lines.append(f"### {record['name']} ({'modified the graph' if record['modified'] else 'no change'})")
+        lines.append(f"config: `{json.dumps(record['config'])}`")
+        for key, value in record["report"].items():
+            if not isinstance(value, (list, dict)) or len(str(value)) < 200:
+                lines.append(f"- {key}: {value}")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
+    """Restore an artifact directory into an OptimizedModel with identical logits."""
+    from fxforge.optimize import OptimizedModel
+    from fxforge.passes.manager import PassContext, build_pipeline, run_pipeline
+
+    path = Path(directory)
+    try:
+        plan = json.loads((path / PLAN).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise FxforgeError(f"{str(path)!r} is not a readable fxforge artifact ({PLAN}: {exc})") from None
+    if plan.get("schema_version") != SCHEMA_VERSION:
+        raise FxforgeError(f"artifact {str(path)!r} has schema_version {plan.get('schema_version')}; "
+                           f"this fxforge reads {SCHEMA_VERSION}")
+    spec = ModelSpec.from_dict(plan["spec"])
+    dtype = getattr(torch, plan["dtype"])
+    tokenizer = None
+    if (path / TOKENIZER).exists():
+        from fxforge.ir.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.load(path / TOKENIZER)
+    skeleton = Model.from_state_dict(spec, None, tokenizer, dtype, device)
+    configs = build_pipeline([{"name": r["name"], **r["config"]} for r in plan["passes"]])
+    gm, _ = run_pipeline(capture(skeleton.module), configs, PassContext(model=skeleton, restoring=True))
+    tensors = load_file(str(path / WEIGHTS), device=str(device))
+    if spec.tie_word_embeddings:
+        tensors["lm_head.weight"] = tensors["embed.weight"]
+    missing, unexpected = gm.load_state_dict(tensors, strict=False)
+    if missing or unexpected:
+        raise FxforgeError(f"artifact {str(path)!r} weights do not match its plan: missing {missing[:5]}, "
+                           f"unexpected {unexpected[:5]}")
+    return OptimizedModel(gm, spec, tokenizer, plan["source"], plan["passes"])

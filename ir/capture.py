@@ -1,0 +1,151 @@
+"""fx capture of the canonical decoder, with typed metadata on every node.
+
+`capture(module)` traces a DecoderLM with torch.fx.symbolic_trace semantics (nn.Linear, RMSNorm and
+the MoE experts stay leaf modules; the custom ops stay opaque) and annotates each node with
+`node.meta["fxforge"] = NodeMeta(role, layer, heads)`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch.fx as fx
+from torch import nn
+
+from fxforge.ir.modules import DecoderLM, MoEExperts, RMSNorm
+from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, ROPE
+from fxforge.ir.spec import ModelSpec
+
+META_KEY = "fxforge"
+ROLES = ("embed", "q_proj", "k_proj", "v_proj", "o_proj", "rope", "attention", "kv_write", "norm",
+         "mlp_gate", "mlp_up", "mlp_down", "router", "expert", "lm_head", "input", "output", "op")
+
+_MODULE_ROLES = {
+    "embed": "embed", "lm_head": "lm_head", "norm": "norm", "attn_norm": "norm", "mlp_norm": "norm",
+    "attn.q_proj": "q_proj", "attn.k_proj": "k_proj", "attn.v_proj": "v_proj", "attn.o_proj": "o_proj",
+    "attn.q_norm": "norm", "attn.k_norm": "norm", "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up",
+    "mlp.down_proj": "mlp_down", "mlp.router": "router", "mlp.experts": "expert",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)(?:\.|$)")
+
+
+@dataclass(frozen=True)
+class HeadLayout:
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+@dataclass
+class NodeMeta:
+    """What a pass may rely on for one node."""
+
+    role: str
+    layer: int | None = None
+    heads: HeadLayout | None = None
+    tensor: str | None = None  # for rope: "q" or "k"
+    notes: dict = field(default_factory=dict)  # passes record what they did here
+
+
+class _Tracer(fx.Tracer):
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, (RMSNorm, MoEExperts)) or super().is_leaf_module(m, qualname)
+
+
+def capture(module: DecoderLM) -> fx.GraphModule:
+    """Trace the canonical decoder into an annotated GraphModule (spec in gm.meta['spec'])."""
+    if isinstance(module, fx.GraphModule):
+        return module
+    if not isinstance(module, DecoderLM):
+        raise TypeError(f"capture expects a canonical DecoderLM, got {type(module).__name__}; "
+                        "load the model with fxforge.load(...) first")
+    graph = _Tracer().trace(module)
+    gm = fx.GraphModule(module, graph, class_name="FxforgeDecoder")
+    gm.meta["spec"] = module.spec
+    annotate(gm, module.spec)
+    return gm
+
+
+def spec_of(gm: fx.GraphModule) -> ModelSpec:
+    return gm.meta["spec"]
+
+
+def meta(node: fx.Node) -> NodeMeta:
+    return node.meta[META_KEY]
+
+
+def annotate(gm: fx.GraphModule, spec: ModelSpec) -> None:
+    """(Re)compute role / layer / head layout for every node."""
+    heads = HeadLayout(spec.num_heads, spec.num_kv_heads, spec.head_dim)
+    for node in gm.graph.nodes:
+        old = node.meta.get(META_KEY)
+        role, layer = _role_and_layer(node)
+        m = NodeMeta(role=role, layer=layer, notes=old.notes if old else {})
+        if role in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "attention", "kv_write"):
+            m.heads = heads
+        if role == "rope":
+            m.tensor = _rope_source(node)
+        node.meta[META_KEY] = m
+
+
+def _role_and_layer(node: fx.Node) -> tuple[str, int | None]:
+    if node.op == "placeholder":
+        return "input", None
+    if node.op == "output":
+        return "output", None
+    if node.op == "call_module":
+        match = _LAYER_RE.match(node.target)
+        local = node.target[match.end():] if match else node.target
+        return _MODULE_ROLES.get(local, "op"), int(match.group(1)) if match else None
+    layer = None
+    for path in node.meta.get("nn_module_stack", {}):
+        match = _LAYER_RE.match(path)
+        if match:
+            layer = int(match.group(1))
+    if node.op == "get_attr":
+        match = _LAYER_RE.match(node.target)
+        layer = int(match.group(1)) if match else layer
+    return CUSTOM_OP_ROLES.get(node.target, "op"), layer
+
+
+def _rope_source(node: fx.Node) -> str | None:
+    """Walk back from a rope input to the projection that made it: 'q' or 'k'."""
+    current = node.args[0]
+    while isinstance(current, fx.Node):
+        if current.op == "call_module" and current.target.endswith(("q_proj", "k_proj")):
+            return current.target[-6]
+        current = current.args[0] if current.args else None
+    return None
+
+
+def nodes_by_role(gm: fx.GraphModule, role: str, layer: int | None = None) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if META_KEY in n.meta and meta(n).role == role
+            and (layer is None or meta(n).layer == layer)]
+
+
+def kv_formats(module: nn.Module, num_layers: int) -> list[tuple[str, str]]:
+    """Per-layer (k_format, v_format) of an eager DecoderLM or a captured graph."""
+    if isinstance(module, fx.GraphModule):
+        found = {}
+        for node in module.graph.nodes:
+            if node.op == "call_function" and node.target is KV_WRITE:
+                found[meta(node).layer] = (node.args[7], node.args[8])
+        return [found[i] for i in range(num_layers)]
+    return [(layer.attn.k_format, layer.attn.v_format) for layer in module.layers]
+
+
+def set_kv_format_args(node: fx.Node, k_format: str, v_format: str) -> None:
+    """Rewrite the format arguments of a kv_write or attention node."""
+    args = list(node.args)
+    if node.target is KV_WRITE:
+        args[7], args[8] = k_format, v_format
+    elif node.target is ATTENTION:
+        args[8], args[9] = k_format, v_format
+    else:
+        raise ValueError(f"node {node.name} is not a kv_write or attention op")
+    node.args = tuple(args)
+
+
+__all__ = ["capture", "annotate", "meta", "NodeMeta", "HeadLayout", "nodes_by_role", "kv_formats",
+           "set_kv_format_args", "spec_of", "ROPE", "ATTENTION", "KV_WRITE", "ROLES", "META_KEY"]

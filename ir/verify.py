@@ -1,0 +1,90 @@
+"""ir.verify(gm): the metadata contract every pass may rely on, checked between passes in debug mode."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import torch.fx as fx
+
+from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
+from fxforge.ir.ops import ATTENTION, KV_WRITE, ROPE
+from fxforge.kernels.bfp import parse_kv_format
+
+_PER_LAYER = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "rope": 2, "attention": 1, "kv_write": 1}
+
+
+class IRVerificationError(AssertionError):
+    pass
+
+
+def verify(gm: fx.GraphModule) -> None:
+    """Raise IRVerificationError listing every broken rule; return None when the graph is sound."""
+    problems: list[str] = []
+    spec = gm.meta.get("spec")
+    if spec is None:
+        raise IRVerificationError("gm.meta['spec'] is missing: capture the model with fxforge.ir.capture")
+    try:
+        gm.graph.lint()
+    except Exception as exc:  # fx's own structural checks
+        problems.append(f"graph lint: {exc}")
+    counts: Counter = Counter()
+    for node in gm.graph.nodes:
+        if META_KEY not in node.meta:
+            problems.append(f"node {node.name} has no fxforge metadata")
+            continue
+        m = meta(node)
+        if m.role not in ROLES:
+            problems.append(f"node {node.name} has unknown role {m.role!r}")
+        if m.layer is not None and not 0 <= m.layer < spec.num_layers:
+            problems.append(f"node {node.name} has layer {m.layer} outside 0..{spec.num_layers - 1}")
+        if m.role in _PER_LAYER:
+            counts[(m.role, m.layer)] += 1
+            if m.heads is None:
+                problems.append(f"node {node.name} ({m.role}) has no head layout")
+        problems += _check_op(gm, node, m)
+    for layer in range(spec.num_layers):
+        for role, want in _PER_LAYER.items():
+            if counts[(role, layer)] != want:
+                problems.append(f"layer {layer} has {counts[(role, layer)]} {role} nodes, expected {want}")
+    problems += _check_order(gm)
+    if problems:
+        raise IRVerificationError("IR contract broken:\n  " + "\n  ".join(problems))
+
+
+def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
+    spec = spec_of(gm)
+    out = []
+    if node.target is ROPE:
+        if m.tensor not in ("q", "k"):
+            out.append(f"rope node {node.name} does not trace back to q_proj or k_proj")
+        perm = node.args[4]
+        if perm is not None:
+            heads = spec.num_heads if m.tensor == "q" else spec.num_kv_heads
+            value = gm.get_buffer(perm.target) if isinstance(perm, fx.Node) else perm
+            if tuple(value.shape) != (heads, spec.head_dim):
+                out.append(f"rope node {node.name} channel_perm shape {tuple(value.shape)}, "
+                           f"expected {(heads, spec.head_dim)}")
+    if node.target in (KV_WRITE, ATTENTION):
+        formats = node.args[7:9] if node.target is KV_WRITE else node.args[8:10]
+        for fmt in formats:
+            try:
+                parse_kv_format(fmt).check_head_dim(spec.head_dim)
+            except ValueError as exc:
+                out.append(f"node {node.name}: {exc}")
+    return out
+
+
+def _check_order(gm: fx.GraphModule) -> list[str]:
+    """kv_write must precede the attention of its layer, and both must agree on the formats."""
+    writes, out = {}, []
+    for node in gm.graph.nodes:
+        if node.target is KV_WRITE:
+            writes[meta(node).layer] = tuple(node.args[7:9])
+        elif node.target is ATTENTION:
+            layer = meta(node).layer
+            if layer not in writes:
+                out.append(f"layer {layer}: attention {node.name} runs before its kv_write")
+            elif writes[layer] != tuple(node.args[8:10]):
+                out.append(f"layer {layer}: kv_write formats {writes[layer]} != attention formats "
+                           f"{tuple(node.args[8:10])}")
+    return out
