@@ -81,6 +81,8 @@ class Model:
         with torch.device("meta"):
             module = DecoderLM(spec)
         module = module.to_empty(device=device).to(dtype)
+        if spec.tie_word_embeddings:  # materialising from meta unties shared parameters
+            module.lm_head.weight = module.embed.weight
         for layer in module.layers:
             layer.attn.inv_freq = spec.rope_inv_freq().to(device)
         if state_dict is None:
@@ -193,14 +195,18 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 def _random_init(module: DecoderLM, seed: int) -> None:
-    gen = torch.Generator(device="cpu").manual_seed(seed)
+    """N(0, 0.02) weights drawn on the parameters' own device (fast for 8B shapes on a GPU)."""
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        return
+    gen = torch.Generator(device=device).manual_seed(seed)
     for name, p in module.named_parameters():
         if name.endswith("norm.weight"):
             p.data.fill_(1.0)
         elif name.endswith(".bias"):
             p.data.zero_()
         else:
-            p.data.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(0.02).to(p.dtype))
+            p.data.normal_(0.0, 0.02, generator=gen)
 
 
 def _load_canonical(module: DecoderLM, state_dict: dict[str, torch.Tensor], spec: ModelSpec) -> None:

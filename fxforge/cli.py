@@ -1,0 +1,293 @@
+"""The fxforge command line: compile, eval, analyze, generate.
+
+Any FxforgeError prints one line `error: ...` naming the bad input and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from fxforge.errors import FxforgeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="fxforge: compile LLMs with passes from systems papers, evaluate and analyze them.")
+console = Console(stderr=True)
+out = Console()
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+def _guard(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except FxforgeError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2)
+
+    return wrapper
+
+
+def _dtype(name: str):
+    import torch
+
+    aliases = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16",
+               "fp16": "float16", "float16": "float16"}
+    if name not in aliases:
+        raise FxforgeError(f"--dtype {name!r} is not valid; expected one of {sorted(set(aliases))}")
+    return getattr(torch, aliases[name])
+
+
+def _load(model: str, dtype: str, random_init: bool = False, device: str = "cpu"):
+    import fxforge
+
+    with console.status(f"loading {model}"):
+        return fxforge.load(model, dtype=_dtype(dtype), random_init=random_init, device=device)
+
+
+def pass_list(passes: str, options: dict) -> list[dict]:
+    """`--passes a,b` plus the pass-specific CLI options that were given -> pass dicts."""
+    names = [p.strip() for p in passes.split(",") if p.strip()] if passes else []
+    from fxforge.passes.manager import registered_passes
+
+    registry = registered_passes()
+    result = []
+    for name in names:
+        entry = {"name": name}
+        if name in registry:
+            fields = registry[name].config_type.__dataclass_fields__
+            entry.update({k: v for k, v in options.items() if v is not None and k in fields})
+        result.append(entry)
+    return result
+
+
+PassesOpt = typer.Option("", "--passes", help="comma-separated pass names, in order (empty: identity)")
+KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bfp12, bfp14, bfp16, mxfp4, bfloat16, float32)")
+VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
+BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
+MetricOpt = typer.Option(None, "--ksort-metric", help="ksort: weight_norm or calibrated")
+
+
+def _options(kv_format, v_format, block, ksort_metric) -> dict:
+    return {"k_format": kv_format, "v_format": v_format, "block": block, "metric": ksort_metric}
+
+
+def _calib_texts(passes: list[dict], data: str) -> list[str] | None:
+    if not any(p.get("metric") == "calibrated" or p["name"] in CALIB_PASSES for p in passes):
+        return None
+    from fxforge.data import load_texts
+
+    return load_texts(data, split="calib")
+
+
+CALIB_PASSES: set[str] = set()
+
+
+def _optimize(model, passes: list[dict], data: str):
+    import fxforge
+
+    with console.status("running passes") as status:
+        return fxforge.optimize(model, passes=passes, calib=_calib_texts(passes, data),
+                                progress=lambda name: status.update(f"pass {name} done"))
+
+
+@app.command("compile")
+@_guard
+def compile_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model name, .gguf path, HF directory or artifact"),
+    output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
+    passes: str = PassesOpt,
+    kv_format: Optional[str] = KvFormatOpt,
+    v_format: Optional[str] = VFormatOpt,
+    block: Optional[int] = BlockOpt,
+    ksort_metric: Optional[str] = MetricOpt,
+    dtype: str = typer.Option("float32", help="weight dtype: float32, bfloat16, float16"),
+    random_init: bool = typer.Option(False, help="random weights for a named shape (speed work only)"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure perplexity after compiling"),
+    data: str = typer.Option("gsm8k", help="evaluation text: gsm8k or a .txt/.jsonl path"),
+    max_tokens: int = typer.Option(8192, help="tokens to score when evaluating"),
+    context: int = typer.Option(512, help="evaluation window length"),
+):
+    """Compile MODEL with PASSES into an artifact directory; by default also evaluate it."""
+    from fxforge.artifact import save_artifact
+
+    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
+    from fxforge.passes.manager import build_pipeline
+
+    build_pipeline(plist)  # reject bad pass lists before loading anything
+    _check_writable(output)
+    start = time.perf_counter()
+    base = _load(model, dtype, random_init)
+    opt = _optimize(base, plist, data)
+    extra = ""
+    summary = {"artifact": str(output), "passes": [p["name"] for p in opt.passes],
+               "kv_bytes_per_token": opt.kv_bytes_per_token(),
+               "baseline_kv_bytes_per_token": base.kv_bytes_per_token()}
+    if evaluate:
+        result = _perplexities(opt, base, data, max_tokens, context, bool(plist))
+        summary.update(result)
+        extra = _eval_markdown(result)
+    save_artifact(opt, output, extra)
+    summary["seconds"] = round(time.perf_counter() - start, 1)
+    _print_summary(summary)
+
+
+def _check_writable(output: Path) -> None:
+    from fxforge.errors import OutputPathError
+
+    probe = output.resolve()
+    while not probe.exists():
+        probe = probe.parent
+    import os
+
+    if not probe.is_dir() or not os.access(probe, os.W_OK):
+        raise OutputPathError(f"output directory {str(output)!r} is not writable ({probe} is not a writable "
+                              "directory); choose a writable location")
+    if output.exists() and output.is_dir() and any(output.iterdir()) and not (output / "plan.json").exists():
+        raise OutputPathError(f"output directory {str(output)!r} exists and is not an fxforge artifact; "
+                              "choose a new or empty directory")
+
+
+def _perplexities(model, baseline, data: str, max_tokens: int, context: int, compare: bool) -> dict:
+    from fxforge.data import load_texts
+    from fxforge.evaluate import perplexity, token_windows
+
+    if model.tokenizer is None:
+        raise FxforgeError("this model has no tokenizer, so it cannot be evaluated on text")
+    windows = token_windows(model.tokenizer, load_texts(data, "eval"), context, max_tokens)
+    result = perplexity(model, windows, label="perplexity").to_dict()
+    if compare:
+        result["baseline_perplexity"] = perplexity(baseline, windows, label="baseline perplexity").perplexity
+    else:
+        result["baseline_perplexity"] = result["perplexity"]
+    result["delta_pct"] = 100.0 * (result["perplexity"] / result["baseline_perplexity"] - 1.0)
+    result["data"] = data
+    return result
+
+
+def _eval_markdown(result: dict) -> str:
+    return ("\n## Quality\n\n"
+            f"- perplexity on {result['data']} ({result['tokens']} tokens, context {result['context']}): "
+            f"{result['perplexity']:.4f}\n- baseline perplexity (same tokens): {result['baseline_perplexity']:.4f}\n"
+            f"- delta: {result['delta_pct']:+.2f}%\n")
+
+
+def _print_summary(summary: dict, as_json: bool = False) -> None:
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    table = Table(show_header=False, title="fxforge")
+    for key, value in summary.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command("eval")
+@_guard
+def eval_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model name, .gguf path, HF directory or artifact"),
+    passes: str = PassesOpt,
+    kv_format: Optional[str] = KvFormatOpt,
+    v_format: Optional[str] = VFormatOpt,
+    block: Optional[int] = BlockOpt,
+    ksort_metric: Optional[str] = MetricOpt,
+    data: str = typer.Option("gsm8k", help="gsm8k or a .txt/.jsonl path"),
+    max_tokens: int = typer.Option(8192, help="tokens to score"),
+    context: int = typer.Option(512, help="window length"),
+    dtype: str = typer.Option("float32", help="weight dtype"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Perplexity of MODEL (optionally after PASSES) on real text, with the original's on the same tokens."""
+    import fxforge
+
+    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
+    from fxforge.passes.manager import build_pipeline
+
+    build_pipeline(plist)
+    base = _load(model, dtype, device=device)
+    opt = _optimize(base, plist, data) if plist else base
+    baseline = base
+    if isinstance(base, fxforge.OptimizedModel) and base.passes and "source" in base.source:
+        baseline = _load(base.source["source"], dtype, device=device)
+    result = _perplexities(opt, baseline, data, max_tokens, context, opt is not baseline)
+    result["kv_bytes_per_token"] = opt.kv_bytes_per_token()
+    _print_summary(result, as_json)
+
+
+@app.command("generate")
+@_guard
+def generate_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model name, .gguf path, HF directory or artifact"),
+    prompt: list[str] = typer.Option(..., "--prompt", help="a prompt (repeat for a batch)"),
+    max_new_tokens: int = typer.Option(64, help="tokens to generate per prompt"),
+    chat: bool = typer.Option(True, "--chat/--raw", help="apply the model's chat template"),
+    dtype: str = typer.Option("float32", help="weight dtype"),
+):
+    """Greedy generation through the paged-KV forward."""
+    m = _load(model, dtype)
+    start = time.perf_counter()
+    texts = m.generate(list(prompt), max_new_tokens=max_new_tokens, chat=chat)
+    for p, t in zip(prompt, texts):
+        out.print(f"[bold]> {p}[/bold]\n{t}\n")
+    console.print(f"{len(prompt)} prompt(s) in {time.perf_counter() - start:.1f}s")
+
+
+@app.command("analyze")
+@_guard
+def analyze_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model name (named shapes use their config), .gguf, HF dir or artifact"),
+    phase: str = typer.Option("decode", help="prefill, decode or mixed"),
+    batch: int = typer.Option(64, help="sequences in the batch"),
+    context: int = typer.Option(4096, help="context length"),
+    dtype: str = typer.Option("bfloat16", help="dtype of weights and activations"),
+    prefill_tokens: int = typer.Option(0, help="mixed phase: prefill tokens in the step"),
+    device: str = typer.Option("h100", help="device spec: h100, logic-pim or a JSON file"),
+    plot: Path = typer.Option(Path("roofline.png"), help="roofline plot to write (PNG)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+):
+    """Per-layer FLOPs, bytes and Op/B for a batch description, with a roofline plot."""
+    from fxforge.analyze import analyze
+    from fxforge.ir.cost import BatchDesc
+    from fxforge.ir.devices import load_device_spec
+
+    desc = BatchDesc(phase=phase, batch=batch, context=context, dtype=_dtype(dtype).__repr__().removeprefix("torch."),
+                     prefill_tokens=prefill_tokens)
+    spec_device = load_device_spec(device)
+    m = _analysis_model(model)
+    summary = analyze(m, desc, spec_device, plot, out if not as_json else None)
+    if as_json:
+        out.print_json(json.dumps(summary, default=str))
+
+
+def _analysis_model(model: str):
+    """Named shapes are analysed from their config (no weights needed); the rest are loaded."""
+    from fxforge.ir.importers.named import NAMED_SHAPES
+
+    if model in NAMED_SHAPES:
+        import torch
+
+        from fxforge.ir.model import Model
+
+        with console.status(f"building {model} on the meta device"):
+            return Model.from_state_dict(NAMED_SHAPES[model], None, device="meta", dtype=torch.bfloat16)
+    return _load(model, "float32")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()
