@@ -1,0 +1,311 @@
+"""Continuous batching: which tokens of which sequences the next model step computes.
+
+Policy (vLLM v1 style), one `schedule()` per model step:
+
+1. Decode first. Every running sequence whose only uncomputed token is its last sampled one gets
+   one token, oldest arrival first, while the token budget lasts. When its token needs a page and
+   none is free, the most recently arrived running sequence is preempted by recompute (pages
+   freed, KV forgotten, pushed to the front of the waiting queue), repeatedly, until the page fits
+   or the sequence itself was the one preempted.
+2. Chunked prefill with the remaining budget: first the running sequence whose prefill was cut
+   short by the budget last step, then waiting sequences in FCFS order. A prefill takes
+   min(uncomputed tokens, remaining budget); admission stops at the first waiting sequence whose
+   chunk does not fit in the free pages, when `max_num_seqs` are running, or for this step once
+   anything was preempted.
+
+Order: every running sequence arrived before every waiting one, and both lists are sorted by
+arrival (admission is FCFS from the front; victims are the youngest running and go back to the
+front), so "most recently arrived running" is simply the end of `running`.
+
+Only running sequences hold pages, and `add()` refuses a request whose longest possible length
+cannot fit in the whole pool, so the oldest running sequence can always make progress: no
+deadlock. Per-step host work is linear in the number of running sequences.
+"""
+
+from __future__ import annotations
+
+import itertools
+import operator
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .block_manager import BlockManager
+from .sequence import Sequence, SequenceStatus
+
+
+def _token_id(token) -> int:
+    try:
+        value = operator.index(token)  # int, numpy integer or one-element integer tensor
+    except TypeError:
+        value = -1
+    if value < 0 or isinstance(token, bool):
+        raise ValueError(f"sampled token ids must be integers >= 0, got {token!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192  # token budget of one model step
+    max_model_len: int = 8192  # prompt + generated tokens of one sequence
+    page_size: int = 16
+    enable_chunked_prefill: bool = True
+
+    def __post_init__(self):
+        for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2), ("page_size", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+                raise ValueError(f"SchedulerConfig.{name} must be an int >= {minimum}, got {value!r}")
+        if not isinstance(self.enable_chunked_prefill, bool):
+            raise ValueError(f"SchedulerConfig.enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len - 1:
+            raise ValueError(
+                f"without chunked prefill a whole prefill of up to max_model_len - 1 = {self.max_model_len - 1} tokens "
+                f"must fit in one step, but max_num_batched_tokens is {self.max_num_batched_tokens}; raise it or "
+                "enable_chunked_prefill"
+            )
+
+
+@dataclass(frozen=True)
+class ScheduledSeq:
+    """`num_tokens` tokens of `seq`, at positions start_position.., computed in this step."""
+
+    seq: Sequence
+    num_tokens: int
+    start_position: int  # seq.num_computed_tokens before the step
+    is_prefill: bool  # False: a one-token decode of the last sampled token
+    sample: bool  # all of seq's tokens are computed after this step: sample its next token
+
+    @property
+    def end_position(self) -> int:
+        return self.start_position + self.num_tokens
+
+    @property
+    def positions(self) -> range:
+        return range(self.start_position, self.start_position + self.num_tokens)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.seq.token_slice(self.start_position, self.start_position + self.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    """One model step: decodes first, then prefill chunks; plus who was preempted to make room."""
+
+    scheduled: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+    num_batched_tokens: int = 0
+
+    @property
+    def num_decode(self) -> int:
+        return sum(not s.is_prefill for s in self.scheduled)
+
+    @property
+    def num_prefill(self) -> int:
+        return sum(s.is_prefill for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    """Decode-first, chunked-prefill continuous batching with preemption by recompute.
+
+    Drive it as `out = schedule()`, run the model on `out.scheduled`, then
+    `update(out, sampled_tokens, eos_token_id)`; alternate strictly.
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        if block_manager.page_size != config.page_size:
+            raise ValueError(
+                f"block manager page_size {block_manager.page_size} differs from SchedulerConfig.page_size {config.page_size}"
+            )
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # sorted by arrival, all older than any waiting sequence
+        self.num_preemptions = 0
+        self._unfinished: dict[int, Sequence] = {}
+        self._arrivals = itertools.count()
+        self._pending: SchedulerOutput | None = None
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._unfinished)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a new request; refuse, without touching the queues, one that could never run."""
+        if seq.seq_id in self._unfinished or seq.status is not SequenceStatus.WAITING or seq.num_output_tokens:
+            raise ValueError(f"sequence {seq.seq_id} is not a new request ({seq!r})")
+        num_prompt = seq.num_prompt_tokens
+        max_len = self.config.max_model_len
+        if num_prompt == 0:
+            raise ValueError(f"prompt is empty (sequence {seq.seq_id}): at least one token is needed")
+        if num_prompt > max_len - 1:
+            raise ValueError(
+                f"prompt of sequence {seq.seq_id} has {num_prompt} tokens but max_model_len is {max_len}: "
+                f"at most {max_len - 1} prompt tokens leave room for one generated token"
+            )
+        # KV of the final token is never computed, so the longest sequence needs one slot less.
+        max_slots = min(num_prompt + seq.sampling_params.max_new_tokens, max_len) - 1
+        pool = self.block_manager
+        if pool.pages_for(max_slots) > pool.num_pages:
+            raise ValueError(
+                f"sequence {seq.seq_id} ({num_prompt} prompt tokens, up to {max_slots + 1} tokens in all) can need "
+                f"{pool.pages_for(max_slots)} KV pages but the pool has {pool.num_pages} pages of {pool.page_size}; "
+                "lower max_new_tokens or enlarge the pool"
+            )
+        seq.arrival = next(self._arrivals)
+        self._unfinished[seq.seq_id] = seq
+        self.waiting.append(seq)
+
+    def abort(self, seq_id: int) -> Sequence | None:
+        """Finish an unfinished sequence now (reason "abort") and free its pages; None if unknown."""
+        seq = self._unfinished.pop(seq_id, None)
+        if seq is None:
+            return None
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+            self.block_manager.free(seq)
+        else:
+            self.waiting.remove(seq)
+        seq.finish("abort")
+        return seq
+
+    def schedule(self) -> SchedulerOutput:
+        if self._pending is not None:
+            raise RuntimeError("schedule() called again before update() consumed the previous SchedulerOutput")
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        budget, prefilling = self._schedule_decodes(out, budget)
+        budget = self._schedule_running_prefills(out, budget, prefilling)
+        if not out.preempted:
+            self._admit_waiting(out, budget)
+        out.num_batched_tokens = sum(s.num_tokens for s in out.scheduled)
+        self._pending = out
+        return out
+
+    def update(self, output: SchedulerOutput, sampled_tokens, eos_token_id: int | None) -> list[Sequence]:
+        """Apply a finished model step; return the sequences that finished in it (pages freed).
+
+        `sampled_tokens` is a mapping seq_id -> token id, or a list of token ids aligned with the
+        entries of `output.scheduled` whose `sample` is True.
+        """
+        if output is not self._pending:
+            raise RuntimeError("update() needs the SchedulerOutput of the latest schedule(), applied once")
+        to_sample = [s for s in output.scheduled if s.sample]
+        if isinstance(sampled_tokens, Mapping):
+            missing = [s.seq.seq_id for s in to_sample if s.seq.seq_id not in sampled_tokens]
+            if missing:
+                raise ValueError(f"sampled_tokens lacks a token for sequence ids {missing}")
+            tokens = [sampled_tokens[s.seq.seq_id] for s in to_sample]
+        else:
+            tokens = list(sampled_tokens)
+            if len(tokens) != len(to_sample):
+                raise ValueError(f"sampled_tokens has {len(tokens)} tokens for {len(to_sample)} sequences that sample")
+        tokens = [_token_id(t) for t in tokens]
+        self._pending = None
+
+        token_iter = iter(tokens)
+        finished = []
+        for sched in output.scheduled:
+            seq = sched.seq
+            token = next(token_iter) if sched.sample else None
+            if seq.is_finished:  # aborted after schedule()
+                continue
+            seq.num_computed_tokens += sched.num_tokens
+            if token is None:
+                continue
+            seq.append_token(token)
+            reason = seq.stop_reason(eos_token_id, self.config.max_model_len)
+            if reason is not None:
+                self.block_manager.free(seq)
+                seq.finish(reason)
+                del self._unfinished[seq.seq_id]
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> tuple[int, list[Sequence]]:
+        """One token for each decoding sequence, oldest first; also list the running prefills."""
+        prefilling = []
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            if not seq.is_decoding:
+                prefilling.append(seq)
+            elif self._make_room(seq, 1, out):
+                self.block_manager.allocate(seq, 1)
+                out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, is_prefill=False, sample=True))
+                budget -= 1
+            else:
+                break  # seq preempted itself: it was the last running sequence
+            i += 1
+        return budget, prefilling
+
+    def _make_room(self, seq: Sequence, num_new_tokens: int, out: SchedulerOutput) -> bool:
+        """Preempt the youngest running sequences until seq's tokens fit; False if seq went itself.
+
+        Called while visiting `running` oldest first, so the youngest is never one already
+        scheduled this step.
+        """
+        while not self.block_manager.can_allocate(seq, num_new_tokens):
+            victim = self.running.pop()
+            self._preempt(victim, out)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        self.block_manager.free(seq)
+        seq.reset_for_recompute()
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def _schedule_running_prefills(self, out: SchedulerOutput, budget: int, prefilling: list[Sequence]) -> int:
+        """Continue prefills cut short by the budget, shrunk to the free pages if need be."""
+        for seq in prefilling:
+            if budget == 0:
+                break
+            if seq.status is not SequenceStatus.RUNNING:  # preempted by a decode above
+                continue
+            num_tokens = min(seq.num_uncomputed, budget, self.block_manager.max_new_tokens(seq))
+            if num_tokens == 0:
+                continue
+            self._schedule_prefill(seq, num_tokens, out)
+            budget -= num_tokens
+        return budget
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int) -> None:
+        """Start prefills of waiting sequences, FCFS, while budget, pages and seat limit allow."""
+        chunked = self.config.enable_chunked_prefill
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            num_tokens = min(seq.num_uncomputed, budget)
+            if num_tokens < seq.num_uncomputed and not chunked:
+                break
+            if not self.block_manager.can_allocate(seq, num_tokens):
+                break
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            self._schedule_prefill(seq, num_tokens, out)
+            budget -= num_tokens
+
+    def _schedule_prefill(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> None:
+        start = seq.num_computed_tokens
+        self.block_manager.allocate(seq, num_tokens)
+        sample = start + num_tokens == seq.num_tokens
+        out.scheduled.append(ScheduledSeq(seq, num_tokens, start, is_prefill=True, sample=sample))
