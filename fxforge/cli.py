@@ -271,6 +271,32 @@ def analyze_cmd(
         out.print_json(json.dumps(summary, default=str))
 
 
+@app.command("quality-table")
+@_guard
+def quality_table_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model with real weights"),
+    max_tokens: int = typer.Option(100_000, help="evaluated tokens per row"),
+    context: int = typer.Option(512, help="window length"),
+    calib_tokens: int = typer.Option(8192, help="calibration tokens for ksort calibrated"),
+    blocks: str = typer.Option("16,32,64", help="BFP block sizes"),
+    orders: str = typer.Option("natural,weight_norm,calibrated", help="channel orders"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    out_json: Path = typer.Option(Path("quality.json"), "--json-out", help="JSON results file"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
+):
+    """KV-format quality table (perplexity per format, block and channel order) on GSM8K."""
+    from fxforge.quality import markdown, run_quality_table
+
+    m = _load(model, "float32", device=device)
+    results = run_quality_table(m, max_tokens, context, calib_tokens, tuple(int(b) for b in blocks.split(",")),
+                                tuple(orders.split(",")), out_json, console)
+    table = markdown(results)
+    if markdown_out:
+        markdown_out.write_text(table)
+    out.print(table)
+    out.print_json(json.dumps(results["targets"]))
+
+
 def _analysis_model(model: str):
     """Named shapes are analysed from their config (no weights needed); the rest are loaded."""
     from fxforge.ir.importers.named import NAMED_SHAPES

@@ -5,3 +5,8 @@ from fxforge.passes.manager import (PassConfig, PassContext, PassResult, build_p
 
 __all__ = ["PassConfig", "PassContext", "PassResult", "register_pass", "registered_passes", "resolve",
            "build_pipeline", "run_pipeline"]
+
+from fxforge.passes.ksort import KSort, KSortMetric  # noqa: E402  (registers "ksort")
+from fxforge.passes.bfp_kv import BFPKVCache  # noqa: E402  (registers "bfp-kv")
+
+__all__ += ["KSort", "KSortMetric", "BFPKVCache"]

@@ -21,7 +21,15 @@ from fxforge.errors import PassConfigError
 
 @dataclass(frozen=True)
 class PassConfig:
-    """Base of every pass config. Subclasses validate their fields in __post_init__."""
+    """Base of every pass config. Subclasses validate their fields in __post_init__ (calling super's
+    first, which turns strings into the declared str Enums)."""
+
+    def __post_init__(self):
+        for f in dataclasses.fields(self):
+            enum_type = _enum_type(f.type)
+            value = getattr(self, f.name)
+            if enum_type and not isinstance(value, enum_type):
+                object.__setattr__(self, f.name, _coerce_enum(enum_type, value, f.name, type(self)))
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "PassConfig":
@@ -30,13 +38,8 @@ class PassConfig:
         if unknown:
             raise PassConfigError(f"unknown option(s) {sorted(unknown)} for pass {pass_name(cls)!r}; "
                                   f"valid options: {sorted(names)}")
-        kwargs = {}
-        for key, value in values.items():
-            kind = names[key].type
-            enum_type = _enum_type(kind)
-            kwargs[key] = _coerce_enum(enum_type, value, key, cls) if enum_type else value
         try:
-            return cls(**kwargs)
+            return cls(**values)
         except (TypeError, ValueError) as exc:
             raise PassConfigError(f"invalid config for pass {pass_name(cls)!r}: {exc}") from None
 
@@ -57,8 +60,8 @@ def _coerce_enum(enum_type, value, key, cls):
         return enum_type(value.value if isinstance(value, enum.Enum) else value)
     except ValueError:
         valid = [m.value for m in enum_type]
-        raise PassConfigError(f"{key}={value!r} is not valid for pass {pass_name(cls)!r}; "
-                              f"expected one of {valid}") from None
+        raise ValueError(f"{key}={value!r} is not valid for pass {pass_name(cls)!r}; "
+                         f"expected one of {valid}") from None
 
 
 _ENUMS: dict[str, type] = {}
@@ -104,19 +107,26 @@ class PassInfo:
     fn: Callable[[fx.GraphModule, PassConfig, PassContext], PassResult]
     after: tuple[str, ...]  # if present in the pipeline, these passes must run earlier
     doc: str
+    check: Callable | None = None  # check(config, spec): raise before any pass runs
+
+
 
 
 _BY_NAME: dict[str, PassInfo] = {}
 _BY_TYPE: dict[type, PassInfo] = {}
 
 
-def register_pass(name: str, config_type: type, after: tuple[str, ...] = ()):
-    """Decorator: register `fn(gm, config, ctx) -> PassResult` under `name` and `config_type`."""
+def register_pass(name: str, config_type: type, after: tuple[str, ...] = (), check: Callable | None = None):
+    """Decorator: register `fn(gm, config, ctx) -> PassResult` under `name` and `config_type`.
+
+    `check(config, spec)` validates the config against the model before any pass of the pipeline
+    runs (e.g. a block that does not divide head_dim), so bad input fails before work is done.
+    """
 
     def wrap(fn):
         if name in _BY_NAME and _BY_NAME[name].fn is not fn:
             raise ValueError(f"pass name {name!r} is already registered")
-        info = PassInfo(name, config_type, fn, tuple(after), (fn.__doc__ or "").strip())
+        info = PassInfo(name, config_type, fn, tuple(after), (fn.__doc__ or "").strip(), check)
         _BY_NAME[name] = _BY_TYPE[config_type] = info
         return fn
 
@@ -167,11 +177,23 @@ def build_pipeline(passes: list) -> list[PassConfig]:
     return configs
 
 
+def check_pipeline(configs: list[PassConfig], spec) -> None:
+    """Run every pass's model-dependent check; raises PassConfigError naming the pass and the input."""
+    for config in configs:
+        info = _BY_TYPE[type(config)]
+        if info.check is not None:
+            try:
+                info.check(config, spec)
+            except ValueError as exc:
+                raise PassConfigError(f"pass {info.name!r} cannot run on {spec.name or spec.family}: {exc}") from None
+
+
 def run_pipeline(gm: fx.GraphModule, configs: list[PassConfig], ctx: PassContext, progress=None) -> tuple[fx.GraphModule, list[dict]]:
     """Run passes in order with ir.verify between them; return the graph and one record per pass."""
     from fxforge.ir.verify import verify
 
     records = []
+    check_pipeline(configs, gm.meta["spec"])
     if ctx.debug:
         verify(gm)
     for config in configs:

@@ -7,7 +7,7 @@ from fxforge.ir.model import Model
 from fxforge.ir.spec import ModelSpec
 
 TINY = dict(vocab_size=257, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4, num_kv_heads=2,
-            head_dim=16, rope_theta=10000.0, max_position_embeddings=512)
+            head_dim=32, rope_theta=10000.0, max_position_embeddings=512)
 
 TINY_SPECS = {
     "llama-gqa": ModelSpec(family="llama", **TINY),
@@ -21,6 +21,12 @@ TINY_SPECS = {
 
 def tiny_model(kind: str = "llama-gqa", seed: int = 0, dtype=torch.float32) -> Model:
     model = Model.from_state_dict(TINY_SPECS[kind], None, dtype=dtype, seed=seed)
+    gen = torch.Generator().manual_seed(seed + 2)
+    for name, param in model.module.named_parameters():
+        if name.endswith(".bias"):  # non-zero biases, so permuting them is really tested
+            param.data = 0.1 * torch.randn(param.shape, generator=gen).to(dtype)
+    for layer in model.module.layers:  # a few outlier channels in W_k, as real models have
+        layer.attn.k_proj.weight.data[[3, 17, 29]] *= 8.0
     if TINY_SPECS[kind].qk_norm:  # make the per-head norms non-trivial
         gen = torch.Generator().manual_seed(seed + 1)
         for layer in model.module.layers:

@@ -26,6 +26,7 @@ class ScaleOProj(PassConfig):
     mode: Mode = Mode.SCALE
 
     def __post_init__(self):
+        super().__post_init__()
         if self.factor <= 0:
             raise ValueError(f"factor={self.factor} must be > 0")
 
