@@ -1,0 +1,143 @@
+"""Engine: continuous batching over a model or artifact. `step()` = schedule, run, sample, update.
+
+    engine = Engine(fxforge.load("smollm2-135m"))
+    outputs = engine.generate(["What is 2+2?"], SamplingParams(max_new_tokens=32))
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from fxforge.runtime.block_manager import BlockManager
+from fxforge.runtime.model_runner import ModelRunner, RunnerConfig
+from fxforge.runtime.sampling import make_generator, sample
+from fxforge.runtime.scheduler import Scheduler, SchedulerConfig
+from fxforge.runtime.sequence import SamplingParams, Sequence
+
+
+@dataclass
+class RequestOutput:
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    finish_reason: str | None
+    text: str | None = None
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    seconds: float = 0.0
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.generated_tokens / self.seconds if self.seconds else 0.0
+
+
+class Engine:
+    """Continuous-batching generation. KV pool size: `num_pages`, or a fraction of free GPU memory."""
+
+    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
+                 use_cuda_graphs: bool | None = None, gpu_memory_fraction: float = 0.5, chat: bool = True):
+        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+            import fxforge
+
+            model = fxforge.load(str(model))
+        self.model, self.chat = model, chat
+        max_model_len = max_model_len or min(model.spec.max_position_embeddings, 4096)
+        num_pages = num_pages or self._default_pages(page_size, max_num_seqs, max_model_len, gpu_memory_fraction)
+        if use_cuda_graphs is None:
+            from fxforge.ir.ops import cuda_impls
+
+            use_cuda_graphs = model.device.type == "cuda" and "attention" in cuda_impls()
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                            max_model_len=max_model_len, page_size=page_size),
+            BlockManager(num_pages, page_size, model.kv_bytes_per_token()))
+        self.runner = ModelRunner(model, RunnerConfig(num_pages, page_size, max_model_len, max_num_seqs,
+                                                      use_cuda_graphs))
+        self.eos_token_id = model.spec.eos_token_ids[0] if model.spec.eos_token_ids else None
+        self.generators: dict[int, torch.Generator] = {}
+        self.stats = EngineStats()
+
+    def _default_pages(self, page_size, max_num_seqs, max_model_len, fraction) -> int:
+        bytes_per_page = self.model.kv_bytes_per_token() * page_size
+        if self.model.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.model.device)
+            return max(1, int(free * fraction) // bytes_per_page)
+        return max(1, min(max_num_seqs * max_model_len, 1 << 16) // page_size)
+
+    # -- requests ---------------------------------------------------------------------------------
+    def add_request(self, prompt, params: SamplingParams | None = None) -> Sequence:
+        """Queue one request; bad prompts or parameters raise ValueError and leave the engine as it was."""
+        params = params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        token_ids = self.model.encode_prompt(prompt, self.chat) if isinstance(prompt, str) else list(prompt)
+        vocab = self.model.spec.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        seq = Sequence(token_ids, params)
+        self.scheduler.add(seq)  # validates length; raises before anything is stored
+        if params.seed is not None and not params.is_greedy:
+            self.generators[seq.seq_id] = make_generator(params.seed, self.model.device)
+        self.stats.prompt_tokens += len(token_ids)
+        return seq
+
+    # -- one step ---------------------------------------------------------------------------------
+    def step(self) -> list[Sequence]:
+        """Schedule, run the model, sample, update; returns the sequences that finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            self.scheduler.update(out, [], self.eos_token_id)
+            return []
+        logits = self.runner.run(out)
+        to_sample = [s.seq for s in out.scheduled if s.sample]
+        tokens = sample(logits, [s.sampling_params for s in to_sample],
+                        [self.generators.get(s.seq_id) for s in to_sample]).tolist()
+        finished = self.scheduler.update(out, tokens, self.eos_token_id)
+        self.stats.steps += 1
+        self.stats.generated_tokens += len(tokens)
+        self.stats.preemptions += len(out.preempted)
+        for seq in finished:
+            self.generators.pop(seq.seq_id, None)
+        return finished
+
+    # -- batch APIs -------------------------------------------------------------------------------
+    def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+               progress=None) -> Iterator[RequestOutput]:
+        """Yield each request's output as soon as it finishes (in finishing order)."""
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise ValueError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts")
+        seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        index = {s.seq_id: i for i, s in enumerate(seqs)}
+        start = time.perf_counter()
+        while self.scheduler.has_unfinished():
+            t0 = time.perf_counter()
+            finished = self.step()
+            self.stats.step_seconds.append(time.perf_counter() - t0)
+            for seq in finished:
+                if progress is not None:
+                    progress(seq)
+                yield self._output(index[seq.seq_id], seq)
+        self.stats.seconds += time.perf_counter() - start
+
+    def generate(self, prompts: list, params=None, progress=None) -> list[RequestOutput]:
+        """Outputs in prompt order."""
+        results = sorted(self.stream(prompts, params, progress), key=lambda r: r.request_id)
+        return results
+
+    def _output(self, request_id: int, seq: Sequence) -> RequestOutput:
+        tokens = seq.output_token_ids
+        text = self.model.tokenizer.decode(tokens) if self.model.tokenizer is not None else None
+        return RequestOutput(request_id, seq.prompt_token_ids, tokens, seq.finish_reason, text)

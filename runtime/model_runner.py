@@ -1,0 +1,136 @@
+"""Model runner: owns the device tensors (paged KV cache, static graph inputs) and runs one step.
+
+Batch metadata is built with vectorized numpy from the scheduler's output and copied to the device
+once per tensor. Pure-decode steps can replay CUDA graphs captured per batch-size bucket: padded
+rows decode a dummy token into a reserved scratch page, so a replay never touches real KV.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fxforge.ir.model import BatchInputs
+from fxforge.runtime.scheduler import SchedulerOutput
+
+GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
+
+
+@dataclass(frozen=True)
+class RunnerConfig:
+    num_pages: int  # pages usable by sequences (one more is reserved as scratch)
+    page_size: int
+    max_model_len: int
+    max_num_seqs: int
+    use_cuda_graphs: bool = False
+
+
+class ModelRunner:
+    def __init__(self, model, config: RunnerConfig):
+        self.model, self.config = model, config
+        self.device = model.device
+        self.scratch_page = config.num_pages  # the reserved page for padded graph rows
+        self.kv_cache = model.new_kv_cache(config.num_pages + 1, config.page_size, self.device)
+        self.max_pages_per_seq = -(-config.max_model_len // config.page_size)
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]] = {}
+        if config.use_cuda_graphs:
+            self._capture_graphs()
+
+    # -- inputs -----------------------------------------------------------------------------------
+    def prepare(self, out: SchedulerOutput) -> tuple[BatchInputs, int]:
+        """Flat inputs for the scheduled sequences; returns (inputs, number of logit rows)."""
+        scheduled = out.scheduled
+        n_seq = len(scheduled)
+        counts = np.fromiter((s.num_tokens for s in scheduled), dtype=np.int64, count=n_seq)
+        starts = np.fromiter((s.start_position for s in scheduled), dtype=np.int64, count=n_seq)
+        query_start = np.zeros(n_seq + 1, dtype=np.int64)
+        np.cumsum(counts, out=query_start[1:])
+        total = int(query_start[-1])
+        ids = np.empty(total, dtype=np.int64)
+        for s, begin in zip(scheduled, query_start[:-1].tolist()):
+            ids[begin:begin + s.num_tokens] = s.seq.token_slice(s.start_position, s.start_position + s.num_tokens)
+        seq_index = np.repeat(np.arange(n_seq), counts)
+        positions = np.arange(total) - query_start[:-1][seq_index] + starts[seq_index]
+        width = max(len(s.seq.page_ids) for s in scheduled)
+        table = np.zeros((n_seq, width), dtype=np.int64)
+        for row, s in enumerate(scheduled):
+            table[row, :len(s.seq.page_ids)] = s.seq.page_ids
+        page_size = self.config.page_size
+        slots = table[seq_index, positions // page_size] * page_size + positions % page_size
+        sample_rows = np.fromiter((s.sample for s in scheduled), dtype=bool, count=n_seq)
+        logits_indices = (query_start[1:] - 1)[sample_rows]
+        to = self._to_device
+        batch = BatchInputs(to(ids), to(positions), to(slots), to(table, torch.int32), to(query_start, torch.int32),
+                            to(starts + counts, torch.int32), to(logits_indices))
+        return batch, len(logits_indices)
+
+    def _to_device(self, array: np.ndarray, dtype=torch.int64) -> torch.Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array)).to(dtype)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    # -- running ----------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [rows that sample, V] for one scheduler step."""
+        batch, rows = self.prepare(out)
+        is_decode = out.num_prefill == 0 and all(s.sample for s in out.scheduled)
+        if self.graphs and is_decode and len(out.scheduled) <= max(self.graphs):
+            return self._replay(batch, len(out.scheduled))
+        return self.model.forward(batch, self.kv_cache)
+
+    # -- CUDA graphs for decode -------------------------------------------------------------------
+    def _buckets(self) -> list[int]:
+        return [b for b in GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs]
+
+    def _static_inputs(self, batch_size: int) -> BatchInputs:
+        dev, scratch, ps = self.device, self.scratch_page, self.config.page_size
+
+        def full(shape, value, dtype):
+            return torch.full(shape, value, dtype=dtype, device=dev)
+
+        return BatchInputs(
+            input_ids=full((batch_size,), 0, torch.int64),
+            positions=full((batch_size,), 0, torch.int64),
+            slot_mapping=full((batch_size,), scratch * ps, torch.int64),
+            page_table=full((batch_size, self.max_pages_per_seq), scratch, torch.int32),
+            query_start=torch.arange(batch_size + 1, dtype=torch.int32, device=dev),
+            seq_lens=full((batch_size,), 1, torch.int32),
+            logits_indices=torch.arange(batch_size, dtype=torch.int64, device=dev),
+        )
+
+    def _capture_graphs(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream()
+        with torch.inference_mode():
+            for batch_size in reversed(self._buckets()):
+                static = self._static_inputs(batch_size)
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(2):  # warm-up: Triton compilation and autotuning happen outside capture
+                        self.model.forward(static, self.kv_cache)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    logits = self.model.forward(static, self.kv_cache)
+                self.graphs[batch_size] = (graph, static, logits)
+        torch.cuda.synchronize()
+
+    def _replay(self, batch: BatchInputs, n: int) -> torch.Tensor:
+        bucket = self._buckets()[bisect.bisect_left(self._buckets(), n)]
+        graph, static, logits = self.graphs[bucket]
+        scratch, ps = self.scratch_page, self.config.page_size
+        static.input_ids[:n].copy_(batch.input_ids)
+        static.positions[:n].copy_(batch.positions)
+        static.slot_mapping[:n].copy_(batch.slot_mapping)
+        static.slot_mapping[n:].fill_(scratch * ps)
+        static.page_table[:n, :batch.page_table.shape[1]].copy_(batch.page_table)
+        static.page_table[n:].fill_(scratch)
+        static.seq_lens[:n].copy_(batch.seq_lens)
+        static.seq_lens[n:].fill_(1)
+        graph.replay()
+        return logits[:n]
