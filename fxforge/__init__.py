@@ -20,4 +20,11 @@ def load(source, **kwargs) -> Model:
     return _load(source, **kwargs)
 
 
-__all__ = ["load", "optimize", "Model", "OptimizedModel", "FxforgeError", "__version__"]
+def Engine(model, **kwargs):
+    """The continuous-batching engine (fxforge.runtime.engine.Engine) over a model or artifact."""
+    from fxforge.runtime.engine import Engine as _Engine
+
+    return _Engine(model, **kwargs)
+
+
+__all__ = ["load", "optimize", "Engine", "Model", "OptimizedModel", "FxforgeError", "__version__"]

@@ -244,6 +244,68 @@ def generate_cmd(
     console.print(f"{len(prompt)} prompt(s) in {time.perf_counter() - start:.1f}s")
 
 
+@app.command("run")
+@_guard
+def run_cmd(
+    model: str = typer.Argument(..., help="artifact directory (or any model source)"),
+    prompts: Path = typer.Option(..., "--prompts", help=".jsonl with one {\"prompt\": ...} per line (or .txt, one per line)"),
+    output: Path = typer.Option(Path("results.jsonl"), "--out", help="results .jsonl"),
+    max_new_tokens: int = typer.Option(128, help="tokens to generate per prompt"),
+    temperature: float = typer.Option(0.0, help="0 = greedy"),
+    top_k: int = typer.Option(0, help="0 = off"),
+    top_p: float = typer.Option(1.0, help="1 = off"),
+    seed: Optional[int] = typer.Option(None, help="seed for sampling"),
+    max_num_seqs: int = typer.Option(256, help="largest decode batch"),
+    device: str = typer.Option("cpu", help="cpu or cuda"),
+    dtype: str = typer.Option("float32", help="weight dtype when loading a non-artifact model"),
+):
+    """Batched generation through the continuous-batching engine; writes one JSON line per prompt."""
+    from rich.progress import Progress
+
+    from fxforge.runtime.engine import Engine
+    from fxforge.runtime.sequence import SamplingParams
+
+    texts = _read_prompts(prompts)
+    try:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                                max_new_tokens=max_new_tokens)
+    except ValueError as exc:
+        raise FxforgeError(str(exc)) from None
+    m = _load(model, dtype, device=device)
+    engine = Engine(m, max_num_seqs=max_num_seqs)
+    with Progress(console=console) as progress:
+        task = progress.add_task("generating", total=len(texts))
+        results = engine.generate(texts, params, progress=lambda seq: progress.advance(task))
+    with output.open("w") as f:
+        for text, r in zip(texts, results):
+            f.write(json.dumps({"prompt": text, "output": r.text, "tokens": len(r.token_ids),
+                                "finish_reason": r.finish_reason}) + "\n")
+    stats = engine.stats
+    console.print(f"{len(texts)} prompts, {stats.generated_tokens} tokens in {stats.seconds:.1f}s: "
+                  f"{stats.tokens_per_second:.1f} tokens/s ({stats.steps} steps, {stats.preemptions} preemptions)")
+
+
+def _read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise FxforgeError(f"prompts file {str(path)!r} does not exist; expected a .jsonl or .txt file")
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if path.suffix == ".jsonl":
+        prompts = []
+        for i, line in enumerate(lines):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise FxforgeError(f"{path}:{i + 1} is not valid JSON") from None
+            value = row.get("prompt") if isinstance(row, dict) else row
+            if not isinstance(value, str) or not value:
+                raise FxforgeError(f"{path}:{i + 1} needs a non-empty string 'prompt'")
+            prompts.append(value)
+        lines = prompts
+    if not lines:
+        raise FxforgeError(f"prompts file {str(path)!r} has no prompts")
+    return lines
+
+
 @app.command("analyze")
 @_guard
 def analyze_cmd(

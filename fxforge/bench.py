@@ -1,0 +1,149 @@
+"""End-to-end generation benchmark: the fxforge engine vs HF transformers `generate`, in one run.
+
+Every request generates exactly `max_new_tokens` tokens on both sides (fxforge ignore_eos, HF
+min_new_tokens), so tokens/s compare like for like. HF runs at its best settings: bf16, batched,
+`cache_implementation="static"` (which compiles the decode step), warmed up at the same shapes.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class E2EResult:
+    name: str
+    tokens: int
+    seconds: float
+    steps: int = 0
+    roofline_pct: float | None = None
+    gpu_busy_pct: float | None = None
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.tokens / self.seconds
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "tokens_per_second": self.tokens_per_second}
+
+
+def copy_bandwidth(device="cuda", gib: float = 2.0, reps: int = 20) -> float:
+    """Device-to-device copy bandwidth in bytes/s (bytes read + written), median of reps."""
+    n = int(gib * (1 << 30)) // 4
+    src = torch.randn(n, device=device)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(reps + 3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src)
+        end.record()
+        end.synchronize()
+        if i >= 3:
+            times.append(start.elapsed_time(end) / 1e3)
+    return 2 * n * 4 / statistics.median(times)
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.module.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
+                name: str, warmup: bool = True) -> E2EResult:
+    from fxforge.runtime.engine import Engine
+    from fxforge.runtime.sequence import SamplingParams
+
+    params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
+    max_len = max(len(p) for p in prompts) + max_new_tokens + 16
+    engine = Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_len,
+                    max_num_batched_tokens=max(8192, max_len))
+    if warmup:
+        engine.generate(prompts[: min(len(prompts), max_num_seqs)], SamplingParams(max_new_tokens=8, ignore_eos=True))
+    ideal = _count_ideal_time(engine, model, bandwidth)
+    engine.stats = type(engine.stats)()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    outputs = engine.generate(prompts, params)
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens = sum(len(o.token_ids) for o in outputs)
+    roofline = 100 * ideal["seconds"] / seconds if bandwidth else None
+    busy = _gpu_busy_pct(engine, prompts[: min(len(prompts), max_num_seqs)], params)
+    return E2EResult(name, tokens, seconds, engine.stats.steps, roofline, busy)
+
+
+def _count_ideal_time(engine, model, bandwidth):
+    """Wrap the runner so every step adds (weights + KV bytes read) / copy bandwidth to an ideal time."""
+    ideal = {"seconds": 0.0}
+    if not bandwidth:
+        return ideal
+    weights, kv_per_token = weight_bytes(model), model.kv_bytes_per_token()
+    run = engine.runner.run
+
+    def counted(out):
+        context = sum(s.start_position + s.num_tokens for s in out.scheduled)
+        ideal["seconds"] += (weights + context * kv_per_token) / bandwidth
+        return run(out)
+
+    engine.runner.run = counted
+    return ideal
+
+
+def _gpu_busy_pct(engine, prompts, params) -> float:
+    """Fraction of wall time with GPU kernels running, over a profiled generation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    intervals = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, cursor = 0.0, float("-inf")
+    for s, e in intervals:  # union of kernel intervals (µs)
+        if e > cursor:
+            busy += e - max(s, cursor)
+            cursor = e
+    return 100 * busy / 1e6 / wall
+
+
+def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
+           name: str = "hf-static") -> E2EResult:
+    """HF generate, static cache, batches of batch_size left-padded to one global prompt length."""
+    width = max(len(p) for p in prompts)
+    device = next(hf_model.parameters()).device
+
+    def batch(rows):
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, p in enumerate(rows):
+            ids[i, width - len(p):] = torch.tensor(p)
+            mask[i, width - len(p):] = 1
+        return ids.to(device), mask.to(device)
+
+    kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                  cache_implementation="static", pad_token_id=pad_id)
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    batches = [b for b in batches if len(b) == batch_size]  # one static shape
+    ids, mask = batch(batches[0])
+    for _ in range(2):  # warm-up: compiles the decode step at these shapes
+        hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    torch.cuda.synchronize()
+    start, tokens = time.perf_counter(), 0
+    for rows in batches:
+        ids, mask = batch(rows)
+        out = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+        tokens += (out.shape[1] - width) * out.shape[0]
+    torch.cuda.synchronize()
+    return E2EResult(name, tokens, time.perf_counter() - start)
