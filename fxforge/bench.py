@@ -147,3 +147,51 @@ def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: 
         tokens += (out.shape[1] - width) * out.shape[0]
     torch.cuda.synchronize()
     return E2EResult(name, tokens, time.perf_counter() - start)
+
+
+def chat_prompts(model, n: int) -> list[list[int]]:
+    """The first n GSM8K evaluation questions, in the model's chat template, as token ids."""
+    import json
+
+    from fxforge.data import gsm8k_path
+
+    rows = [json.loads(line) for line in gsm8k_path().read_text().splitlines()[:n]]
+    return [model.encode_prompt(r["question"], chat=True) for r in rows]
+
+
+def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, length), generator=gen).tolist()
+
+
+def hf_from_spec(spec, dtype=torch.bfloat16, device="cuda"):
+    """A random-init transformers Llama model of the same shape (speed peer for named shapes)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
+                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
+                         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
+                         head_dim=spec.head_dim, rope_theta=spec.rope_theta, rms_norm_eps=spec.rms_norm_eps,
+                         max_position_embeddings=spec.max_position_embeddings,
+                         tie_word_embeddings=spec.tie_word_embeddings)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype)
+    return model.eval()
+
+
+def teacher_forced_agreement(model, prompts: list[list[int]], outputs: list[list[int]], tie_margin: float = 0.05) -> dict:
+    """Re-score engine outputs with the model's reference full-sequence forward: each generated token
+    must be the reference argmax, except where the reference's top two logits are within tie_margin."""
+    agree = total = near_ties = 0
+    for prompt, out in zip(prompts, outputs):
+        ids = prompt + out
+        logits = model.logits(torch.tensor(ids))[len(prompt) - 1:len(ids) - 1]
+        top2 = logits.topk(2, dim=-1)
+        chosen = torch.tensor(out, device=logits.device)
+        match = top2.indices[:, 0] == chosen
+        tie = (top2.values[:, 0] - logits.gather(1, chosen[:, None])[:, 0]) <= tie_margin
+        agree += int(match.sum())
+        near_ties += int((~match & tie).sum())
+        total += len(out)
+    return {"tokens": total, "argmax_agreement": agree / total, "mismatches_at_near_ties": near_ties,
+            "mismatches_not_ties": total - agree - near_ties}

@@ -359,6 +359,138 @@ def quality_table_cmd(
     out.print_json(json.dumps(results["targets"]))
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Speed benchmarks against peers measured in the same run (GPU).")
+app.add_typer(bench_app, name="bench")
+
+
+@bench_app.command("attention")
+@_guard
+def bench_attention_cmd(
+    batch: int = typer.Option(64, help="sequences"),
+    q_heads: int = typer.Option(32, help="query heads"),
+    kv_heads: int = typer.Option(8, help="KV heads"),
+    head_dim: int = typer.Option(128, help="head dim"),
+    contexts: str = typer.Option("1024,4096,16384", help="context lengths"),
+    formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """Paged decode attention (our Triton kernel per KV format) vs SDPA over bf16 KV."""
+    from fxforge.kernels.attention_bench import bench_decode
+
+    rows = bench_decode(batch, q_heads, kv_heads, head_dim, tuple(int(c) for c in contexts.split(",")),
+                        tuple(formats.split(",")))
+    _print_rows(rows)
+    if json_out:
+        json_out.write_text(json.dumps(rows, indent=2))
+
+
+def _print_rows(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    if not rows:
+        return
+    table = Table()
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*[f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()])
+    out.print(table)
+
+
+@bench_app.command("e2e")
+@_guard
+def bench_e2e_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model (real weights) or named shape with --random-init"),
+    num_prompts: int = typer.Option(512, "--prompts", help="requests"),
+    max_new_tokens: int = typer.Option(256, help="tokens generated per request (exactly)"),
+    prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
+    kv: str = typer.Option("bfloat16,bfp16", help="fxforge KV formats to run (K and V)"),
+    max_num_seqs: int = typer.Option(256, help="fxforge decode batch limit"),
+    hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
+    random_init: bool = typer.Option(False, help="random weights (named shapes)"),
+    check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """Offline generation throughput: fxforge engine vs HF transformers generate, one run."""
+    import torch
+
+    from fxforge.bench import (chat_prompts, copy_bandwidth, random_prompts, run_fxforge, run_hf,
+                               teacher_forced_agreement)
+
+    if not torch.cuda.is_available():
+        raise FxforgeError("fxforge bench e2e needs a CUDA device")
+    base = _load(model, "bfloat16", random_init=random_init, device="cuda")
+    prompts = (random_prompts(num_prompts, prompt_len, base.spec.vocab_size) if prompt_len
+               else chat_prompts(base, num_prompts))
+    bandwidth = copy_bandwidth()
+    results = {"model": model, "prompts": num_prompts, "max_new_tokens": max_new_tokens,
+               "copy_bandwidth_GBps": bandwidth / 1e9, "runs": [], "checks": {}}
+    if check and not random_init:
+        results["checks"]["triton_vs_reference_ppl"] = _ppl_check(base)
+    for fmt in [f for f in kv.split(",") if f]:
+        passes = [] if fmt == "bfloat16" else [{"name": "bfp-kv", "k_format": fmt, "v_format": fmt}]
+        import fxforge
+
+        opt = fxforge.optimize(base, passes=passes + [{"name": "lower", "backend": "triton"}])
+        run = run_fxforge(opt, prompts, max_new_tokens, max_num_seqs, bandwidth, f"fxforge-{fmt}")
+        results["runs"].append(run.to_dict())
+        console.print(run.to_dict())
+        if check and fmt == "bfloat16" and not random_init:
+            from fxforge.runtime.engine import Engine
+            from fxforge.runtime.sequence import SamplingParams
+
+            sample = prompts[:16]
+            outs = Engine(opt, max_num_seqs=16).generate(sample, SamplingParams(max_new_tokens=64))
+            results["checks"]["greedy_vs_reference_forward"] = teacher_forced_agreement(
+                base, sample, [o.token_ids for o in outs])
+        del opt
+    if hf_batch:
+        hf = _hf_peer(model, base, random_init)
+        for b in [int(x) for x in hf_batch.split(",") if x]:
+            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=base.spec.eos_token_ids[0] if base.spec.eos_token_ids else 0,
+                         name=f"hf-static-b{b}")
+            results["runs"].append(run.to_dict())
+            console.print(run.to_dict())
+    best_hf = max((r["tokens_per_second"] for r in results["runs"] if r["name"].startswith("hf")), default=None)
+    for r in results["runs"]:
+        if best_hf and r["name"].startswith("fxforge"):
+            r["speedup_vs_best_hf"] = r["tokens_per_second"] / best_hf
+    _print_rows([{k: v for k, v in r.items() if k != "steps"} for r in results["runs"]])
+    out.print_json(json.dumps(results["checks"]))
+    if json_out:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+def _ppl_check(base) -> dict:
+    """BFP perplexity through the Triton kernels vs the torch reference path (same tokens)."""
+    import fxforge
+    from fxforge.data import load_texts
+    from fxforge.evaluate import perplexity, token_windows
+    from fxforge.ir import ops
+
+    windows = token_windows(base.tokenizer, load_texts("gsm8k", "eval"), 512, 16384)
+    reference = fxforge.optimize(base, passes=[{"name": "bfp-kv", "k_format": "bfp12", "v_format": "bfp16"}])
+    with ops.reference_only():
+        ref = perplexity(reference, windows, show_progress=False).perplexity
+    lowered = fxforge.optimize(reference, passes=[{"name": "lower", "backend": "triton"}])
+    tri = perplexity(lowered, windows, show_progress=False).perplexity
+    return {"reference": ref, "triton": tri, "rel_diff_pct": 100 * abs(tri / ref - 1), "tokens": int(windows[:, 1:].numel())}
+
+
+def _hf_peer(model: str, base, random_init: bool):
+    import torch
+
+    from fxforge.bench import hf_from_spec
+
+    if random_init:
+        return hf_from_spec(base.spec)
+    from transformers import AutoModelForCausalLM
+
+    path = Path(base.source.get("path", ""))
+    return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                torch_dtype=torch.bfloat16).cuda().eval()
+
+
 def _analysis_model(model: str):
     """Named shapes are analysed from their config (no weights needed); the rest are loaded."""
     from fxforge.ir.importers.named import NAMED_SHAPES
