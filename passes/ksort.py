@@ -11,9 +11,10 @@ With `v_side`, the rows of W_v and the matching input columns of W_o are permute
 
 Metrics:
   weight_norm  the paper's: descending L2 norm of W_k rows (no data).
-  calibrated   minimise the query-weighted quantization error of post-RoPE K on calibration text,
-               sum_n sum_c w_c (k_nc - Q(k)_nc)^2 with w_c = E[q_c^2] over the group's queries, for
-               the configured format and block. Candidates (identity, weight_norm, data-magnitude
+  calibrated   minimise the expected squared attention-logit error caused by quantizing post-RoPE
+               K on calibration text, sum_n e_n^T C e_n with e_n = k_n - Q(k_n) and C = E[q q^T]
+               over the queries of the KV head's group, for the configured format and block (V side:
+               C = W_o^T W_o over the group's columns). Candidates (identity, weight_norm, data-magnitude
                sorts, then greedy block swaps) are scored with the real quantizer; the identity is
                a candidate, so the result is never worse than natural order on this objective.
 
@@ -193,9 +194,11 @@ def _record(gm: fx.GraphModule, windows: torch.Tensor, spec) -> dict[tuple[str, 
     return {key: (v.view(v.shape[0], spec.num_kv_heads, spec.head_dim) if key[0] == "v" else v) for key, v in out.items()}
 
 
-def _objective(x: torch.Tensor, weight: torch.Tensor, fmt) -> float:
-    """Weighted squared quantization error of x [N, D] (already in the candidate channel order)."""
-    return float(((x - simulate_quantize(x, fmt)) ** 2 * weight).sum())
+def _objective(x: torch.Tensor, cov: torch.Tensor, fmt) -> float:
+    """sum_n e_n^T C e_n: the expected squared attention-logit error of quantizing x [N, D], where
+    C [D, D] = E[q q^T] over the queries that read x (x and C already in the candidate order)."""
+    err = x - simulate_quantize(x, fmt)
+    return float(((err @ cov) * err).sum())
 
 
 def _calibrated_perms(gm: fx.GraphModule, config: KSort, ctx, spec):
@@ -214,7 +217,7 @@ def _calibrated_perms(gm: fx.GraphModule, config: KSort, ctx, spec):
     perms, layer_reports = [], []
     for layer in range(spec.num_layers):
         q = seen[("q", layer)].view(-1, spec.num_kv_heads, spec.group_size, spec.head_dim)
-        k_weight = q.pow(2).mean(dim=(0, 2))  # [Hkv, D]: E[q_c^2] over the group's queries
+        k_weight = torch.einsum("nhgd,nhge->hde", q, q) / (q.shape[0] * q.shape[2])  # [Hkv, D, D] = E[q q^T]
         k_perm, k_rep = _search(seen[("k", layer)], k_weight, _weight_norm_perm(gm, layer, "k", spec), config.fmt("k"),
                                 config.search_steps)
         v_perm, v_rep = None, None
@@ -227,10 +230,10 @@ def _calibrated_perms(gm: fx.GraphModule, config: KSort, ctx, spec):
 
 
 def _o_proj_weight(gm, layer: int, spec) -> torch.Tensor:
-    """w_c for V: squared norm of the W_o columns that read channel c, summed over the group's heads."""
+    """C for V [Hkv, D, D]: W_o's columns that read the KV head's channels, W_o^T W_o summed over the group."""
     w = gm.get_submodule(f"layers.{layer}.attn.o_proj").weight.detach().float().cpu()
-    per_col = w.pow(2).sum(dim=0).view(spec.num_kv_heads, spec.group_size, spec.head_dim)
-    return per_col.sum(dim=1)
+    cols = w.view(w.shape[0], spec.num_kv_heads, spec.group_size, spec.head_dim)
+    return torch.einsum("ohgd,ohge->hde", cols, cols)
 
 
 def _search(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.Tensor, fmt, steps: int):
@@ -238,12 +241,12 @@ def _search(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.Tenso
     perms, scores = [], {"identity": 0.0, "chosen": 0.0}
     picked: dict[str, int] = {}
     for head in range(x.shape[1]):
-        xh, wh = x[:, head], weight[head]
-        candidates = _candidates(xh, wh, weight_norm_perm[head])
-        scored = {name: _objective(xh[:, p], wh[p], fmt) for name, p in candidates.items()}
+        xh, ch = x[:, head], weight[head]
+        candidates = _candidates(xh, ch.diagonal(), weight_norm_perm[head])
+        scored = {name: _objective(xh[:, p], ch[p][:, p], fmt) for name, p in candidates.items()}
         start = min(scored, key=scored.get)
-        refined = _greedy_swaps(xh, wh, candidates[start], fmt, steps)
-        refined_score = _objective(xh[:, refined], wh[refined], fmt)
+        refined = _greedy_swaps(xh, ch, candidates[start], fmt, steps)
+        refined_score = _objective(xh[:, refined], ch[refined][:, refined], fmt)
         if refined_score < scored[start]:
             best, best_score, name = refined, refined_score, f"{start}+swaps"
         else:
@@ -268,7 +271,7 @@ def _candidates(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.T
     return out
 
 
-def _greedy_swaps(x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor, fmt, steps: int,
+def _greedy_swaps(x: torch.Tensor, cov: torch.Tensor, perm: torch.Tensor, fmt, steps: int,
                   swaps_per_step: int = 32, sample_rows: int = 1024, patience: int = 12) -> torch.Tensor:
     """Swap channels between blocks while the real weighted error (on a row sample) falls."""
     dim, block = x.shape[1], fmt.block
@@ -276,7 +279,7 @@ def _greedy_swaps(x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor, fmt
         return perm
     sample = x[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], sample_rows), device=x.device).long()]
     perm = perm.clone()
-    current = _objective(sample[:, perm], weight[perm], fmt)
+    current = _objective(sample[:, perm], cov[perm][:, perm], fmt)
     gen = torch.Generator().manual_seed(0)
     stale = 0
     for _ in range(steps):
@@ -285,10 +288,12 @@ def _greedy_swaps(x: torch.Tensor, weight: torch.Tensor, perm: torch.Tensor, fmt
         keep = (a // block) != (b // block)
         a, b = a[keep], b[keep]
         trial = perm.repeat(len(a), 1)
-        rows = torch.arange(len(a), device=x.device)
-        trial[rows, a], trial[rows, b] = perm[b], perm[a]
+        index = torch.arange(len(a), device=x.device)
+        trial[index, a], trial[index, b] = perm[b], perm[a]
         xs = sample[:, trial].permute(1, 0, 2)  # [swaps, N, D]
-        errors = ((xs - simulate_quantize(xs, fmt)) ** 2 * weight[trial][:, None, :]).sum(dim=(1, 2))
+        err = xs - simulate_quantize(xs, fmt)
+        cov_trial = cov[trial[:, :, None], trial[:, None, :]]  # [swaps, D, D]
+        errors = (torch.bmm(err, cov_trial) * err).sum(dim=(1, 2))
         best = int(errors.argmin()) if len(a) else 0
         if not len(a) or float(errors[best]) >= current:
             stale += 1

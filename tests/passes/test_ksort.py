@@ -51,12 +51,12 @@ def test_calibrated_never_worse_than_identity_on_its_objective(tokens):
     torch.testing.assert_close(opt.logits(tokens), model.logits(tokens), rtol=0, atol=1e-5)
 
 
-def test_objective_matches_manual_error():
-    x = torch.randn(50, 32)
-    w = torch.rand(32)
+def test_objective_is_the_expected_squared_logit_error():
+    """sum over keys and queries of (q . (k - Q(k)))^2 equals sum_n e_n^T (sum_q q q^T) e_n."""
+    x, q = torch.randn(50, 32), torch.randn(40, 32)
     fmt = parse_kv_format("bfp12_16")
-    manual = float(((x - fake_quantize(x, fmt)) ** 2 * w).sum())
-    assert _objective(x, w, fmt) == pytest.approx(manual)
+    manual = float(((q @ (x - fake_quantize(x, fmt)).T) ** 2).sum())
+    assert _objective(x, q.T @ q, fmt) == pytest.approx(manual, rel=1e-4)
 
 
 def test_ksort_reduces_bfp_error_on_outlier_model(tokens):
