@@ -1,9 +1,10 @@
-"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention.
+"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention, and the
+two that lowering introduces, fxforge::rmsnorm and fxforge::swiglu.
 
 They are opaque to torch.fx so passes can find them by target, and each has a fake implementation
 so graphs that contain them survive torch.compile / torch.export. The CPU implementation is the
-float32 torch reference in kernels/; `set_backend("triton")` (lowering) routes CUDA tensors to the
-Triton kernels where those exist.
+float32 torch reference in kernels/; the `lower` pass (register_cuda_impl) routes CUDA tensors to
+the Triton kernels where those exist.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch
 
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.kv_cache import kv_write_ref
+from fxforge.kernels.norm import rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
+from fxforge.kernels.swiglu import swiglu_ref
 
 # op name -> implementation used for CUDA tensors; CPU tensors always use the references.
 _CUDA_IMPLS: dict[str, object] = {}
@@ -25,9 +28,19 @@ def register_cuda_impl(op_name: str, fn) -> None:
     _CUDA_IMPLS[op_name] = fn
 
 
+def unregister_cuda_impl(op_name: str) -> None:
+    """Send CUDA tensors of an op back to its torch reference (lowering with backend="torch")."""
+    _CUDA_IMPLS.pop(op_name, None)
+
+
 def cuda_impls() -> dict[str, str]:
     """Which implementation each op uses on CUDA (recorded in plans)."""
     return {name: getattr(fn, "__qualname__", str(fn)) for name, fn in _CUDA_IMPLS.items()}
+
+
+def cpu_impls() -> dict[str, str]:
+    """Which implementation each op uses on CPU: always its torch reference."""
+    return {name: fn.__qualname__ for name, fn in _REFERENCES.items()}
 
 
 def _pick(op_name: str, ref, tensor: torch.Tensor):
@@ -79,7 +92,32 @@ def _attention_fake(q, k_data, k_scale, v_data, v_scale, page_table, query_start
     return torch.empty_like(q)
 
 
+@torch.library.custom_op("fxforge::rmsnorm", mutates_args=())
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _pick("rmsnorm", rmsnorm_ref, x)(x, weight, eps)
+
+
+@rmsnorm.register_fake
+def _rmsnorm_fake(x, weight, eps):
+    return x.new_empty(torch.broadcast_shapes(x.shape, weight.shape), dtype=torch.promote_types(x.dtype, weight.dtype))
+
+
+@torch.library.custom_op("fxforge::swiglu", mutates_args=())
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return _pick("swiglu", swiglu_ref, gate)(gate, up)
+
+
+@swiglu.register_fake
+def _swiglu_fake(gate, up):
+    return torch.empty_like(gate)
+
+
+_REFERENCES = {"rope": rope_ref, "kv_write": kv_write_ref, "attention": attention_ref, "rmsnorm": rmsnorm_ref,
+               "swiglu": swiglu_ref}
+
 ROPE = torch.ops.fxforge.rope
 KV_WRITE = torch.ops.fxforge.kv_write
 ATTENTION = torch.ops.fxforge.attention
-CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention"}
+RMSNORM = torch.ops.fxforge.rmsnorm
+SWIGLU = torch.ops.fxforge.swiglu
+CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act"}

@@ -4,13 +4,23 @@ A layer's cache is four tensors: k_data, k_scale, v_data, v_scale, each [num_pag
 num_kv_heads, cols]. Dense formats keep the values in k_data and an empty k_scale; packed formats
 (BFP, MXFP4) keep mantissa bytes in k_data and shared exponents in k_scale (kernels/bfp.py).
 A token's slot is page_id * page_size + offset_in_page.
+
+`kv_write_triton` writes K and V with one kernel launch each: a program reads a token's rows,
+quantizes them (dense cast, or BFP/MXFP4 packing by the rules of kernels/bfp.py, bit for bit) and
+stores the bytes straight into the token's slot, with no intermediate tensor. Slots < 0 are skipped
+(padding tokens of a captured CUDA graph). Non-finite values are stored as NaN blocks (scale byte
+255) rather than raised, since a check would read back to the host on every layer.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fxforge.kernels.bfp import KVFormat, dequantize, parse_kv_format, quantize
+from fxforge.kernels.bfp import (_INTERPRETED, KVFormat, _encode_e2m1, _encode_int, _jit, _load_values, _pow2,
+                                 _scale_byte, dequantize, parse_kv_format, quantize, triton)
+
+if triton is not None:
+    import triton.language as tl
 
 
 def allocate_layer_cache(
@@ -52,3 +62,164 @@ def kv_read_ref(data: torch.Tensor, scale: torch.Tensor, pages: torch.Tensor, le
     rows = data[pages.long()].flatten(0, 1)[:length]
     scales = scale[pages.long()].flatten(0, 1)[:length]
     return dequantize(rows, scales, parse_kv_format(fmt), head_dim, torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton: fused quantize + scatter
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _round_to_bf16(x):
+    # float32 -> bfloat16, round half to even, spelled out on the bits (torch's rule, NaN kept quiet):
+    # the interpreter's cast truncates, and this gives the hardware's result everywhere.
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@_jit
+def _kv_write_dense_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: rows of a token contiguous (Hkv * D values)
+    data_ptr,  # *storage dtype [slots, Hkv, D] out: the paged cache viewed flat
+    slot_ptr,  # *int32|int64 [T]: destination slot of each token (< 0: skipped)
+    stride_xt,  # x stride between tokens (elements)
+    ROW: tl.constexpr,  # Hkv * D values per token
+    BLOCK: tl.constexpr,  # values per program (power of two)
+    TO_BF16: tl.constexpr,  # True: x is fp32/fp16 and the cache bfloat16 (rounded via _round_to_bf16)
+):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    mask = cols < tl.where(slot >= 0, ROW, 0)
+    x = tl.load(x_ptr + token * stride_xt + cols, mask=mask)
+    if TO_BF16:
+        value = _round_to_bf16(x.to(tl.float32))
+    else:
+        value = x.to(data_ptr.dtype.element_ty)
+    tl.store(data_ptr + slot * ROW + cols, value, mask=mask)
+
+
+@_jit
+def _kv_write_packed_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: rows of a token contiguous (Hkv * D values)
+    data_ptr,  # *uint8 [slots, Hkv, D * MANTISSA_BITS / 8] out: packed codes, flat
+    scale_ptr,  # *uint8 [slots, Hkv, D / BLOCK] out: shared exponents, flat
+    slot_ptr,  # *int32|int64 [T]: destination slot of each token (< 0: skipped)
+    stride_xt,  # x stride between tokens (elements)
+    TOKEN_BLOCKS: tl.constexpr,  # Hkv * D / BLOCK blocks per token (blocks never cross rows)
+    MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
+    MXFP4: tl.constexpr,  # True: E2M1 elements, EMAX = 2; False: BFP integers, EMAX = m - 2
+    BLOCK: tl.constexpr,  # values per shared exponent (16, 32, 64)
+    BLOCKS_PER_PROGRAM: tl.constexpr,  # blocks one program quantizes (power of two)
+):
+    # The same steps as bfp._bfp_quantize_kernel, with a token's blocks stored at its slot.
+    token = tl.program_id(0).to(tl.int64)
+    blocks = tl.program_id(1) * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    live = blocks < tl.where(slot >= 0, TOKEN_BLOCKS, 0)
+    groups = tl.arange(0, BLOCK // 4)[None, :]
+    first = x_ptr + token * stride_xt + blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
+    x0, finite0 = _load_values(first, live[:, None])
+    x1, finite1 = _load_values(first + 1, live[:, None])
+    x2, finite2 = _load_values(first + 2, live[:, None])
+    x3, finite3 = _load_values(first + 3, live[:, None])
+    nonfinite = tl.max(tl.where(finite0 & finite1 & finite2 & finite3, 0, 1), axis=1) > 0
+    amax = tl.max(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))), axis=1)
+    if MXFP4:
+        biased = _scale_byte(amax, 2)
+    else:
+        biased = _scale_byte(amax, MANTISSA_BITS - 2)
+    inv_scale = _pow2(254 - biased)[:, None]  # 2^-s
+    if MXFP4:
+        c0 = _encode_e2m1(x0 * inv_scale)
+        c1 = _encode_e2m1(x1 * inv_scale)
+        c2 = _encode_e2m1(x2 * inv_scale)
+        c3 = _encode_e2m1(x3 * inv_scale)
+    else:
+        c0 = _encode_int(x0 * inv_scale, MANTISSA_BITS)
+        c1 = _encode_int(x1 * inv_scale, MANTISSA_BITS)
+        c2 = _encode_int(x2 * inv_scale, MANTISSA_BITS)
+        c3 = _encode_int(x3 * inv_scale, MANTISSA_BITS)
+    word = (c0.to(tl.int64) | (c1.to(tl.int64) << MANTISSA_BITS) | (c2.to(tl.int64) << (2 * MANTISSA_BITS))
+            | (c3.to(tl.int64) << (3 * MANTISSA_BITS)))
+    word = tl.where(nonfinite[:, None], 0, word)
+    token_bytes = TOKEN_BLOCKS * BLOCK * MANTISSA_BITS // 8
+    group_bytes = (data_ptr + slot * token_bytes + blocks[:, None] * (BLOCK * MANTISSA_BITS // 8)
+                   + groups * (MANTISSA_BITS // 2))
+    for j in tl.static_range(MANTISSA_BITS // 2):
+        tl.store(group_bytes + j, ((word >> (8 * j)) & 0xFF).to(tl.uint8), mask=live[:, None])
+    tl.store(scale_ptr + slot * TOKEN_BLOCKS + blocks, tl.where(nonfinite, 255, biased).to(tl.uint8), mask=live)
+
+
+_DENSE_VALUES_PER_PROGRAM = 1024
+_PACKED_VALUES_PER_PROGRAM = 1024
+
+
+def _check_write(name: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slot_mapping: torch.Tensor,
+                 fmt: KVFormat) -> None:
+    if triton is None:
+        raise ValueError("kv_write_triton needs triton installed; use kv_write_ref on CPU")
+    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
+        raise ValueError(f"kv_write_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
+                         f"fxforge), got {name} on {x.device}; use kv_write_ref")
+    if x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"kv_write_triton: {name} must be float32/bfloat16/float16 [T, Hkv, D], got {x.dtype} "
+                         f"{tuple(x.shape)}")
+    tokens, heads, head_dim = x.shape
+    fmt.check_head_dim(head_dim)
+    cols = head_dim if fmt.is_dense else fmt.row_bytes(head_dim)
+    if (data.dim() != 4 or data.dtype != fmt.storage_dtype() or tuple(data.shape[2:]) != (heads, cols)
+            or not data.is_contiguous()):
+        raise ValueError(f"kv_write_triton: {name}_data for {fmt.name} must be a contiguous {fmt.storage_dtype()} "
+                         f"[pages, page_size, {heads}, {cols}], got {data.dtype} {tuple(data.shape)}")
+    want_scale = (*data.shape[:3], fmt.scale_cols(head_dim))
+    if scale.dtype != torch.uint8 or tuple(scale.shape) != want_scale or not scale.is_contiguous():
+        raise ValueError(f"kv_write_triton: {name}_scale for {fmt.name} must be a contiguous uint8 {want_scale}, got "
+                         f"{scale.dtype} {tuple(scale.shape)}")
+    if x.stride(2) != 1 or x.stride(1) != head_dim:
+        raise ValueError(f"kv_write_triton: {name} [T, Hkv, D] must have contiguous rows per token, got strides "
+                         f"{x.stride()}; call .contiguous() first")
+    if slot_mapping.shape != (tokens,) or slot_mapping.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"kv_write_triton: slot_mapping must be int32/int64 [{tokens}], got {slot_mapping.dtype} "
+                         f"{tuple(slot_mapping.shape)}")
+    for what, t in ((f"{name}_data", data), (f"{name}_scale", scale), ("slot_mapping", slot_mapping)):
+        if t.device != x.device:
+            raise ValueError(f"kv_write_triton: {what} is on {t.device}, {name} on {x.device}; put them on one device")
+
+
+def _write_one(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slot_mapping: torch.Tensor,
+               fmt: KVFormat) -> None:
+    tokens, heads, head_dim = x.shape
+    if tokens == 0:
+        return
+    slots = slot_mapping.contiguous()
+    if fmt.is_dense:
+        row = heads * head_dim
+        block = min(triton.next_power_of_2(row), _DENSE_VALUES_PER_PROGRAM)
+        to_bf16 = data.dtype == torch.bfloat16 and x.dtype != torch.bfloat16
+        _kv_write_dense_kernel[(tokens, triton.cdiv(row, block))](x, data, slots, x.stride(0), ROW=row, BLOCK=block,
+                                                                  TO_BF16=to_bf16, num_warps=4)
+        return
+    token_blocks = heads * head_dim // fmt.block
+    per_program = min(triton.next_power_of_2(token_blocks), _PACKED_VALUES_PER_PROGRAM // fmt.block)
+    grid = (tokens, triton.cdiv(token_blocks, per_program))
+    _kv_write_packed_kernel[grid](x, data, scale, slots, x.stride(0), TOKEN_BLOCKS=token_blocks,
+                                  MANTISSA_BITS=fmt.mantissa_bits, MXFP4=fmt.kind == "mxfp4", BLOCK=fmt.block,
+                                  BLOCKS_PER_PROGRAM=per_program, num_warps=4)
+
+
+def kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+                    v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
+                    k_format: str, v_format: str) -> None:
+    """Store k and v [T, Hkv, D] at slot_mapping in their formats (in place; one launch each).
+
+    The bytes equal kv_write_ref's for every slot >= 0 and finite input (CUDA, or CPU under
+    TRITON_INTERPRET=1). Inputs are validated before either tensor is written.
+    """
+    k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
+    _check_write("k", k, k_data, k_scale, slot_mapping, k_fmt)
+    _check_write("v", v, v_data, v_scale, slot_mapping, v_fmt)
+    _write_one(k, k_data, k_scale, slot_mapping, k_fmt)
+    _write_one(v, v_data, v_scale, slot_mapping, v_fmt)

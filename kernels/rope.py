@@ -4,11 +4,32 @@
 the original channel `channel_perm[h, c]`; RoPE stays exact because the rotation is applied in the
 original channel order and the result is permuted back, i.e. pair partners and frequencies follow
 their channels.
+
+`rope_triton` does the same in one pass over x, with one of two kernels:
+  _rope_kernel           no permutation: each program loads the two halves of every pair side by
+                         side for a few heads and computes cos/sin once per pair, shared by the heads;
+  _rope_permuted_kernel  channel c of head h holds original channel o = perm[h, c]; it is rotated
+                         with the channel holding o's pair partner, at o's frequency:
+                         out[c] = x[c] * cos(pos * inv_freq[f(o)]) + sign(o) * x[partner[c]] * sin(...).
+                         o and partner[c] come from one int32 table per head (o | partner << 16),
+                         built on the host once per permutation tensor (`rope_tables`); loads and
+                         stores of x stay in channel order, only the partner is gathered.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: rope_ref serves every call
+    triton = None
+
+# triton.jit reads TRITON_INTERPRET when it decorates, so this is how the kernel below was built.
+_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -36,3 +57,170 @@ def rope_ref(
     perm = channel_perm.long().unsqueeze(0).expand_as(xf)
     original = torch.empty_like(xf).scatter_(-1, perm, xf)  # original[..., perm[c]] = x[..., c]
     return _rotate(original, cos, sin, interleaved).gather(-1, perm).to(x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _rope_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input, unit stride along D
+    out_ptr,  # *same dtype [T, H, D] out, contiguous
+    positions_ptr,  # *int32|int64 [T]: position of each token
+    inv_freq_ptr,  # *float [D/2]: frequency of each RoPE pair
+    num_heads,  # H
+    stride_xt,  # x stride between tokens (elements)
+    stride_xh,  # x stride between heads (elements)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_PAIRS: tl.constexpr,  # next power of two >= D/2
+    BLOCK_H: tl.constexpr,  # heads per program (power of two)
+    INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1) if True, else (i, i + D/2)
+):
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    pairs = tl.arange(0, BLOCK_PAIRS)[None, :]
+    in_row = pairs < HEAD_DIM // 2
+    mask = (heads < num_heads) & in_row
+    if INTERLEAVED:
+        first = 2 * pairs
+        second = 2 * pairs + 1
+    else:
+        first = pairs
+        second = pairs + HEAD_DIM // 2
+    angle = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + pairs, mask=in_row, other=0.0).to(tl.float32)
+    cos = tl.cos(angle)  # [1, BLOCK_PAIRS]: shared by the heads of this program
+    sin = tl.sin(angle)
+    row = x_ptr + token * stride_xt + heads * stride_xh
+    x1 = tl.load(row + first, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(row + second, mask=mask, other=0.0).to(tl.float32)
+    out = out_ptr + (token * num_heads + heads) * HEAD_DIM
+    tl.store(out + first, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + second, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _rope_permuted_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input in permuted channel order, unit stride along D
+    out_ptr,  # *same dtype [T, H, D] out, contiguous
+    positions_ptr,  # *int32|int64 [T]: position of each token
+    inv_freq_ptr,  # *float [D/2]: frequency of each RoPE pair (in original channel order)
+    table_ptr,  # *int32 [H, D]: original channel o | (channel holding o's partner) << 16
+    num_heads,  # H
+    stride_xt,  # x stride between tokens (elements)
+    stride_xh,  # x stride between heads (elements)
+    HEAD_DIM: tl.constexpr,  # D
+    BLOCK_D: tl.constexpr,  # next power of two >= D
+    BLOCK_H: tl.constexpr,  # heads per program (power of two)
+    INTERLEAVED: tl.constexpr,  # original pairs (2i, 2i+1) if True, else (i, i + D/2)
+):
+    token = tl.program_id(0).to(tl.int64)
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)[:, None]
+    channels = tl.arange(0, BLOCK_D)[None, :]
+    mask = (heads < num_heads) & (channels < HEAD_DIM)
+    code = tl.load(table_ptr + heads * HEAD_DIM + channels, mask=mask, other=0)
+    original = code & 0xFFFF
+    partner = code >> 16
+    if INTERLEAVED:
+        is_first = (original % 2) == 0
+        freq = original // 2
+    else:
+        is_first = original < HEAD_DIM // 2
+        freq = tl.where(is_first, original, original - HEAD_DIM // 2)
+    angle = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + freq, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.sin(angle)
+    row = x_ptr + token * stride_xt + heads * stride_xh
+    x = tl.load(row + channels, mask=mask, other=0.0).to(tl.float32)
+    x_partner = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
+    out = x * tl.cos(angle) + tl.where(is_first, -sin, sin) * x_partner
+    tl.store(out_ptr + (token * num_heads + heads) * HEAD_DIM + channels, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_VALUES_PER_PROGRAM = 512  # heads per program = this // D (small tiles measured fastest on H100)
+_CACHE_SIZE = 256
+# (data_ptr, version, device, shape, stride, interleaved) -> (perm, table). The entry holds the
+# permutation tensor, so its memory cannot be reused by another tensor while the entry lives; an
+# in-place write bumps the version and misses the cache.
+_tables: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def rope_tables(channel_perm: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """int32 [H, D]: for channel c of head h, o | p << 16 with o = channel_perm[h, c] (its original
+    channel) and p the channel of head h holding o's pair partner. Cached per permutation tensor."""
+    key = (channel_perm.data_ptr(), channel_perm._version, channel_perm.device, tuple(channel_perm.shape),
+           channel_perm.stride(), bool(interleaved))
+    cached = _tables.get(key)
+    if cached is not None:
+        return cached[1]
+    perm = channel_perm.long()
+    half = perm.shape[1] // 2
+    pair = perm ^ 1 if interleaved else torch.where(perm < half, perm + half, perm - half)
+    channels = torch.arange(perm.shape[1], device=perm.device).expand_as(perm)
+    holder = torch.empty_like(perm).scatter_(1, perm, channels)  # holder[h, o]: the channel holding o
+    table = (perm | (holder.gather(1, pair) << 16)).to(torch.int32).contiguous()
+    if len(_tables) >= _CACHE_SIZE:
+        _tables.pop(next(iter(_tables)))
+    _tables[key] = (channel_perm, table)
+    return table
+
+
+def _check_rope_inputs(x, positions, inv_freq, channel_perm) -> None:
+    if triton is None:
+        raise ValueError("rope_triton needs triton installed; use rope_ref on CPU")
+    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
+        raise ValueError(f"rope_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
+                         f"fxforge), got x on {x.device}; use rope_ref")
+    if x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
+        raise ValueError(f"rope_triton: x must be float32/bfloat16/float16 [T, H, D], got {x.dtype} {tuple(x.shape)}")
+    tokens, heads, head_dim = x.shape
+    if head_dim % 2 or x.stride(2) != 1:
+        raise ValueError(f"rope_triton: x [T, H, D] needs an even D with unit stride, got shape {tuple(x.shape)} "
+                         f"strides {x.stride()}; call .contiguous() first")
+    if positions.shape != (tokens,) or positions.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"rope_triton: positions must be int32/int64 [{tokens}], got {positions.dtype} "
+                         f"{tuple(positions.shape)}")
+    if inv_freq.shape != (head_dim // 2,) or not inv_freq.is_floating_point():
+        raise ValueError(f"rope_triton: inv_freq must be a float [{head_dim // 2}] (D/2), got {inv_freq.dtype} "
+                         f"{tuple(inv_freq.shape)}")
+    if channel_perm is not None and tuple(channel_perm.shape) != (heads, head_dim):
+        raise ValueError(f"rope_triton: channel_perm must be [H, D] = {(heads, head_dim)}, got "
+                         f"{tuple(channel_perm.shape)}")
+    for name, t in (("positions", positions), ("inv_freq", inv_freq), ("channel_perm", channel_perm)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"rope_triton: {name} is on {t.device}, x on {x.device}; put them on one device")
+
+
+def rope_triton(
+    x: torch.Tensor,
+    positions: torch.Tensor,
+    inv_freq: torch.Tensor,
+    interleaved: bool,
+    channel_perm: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Triton `rope_ref`: same arguments and result (x on CUDA, or on CPU under TRITON_INTERPRET=1)."""
+    _check_rope_inputs(x, positions, inv_freq, channel_perm)
+    tokens, heads, head_dim = x.shape
+    out = torch.empty((tokens, heads, head_dim), dtype=x.dtype, device=x.device)
+    if out.numel() == 0:
+        return out
+    positions, inv_freq = positions.contiguous(), inv_freq.contiguous()
+    block_h = min(triton.next_power_of_2(heads), max(1, _VALUES_PER_PROGRAM // head_dim))
+    grid = (tokens, triton.cdiv(heads, block_h))
+    common = dict(HEAD_DIM=head_dim, BLOCK_H=block_h, INTERLEAVED=bool(interleaved), num_warps=4)
+    if channel_perm is None:
+        _rope_kernel[grid](x, out, positions, inv_freq, heads, x.stride(0), x.stride(1),
+                           BLOCK_PAIRS=triton.next_power_of_2(head_dim // 2), **common)
+    else:
+        _rope_permuted_kernel[grid](x, out, positions, inv_freq, rope_tables(channel_perm, interleaved), heads,
+                                    x.stride(0), x.stride(1), BLOCK_D=triton.next_power_of_2(head_dim), **common)
+    return out

@@ -10,3 +10,4 @@ from fxforge.passes.ksort import KSort, KSortMetric  # noqa: E402  (registers "k
 from fxforge.passes.bfp_kv import BFPKVCache  # noqa: E402  (registers "bfp-kv")
 
 __all__ += ["KSort", "KSortMetric", "BFPKVCache"]
+from fxforge.passes.lower import Lower  # noqa: E402

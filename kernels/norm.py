@@ -1,0 +1,149 @@
+"""RMSNorm over the last dim, with a [N] weight or a per-head [H, N] weight (QK-norm after KSort).
+
+    y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
+
+The statistics and the normalisation run in float32; the normalised row is rounded to x's dtype
+before the weight multiply, exactly as the canonical RMSNorm module does, and the result takes the
+promoted dtype of weight and x. A weight of k dims scales the last k dims of x, so row r of x viewed
+as [R, N] uses weight row r mod (weight.numel() / N).
+
+`add_rmsnorm` fuses the residual add that precedes every norm of a decoder layer:
+s = x + residual (in x's dtype), returned together with rmsnorm(s).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only install: the references serve every call
+    triton = None
+
+# triton.jit reads TRITON_INTERPRET when it decorates, so this is how the kernels below were built.
+_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_VALUES_PER_PROGRAM = 4096  # rows per program = this // BLOCK_N (at least 1)
+_MAX_BLOCK_N = 32768  # one row is held in registers at once
+
+
+def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Float32 reference (the CPU path): weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rmsnorm(x + residual), x + residual), the sum in x's dtype."""
+    total = x + residual
+    return rmsnorm_ref(total, weight, eps), total
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+@_jit
+def _rmsnorm_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [R, N]: rows to normalise, unit stride along N
+    residual_ptr,  # *same [R, N]: added to x first (read only when HAS_RESIDUAL)
+    weight_ptr,  # *float [W, N] contiguous: row r uses weight row r % W
+    out_ptr,  # *promoted dtype [R, N] out, contiguous
+    sum_ptr,  # *x dtype [R, N] out: x + residual (written only when HAS_RESIDUAL)
+    num_rows,  # R
+    weight_rows,  # W
+    stride_x,  # x stride between rows (elements)
+    stride_residual,  # residual stride between rows (elements)
+    eps,  # added to mean(x^2)
+    N: tl.constexpr,  # row length
+    BLOCK_N: tl.constexpr,  # next power of two >= N
+    BLOCK_R: tl.constexpr,  # rows per program (power of two)
+    HAS_RESIDUAL: tl.constexpr,  # fuse s = x + residual
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
+    cols = tl.arange(0, BLOCK_N)[None, :]
+    mask = (rows < num_rows) & (cols < N)
+    xf = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:  # the sum is rounded to x's dtype once, as torch's x + residual is
+        residual = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
+        total = (xf + residual).to(x_ptr.dtype.element_ty)
+        tl.store(sum_ptr + rows * N + cols, total, mask=mask)
+        xf = total.to(tl.float32)
+    mean_square = tl.sum(xf * xf, axis=1)[:, None] / N
+    normed = (xf * tl.math.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    weight = tl.load(weight_ptr + (rows % weight_rows) * N + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * N + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
+    if triton is None:
+        raise ValueError("rmsnorm_triton needs triton installed; use rmsnorm_ref on CPU")
+    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
+        raise ValueError(f"rmsnorm_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
+                         f"fxforge), got x on {x.device}; use rmsnorm_ref")
+    if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES or x.dim() == 0:
+        raise ValueError(f"rmsnorm_triton: x and weight must be float32/bfloat16/float16 with a last dim, got "
+                         f"x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}")
+    if weight.dim() == 0 or weight.dim() > x.dim() or tuple(weight.shape) != tuple(x.shape[x.dim() - weight.dim():]):
+        raise ValueError(f"rmsnorm_triton: weight {tuple(weight.shape)} must match the trailing dims of x "
+                         f"{tuple(x.shape)} (e.g. [N] or [H, N] for x [T, H, N])")
+    if triton.next_power_of_2(x.shape[-1]) > _MAX_BLOCK_N:
+        raise ValueError(f"rmsnorm_triton: rows of {x.shape[-1]} values exceed the {_MAX_BLOCK_N} one program holds")
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"add_rmsnorm_triton: residual must match x ({x.dtype} {tuple(x.shape)}), got "
+                         f"{residual.dtype} {tuple(residual.shape)}")
+    for name, t in (("weight", weight), ("residual", residual)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"rmsnorm_triton: {name} is on {t.device}, x on {x.device}; put them on one device")
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [R, N] with unit stride along N (a view where strides allow, else a copy)."""
+    rows = t.reshape(-1, t.shape[-1])
+    return rows if rows.stride(1) == 1 else rows.contiguous()
+
+
+def _launch(x, weight, eps, residual):
+    _check(x, weight, residual)
+    n = x.shape[-1]
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
+    total = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
+    if x.numel() == 0:
+        return out, total
+    x_rows = _rows(x)
+    residual_rows = _rows(residual) if residual is not None else x_rows
+    block_n = triton.next_power_of_2(n)
+    block_r = min(triton.next_power_of_2(x_rows.shape[0]), max(1, _VALUES_PER_PROGRAM // block_n))
+    grid = (triton.cdiv(x_rows.shape[0], block_r),)
+    _rmsnorm_kernel[grid](x_rows, residual_rows, weight.contiguous(), out, total, x_rows.shape[0], weight.numel() // n,
+                          x_rows.stride(0), residual_rows.stride(0), float(eps), N=n, BLOCK_N=block_n,
+                          BLOCK_R=block_r, HAS_RESIDUAL=residual is not None,
+                          num_warps=min(16, max(4, block_n * block_r // 1024)))
+    return out, total
+
+
+def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Triton `rmsnorm_ref` (CUDA, or CPU under TRITON_INTERPRET=1): one read of x, one write."""
+    return _launch(x, weight, eps, None)[0]
+
+
+def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton `add_rmsnorm_ref`: the residual add and the norm in one pass."""
+    return _launch(x, weight, eps, residual)

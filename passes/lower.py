@@ -1,0 +1,194 @@
+"""lower: bind the graph to fused kernels.
+
+(a) Rewrites every RMSNorm module call (role `norm`: layer norms, the final norm, QK-norms with [D]
+    or per-head [H, D] weights) into `fxforge::rmsnorm(x, weight, eps)` reading the module's weight
+    through a get_attr node, and every `mul(silu(gate), up)` of a dense MLP into
+    `fxforge::swiglu(gate, up)` (role `mlp_act`). Parameter names do not change, so artifacts keep
+    their weights file layout.
+(b) Binds the CUDA implementation of each custom op: with backend "triton" (or "auto" when triton
+    imports and CUDA is available) rope, rmsnorm, swiglu and kv_write go to the Triton kernels of
+    kernels/, and attention to fxforge.kernels.paged_attention when that module is present; with
+    backend "torch" CUDA tensors use the torch references. CPU tensors always use the references.
+    The binding is process-wide (ir.ops keeps one table): the last lowering wins.
+(c) Reports which implementation each op uses on CPU and on CUDA (plan.json, report.md).
+
+Requires: role/layer metadata. Runs after `ksort` and `bfp-kv` (they rewrite the modules and the op
+arguments this pass reads). Restorable: the rewrite is structural and needs no data.
+Guarantees: no RMSNorm call_module node is left (when fuse_norm); logits are unchanged in float32.
+"""
+
+from __future__ import annotations
+
+import enum
+import importlib.util
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxforge.ir import ops
+from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of
+from fxforge.ir.modules import MLP, RMSNorm
+from fxforge.passes.manager import PassConfig, PassResult, register_enum, register_pass
+
+_SILU = (F.silu,)
+_MUL = (operator.mul, torch.mul)
+
+
+@register_enum
+class Backend(str, enum.Enum):
+    AUTO = "auto"
+    TRITON = "triton"
+    TORCH = "torch"
+
+
+@dataclass(frozen=True)
+class Lower(PassConfig):
+    """backend: auto | triton | torch (CUDA implementations); fuse_norm / fuse_swiglu: rewrites to apply."""
+
+    backend: Backend = Backend.AUTO
+    fuse_norm: bool = True
+    fuse_swiglu: bool = True
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name in ("fuse_norm", "fuse_swiglu"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
+
+
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def _check(config: Lower, spec) -> None:
+    if config.backend is Backend.TRITON and not _triton_importable():
+        raise ValueError("backend='triton' needs the triton package; install it or use backend='auto'/'torch'")
+
+
+def _resolve_backend(backend: Backend) -> tuple[str, str]:
+    """(backend used, why)."""
+    if backend is Backend.TORCH:
+        return "torch", "requested"
+    if backend is Backend.TRITON:
+        return "triton", "requested"
+    if not _triton_importable():
+        return "torch", "auto: triton is not installed"
+    if not torch.cuda.is_available():
+        return "torch", "auto: no CUDA device"
+    return "triton", "auto: triton and CUDA available"
+
+
+@register_pass("lower", Lower, after=("ksort", "bfp-kv"), check=_check)
+def lower(gm: fx.GraphModule, config: Lower, ctx) -> PassResult:
+    """Rewrite RMSNorm and SwiGLU into fused ops; bind the CUDA kernels of every custom op."""
+    spec = spec_of(gm)
+    norms = _lower_norms(gm) if config.fuse_norm else 0
+    swiglus = _lower_swiglus(gm) if config.fuse_swiglu else 0
+    if norms or swiglus:
+        gm.graph.lint()
+        gm.recompile()
+    annotate(gm, spec)
+    backend, why = _resolve_backend(config.backend)
+    before = ops.cuda_impls()
+    _bind(backend)
+    cuda = {**ops.cpu_impls(), **ops.cuda_impls()}
+    report = {"backend": backend, "backend_reason": why, "rmsnorm_nodes": norms, "swiglu_nodes": swiglus,
+              "cpu": ops.cpu_impls(), "cuda": cuda}
+    return PassResult(gm, bool(norms or swiglus) or ops.cuda_impls() != before, report)
+
+
+# -- (a) structural rewrites -------------------------------------------------------------------------
+
+def _lower_norms(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), RMSNorm):
+            continue
+        module = gm.get_submodule(node.target)
+        with gm.graph.inserting_before(node):
+            weight = gm.graph.get_attr(f"{node.target}.weight")
+            fused = gm.graph.call_function(ops.RMSNORM, (node.args[0], weight, float(module.eps)))
+        _adopt(weight, node)
+        _adopt(fused, node, {"lower": {"from": node.target}})
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        count += 1
+    return count
+
+
+def _lower_swiglus(gm: fx.GraphModule) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        operands = _swiglu_operands(node)
+        if operands is None:
+            continue
+        silu, gate, up = operands
+        with gm.graph.inserting_before(node):
+            fused = gm.graph.call_function(ops.SWIGLU, (gate, up))
+        _adopt(fused, node, {"lower": {"from": f"{silu.name} * {up.name}"}})
+        node.replace_all_uses_with(fused)
+        gm.graph.erase_node(node)
+        gm.graph.erase_node(silu)
+        count += 1
+    return count
+
+
+def _swiglu_operands(node: fx.Node):
+    """(silu node, gate, up) if node is mul(silu(gate), up) (either order) inside a dense MLP."""
+    if node.op != "call_function" or node.target not in _MUL or len(node.args) != 2 or node.kwargs:
+        return None
+    if not _inside(node, MLP):
+        return None
+    for silu, up in (node.args, node.args[::-1]):
+        if (isinstance(silu, fx.Node) and isinstance(up, fx.Node) and silu.op == "call_function"
+                and silu.target in _SILU and len(silu.users) == 1 and len(silu.args) == 1
+                and not silu.kwargs.get("inplace", False)):
+            return silu, silu.args[0], up
+    return None
+
+
+def _inside(node: fx.Node, module_type: type) -> bool:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    innermost = list(stack.values())[-1]
+    owner = innermost[1] if isinstance(innermost, tuple) else innermost
+    return isinstance(owner, type) and issubclass(owner, module_type)
+
+
+def _adopt(new: fx.Node, old: fx.Node, notes: dict | None = None) -> None:
+    """Give a new node the provenance of the node it replaces (annotate() recomputes its role and
+    layer from it) and, with `notes`, that node's notes plus these."""
+    for key in ("nn_module_stack", "stack_trace"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    if notes is not None:
+        old_notes = old.meta[META_KEY].notes if META_KEY in old.meta else {}
+        new.meta[META_KEY] = NodeMeta(role="op", notes={**old_notes, **notes})
+
+
+# -- (b) kernel binding -------------------------------------------------------------------------------
+
+def _bind(backend: str) -> None:
+    names = ("rope", "rmsnorm", "swiglu", "kv_write", "attention")
+    if backend == "torch":
+        for name in names:
+            ops.unregister_cuda_impl(name)
+        return
+    from fxforge.kernels.kv_cache import kv_write_triton
+    from fxforge.kernels.norm import rmsnorm_triton
+    from fxforge.kernels.rope import rope_triton
+    from fxforge.kernels.swiglu import swiglu_triton
+
+    for name, fn in (("rope", rope_triton), ("rmsnorm", rmsnorm_triton), ("swiglu", swiglu_triton),
+                     ("kv_write", kv_write_triton)):
+        ops.register_cuda_impl(name, fn)
+    try:
+        from fxforge.kernels import paged_attention
+    except ImportError:  # not written yet: attention stays on its reference
+        return
+    if hasattr(paged_attention, "register"):
+        paged_attention.register()

@@ -1,0 +1,215 @@
+"""kernels/kv_cache.py: the fused quantize-and-scatter KV write in Triton against kv_write_ref.
+
+The bytes written must equal kv_write_ref's exactly, for dense and packed formats, into pages
+scattered over the cache; every other byte of the cache must stay as it was. The kernel runs under
+the interpreter on CPU and natively on CUDA (class TestCUDA). Inputs are drawn fresh; failures
+print the seed.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fxforge.kernels import kv_cache  # noqa: E402
+from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRETER = HAS_TRITON and type(kv_cache._kv_write_packed_kernel).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
+                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+
+FORMATS = ["float32", "bfloat16", "bfp12_32", "bfp16_16", "bfp14_32", "mxfp4_32"]
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+SHAPES = {"t1_h1_d32": (1, 1, 32), "t7_h3_d64": (7, 3, 64), "t33_h1_d128": (33, 1, 128)}
+PAGE_SIZE, NUM_PAGES = 8, 7
+
+
+def cases(every_dtype: bool) -> list:
+    """Every format x shape; K in the format and V in another one (the next in FORMATS), so both
+    kernels run with different formats in one call. Input dtypes all, or one each in rotation."""
+    out = []
+    for f, k_format in enumerate(FORMATS):
+        v_format = FORMATS[(f + 3) % len(FORMATS)]
+        for s, (shape_id, shape) in enumerate(SHAPES.items()):
+            rotation = ["fp32", "fp16"] if s == 2 else list(DTYPES)  # bf16 loads are slow when interpreted
+            names = list(DTYPES) if every_dtype else [rotation[(f + s) % len(rotation)]]
+            out += [pytest.param(shape, DTYPES[name], k_format, v_format, id=f"{shape_id}-{name}-k_{k_format}-v_{v_format}")
+                    for name in names]
+    return out
+
+
+@pytest.fixture
+def seed():
+    return secrets.randbelow(2**31)
+
+
+def scattered_slots(tokens: int, gen: torch.Generator) -> torch.Tensor:
+    """Slots of `tokens` consecutive positions after a random past, in pages taken in random order."""
+    past = int(torch.randint(0, PAGE_SIZE, (1,), generator=gen))
+    pages = torch.randperm(NUM_PAGES, generator=gen)
+    positions = torch.arange(past, past + tokens)
+    return pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
+
+
+def random_cache(heads, head_dim, k_format, v_format, gen, device="cpu"):
+    """A cache full of random bytes (two identical copies), so untouched bytes can be checked."""
+    cache = allocate_kv_pair(NUM_PAGES, PAGE_SIZE, heads, head_dim, k_format, v_format)
+    for t in cache:
+        raw = t.view(torch.uint8)
+        raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
+    return [t.to(device) for t in cache], [t.clone() for t in cache]
+
+
+def kv_like(shape, dtype, gen):
+    """Gaussian rows with a few x30 outlier channels and a wide range of row scales (within fp16's)."""
+    octaves = 8 if dtype == torch.float16 else 20
+    x = torch.randn(shape, generator=gen) * 2.0 ** torch.randint(-octaves, octaves, (*shape[:2], 1), generator=gen)
+    x[..., torch.randperm(shape[-1], generator=gen)[:3]] *= 30
+    return x.to(dtype)
+
+
+def assert_same_bytes(actual, expected, what, shape, seed):
+    """Bit-exact equality; the message names the shape, mismatch count and max diff."""
+    a, e = actual.cpu(), expected.cpu()
+    assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.dtype} {tuple(a.shape)} vs {e.dtype} {tuple(e.shape)}"
+    mismatch = a.view(torch.uint8) != e.view(torch.uint8)
+    if mismatch.any():
+        diff = (a.double() - e.double()).abs().nan_to_num(0).max().item()
+        pytest.fail(f"{what}: x shape {tuple(shape)}, seed {seed}: {int(mismatch.sum())} of {mismatch.numel()} bytes "
+                    f"differ, max value diff {diff:.3g}")
+
+
+def check_against_reference(shape, dtype, k_format, v_format, seed, device):
+    gen = torch.Generator().manual_seed(seed)
+    k, v = kv_like(shape, dtype, gen), kv_like(shape, dtype, gen)
+    slots = scattered_slots(shape[0], gen)
+    actual, expected = random_cache(shape[1], shape[2], k_format, v_format, gen, device)
+    kv_write_ref(k, expected[0], expected[1], slots, k_format)
+    kv_write_ref(v, expected[2], expected[3], slots, v_format)
+    kv_cache.kv_write_triton(k.to(device), v.to(device), *actual, slots.to(device), k_format, v_format)
+    for name, a, e in zip(("k_data", "k_scale", "v_data", "v_scale"), actual, expected):
+        assert_same_bytes(a, e, f"{name} ({k_format if name[0] == 'k' else v_format})", shape, seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernel under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape, dtype, k_format, v_format", cases(every_dtype=False))
+def test_triton_matches_reference(shape, dtype, k_format, v_format, seed):
+    check_against_reference(shape, dtype, k_format, v_format, seed, "cpu")
+
+
+EDGE_VALUES = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 2.0**-126, 1e-30, 3e38, -3e38, 0.5, 1.5, 2.5, -2.5, 6.0, 7.0,
+                            0.25, 0.75, 1.25, 1.75, 3.5, 5.0, 1e4, -1e-3, 65504.0, 1.0])
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmt", FORMATS + ["float16"])
+def test_triton_edge_values(fmt, seed):
+    """Denormals, the float32 extremes, exact rounding ties, zero blocks: the same bytes as the reference."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.zeros(4, 2, 64)
+    x[0, 0, : len(EDGE_VALUES)] = EDGE_VALUES
+    x[1, 1] = EDGE_VALUES[torch.randint(0, len(EDGE_VALUES), (64,), generator=gen)]
+    x[2, 0, :32] = 1e-3 * torch.randn(32, generator=gen)  # a small block beside a zero block
+    if fmt == "float16":
+        x = x.clamp(-6e4, 6e4)
+    slots = torch.tensor([5, 17, 0, 55])
+    actual, expected = random_cache(2, 64, fmt, fmt, gen)
+    kv_write_ref(x, expected[0], expected[1], slots, fmt)
+    kv_write_ref(x, expected[2], expected[3], slots, fmt)
+    kv_cache.kv_write_triton(x, x, *actual, slots, fmt, fmt)
+    for name, a, e in zip(("k_data", "k_scale", "v_data", "v_scale"), actual, expected):
+        assert_same_bytes(a, e, f"{name} ({fmt}) edge values", x.shape, seed)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("fmt", ["bfloat16", "bfp12_32"])
+def test_triton_negative_slots_are_skipped(fmt, seed):
+    """Padding tokens (slot -1) write nothing; the others land where the reference puts them."""
+    gen = torch.Generator().manual_seed(seed)
+    x = kv_like((4, 2, 64), torch.float32, gen)
+    actual, expected = random_cache(2, 64, fmt, fmt, gen)
+    kv_write_ref(x[[0, 2]], expected[0], expected[1], torch.tensor([9, 30]), fmt)
+    kv_write_ref(x[[0, 2]], expected[2], expected[3], torch.tensor([9, 30]), fmt)
+    kv_cache.kv_write_triton(x, x, *actual, torch.tensor([9, -1, 30, -1]), fmt, fmt)
+    for name, a, e in zip(("k_data", "k_scale", "v_data", "v_scale"), actual, expected):
+        assert_same_bytes(a, e, f"{name} ({fmt}) with padding slots", x.shape, seed)
+
+
+@needs_interpreter
+def test_triton_validates_both_tensors_before_writing(seed):
+    gen = torch.Generator().manual_seed(seed)
+    k = torch.randn(3, 2, 64)
+    actual, untouched = random_cache(2, 64, "bfp12_32", "bfp16_32", gen)
+    with pytest.raises(ValueError, match=r"v_data for bfp12_32 must be a contiguous torch.uint8 \[pages, page_size, 2, 32\]"):
+        kv_cache.kv_write_triton(k, k, *actual, torch.tensor([1, 2, 3]), "bfp12_32", "bfp12_32")
+    assert all(torch.equal(a, b) for a, b in zip(actual, untouched)), "a rejected call wrote to the cache"
+    with pytest.raises(ValueError, match=r"slot_mapping must be int32/int64 \[3\]"):
+        kv_cache.kv_write_triton(k, k, *actual, torch.tensor([1, 2]), "bfp12_32", "bfp16_32")
+    with pytest.raises(ValueError, match="head_dim=64 is not a multiple of block=128|unsupported block"):
+        kv_cache.kv_write_triton(k, k, *actual, torch.tensor([1, 2, 3]), "bfp12_128", "bfp16_32")
+
+
+@pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(),
+                    reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
+def test_interpreted_kernels_in_a_fresh_process():
+    """Run this file's Triton tests in a process that sets TRITON_INTERPRET=1 before importing triton
+    (tests/conftest.py imports it first in any pytest run here)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton and not TestCUDA", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Native on the GPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    @pytest.mark.parametrize("shape, dtype, k_format, v_format", cases(every_dtype=True))
+    def test_matches_reference(self, shape, dtype, k_format, v_format, seed):
+        check_against_reference(shape, dtype, k_format, v_format, seed, "cuda")
+
+    @pytest.mark.parametrize("fmt", ["bfloat16", "bfp12_32", "bfp14_64", "mxfp4_32"])
+    def test_prefill_sized_write(self, fmt, seed, monkeypatch):
+        monkeypatch.setattr(sys.modules[__name__], "NUM_PAGES", 600)
+        check_against_reference((4096, 8, 128), torch.bfloat16, fmt, "bfp16_32", seed, "cuda")
+
+    def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
+        from fxforge.ir import ops
+
+        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"kv_write": kv_cache.kv_write_triton})
+        gen = torch.Generator().manual_seed(seed)
+        k, v = kv_like((7, 3, 64), torch.bfloat16, gen), kv_like((7, 3, 64), torch.bfloat16, gen)
+        slots = scattered_slots(7, gen)
+        actual, expected = random_cache(3, 64, "bfp12_32", "bfloat16", gen, "cuda")
+        kv_write_ref(k, expected[0], expected[1], slots, "bfp12_32")
+        kv_write_ref(v, expected[2], expected[3], slots, "bfloat16")
+        ops.KV_WRITE(k.cuda(), v.cuda(), *actual, slots.cuda(), "bfp12_32", "bfloat16")
+        for name, a, e in zip(("k_data", "k_scale", "v_data", "v_scale"), actual, expected):
+            assert_same_bytes(a, e, f"fxforge::kv_write {name}", k.shape, seed)

@@ -1,0 +1,164 @@
+"""kernels/swiglu.py: silu(gate) * up in Triton against the float32 reference.
+
+The kernel runs under the interpreter on CPU and natively on CUDA (class TestCUDA). Inputs are drawn
+fresh; failures print the seed.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fxforge.kernels import swiglu  # noqa: E402
+from fxforge.kernels.swiglu import swiglu_ref  # noqa: E402
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+INTERPRETER = HAS_TRITON and type(swiglu._swiglu_kernel).__name__ == "InterpretedFunction"
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
+                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# float32: exp differs by a few ulp between libraries; bf16/fp16: one step of the dtype.
+TOLERANCE = {torch.float32: (1e-6, 1e-5), torch.bfloat16: (1e-5, 1.6e-2), torch.float16: (1e-5, 1e-3)}
+SHAPES = {"one_value": (1, 1), "t7_i96": (7, 96), "t33_i1000": (33, 1000), "t1_i2049": (1, 2049), "t5_h3_129": (5, 3, 129)}
+
+
+def cases(every_dtype: bool) -> list:
+    names = list(DTYPES)
+    return [pytest.param(shape, DTYPES[name], id=f"{shape_id}-{name}")
+            for i, (shape_id, shape) in enumerate(SHAPES.items()) for name in (names if every_dtype else [names[i % 3]])]
+
+
+@pytest.fixture
+def seed():
+    return secrets.randbelow(2**31)
+
+
+def inputs(shape, dtype, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(shape, generator=gen) * 4).to(dtype)  # reaches silu's flat and linear parts
+    up = torch.randn(shape, generator=gen).to(dtype)
+    return gate.to(device), up.to(device)
+
+
+def assert_close(actual, expected, what, seed):
+    """The message names the shape, the mismatch count and the max diff."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
+        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}")
+    atol, rtol = TOLERANCE[expected.dtype]
+    a, e = actual.cpu().double(), expected.cpu().double()
+    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
+    if bad.any():
+        pytest.fail(f"{what}: shape {tuple(expected.shape)} {expected.dtype}, seed {seed}: {int(bad.sum())} of "
+                    f"{bad.numel()} differ beyond atol={atol} rtol={rtol}, max diff {(a - e).abs().max().item():.3g}")
+
+
+def check_against_reference(shape, dtype, seed, device):
+    gate, up = inputs(shape, dtype, seed, device)
+    assert_close(swiglu.swiglu_triton(gate, up), swiglu_ref(gate.cpu(), up.cpu()), "swiglu_triton", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The reference
+# ----------------------------------------------------------------------------------------------
+
+
+def test_reference_equals_the_unfused_mlp_in_float32(seed):
+    """Exact in float32: the lowering's logits must not move."""
+    gate, up = inputs((33, 96), torch.float32, seed)
+    assert torch.equal(swiglu_ref(gate, up), F.silu(gate) * up), f"seed {seed}"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_reference_rounds_once_in_half_precision(dtype, seed):
+    """The fused result is the float32 product rounded once; the unfused graph (two roundings) stays
+    within one step of it."""
+    gate, up = inputs((33, 512), dtype, seed)
+    fused = swiglu_ref(gate, up)
+    assert torch.equal(fused, (F.silu(gate.float()) * up.float()).to(dtype))
+    unfused = F.silu(gate) * up
+    step = torch.finfo(dtype).eps * fused.float().abs() + 1e-6
+    assert bool(((unfused.float() - fused.float()).abs() <= step).all()), f"seed {seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# The Triton kernel under the interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape, dtype", cases(every_dtype=False))
+def test_triton_matches_reference(shape, dtype, seed):
+    check_against_reference(shape, dtype, seed, "cpu")
+
+
+@needs_interpreter
+@pytest.mark.filterwarnings("ignore:overflow encountered")  # exp(1e4) = inf on purpose
+def test_triton_extreme_gates(seed):
+    """silu saturates cleanly: -inf-like gates give 0, large gates give gate * up."""
+    gate = torch.tensor([-1e4, -100.0, -20.0, 0.0, 20.0, 100.0, 1e4])
+    up = torch.full_like(gate, 2.0)
+    assert_close(swiglu.swiglu_triton(gate, up), swiglu_ref(gate, up), "swiglu_triton extremes", seed)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("gate, up, message", [
+    (torch.zeros(4, 8), torch.zeros(4, 9), "one shape and dtype"),
+    (torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16), "one shape and dtype"),
+    (torch.zeros(8, 4).t(), torch.zeros(4, 8), "must be contiguous"),
+], ids=["shape", "dtype", "strided"])
+def test_triton_launcher_rejects_bad_inputs(gate, up, message):
+    with pytest.raises(ValueError, match=message):
+        swiglu.swiglu_triton(gate, up)
+
+
+@pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(),
+                    reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
+def test_interpreted_kernels_in_a_fresh_process():
+    """Run this file's Triton tests in a process that sets TRITON_INTERPRET=1 before importing triton
+    (tests/conftest.py imports it first in any pytest run here)."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton and not TestCUDA", "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# Native on the GPU
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    @pytest.mark.parametrize("shape, dtype", cases(every_dtype=True))
+    def test_matches_reference(self, shape, dtype, seed):
+        check_against_reference(shape, dtype, seed, "cuda")
+
+    def test_large(self, seed):
+        check_against_reference((4096, 14336), torch.bfloat16, seed, "cuda")
+
+    def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
+        from fxforge.ir import ops
+
+        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"swiglu": swiglu.swiglu_triton})
+        gate, up = inputs((7, 96), torch.bfloat16, seed, "cuda")
+        assert_close(ops.SWIGLU(gate, up), swiglu_ref(gate.cpu(), up.cpu()), "fxforge::swiglu", seed)

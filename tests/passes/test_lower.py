@@ -1,0 +1,180 @@
+"""passes/lower.py: RMSNorm / SwiGLU rewritten into fused ops, kernels bound, choices reported."""
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fxforge
+from fxforge.errors import PassConfigError
+from fxforge.ir import ops
+from fxforge.ir.capture import META_KEY, capture, meta
+from fxforge.ir.model import Model
+from fxforge.ir.modules import RMSNorm
+from fxforge.ir.verify import verify
+from fxforge.passes import BFPKVCache, KSort, Lower
+from tests.conftest import TINY_SPECS, tiny_model
+
+
+@pytest.fixture(autouse=True)
+def cuda_bindings(monkeypatch):
+    """The CUDA binding table is process-wide: give every test its own copy."""
+    monkeypatch.setattr(ops, "_CUDA_IMPLS", dict(ops._CUDA_IMPLS))
+
+
+def expected_counts(spec) -> tuple[int, int]:
+    """(rmsnorm nodes, swiglu nodes): 2 per layer + the final norm (+2 per layer with QK-norm);
+    one SwiGLU per dense MLP (MoE experts stay one leaf)."""
+    norms = 2 * spec.num_layers + 1 + (2 * spec.num_layers if spec.qk_norm else 0)
+    return norms, 0 if spec.is_moe else spec.num_layers
+
+
+def rmsnorm_modules_called(gm) -> list[str]:
+    return [n.target for n in gm.graph.nodes if n.op == "call_module" and isinstance(gm.get_submodule(n.target), RMSNorm)]
+
+
+def test_rewrites_every_norm_and_swiglu(any_tiny_model, tokens):
+    """Structure: no RMSNorm module call left, fused ops with roles and layers; numbers: same logits."""
+    spec = any_tiny_model.spec
+    opt = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch")])
+    gm = opt.module
+    assert rmsnorm_modules_called(gm) == []
+    norms = [n for n in gm.graph.nodes if n.target is ops.RMSNORM]
+    swiglus = [n for n in gm.graph.nodes if n.target is ops.SWIGLU]
+    assert (len(norms), len(swiglus)) == expected_counts(spec)
+    assert {meta(n).role for n in norms} == {"norm"} and {meta(n).role for n in swiglus} <= {"mlp_act"}
+    assert [meta(n).layer for n in norms].count(None) == 1, "only the final norm lies outside the layers"
+    assert sorted(meta(n).layer for n in swiglus) == ([] if spec.is_moe else list(range(spec.num_layers)))
+    assert not any(n.target is F.silu for n in gm.graph.nodes), "a silu of a dense MLP survived"
+    report = opt.passes[0]["report"]
+    assert opt.passes[0]["modified"] and (report["rmsnorm_nodes"], report["swiglu_nodes"]) == expected_counts(spec)
+    verify(gm)
+    torch.testing.assert_close(opt.logits(tokens), any_tiny_model.logits(tokens), rtol=0, atol=1e-5)
+
+
+def test_qk_norm_weights_are_read_per_head_after_ksort(tokens):
+    """KSort makes QK-norm weights [H, D]; the fused op reads them through get_attr."""
+    model = tiny_model("qwen3-qknorm")
+    opt = fxforge.optimize(model, passes=[KSort(block=16), Lower(backend="torch")])
+    qk = [n for n in opt.module.graph.nodes if n.target is ops.RMSNORM and n.args[1].target.endswith(("q_norm.weight", "k_norm.weight"))]
+    assert len(qk) == 2 * TINY_SPECS["qwen3-qknorm"].num_layers
+    spec = TINY_SPECS["qwen3-qknorm"]
+    for node in qk:
+        weight = opt.module.get_parameter(node.args[1].target)
+        heads = spec.num_heads if "q_norm" in node.args[1].target else spec.num_kv_heads
+        assert tuple(weight.shape) == (heads, spec.head_dim)
+    torch.testing.assert_close(opt.logits(tokens), model.logits(tokens), rtol=0, atol=1e-5)
+
+
+def test_full_pipeline_matches_the_unlowered_one(tokens):
+    """ksort + bfp-kv + lower computes what ksort + bfp-kv computes (the quantized cache included)."""
+    model = tiny_model("qwen3-qknorm")
+    passes = [KSort(block=16), BFPKVCache(k_format="bfp12", v_format="bfp16", block=16)]
+    unlowered = fxforge.optimize(model, passes=passes)
+    lowered = fxforge.optimize(model, passes=passes + [Lower(backend="torch")])
+    torch.testing.assert_close(lowered.logits(tokens), unlowered.logits(tokens), rtol=0, atol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path, tokens):
+    model = tiny_model("qwen3-qknorm")
+    opt = fxforge.optimize(model, passes=[KSort(block=16), BFPKVCache(block=16), Lower()])
+    opt.save(tmp_path / "lowered")
+    loaded = fxforge.load(str(tmp_path / "lowered"))
+    assert rmsnorm_modules_called(loaded.module) == []
+    assert sum(n.target is ops.SWIGLU for n in loaded.module.graph.nodes) == TINY_SPECS["qwen3-qknorm"].num_layers
+    assert torch.equal(loaded.logits(tokens), opt.logits(tokens))
+    assert "rmsnorm_ref" in (tmp_path / "lowered" / "report.md").read_text()
+
+
+def test_report_names_the_implementations():
+    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    report = opt.passes[0]["report"]
+    refs = {"rope": "rope_ref", "kv_write": "kv_write_ref", "attention": "attention_ref", "rmsnorm": "rmsnorm_ref",
+            "swiglu": "swiglu_ref"}
+    assert report["backend"] == "torch" and report["cpu"] == refs and report["cuda"] == refs
+
+
+def test_triton_backend_binds_the_kernels_for_cuda():
+    pytest.importorskip("triton")
+    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="triton")])
+    report = opt.passes[0]["report"]
+    assert report["backend"] == "triton"
+    assert {name: report["cuda"][name] for name in ("rope", "rmsnorm", "swiglu", "kv_write")} == {
+        "rope": "rope_triton", "rmsnorm": "rmsnorm_triton", "swiglu": "swiglu_triton", "kv_write": "kv_write_triton"}
+    assert report["cpu"]["rope"] == "rope_ref", "CPU tensors always use the references"
+    assert ops.cuda_impls()["rope"] == "rope_triton"
+    fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    assert "rope" not in ops.cuda_impls(), "backend='torch' must send CUDA tensors back to the references"
+
+
+def test_auto_backend_follows_the_machine():
+    report = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower()]).passes[0]["report"]
+    want = "triton" if torch.cuda.is_available() else "torch"
+    assert report["backend"] == want, report["backend_reason"]
+
+
+def test_flags_turn_each_rewrite_off(tokens):
+    model = tiny_model("llama-gqa")
+    norms_only = fxforge.optimize(model, passes=[Lower(backend="torch", fuse_swiglu=False)])
+    assert not any(n.target is ops.SWIGLU for n in norms_only.module.graph.nodes)
+    assert any(n.target is F.silu for n in norms_only.module.graph.nodes)
+    swiglu_only = fxforge.optimize(model, passes=[Lower(backend="torch", fuse_norm=False)])
+    assert len(rmsnorm_modules_called(swiglu_only.module)) == expected_counts(model.spec)[0]
+    assert not any(n.target is ops.RMSNORM for n in swiglu_only.module.graph.nodes)
+    torch.testing.assert_close(swiglu_only.logits(tokens), model.logits(tokens), rtol=0, atol=1e-5)
+
+
+def test_lowering_twice_changes_nothing_more():
+    once = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    twice = fxforge.optimize(once, passes=[Lower(backend="torch")])
+    assert not twice.passes[0]["modified"]
+    assert twice.passes[0]["report"]["rmsnorm_nodes"] == 0
+    assert once.module.code == twice.module.code
+
+
+def test_swiglu_pattern_needs_a_single_use_silu():
+    """A silu whose output is used elsewhere too is not folded away."""
+    gm = capture(tiny_model("llama-gqa").module)
+    silu = next(n for n in gm.graph.nodes if n.target is F.silu)
+    mul = next(iter(silu.users))
+    with gm.graph.inserting_after(mul):
+        extra = gm.graph.call_function(operator.add, (mul, silu))
+    mul.replace_all_uses_with(extra, delete_user_cb=lambda user: user is not extra)
+    extra.meta[META_KEY] = meta(mul)
+    gm.recompile()
+    from fxforge.passes.lower import _lower_swiglus
+
+    assert _lower_swiglus(gm) == TINY_SPECS["llama-gqa"].num_layers - 1
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"backend": "cuda"}, "backend='cuda' is not valid"),
+    ({"fuse_norm": "yes"}, "fuse_norm='yes' must be true or false"),
+    ({"fuse_rope": True}, "unknown option"),
+])
+def test_bad_config_is_rejected(options, message):
+    with pytest.raises(PassConfigError, match=message):
+        fxforge.passes.resolve({"name": "lower", **options})
+
+
+def test_must_run_after_ksort_and_bfp_kv():
+    with pytest.raises(PassConfigError, match="must run after 'ksort'"):
+        fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(), KSort()])
+    with pytest.raises(PassConfigError, match="must run after 'bfp-kv'"):
+        fxforge.optimize(tiny_model("llama-gqa"), passes=["lower", "bfp-kv"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["llama-gqa", "llama-interleaved", "qwen3-qknorm", "mixtral-moe"])
+def test_lowered_model_on_cuda_matches_the_cpu_reference(kind, tokens):
+    """The Triton kernels (rope with a KSort permutation, rmsnorm, swiglu, fused BFP kv write) on the GPU
+    give the logits of the torch references on the CPU."""
+    pytest.importorskip("triton")
+    model = tiny_model(kind)
+    opt = fxforge.optimize(model, passes=[KSort(block=16), BFPKVCache(block=16), Lower(backend="triton")])
+    expected = opt.logits(tokens)
+    opt.module.cuda()
+    actual = Model(opt.module, opt.spec).logits(tokens)
+    torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=2e-3)
