@@ -9,6 +9,7 @@ the Triton kernels where those exist.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -41,6 +42,17 @@ def cuda_impls() -> dict[str, str]:
 def cpu_impls() -> dict[str, str]:
     """Which implementation each op uses on CPU: always its torch reference."""
     return {name: fn.__qualname__ for name, fn in _REFERENCES.items()}
+
+
+@contextlib.contextmanager
+def reference_only():
+    """Run every op through its torch reference inside the block, CUDA tensors included."""
+    saved = dict(_CUDA_IMPLS)
+    _CUDA_IMPLS.clear()
+    try:
+        yield
+    finally:
+        _CUDA_IMPLS.update(saved)
 
 
 def _pick(op_name: str, ref, tensor: torch.Tensor):
