@@ -343,6 +343,8 @@ def quality_table_cmd(
     blocks: str = typer.Option("16,32,64", help="BFP block sizes"),
     orders: str = typer.Option("natural,weight_norm,calibrated", help="channel orders"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
+    search_steps: int = typer.Option(64, help="ksort calibrated: greedy swap steps per KV head"),
+    settings: str = typer.Option("", help="only these KV settings (comma-separated labels, e.g. 'BFP12 K')"),
     out_json: Path = typer.Option(Path("quality.json"), "--json-out", help="JSON results file"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
 ):
@@ -351,7 +353,8 @@ def quality_table_cmd(
 
     m = _load(model, "float32", device=device)
     results = run_quality_table(m, max_tokens, context, calib_tokens, tuple(int(b) for b in blocks.split(",")),
-                                tuple(orders.split(",")), out_json, console)
+                                tuple(orders.split(",")), out_json, console, search_steps,
+                                tuple(settings.split(",")) if settings else None)
     table = markdown(results)
     if markdown_out:
         markdown_out.write_text(table)

@@ -33,14 +33,14 @@ class Row:
     block: int
     order: str
 
-    def passes(self, calib_tokens: int, context: int) -> list:
+    def passes(self, calib_tokens: int, context: int, search_steps: int = 64) -> list:
         quantize_v = self.v_format != "native"
         bfp = BFPKVCache(k_format=self.k_format, v_format=self.v_format, block=self.block)
         if self.order == "natural":
             return [bfp]
         sort = KSort(metric=self.order, k_format=self.k_format,
                      v_format=self.v_format if quantize_v else "bfp16", block=self.block,
-                     v_side=quantize_v, calib_tokens=calib_tokens, context=context)
+                     v_side=quantize_v, calib_tokens=calib_tokens, context=context, search_steps=search_steps)
         return [sort, bfp]
 
 
@@ -55,23 +55,25 @@ def table_rows(blocks=(16, 32, 64), orders=ORDERS) -> list[Row]:
 
 
 def run_quality_table(model, max_tokens: int, context: int, calib_tokens: int, blocks=(16, 32, 64),
-                      orders=ORDERS, out_json: Path | None = None, console: Console | None = None) -> dict:
+                      orders=ORDERS, out_json: Path | None = None, console: Console | None = None,
+                      search_steps: int = 64, settings: tuple[str, ...] | None = None) -> dict:
     import fxforge
 
     console = console or Console(stderr=True)
     windows = token_windows(model.tokenizer, load_texts("gsm8k", "eval"), context, max_tokens)
     calib = load_texts("gsm8k", "calib")
     start = time.perf_counter()
-    base = perplexity(model, windows, show_progress=False)
+    base = perplexity(model, windows, batch_size=16, show_progress=False)
     results = {"model": model.spec.name, "dtype": str(model.dtype), "device": str(model.device),
                "context": context, "tokens": base.tokens, "calib_tokens": calib_tokens,
                "baseline": {"perplexity": base.perplexity, "kv_bytes_per_token": model.kv_bytes_per_token()},
                "rows": []}
     console.print(f"baseline perplexity {base.perplexity:.4f} over {base.tokens} tokens")
-    for row in table_rows(blocks, orders):
+    rows = [r for r in table_rows(blocks, orders) if settings is None or r.setting in settings]
+    for row in rows:
         t0 = time.perf_counter()
-        opt = fxforge.optimize(model, passes=row.passes(calib_tokens, context), calib=calib)
-        ppl = perplexity(opt, windows, show_progress=False).perplexity
+        opt = fxforge.optimize(model, passes=row.passes(calib_tokens, context, search_steps), calib=calib)
+        ppl = perplexity(opt, windows, batch_size=16, show_progress=False).perplexity
         bfp_report = opt.passes[-1]["report"]
         entry = {**row.__dict__, "perplexity": ppl, "delta_pct": 100 * (ppl / base.perplexity - 1),
                  "k_bits": bfp_report["k_bits_per_value"], "v_bits": bfp_report["v_bits_per_value"],
@@ -82,6 +84,8 @@ def run_quality_table(model, max_tokens: int, context: int, calib_tokens: int, b
         del opt
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        if out_json:  # partial results survive an interrupted run
+            Path(out_json).write_text(json.dumps(results, indent=2))
     results["seconds"] = round(time.perf_counter() - start, 1)
     results["targets"] = targets(results)
     if out_json:
