@@ -77,8 +77,12 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     seconds = time.perf_counter() - start
     tokens = sum(len(o.token_ids) for o in outputs)
     roofline = 100 * ideal["seconds"] / seconds if bandwidth else None
-    busy = _gpu_busy_pct(engine, prompts[: min(len(prompts), max_num_seqs)], params)
-    return E2EResult(name, tokens, seconds, engine.stats.steps, roofline, busy)
+    short = SamplingParams(max_new_tokens=min(64, max_new_tokens), ignore_eos=True)
+    busy = _gpu_busy_pct(engine, prompts[: min(len(prompts), max_num_seqs)], short)
+    result = E2EResult(name, tokens, seconds, engine.stats.steps, roofline, busy)
+    result.cuda_graphs = bool(engine.runner.graphs)
+    result.graph_error = engine.runner.graph_error
+    return result
 
 
 def _count_ideal_time(engine, model, bandwidth):

@@ -36,8 +36,14 @@ class ModelRunner:
         self.kv_cache = model.new_kv_cache(config.num_pages + 1, config.page_size, self.device)
         self.max_pages_per_seq = -(-config.max_model_len // config.page_size)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]] = {}
+        self.graph_error: str | None = None  # why decode runs eagerly although graphs were asked for
         if config.use_cuda_graphs:
-            self._capture_graphs()
+            try:
+                self._capture_graphs()
+            except RuntimeError as exc:  # an op that syncs with the host cannot be captured
+                self.graphs.clear()
+                self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                torch.cuda.synchronize()
 
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> tuple[BatchInputs, int]:
