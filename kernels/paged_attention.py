@@ -1,0 +1,812 @@
+"""Paged attention in Triton over a KV cache in any format: split-K decode and chunked prefill.
+
+The semantics are those of `attention_ref` (kernels/attention.py), the float32 reference and test
+oracle: flat queries [T, Hq, D], sequence s owns queries query_start[s]:query_start[s+1] and has
+seq_lens[s] tokens in the cache (the new ones already written); query head h reads KV head h // g,
+g = Hq / Hkv. Both kernels read K and V straight from the cache pages in the cache's format.
+
+Decode (one query per sequence), flash-decoding: grid (Hkv, num_splits, B). A program serves all g
+query heads of one KV head, so each K/V row is read and decoded once for g queries; the g rows are
+padded to 16 so both products are tensor-core dots, computed transposed (K q^T: keys x heads, and
+V^T p^T: head_dim x heads) so that M is BLOCK_N or head_dim (>= 64: wgmma on Hopper). The context
+is cut into num_splits slices; each program runs an online softmax (float32, exp2 with log2(e)
+folded into the scale) over BLOCK_N tokens at a time (BLOCK_N / page_size pages gathered through
+the page table, the next tile's page ids loaded one iteration ahead, K and V loads issued together)
+and writes a partial (max, sum, acc) to a float32 workspace; `_decode_reduce_kernel` merges the
+slices. With one slice the first kernel writes the output itself.
+
+Prefill (any batch, chunked): grid (query tiles of all sequences, Hkv). A tile holds BLOCK_M rows
+= BLOCK_M // g query tokens x their g heads (GQA packing: K/V tiles are decoded once per KV head),
+and loops over the keys it can see: earlier chunks and the causal part of its own chunk, all read
+from the pages after the write, so attention to the new tokens goes through the cache's format too.
+A small tile -> (sequence, tile index) map is built with torch ops on the device (no host sync).
+
+Packed pages (kernels/bfp.py documents the bytes) are decoded in registers: a tile of rows is loaded
+as [rows, blocks, bytes of one block] (contiguous bytes, wide loads; the block's scale byte
+broadcasts along the last dim). 4-bit codes are not interleaved back: the low nibbles (even columns)
+and high nibbles (odd columns) stay two tiles, q is split the same way (two dots summed) and so is
+the output (two accumulators). Codes become floats without an int->float conversion: the
+offset-binary code sits in the mantissa of a power of two, and one fma with the block scale and a
+bias (-(magic + 2^(m-1)) * scale) leaves code * scale exactly. On CUDA with bf16 dots, 4- and 8-bit
+BFP use inline PTX for this (byte permutes + bf16x2 / f32 fmas, ~1.5 and ~2.75 instructions a value);
+elsewhere (and under the interpreter) the same arithmetic is written in Triton. Decoded BFP/MXFP4
+values have at most 8 significant bits, so with bf16 queries they enter the bf16 dots exactly;
+float32 queries (and bf16 ones over float16/float32 pages) use 3xTF32 dots (~float32), float16
+queries tf32 dots. Scale bytes above 231 (block
+maxima above ~2^105) overflow the bias and decode to inf/NaN.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from fxforge.kernels.formats import KVFormat, parse_kv_format
+
+try:
+    import triton
+    import triton.language as tl
+
+    from fxforge.kernels.bfp import _decode_e2m1, _pow2
+except ImportError:  # CPU-only install: attention_ref serves every call
+    triton = None
+
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "register",
+           "auto_num_splits"]
+
+_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+# On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
+# bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
+_ASM_DECODE = os.environ.get("FXFORGE_ATTENTION_ASM", "1") != "0"
+_LOG2E = 1.4426950408889634
+_MIN_DOT = 16  # tl.dot needs every dim >= 16
+_MAX_SPLITS = 256
+_MIN_TOKENS_PER_SPLIT = 256  # below this a slice's partial results cost more than its parallelism
+_DEFAULT_SMS = 132  # H100 SXM; used on CPU (interpreter), read off the device on CUDA
+_SM_COUNTS: dict[int, int] = {}
+
+
+def _jit(fn):
+    return triton.jit(fn) if triton is not None else fn
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers: decode one tile of K or V rows from the pages
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _magic_float(code, BITS: tl.constexpr):
+    # m-bit two's complement code (in int32) -> the float 2^23 + code + 2^(m-1), with no int->float
+    # convert: flipping the sign bit gives the offset-binary code, OR-ed into the mantissa of 2^23.
+    # `_magic_float(c) * s + _magic_bias(s)` is then exactly c * s, in one fma.
+    return ((code ^ (1 << (BITS - 1))) | 0x4B000000).to(tl.float32, bitcast=True)
+
+
+@_jit
+def _magic_bias(scale, BITS: tl.constexpr):
+    # -(2^23 + 2^(m-1)) * scale: exact (power-of-two scale); -inf for scale bytes > 231 (|x| >~ 2^105)
+    return scale * -(8388608.0 + (1 << (BITS - 1)))
+
+
+# Inline PTX decoding packed BFP bytes to bf16 (CUDA only; the interpreter runs the portable path).
+# 4-bit codes, 4 bytes (8 codes) per instance, operands: $0-$3 out: bf16 pairs of the low-nibble
+# values (bytes 0,1 / 2,3) then of the high-nibble values; $4 the 4 bytes; $5-$8 per byte (s, s) as
+# bf16x2; $9-$12 per byte (-136 s, -136 s). Each offset-binary code u = code + 8 becomes the bf16
+# 128 + u (byte 0x43 above it) and one bf16x2 fma leaves (128 + code + 8) s - 136 s = code * s, exactly.
+# The pair of bytes 2i, 2i+1 takes its scale halves from both (a no-op when they lie in one block).
+_BFP4_PTX = """
+{
+.reg .b32 lo, hi, m01, m23, b01, b23;
+lop3.b32 lo, $4, 0x0F0F0F0F, 0x08080808, 0x6a;
+shr.u32 hi, $4, 4;
+lop3.b32 hi, hi, 0x0F0F0F0F, 0x08080808, 0x6a;
+prmt.b32 m01, $5, $6, 0x7610;
+prmt.b32 m23, $7, $8, 0x7610;
+prmt.b32 b01, $9, $10, 0x7610;
+prmt.b32 b23, $11, $12, 0x7610;
+prmt.b32 $0, lo, 0x43434343, 0x7170;
+prmt.b32 $1, lo, 0x43434343, 0x7372;
+prmt.b32 $2, hi, 0x43434343, 0x7170;
+prmt.b32 $3, hi, 0x43434343, 0x7372;
+fma.rn.bf16x2 $0, $0, m01, b01;
+fma.rn.bf16x2 $1, $1, m23, b23;
+fma.rn.bf16x2 $2, $2, m01, b01;
+fma.rn.bf16x2 $3, $3, m23, b23;
+}
+"""
+# 8-bit codes, 4 bytes per instance: $0-$1 out: bf16 pairs; $2 the 4 bytes; $3-$6 per byte s as
+# float32; $7-$10 per byte -(2^23 + 128) s. The offset-binary code u = code + 128 is placed into the
+# float 2^23 + u by one byte permute; one fma leaves code * s exactly; pairs round to bf16 exactly.
+_BFP8_PTX = """
+{
+.reg .b32 u, f0, f1, f2, f3;
+xor.b32 u, $2, 0x80808080;
+prmt.b32 f0, u, 0x4B000000, 0x7440;
+prmt.b32 f1, u, 0x4B000000, 0x7441;
+prmt.b32 f2, u, 0x4B000000, 0x7442;
+prmt.b32 f3, u, 0x4B000000, 0x7443;
+fma.rn.f32 f0, f0, $3, $7;
+fma.rn.f32 f1, f1, $4, $8;
+fma.rn.f32 f2, f2, $5, $9;
+fma.rn.f32 f3, f3, $6, $10;
+cvt.rn.bf16x2.f32 $0, f1, f0;
+cvt.rn.bf16x2.f32 $1, f3, f2;
+}
+"""
+if triton is not None:
+    _BFP4_PTX_ASM = tl.constexpr(_BFP4_PTX)
+    _BFP8_PTX_ASM = tl.constexpr(_BFP8_PTX)
+
+
+@_jit
+def _bfp4_to_bf16_asm(packed, mul, bias):
+    # packed: uint8 bytes; mul, bias: int32 (see _BFP4_PTX) -> (low-nibble values, high-nibble values)
+    return tl.inline_asm_elementwise(asm=_BFP4_PTX_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
+                                     args=[packed, mul, bias], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
+                                     pack=4)
+
+
+@_jit
+def _bfp8_to_bf16_asm(packed, mul, bias):
+    # packed: uint8 bytes; mul, bias: int32 float32 bits (see _BFP8_PTX) -> values
+    return tl.inline_asm_elementwise(asm=_BFP8_PTX_ASM, constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[packed, mul, bias],
+                                     dtype=tl.bfloat16, is_pure=True, pack=4)
+
+
+@_jit
+def _load_kv_tile(
+    data_ptr,  # *uint8 (packed) or *fp32/bf16/fp16 (dense): the cache's data tensor
+    scale_ptr,  # *uint8: the cache's scale tensor (not read for dense formats)
+    data_rows,  # int64 [ROWS]: offset of each token's row in data, in elements of data
+    scale_rows,  # int64 [ROWS]: offset of each token's row of scale bytes
+    row_mask,  # bool [ROWS]: tokens to load; the others come back as zeros
+    ROWS: tl.constexpr,  # tokens in the tile
+    D: tl.constexpr,  # head_dim
+    D_PAD: tl.constexpr,  # next power of two >= D; columns D.. are zeros
+    BITS: tl.constexpr,  # bits per code: 4, 6, 8 (packed) or the dense dtype's
+    MXFP4: tl.constexpr,  # True: E2M1 codes; False: two's complement integers
+    BLOCK: tl.constexpr,  # values per scale byte; 0 for dense formats
+    ASM: tl.constexpr,  # decode 4/8-bit BFP codes to bf16 with inline PTX (CUDA, OUT_DTYPE bf16)
+    OUT_DTYPE: tl.constexpr,  # dtype of the returned tiles (the dots' operand dtype)
+):
+    """K or V rows, dequantized, in OUT_DTYPE: 4-bit formats give (even columns, odd columns), two
+    [ROWS, D_PAD / 2] tiles (no interleaving: the kernels split q and the output the same way);
+    the others give ([ROWS, D_PAD] tile, the same tile)."""
+    if BLOCK == 0:
+        cols = tl.arange(0, D_PAD)
+        mask = row_mask[:, None]
+        if D_PAD != D:
+            mask = mask & (cols[None, :] < D)
+        tile = tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(OUT_DTYPE)
+        odd = tile
+    else:
+        # [ROWS, blocks, bytes of a block]: the block's scale broadcasts along the last dim
+        blocks = tl.arange(0, D_PAD // BLOCK)
+        mask = row_mask[:, None, None]
+        if D_PAD != D:
+            mask = mask & (blocks[None, :, None] < D // BLOCK)
+        exponent = tl.load(scale_ptr + scale_rows[:, None, None] + blocks[None, :, None], mask=mask,
+                           other=0).to(tl.int32)
+        scale = _pow2(exponent)  # 2^(byte - 127); 0 for byte 0 (and for masked rows)
+        block_ptr = data_ptr + data_rows[:, None, None] + blocks[None, :, None] * (BLOCK * BITS // 8)
+        if BITS == 4:  # value 2i in the low nibble of byte i, value 2i+1 in the high nibble
+            packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
+            if ASM:
+                bias = (scale * -136.0).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+                even, odd = _bfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23), bias | (bias << 16))
+            else:
+                packed = packed.to(tl.int32)
+                if MXFP4:
+                    even = _decode_e2m1(packed & 15) * scale
+                    odd = _decode_e2m1(packed >> 4) * scale
+                else:
+                    bias = _magic_bias(scale, 4)
+                    even = _magic_float(packed & 15, 4) * scale + bias
+                    odd = _magic_float(packed >> 4, 4) * scale + bias
+            tile = tl.reshape(even, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
+            odd = tl.reshape(odd, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
+        else:
+            if BITS == 8:  # one code per byte
+                packed = tl.load(block_ptr + tl.arange(0, BLOCK)[None, None, :], mask=mask, other=0)
+                if ASM:
+                    values = _bfp8_to_bf16_asm(packed, exponent << 23, _magic_bias(scale, 8).to(tl.int32, bitcast=True))
+                else:
+                    values = _magic_float(packed.to(tl.int32), 8) * scale + _magic_bias(scale, 8)
+            else:  # 6 bits: codes 4j..4j+3 in the 3 bytes 3j..3j+2, little-endian
+                group_ptr = block_ptr + 3 * tl.arange(0, BLOCK // 4)[None, None, :]
+                b0 = tl.load(group_ptr, mask=mask, other=0).to(tl.int32)
+                b1 = tl.load(group_ptr + 1, mask=mask, other=0).to(tl.int32)
+                b2 = tl.load(group_ptr + 2, mask=mask, other=0).to(tl.int32)
+                bias = _magic_bias(scale, 6)
+                c0 = _magic_float(b0 & 63, 6) * scale + bias
+                c1 = _magic_float((b0 >> 6) | ((b1 & 15) << 2), 6) * scale + bias
+                c2 = _magic_float((b1 >> 4) | ((b2 & 3) << 4), 6) * scale + bias
+                c3 = _magic_float(b2 >> 2, 6) * scale + bias
+                values = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+            tile = tl.reshape(values, (ROWS, D_PAD)).to(OUT_DTYPE)
+            odd = tile
+    return tile, odd
+
+
+@_jit
+def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # acc + a @ b in float32 (acc None: zeros); INPUT_PRECISION only matters for float32 operands.
+    # UPCAST: the Triton interpreter multiplies bf16 bit patterns as integers, so there the (already
+    # rounded) bf16 operands are widened to float32 first: same products, only the order of the sum differs.
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+@_jit
+def _load_rows(row_ptrs, row_ok, D: tl.constexpr, D_PAD: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constexpr):
+    # rows [M, D] (row_ptrs: pointer to each row's first value) as (even, odd) column halves for
+    # PHASES == 2 (q against a 4-bit K), else (all columns, the same tile)
+    cols = tl.arange(0, D_PAD // PHASES) * PHASES
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    first = tl.load(row_ptrs[:, None] + cols[None, :], mask=mask, other=0.0).to(DTYPE)
+    second = first
+    if PHASES == 2:
+        second = tl.load(row_ptrs[:, None] + cols[None, :] + 1, mask=mask, other=0.0).to(DTYPE)
+    return first, second
+
+
+@_jit
+def _store_rows(row_ptrs, row_ok, first, second, D: tl.constexpr, D_PAD: tl.constexpr, PHASES: tl.constexpr):
+    # inverse of _load_rows: write [M, D] rows held as column halves (PHASES == 2) or whole
+    cols = tl.arange(0, D_PAD // PHASES) * PHASES
+    mask = row_ok[:, None] & (cols[None, :] < D)
+    tl.store(row_ptrs[:, None] + cols[None, :], first.to(row_ptrs.dtype.element_ty), mask=mask)
+    if PHASES == 2:
+        tl.store(row_ptrs[:, None] + cols[None, :] + 1, second.to(row_ptrs.dtype.element_ty), mask=mask)
+
+
+@_jit
+def _scores(q0, q1, k0, k1, K_PHASES: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # q k^T [rows, keys], summed over column halves when K comes as (even, odd) columns
+    scores = _dot(q0, tl.trans(k0), None, INPUT_PRECISION, UPCAST)
+    if K_PHASES == 2:
+        scores = _dot(q1, tl.trans(k1), scores, INPUT_PRECISION, UPCAST)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode: split-K kernel + reduction
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _paged_decode_kernel(
+    q_ptr,  # *fp32|bf16|fp16 [B, Hq, D]: one query per sequence (last dim contiguous)
+    stride_qb, stride_qh,  # q strides (elements)
+    k_data_ptr, k_scale_ptr,  # K cache: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
+    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (elements; last dim contiguous)
+    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes; 0 for dense formats)
+    v_data_ptr, v_scale_ptr,  # V cache, same layout as K (its own format)
+    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
+    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
+    page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
+    stride_pt,  # page_table row stride
+    seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
+    out_ptr,  # *q.dtype [B, Hq, D]: written when NUM_SPLITS == 1
+    stride_ob, stride_oh,  # out strides
+    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (NUM_SPLITS > 1)
+    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial running max (log2 domain) and sum
+    num_splits,  # context slices per sequence (grid axis 1)
+    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
+    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    G: tl.constexpr,  # query heads per KV head
+    G_PAD: tl.constexpr,  # max(16, next power of two >= G): rows of the dots
+    D: tl.constexpr,  # head_dim
+    D_PAD: tl.constexpr,  # next power of two >= D
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # tokens per iteration (BLOCK_N / PAGE_SIZE pages)
+    SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
+    K_BITS: tl.constexpr, K_MXFP4: tl.constexpr, K_BLOCK: tl.constexpr,  # K format (K_BLOCK 0: dense)
+    K_ASM: tl.constexpr, K_PHASES: tl.constexpr,  # K decoded by inline PTX; 2: K as column halves
+    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format
+    V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # same for V
+    DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
+    INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    rows = tl.arange(0, G_PAD)
+    q_heads = kv_head * G + rows
+    row_ok = rows < G
+    q0, q1 = _load_rows(q_ptr + seq.to(tl.int64) * stride_qb + q_heads * stride_qh, row_ok, D, D_PAD, K_PHASES,
+                        DOT_DTYPE)
+
+    # this program's slice of the visible context [start, seq_len), in whole BLOCK_N tiles
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+
+    # Everything runs transposed (keys x heads): with BLOCK_N >= 64 keys as the M dim of K q^T and
+    # head_dim as the M dim of V^T p^T, Hopper runs both dots as wgmma (M of 64 per warpgroup),
+    # while the g query heads, padded to G_PAD >= 16, only need N >= 16.
+    q0 = tl.trans(q0)
+    q1 = tl.trans(q1)
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc0 = tl.zeros([D_PAD // V_PHASES, G_PAD], tl.float32)  # output^T (even columns if V_PHASES == 2)
+    acc1 = tl.zeros([D_PAD // V_PHASES, G_PAD], tl.float32)  # odd columns (V_PHASES == 2)
+    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
+    first_tokens = lo + tl.arange(0, BLOCK_N)
+    page = tl.load(page_row + first_tokens // PAGE_SIZE, mask=first_tokens < hi, other=0).to(tl.int64)
+    for n0 in range(lo, hi, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        live = tokens < hi
+        # the next tile's page ids, so the gather of the next K/V tile waits on no page-table load
+        next_tokens = tokens + BLOCK_N
+        next_page = tl.load(page_row + next_tokens // PAGE_SIZE, mask=next_tokens < hi, other=0).to(tl.int64)
+        slot = tokens % PAGE_SIZE
+        # K and V are both loaded before any math, so their loads are in flight together
+        k0, k1 = _load_kv_tile(k_data_ptr, k_scale_ptr,
+                               page * stride_kd_page + slot * stride_kd_slot + kv_head * stride_kd_head,
+                               page * stride_ks_page + slot * stride_ks_slot + kv_head * stride_ks_head,
+                               live, BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+        v0, v1 = _load_kv_tile(v_data_ptr, v_scale_ptr,
+                               page * stride_vd_page + slot * stride_vd_slot + kv_head * stride_vd_head,
+                               page * stride_vs_page + slot * stride_vs_slot + kv_head * stride_vs_head,
+                               live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+        scores = _dot(k0, q0, None, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
+        if K_PHASES == 2:
+            scores = _dot(k1, q1, scores, INPUT_PRECISION, UPCAST_DOT)
+        scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 0))  # finite: every tile holds a live token
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(scores - m_new[None, :])
+        l_i = l_i * alpha + tl.sum(p, 0)
+        p = p.to(DOT_DTYPE)
+        acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
+        if V_PHASES == 2:
+            acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+        page = next_page
+
+    acc0 = tl.trans(acc0)
+    acc1 = tl.trans(acc1)
+    if SPLIT:
+        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
+        _store_rows(ws_acc_ptr + ws_row * D, row_ok, acc0, acc1, D, D_PAD, V_PHASES)
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
+        _store_rows(out_ptr + seq.to(tl.int64) * stride_ob + q_heads * stride_oh, row_ok, acc0 * inv_l,
+                    acc1 * inv_l, D, D_PAD, V_PHASES)
+
+
+@_jit
+def _decode_reduce_kernel(
+    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs
+    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial max (log2 domain) and sum of exp2
+    out_ptr,  # *q.dtype [B, Hq, D]
+    stride_ob, stride_oh,  # out strides (elements; last dim contiguous)
+    num_splits,  # slices per sequence
+    D: tl.constexpr,  # head_dim
+    D_PAD: tl.constexpr,  # next power of two >= D
+    SPLITS_PAD: tl.constexpr,  # next power of two >= num_splits
+):
+    q_head = tl.program_id(0)
+    seq = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    cols = tl.arange(0, D_PAD)
+    split_ok = splits < num_splits
+    ws_row = (seq * tl.num_programs(0) + q_head).to(tl.int64) * num_splits + splits
+    m = tl.load(ws_ml_ptr + ws_row * 2, mask=split_ok, other=float("-inf"))
+    l = tl.load(ws_ml_ptr + ws_row * 2 + 1, mask=split_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # empty slices weigh 0
+    denom = tl.sum(weight * l, 0)
+    acc = tl.load(ws_acc_ptr + ws_row[:, None] * D + cols[None, :], mask=split_ok[:, None] & (cols[None, :] < D),
+                  other=0.0)
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom > 0, denom, 1.0)
+    out_ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_head * stride_oh + cols
+    tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=cols < D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill: causal, variable length, chunked
+# ----------------------------------------------------------------------------------------------
+
+
+@_jit
+def _paged_prefill_kernel(
+    q_ptr,  # *fp32|bf16|fp16 [T, Hq, D]: flat queries of all sequences (last dim contiguous)
+    stride_qt, stride_qh,  # q strides (elements)
+    k_data_ptr, k_scale_ptr,  # K cache: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
+    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (elements; last dim contiguous)
+    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes; 0 for dense formats)
+    v_data_ptr, v_scale_ptr,  # V cache, same layout as K (its own format)
+    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
+    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
+    page_table_ptr,  # *int32|int64 [S, P]: page ids of each sequence, in token order
+    stride_pt,  # page_table row stride
+    seq_lens_ptr,  # *int32|int64 [S]: tokens in the cache per sequence, this chunk included
+    query_start_ptr,  # *int32|int64 [S + 1]: sequence s owns queries query_start[s]:query_start[s+1]
+    tile_seq_ptr,  # *int32 [grid 0]: sequence of each query tile; >= num_seqs: no tile (padding)
+    tile_index_ptr,  # *int32 [grid 0]: index of the tile within its sequence's queries
+    out_ptr,  # *q.dtype [T, Hq, D]
+    stride_ot, stride_oh,  # out strides
+    num_seqs,  # S
+    qk_scale,  # softmax scale * log2(e)
+    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    G: tl.constexpr,  # query heads per KV head
+    D: tl.constexpr,  # head_dim
+    D_PAD: tl.constexpr,  # next power of two >= D
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_M: tl.constexpr,  # rows per tile: TOKENS_PER_TILE query tokens x G heads, padded
+    TOKENS_PER_TILE: tl.constexpr,  # BLOCK_M // G
+    BLOCK_N: tl.constexpr,  # keys per iteration
+    K_BITS: tl.constexpr, K_MXFP4: tl.constexpr, K_BLOCK: tl.constexpr,  # K format (K_BLOCK 0: dense)
+    K_ASM: tl.constexpr, K_PHASES: tl.constexpr,  # K decoded by inline PTX; 2: K as column halves
+    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format
+    V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # same for V
+    DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
+    INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+):
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    seq = tl.load(tile_seq_ptr + tile)
+    tile_live = seq < num_seqs
+    seq = tl.where(tile_live, seq, 0)
+    first_token = tl.load(tile_index_ptr + tile) * TOKENS_PER_TILE  # within the sequence's queries
+    q_begin = tl.load(query_start_ptr + seq).to(tl.int32)
+    num_queries = tl.where(tile_live, tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_begin, 0)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    token = first_token + rows // G
+    q_heads = kv_head * G + rows % G
+    row_ok = (rows < TOKENS_PER_TILE * G) & (token < num_queries)
+    q_pos = seq_len - num_queries + token
+    q_rows = (q_begin + token).to(tl.int64)
+    q0, q1 = _load_rows(q_ptr + q_rows * stride_qt + q_heads * stride_qh, row_ok, D, D_PAD, K_PHASES, DOT_DTYPE)
+
+    # keys this tile can see: [lo, hi), hi = the last query's position + 1
+    first_pos = seq_len - num_queries + first_token
+    hi = tl.minimum(first_pos + TOKENS_PER_TILE, seq_len)
+    lo = tl.where(sliding_window > 0, tl.maximum(first_pos - sliding_window + 1, 0), 0)
+    hi = tl.where(first_token < num_queries, hi, lo)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc0 = tl.zeros([BLOCK_M, D_PAD // V_PHASES], tl.float32)  # output columns (even ones if V_PHASES == 2)
+    acc1 = tl.zeros([BLOCK_M, D_PAD // V_PHASES], tl.float32)  # odd columns (V_PHASES == 2)
+    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
+    for n0 in range(lo, hi, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        live = keys < hi
+        page = tl.load(page_row + keys // PAGE_SIZE, mask=live, other=0).to(tl.int64)
+        slot = keys % PAGE_SIZE
+        k0, k1 = _load_kv_tile(k_data_ptr, k_scale_ptr,
+                               page * stride_kd_page + slot * stride_kd_slot + kv_head * stride_kd_head,
+                               page * stride_ks_page + slot * stride_ks_slot + kv_head * stride_ks_head,
+                               live, BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+        scores = _scores(q0, q1, k0, k1, K_PHASES, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+        visible = live[None, :] & (keys[None, :] <= q_pos[:, None])
+        visible = visible & ((sliding_window <= 0) | (keys[None, :] > q_pos[:, None] - sliding_window))
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v0, v1 = _load_kv_tile(v_data_ptr, v_scale_ptr,
+                               page * stride_vd_page + slot * stride_vd_slot + kv_head * stride_vd_head,
+                               page * stride_vs_page + slot * stride_vs_slot + kv_head * stride_vs_head,
+                               live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+        p = p.to(DOT_DTYPE)
+        acc0 = _dot(p, v0, acc0 * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
+        if V_PHASES == 2:
+            acc1 = _dot(p, v1, acc1 * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
+        m_i = m_new
+
+    inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that see no key (padding) stay zero
+    _store_rows(out_ptr + q_rows * stride_ot + q_heads * stride_oh, row_ok, acc0 * inv_l, acc1 * inv_l,
+                D, D_PAD, V_PHASES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return _DEFAULT_SMS
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNTS:
+        _SM_COUNTS[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNTS[index]
+
+
+def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = _DEFAULT_SMS) -> int:
+    """Context slices per sequence for decode: about 8 programs per SM (several waves, so the last,
+    partial wave costs little), each slice at least _MIN_TOKENS_PER_SPLIT tokens long.
+    `max_context` is an upper bound on the visible context."""
+    programs = max(1, batch * num_kv_heads)
+    wanted = math.ceil(8 * num_sms / programs)
+    longest = max(1, max_context // _MIN_TOKENS_PER_SPLIT)
+    return max(1, min(wanted, longest, _MAX_SPLITS))
+
+
+def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
+    """(dot operand dtype, input_precision): bf16 dots when q is bf16 and K and V are exact in bf16
+    (bf16 pages; BFP and MXFP4 values have <= 8 significant bits); tf32 for fp16 queries (fp16
+    values are exact in tf32, fp16 operands could overflow); 3xTF32 (~float32) otherwise."""
+    bf16_exact = all(fmt.name == "bfloat16" or not fmt.is_dense for fmt in (k_fmt, v_fmt))
+    if dtype == torch.bfloat16 and bf16_exact:
+        return tl.bfloat16, "tf32"  # (input_precision is ignored for bf16 operands)
+    if dtype == torch.float16:
+        return tl.float32, "tf32"
+    return tl.float32, "tf32x3"
+
+
+def _format_meta(fmt: KVFormat, prefix: str, dot_dtype, device: torch.device) -> dict:
+    bits = fmt.mantissa_bits if not fmt.is_dense else torch.finfo(fmt.storage_dtype()).bits
+    asm = (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
+           and bits in (4, 8))
+    return {f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4", f"{prefix}_BLOCK": fmt.block,
+            f"{prefix}_ASM": asm, f"{prefix}_PHASES": 2 if bits == 4 else 1}
+
+
+def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor) -> dict:
+    """Constexprs shared by both kernels: the two formats and how the dots run."""
+    dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
+    return dict(**_format_meta(k_fmt, "K", dot_dtype, q.device), **_format_meta(v_fmt, "V", dot_dtype, q.device),
+                DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                UPCAST_DOT=_INTERPRETED and dot_dtype == tl.bfloat16)
+
+
+def _cache_strides(data: torch.Tensor, scale: torch.Tensor, fmt: KVFormat) -> tuple[int, ...]:
+    scale_strides = (0, 0, 0) if fmt.is_dense else scale.stride()[:3]
+    return (*data.stride()[:3], *scale_strides)
+
+
+def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
+    if t.device != device:
+        raise ValueError(f"{name} is on {t.device}, but q is on {device}; put every input on one device")
+
+
+def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens, k_format, v_format,
+                  scale, sliding_window) -> tuple[KVFormat, KVFormat]:
+    """Validate what decode and prefill share; returns the parsed K and V formats."""
+    if triton is None:
+        raise ValueError(f"{op}: needs triton; use attention_ref (kernels/attention.py) on CPU")
+    if not isinstance(q, torch.Tensor) or q.dim() != 3:
+        raise ValueError(f"{op}: q must be a 3-d tensor [tokens, Hq, head_dim], got "
+                         f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
+    if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"{op}: q has dtype {q.dtype}; expected float32, bfloat16 or float16")
+    if not (q.is_cuda or (_INTERPRETED and q.device.type == "cpu")):
+        raise ValueError(f"{op}: Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
+                         f"importing fxforge), got q on {q.device}; use attention_ref")
+    if q.stride(-1) != 1:
+        raise ValueError(f"{op}: q's last dim must be contiguous, got strides {q.stride()}")
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    if head_dim < 1:
+        raise ValueError(f"{op}: head_dim must be >= 1, got q {tuple(q.shape)}")
+    formats = []
+    for name, data, sc, fmt in (("k", k_data, k_scale, k_format), ("v", v_data, v_scale, v_format)):
+        fmt = parse_kv_format(fmt)
+        fmt.check_head_dim(head_dim)
+        for part, t in ((f"{name}_data", data), (f"{name}_scale", sc)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 4:
+                raise ValueError(f"{op}: {part} must be a 4-d tensor [pages, page_size, Hkv, cols], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+            _check_device(part, t, q.device)
+        cols = fmt.row_bytes(head_dim) // fmt.storage_dtype().itemsize
+        if data.dtype != fmt.storage_dtype() or data.shape[-1] != cols:
+            raise ValueError(f"{op}: {name}_data for format {fmt.name}, head_dim={head_dim} must be "
+                             f"{fmt.storage_dtype()} [..., {cols}], got {data.dtype} {tuple(data.shape)}")
+        if sc.dtype != torch.uint8 or tuple(sc.shape) != (*data.shape[:3], fmt.scale_cols(head_dim)):
+            raise ValueError(f"{op}: {name}_scale for format {fmt.name} must be uint8 "
+                             f"{(*data.shape[:3], fmt.scale_cols(head_dim))}, got {sc.dtype} {tuple(sc.shape)}")
+        if data.stride(-1) != 1 or (not fmt.is_dense and sc.stride(-1) != 1):
+            raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous, got strides "
+                             f"{data.stride()} / {sc.stride()}")
+        formats.append(fmt)
+    if tuple(k_data.shape[:3]) != tuple(v_data.shape[:3]):
+        raise ValueError(f"{op}: k_data {tuple(k_data.shape)} and v_data {tuple(v_data.shape)} must share "
+                         "[pages, page_size, Hkv]")
+    num_kv_heads = k_data.shape[2]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"{op}: Hq={num_q_heads} (q {tuple(q.shape)}) must be a multiple of "
+                         f"Hkv={num_kv_heads} (k_data {tuple(k_data.shape)})")
+    num_seqs = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1 else None
+    for name, t, dims in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: {name} must be a {dims}-d int32 (or int64) tensor, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        _check_device(name, t, q.device)
+    if page_table.shape[0] != num_seqs or page_table.stride(-1) != 1 or not seq_lens.is_contiguous():
+        raise ValueError(f"{op}: page_table {tuple(page_table.shape)} needs one row per sequence "
+                         f"(seq_lens has {num_seqs}) and a contiguous last dim; seq_lens must be contiguous")
+    if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
+        raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
+    if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0:
+        raise ValueError(f"{op}: sliding_window must be an int >= 0 (0: none), got {sliding_window!r}")
+    return formats[0], formats[1]
+
+
+def _cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt) -> list:
+    # a dense format's scale tensor is empty (maybe a null pointer): pass its data tensor, never read
+    k_scale_arg = k_data if k_fmt.is_dense else k_scale
+    v_scale_arg = v_data if v_fmt.is_dense else v_scale
+    return [k_data, k_scale_arg, *_cache_strides(k_data, k_scale, k_fmt),
+            v_data, v_scale_arg, *_cache_strides(v_data, v_scale, v_fmt)]
+
+
+def paged_decode_attention(
+    q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
+    page_table: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
+    sliding_window: int = 0, num_splits: int | None = None, *,
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+) -> torch.Tensor:
+    """Attention of one query per sequence (q [B, Hq, D], the last token of each) over its paged
+    context: out [B, Hq, D] in q's dtype, = attention_ref with query_start = arange(B + 1).
+
+    num_splits: context slices per sequence (flash-decoding); None picks it from B * Hkv, the SM
+    count and the page table's capacity (page_table.shape[1] * page_size, min sliding_window), so it
+    never reads seq_lens back to the host (CUDA-graph safe). block_n / num_warps / num_stages are
+    tuning knobs (block_n: tokens per iteration, a power of two >= 16).
+    """
+    k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
+                                 seq_lens, k_format, v_format, scale, sliding_window)
+    batch, num_q_heads, head_dim = q.shape
+    if page_table.shape[0] != batch:
+        raise ValueError(f"paged_decode_attention: q has {batch} sequences (one query each), but seq_lens / "
+                         f"page_table have {page_table.shape[0]}")
+    if block_n < _MIN_DOT or block_n & (block_n - 1):
+        raise ValueError(f"paged_decode_attention: block_n must be a power of two >= 16, got {block_n}")
+    page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
+    if num_splits is None:
+        capacity = page_table.shape[1] * page_size
+        if sliding_window > 0:
+            capacity = min(capacity, sliding_window)
+        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device))
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
+
+    out = torch.empty_like(q)
+    if batch == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    d_pad = max(2 * _MIN_DOT, _next_pow2(head_dim))  # 4-bit formats split it in two halves
+    split = num_splits > 1
+    if split:
+        ws_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        ws_ml = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
+    else:
+        ws_acc = ws_ml = out  # not written
+    _paged_decode_kernel[(num_kv_heads, num_splits, batch)](
+        q, q.stride(0), q.stride(1),
+        *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+        page_table, page_table.stride(0), seq_lens,
+        out, out.stride(0), out.stride(1),
+        ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+        G=group, G_PAD=max(_MIN_DOT, _next_pow2(group)), D=head_dim, D_PAD=d_pad, PAGE_SIZE=page_size,
+        BLOCK_N=block_n, SPLIT=split, **_kernel_meta(k_fmt, v_fmt, q), num_warps=num_warps, num_stages=num_stages,
+    )
+    if split:
+        _decode_reduce_kernel[(num_q_heads, batch)](
+            ws_acc, ws_ml, out, out.stride(0), out.stride(1), num_splits,
+            D=head_dim, D_PAD=d_pad, SPLITS_PAD=_next_pow2(num_splits), num_warps=4,
+        )
+    return out
+
+
+def _query_tiles(query_start: torch.Tensor, num_tokens: int, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sequence, tile index within the sequence) of each query tile, padded to a bound known on the
+    host (T / tokens_per_tile + S); padding tiles get sequence S. Torch ops only, no host sync."""
+    num_seqs = query_start.shape[0] - 1
+    bound = num_tokens // tokens_per_tile + num_seqs
+    lengths = (query_start[1:] - query_start[:-1]).to(torch.int64)
+    tiles = (lengths + tokens_per_tile - 1) // tokens_per_tile
+    ends = torch.cumsum(tiles, 0)
+    ids = torch.arange(bound, device=query_start.device)
+    seq = torch.searchsorted(ends, ids, right=True)
+    first = (ends - tiles)[seq.clamp(max=num_seqs - 1)]
+    return seq.to(torch.int32), (ids - first).to(torch.int32)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
+    page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str,
+    scale: float, sliding_window: int = 0, *, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
+    num_stages: int = 2,
+) -> torch.Tensor:
+    """Causal attention of a variable-length, possibly chunked batch (q [T, Hq, D]) over the paged
+    cache, the new tokens' K/V already written: out [T, Hq, D] in q's dtype, = attention_ref.
+
+    A chunk of n queries of sequence s sits at positions seq_lens[s] - n .. seq_lens[s] - 1 and sees
+    every earlier token (earlier chunks) and its own chunk causally, all read in the cache's format.
+    block_m (rows = query tokens x group heads per tile), block_n (keys per iteration), num_warps and
+    num_stages are tuning knobs (powers of two >= 16 for the blocks).
+    """
+    op = "paged_prefill_attention"
+    k_fmt, v_fmt = _check_common(op, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
+                                 k_format, v_format, scale, sliding_window)
+    num_seqs = seq_lens.shape[0]
+    if (not isinstance(query_start, torch.Tensor) or query_start.dim() != 1 or query_start.shape[0] != num_seqs + 1
+            or query_start.dtype not in (torch.int32, torch.int64) or not query_start.is_contiguous()):
+        got = ((query_start.dtype, tuple(query_start.shape)) if isinstance(query_start, torch.Tensor)
+               else type(query_start).__name__)
+        raise ValueError(f"{op}: query_start must be a contiguous int32 (or int64) tensor [S + 1] = "
+                         f"[{num_seqs + 1}], got {got}")
+    _check_device("query_start", query_start, q.device)
+    num_tokens, num_q_heads, head_dim = q.shape
+    num_kv_heads, page_size = k_data.shape[2], k_data.shape[1]
+    group = num_q_heads // num_kv_heads
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < _MIN_DOT or size & (size - 1):
+            raise ValueError(f"{op}: {name} must be a power of two >= 16, got {size}")
+    block_m = max(block_m, _next_pow2(group))  # at least one query token per tile
+    tokens_per_tile = block_m // group
+
+    out = torch.zeros_like(q)
+    if num_tokens == 0 or num_seqs == 0:
+        return out
+    tile_seq, tile_index = _query_tiles(query_start, num_tokens, tokens_per_tile)
+    _paged_prefill_kernel[(tile_seq.shape[0], num_kv_heads)](
+        q, q.stride(0), q.stride(1),
+        *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+        page_table, page_table.stride(0), seq_lens, query_start, tile_seq, tile_index,
+        out, out.stride(0), out.stride(1), num_seqs, float(scale) * _LOG2E, sliding_window,
+        G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, _next_pow2(head_dim)), PAGE_SIZE=page_size,
+        BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, **_kernel_meta(k_fmt, v_fmt, q),
+        num_warps=num_warps, num_stages=num_stages,
+    )
+    return out
+
+
+def _one_query_per_sequence(query_start: torch.Tensor, num_tokens: int) -> bool:
+    num_seqs = query_start.shape[0] - 1
+    if num_tokens != num_seqs:
+        return False
+    if query_start.is_cuda and torch.cuda.is_current_stream_capturing():
+        return True  # no host sync inside a capture: T == S is taken to mean a pure decode batch
+    return bool(torch.equal(query_start, torch.arange(num_seqs + 1, device=query_start.device,
+                                                      dtype=query_start.dtype)))
+
+
+def attention_triton(
+    q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
+    page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
+    k_format: str, v_format: str, scale: float, sliding_window: int,
+) -> torch.Tensor:
+    """Drop-in for attention_ref (same signature and semantics): the decode kernel when every
+    sequence has exactly one query, the prefill kernel otherwise.
+
+    Telling the two apart reads query_start back to the host when T == S (one small sync), except
+    during CUDA-graph capture, where T == S is taken as a pure decode batch.
+    """
+    if isinstance(query_start, torch.Tensor) and _one_query_per_sequence(query_start, q.shape[0]):
+        return paged_decode_attention(q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
+                                      k_format, v_format, scale, sliding_window)
+    return paged_prefill_attention(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
+                                   k_format, v_format, scale, sliding_window)
+
+
+def register() -> None:
+    """Bind `attention_triton` to the fxforge::attention op for CUDA tensors (lowering calls this)."""
+    from fxforge.ir.ops import register_cuda_impl
+
+    register_cuda_impl("attention", attention_triton)

@@ -1,0 +1,459 @@
+"""kernels/paged_attention.py: Triton paged decode (split-K) and chunked prefill vs attention_ref.
+
+The reference reads the same cache pages, so for packed formats the only difference is the float
+accumulation order (and the bf16 rounding of the dot operands with bf16 queries). The Triton kernels
+run under the interpreter on CPU (tiny shapes) and natively on CUDA (class TestCUDA, larger shapes).
+Inputs are drawn fresh on every run; failures print the seed.
+"""
+
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+# As in test_bfp.py: the interpreter must be on before triton is imported. If something imported
+# triton first (tests/conftest.py does), test_interpreter_tests_in_a_fresh_process runs them.
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from fxforge.kernels import paged_attention as pa  # noqa: E402
+from fxforge.kernels.attention import attention_ref  # noqa: E402
+from fxforge.kernels.bfp import valid_format_names  # noqa: E402
+from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref  # noqa: E402
+
+INTERPRETER = pa.triton is not None and pa._INTERPRETED
+needs_interpreter = pytest.mark.skipif(
+    not INTERPRETER,
+    reason="triton is missing, or was imported before TRITON_INTERPRET=1 was set in this session "
+           "(test_interpreter_tests_in_a_fresh_process runs these tests then)",
+)
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}  # atol = rtol
+
+
+@pytest.fixture
+def seed():
+    return secrets.randbelow(2**31)
+
+
+def build_cache(lens, num_kv_heads, head_dim, k_format, v_format, page_size, gen, device="cpu"):
+    """A cache holding `lens[s]` random tokens per sequence in pages scattered by a random permutation.
+    Everything no sequence owns is poison: NaN for dense formats, NaN blocks (scale byte 255) for
+    packed ones, and page-table entries past a sequence's pages point outside the cache. So reading
+    a token past seq_lens, or a page not in the table, turns the output into NaN."""
+    pages = [(n + page_size - 1) // page_size for n in lens]
+    num_pages = sum(pages) + 3
+    cache = allocate_kv_pair(num_pages, page_size, num_kv_heads, head_dim, k_format, v_format, device)
+    for data, scale in (cache[:2], cache[2:]):
+        if data.dtype == torch.uint8:
+            data.copy_(torch.randint(0, 256, data.shape, generator=gen, dtype=torch.uint8))
+            scale.fill_(255)
+        else:
+            data.fill_(float("nan"))
+    perm = torch.randperm(num_pages, generator=gen)
+    page_table = torch.full((len(lens), max(pages + [1]) + 2), num_pages + 1000, dtype=torch.int32)
+    first = 0
+    for s, (n, p) in enumerate(zip(lens, pages)):
+        page_table[s, :p] = perm[first:first + p].to(torch.int32)
+        first += p
+        positions = torch.arange(n)
+        slots = page_table[s, positions // page_size].long() * page_size + positions % page_size
+        k = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+        k[..., torch.randperm(head_dim, generator=gen)[:3]] *= 20  # outlier channels, as real keys have
+        v = torch.randn(n, num_kv_heads, head_dim, generator=gen)
+        kv_write_ref(k.to(device), cache[0], cache[1], slots.to(device), k_format)
+        kv_write_ref(v.to(device), cache[2], cache[3], slots.to(device), v_format)
+    return cache, page_table.to(device), torch.tensor(lens, dtype=torch.int32, device=device)
+
+
+def assert_close(actual, expected, q_dtype, what, seed):
+    """|actual - expected| <= tol * (1 + |expected|); NaN never passes. Names shape, count, max diff."""
+    tol = TOLERANCE[q_dtype]
+    assert actual.shape == expected.shape and actual.dtype == q_dtype, (
+        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {q_dtype} {tuple(expected.shape)}")
+    diff = (actual.double() - expected.double()).abs()
+    bad = ~(diff <= tol * (1 + expected.double().abs()))  # NaN compares False
+    count = int(bad.sum())
+    if count:
+        pytest.fail(f"{what}: shape {tuple(actual.shape)}, seed {seed}: {count} of {actual.numel()} differ "
+                    f"(tol {tol}), max diff {diff.nan_to_num(float('inf')).max().item():.3g}, "
+                    f"NaN {int(actual.isnan().sum())}")
+
+
+def decode_inputs(lens, g, num_kv_heads, head_dim, k_format, v_format, q_dtype, page_size, seed, device="cpu"):
+    gen = torch.Generator().manual_seed(seed)
+    cache, page_table, seq_lens = build_cache(lens, num_kv_heads, head_dim, k_format, v_format, page_size, gen, device)
+    q = torch.randn(len(lens), g * num_kv_heads, head_dim, generator=gen).to(device, q_dtype)
+    query_start = torch.arange(len(lens) + 1, dtype=torch.int32, device=device)
+    return q, cache, page_table, query_start, seq_lens
+
+
+def prefill_inputs(chunks, g, num_kv_heads, head_dim, k_format, v_format, q_dtype, page_size, seed, device="cpu"):
+    """chunks: (tokens already in the cache, new queries) per sequence; the new tokens are written too."""
+    gen = torch.Generator().manual_seed(seed)
+    lens = [before + new for before, new in chunks]
+    cache, page_table, seq_lens = build_cache(lens, num_kv_heads, head_dim, k_format, v_format, page_size, gen, device)
+    counts = torch.tensor([0] + [new for _, new in chunks])
+    query_start = counts.cumsum(0).to(device, torch.int32)
+    q = torch.randn(int(counts.sum()), g * num_kv_heads, head_dim, generator=gen).to(device, q_dtype)
+    return q, cache, page_table, query_start, seq_lens
+
+
+def reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, scale, window):
+    """attention_ref in float32 (q upcast exactly), the oracle for every query dtype."""
+    return attention_ref(q.float(), *cache, page_table, query_start, seq_lens, k_format, v_format, scale, window)
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode (interpreter)
+# ----------------------------------------------------------------------------------------------
+
+# id: (k_format, v_format, g, Hkv, head_dim, q dtype, context lengths, page size)
+DECODE_CASES = {
+    "fp32-mha-d64": ("float32", "float32", 1, 2, 64, torch.float32, [1, 17, 100], 16),
+    "bf16-g4-d128": ("bfloat16", "bfloat16", 4, 2, 128, torch.bfloat16, [100, 1, 17], 16),
+    "bfp12_32-g3-d64": ("bfp12_32", "bfp12_32", 3, 2, 64, torch.float32, [17, 100, 1], 16),
+    "bfp16_32-g4-d128": ("bfp16_32", "bfp16_32", 4, 1, 128, torch.float32, [100, 33], 16),
+    "bfp14_16-g3-d64-bf16q-page8": ("bfp14_16", "bfp14_16", 3, 2, 64, torch.bfloat16, [1, 100], 8),
+    "mxfp4_32-mha-d128-bf16q": ("mxfp4_32", "mxfp4_32", 1, 2, 128, torch.bfloat16, [17, 100], 16),
+    "k_bfp12_64-v_bf16-g4-d64": ("bfp12_64", "bfloat16", 4, 2, 64, torch.bfloat16, [100, 17, 1], 16),
+    "bfp12_32-g3-d96": ("bfp12_32", "float32", 3, 1, 96, torch.float32, [65, 3], 16),
+    "bfp16_32-g4-d64-fp16q": ("bfp16_32", "float16", 4, 1, 64, torch.float16, [40, 9], 16),
+    "bfp12_16-g2-d32": ("bfp12_16", "bfp12_16", 2, 2, 32, torch.float32, [30, 7], 16),  # the tiny test models
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
+def test_decode_matches_reference(case, seed):
+    k_format, v_format, g, hkv, d, q_dtype, lens, page_size = DECODE_CASES[case]
+    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, q_dtype,
+                                                                page_size, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, 0)
+    for num_splits in (1, 3):
+        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5,
+                                        num_splits=num_splits)
+        assert_close(out, expected, q_dtype, f"decode {case} num_splits={num_splits}", seed)
+
+
+@needs_interpreter
+def test_decode_splits_agree_and_sliding_window(seed):
+    """num_splits 1, 2, 5 give the same numbers (up to summation order); with a sliding window the
+    slices cover only the last `window` tokens (window 20 < 100, and > 17, and > 1)."""
+    fmt, window = "bfp12_32", 20
+    q, cache, page_table, query_start, seq_lens = decode_inputs([100, 17, 1], 4, 2, 64, fmt, fmt, torch.float32,
+                                                                16, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, window)
+    outs = [pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, window, num_splits=n)
+            for n in (1, 2, 5)]
+    for n, out in zip((1, 2, 5), outs):
+        assert_close(out, expected, torch.float32, f"decode window={window} num_splits={n}", seed)
+    for n, out in zip((2, 5), outs[1:]):
+        assert (out - outs[0]).abs().max() <= 1e-5, f"num_splits={n} differs from 1 by {(out - outs[0]).abs().max()}"
+
+
+# ----------------------------------------------------------------------------------------------
+# Prefill (interpreter)
+# ----------------------------------------------------------------------------------------------
+
+# id: (k_format, v_format, g, Hkv, head_dim, q dtype, (cached, new) per sequence, page size, window)
+PREFILL_CASES = {
+    # fresh prompt, a second chunk over 50 cached tokens, a decode row, an empty sequence
+    "fp32-g4-d64-chunked": ("float32", "float32", 4, 2, 64, torch.float32, [(0, 37), (50, 20), (99, 1), (30, 0)], 16,
+                            0),
+    "bfp12_32-g3-d64-chunked": ("bfp12_32", "bfp12_32", 3, 2, 64, torch.float32, [(40, 33), (0, 17), (16, 16)], 16, 0),
+    "bf16-mha-d128": ("bfloat16", "bfloat16", 1, 2, 128, torch.bfloat16, [(0, 100), (17, 1)], 16, 0),
+    "mxfp4_32-k_bfp16_32-g4-d128-bf16q": ("bfp16_32", "mxfp4_32", 4, 1, 128, torch.bfloat16, [(23, 41), (0, 5)], 16, 0),
+    "bfp14_16-g3-d64-window": ("bfp14_16", "bfp14_16", 3, 1, 64, torch.float32, [(60, 40), (0, 30)], 8, 24),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(PREFILL_CASES), ids=list(PREFILL_CASES))
+def test_prefill_matches_reference(case, seed):
+    k_format, v_format, g, hkv, d, q_dtype, chunks, page_size, window = PREFILL_CASES[case]
+    q, cache, page_table, query_start, seq_lens = prefill_inputs(chunks, g, hkv, d, k_format, v_format, q_dtype,
+                                                                 page_size, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
+    out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5,
+                                     window, block_m=32, block_n=32)
+    assert_close(out, expected, q_dtype, f"prefill {case}", seed)
+
+
+@needs_interpreter
+def test_chunked_prefill_equals_whole_prompt(seed):
+    """Prefilling a prompt in two chunks (the second reading the first from the cache) gives the same
+    outputs as prefilling it at once, row for row."""
+    fmt, n, split = "bfp16_32", 45, 29
+    q, cache, page_table, _, seq_lens = prefill_inputs([(0, n)], 3, 1, 64, fmt, fmt, torch.float32, 16, seed)
+    whole = pa.paged_prefill_attention(q, *cache, page_table, torch.tensor([0, n], dtype=torch.int32), seq_lens,
+                                       fmt, fmt, 0.125)
+    first = pa.paged_prefill_attention(q[:split], *cache, page_table, torch.tensor([0, split], dtype=torch.int32),
+                                       torch.tensor([split], dtype=torch.int32), fmt, fmt, 0.125)
+    second = pa.paged_prefill_attention(q[split:], *cache, page_table, torch.tensor([0, n - split], dtype=torch.int32),
+                                        seq_lens, fmt, fmt, 0.125)
+    assert_close(torch.cat([first, second]), whole, torch.float32, "chunked vs whole prefill", seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# The inline-PTX decode (CUDA only), run here through a small emulator of the instructions it uses
+# ----------------------------------------------------------------------------------------------
+
+
+def _bf16_bits_to_f64(bits):
+    return ((bits.astype(np.uint32) & 0xFFFF) << 16).view(np.float32).astype(np.float64)
+
+
+def _round_bf16_bits(values):
+    bits = torch.from_numpy(np.asarray(values, np.float32)).to(torch.bfloat16).view(torch.int16).numpy()
+    return bits.astype(np.uint32) & 0xFFFF
+
+
+def run_ptx(text, operands):
+    """Execute the PTX of the decode helpers on numpy uint32 arrays: lop3, shr, xor, prmt (default
+    mode), fma.rn.{f32,bf16x2} (exact product and sum, one rounding), cvt.rn.bf16x2.f32."""
+    regs = {f"${i}": np.asarray(v, np.uint32) for i, v in enumerate(operands)}
+    val = lambda tok: regs[tok] if tok in regs else np.uint32(int(tok, 0))  # noqa: E731
+    for line in text.strip().splitlines():
+        line = line.strip().rstrip(";")
+        if line in "{}" or line.startswith(".reg"):
+            continue
+        op, args = line.split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a, b, c = ([val(t) for t in src] + [None, None])[:3]
+        if op == "lop3.b32":
+            lut = int(src[3], 0)
+            out = np.zeros_like(a)
+            for bit in range(32):
+                idx = (((a >> bit) & 1) << 2) | (((b >> bit) & 1) << 1) | ((c >> bit) & 1)
+                out |= ((np.uint32(lut) >> idx) & 1) << np.uint32(bit)
+        elif op == "shr.u32":
+            out = a >> b
+        elif op == "xor.b32":
+            out = a ^ b
+        elif op == "prmt.b32":
+            pool = [(x >> np.uint32(8 * i)) & 0xFF for x in (a, b) for i in range(4)]
+            out = sum(pool[(int(c) >> (4 * i)) & 7] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+        elif op == "fma.rn.f32":
+            f = lambda x: np.asarray(x, np.uint32).view(np.float32).astype(np.float64)  # noqa: E731
+            out = (f(a) * f(b) + f(c)).astype(np.float32).view(np.uint32)
+        elif op == "fma.rn.bf16x2":
+            half = lambda x, s: _bf16_bits_to_f64(x >> np.uint32(s))  # noqa: E731
+            halves = [_round_bf16_bits(half(a, s) * half(b, s) + half(c, s)) for s in (0, 16)]
+            out = halves[0] | (halves[1] << np.uint32(16))
+        elif op == "cvt.rn.bf16x2.f32":  # a to the upper half, b to the lower half
+            out = (_round_bf16_bits(a.view(np.float32)) << np.uint32(16)) | _round_bf16_bits(b.view(np.float32))
+        else:
+            raise AssertionError(f"run_ptx: no emulation for {op!r}")
+        regs[dst] = np.asarray(out, np.uint32)
+    return regs
+
+
+def _packed_cases(seed):
+    """Every byte value x a spread of scale bytes, with 4 bytes per instance; one scale per byte."""
+    gen = np.random.default_rng(seed)
+    exponents = np.array([0, 1, 2, 60, 100, 127, 128, 150, 200, 231])
+    byte_values = np.arange(256, dtype=np.uint32)
+    data = np.stack(np.meshgrid(byte_values, exponents, indexing="ij"), -1).reshape(-1, 2)
+    gen.shuffle(data)
+    data = data[: len(data) // 4 * 4].reshape(-1, 4, 2)
+    return data[..., 0], data[..., 1]  # bytes [n, 4], scale byte of each [n, 4]
+
+
+def _signed(codes, bits):
+    return codes.astype(np.int64) - ((codes >> (bits - 1)) << bits)
+
+
+def test_bfp4_ptx_decodes_exactly(seed):
+    codes, exponent = _packed_cases(seed)
+    scale = np.where(exponent > 0, 2.0 ** (exponent.astype(np.float64) - 127), 0.0)
+    bias = _round_bf16_bits(-136.0 * scale)
+    word = sum(codes[:, i] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+    mul = (exponent << 7) | (exponent << 23)
+    regs = run_ptx(pa._BFP4_PTX, [0, 0, 0, 0, word, *mul.T, *(bias | (bias << 16)).T])
+    got = np.stack([_bf16_bits_to_f64(regs[f"${r}"] >> np.uint32(s)) for r in (0, 1, 2, 3) for s in (0, 16)], 1)
+    expected = np.concatenate([_signed(codes & 15, 4), _signed(codes >> 4, 4)], 1) * np.concatenate([scale, scale], 1)
+    mismatch = got != expected
+    assert not mismatch.any(), (f"4-bit PTX decode, seed {seed}: {int(mismatch.sum())} of {got.size} differ, "
+                                f"max diff {np.abs(got - expected).max()}")
+
+
+def test_bfp8_ptx_decodes_exactly(seed):
+    codes, exponent = _packed_cases(seed)
+    scale = np.where(exponent > 0, 2.0 ** (exponent.astype(np.float64) - 127), 0.0)
+    word = sum(codes[:, i] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+    bias = (-(2.0**23 + 128) * scale).astype(np.float32).view(np.uint32)
+    regs = run_ptx(pa._BFP8_PTX, [0, 0, word, *(exponent << 23).astype(np.uint32).T, *bias.T])
+    got = np.stack([_bf16_bits_to_f64(regs[f"${r}"] >> np.uint32(s)) for r in (0, 1) for s in (0, 16)], 1)
+    expected = _signed(codes, 8) * scale
+    mismatch = got != expected
+    assert not mismatch.any(), (f"8-bit PTX decode, seed {seed}: {int(mismatch.sum())} of {got.size} differ, "
+                                f"max diff {np.abs(got - expected).max()}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Dispatch, registration, validation
+# ----------------------------------------------------------------------------------------------
+
+
+@needs_interpreter
+def test_attention_triton_dispatches_on_queries_per_sequence(seed, monkeypatch):
+    fmt = "bfp12_32"
+    calls = []
+    for name in ("paged_decode_attention", "paged_prefill_attention"):
+        real = getattr(pa, name)
+        monkeypatch.setattr(pa, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    decode = decode_inputs([17, 5], 3, 1, 64, fmt, fmt, torch.float32, 16, seed)
+    prefill = prefill_inputs([(3, 2), (4, 0)], 3, 1, 64, fmt, fmt, torch.float32, 16, seed)  # T == S, not decode
+    for (q, cache, page_table, query_start, seq_lens), kind in ((decode, "decode"), (prefill, "prefill")):
+        out = pa.attention_triton(q, *cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, 0)
+        assert calls[-1] == f"paged_{kind}_attention", calls
+        expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, 0)
+        assert_close(out, expected, torch.float32, f"attention_triton {kind}", seed)
+
+
+def test_register_binds_the_attention_op():
+    from fxforge.ir import ops
+
+    before = dict(ops._CUDA_IMPLS)
+    try:
+        pa.register()
+        assert ops._CUDA_IMPLS["attention"] is pa.attention_triton
+        assert ops.cuda_impls()["attention"] == "attention_triton"
+    finally:
+        ops._CUDA_IMPLS.clear()
+        ops._CUDA_IMPLS.update(before)
+
+
+def test_auto_num_splits():
+    assert pa.auto_num_splits(64, 8, 4096, 132) == 3  # 512 programs: three slices reach 8 per SM
+    assert pa.auto_num_splits(1, 8, 4096, 132) == 16  # capped by 256 tokens per slice
+    assert pa.auto_num_splits(1, 8, 100, 132) == 1  # short context: no split
+    assert pa.auto_num_splits(1, 1, 10**7, 132) == 256  # capped at _MAX_SPLITS
+
+
+@needs_interpreter
+@pytest.mark.parametrize("mutation,words", [
+    (lambda a: a.update(q=a["q"][:, :, :32]), "head_dim"),
+    (lambda a: a.update(q=a["q"][:, :5]), "multiple of"),
+    (lambda a: a.update(q=a["q"].to(torch.int32)), "dtype"),
+    (lambda a: a.update(k_format="bfp16_32"), "k_data for format bfp16_32"),
+    (lambda a: a.update(v_scale=a["v_scale"][..., :1]), "v_scale"),
+    (lambda a: a.update(page_table=a["page_table"].float()), "page_table"),
+    (lambda a: a.update(seq_lens=a["seq_lens"][:1], page_table=a["page_table"][:1]), "sequences"),
+    (lambda a: a.update(sliding_window=-1), "sliding_window"),
+    (lambda a: a.update(num_splits=0), "num_splits"),
+], ids=["head_dim", "heads", "q_dtype", "format", "scale_shape", "page_table_dtype", "batch", "window", "splits"])
+def test_decode_rejects_bad_inputs(mutation, words):
+    q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 3, 2, 64, "bfp12_32", "bfp12_32", torch.float32, 16, 0)
+    args = dict(q=q, k_data=cache[0], k_scale=cache[1], v_data=cache[2], v_scale=cache[3], page_table=page_table,
+                seq_lens=seq_lens, k_format="bfp12_32", v_format="bfp12_32", scale=0.125, sliding_window=0,
+                num_splits=None)
+    mutation(args)
+    with pytest.raises(ValueError, match=words):
+        pa.paged_decode_attention(**args)
+
+
+@needs_interpreter
+def test_prefill_rejects_bad_query_start():
+    q, cache, page_table, query_start, seq_lens = prefill_inputs([(0, 5)], 1, 1, 64, "float32", "float32",
+                                                                 torch.float32, 16, 0)
+    with pytest.raises(ValueError, match="query_start"):
+        pa.paged_prefill_attention(q, *cache, page_table, query_start[:1], seq_lens, "float32", "float32", 0.125)
+
+
+@pytest.mark.skipif(INTERPRETER or pa.triton is None or torch.cuda.is_available(),
+                    reason="runs only where the interpreter tests were skipped in this process")
+def test_interpreter_tests_in_a_fresh_process():
+    """When an earlier import loaded triton without the interpreter (tests/conftest.py does), run this
+    file's interpreter tests in a process that sets TRITON_INTERPRET=1 first."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-k", "not fresh_process",
+           "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# CUDA: larger shapes, natively
+# ----------------------------------------------------------------------------------------------
+
+ALL_FORMATS = valid_format_names()
+GPU_LENS = [1000, 4096, 1, 4095, 17, 2048, 1000, 3001]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+class TestCUDA:
+    @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+    @pytest.mark.parametrize("fmt", ALL_FORMATS)
+    def test_decode_matches_reference(self, fmt, q_dtype, seed):
+        q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, q_dtype, 16,
+                                                                    seed, "cuda")
+        expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 128**-0.5, 0)
+        for num_splits in (None, 1, 7):
+            out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 128**-0.5,
+                                            num_splits=num_splits)
+            assert_close(out, expected, q_dtype, f"cuda decode {fmt} num_splits={num_splits}", seed)
+
+    @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+    @pytest.mark.parametrize("fmt,g,d", [("bfp12_32", 4, 128), ("bfp16_32", 3, 64), ("bfloat16", 7, 64),
+                                         ("bfp14_16", 1, 128), ("mxfp4_32", 4, 128), ("float16", 4, 128)])
+    def test_prefill_matches_reference(self, fmt, g, d, q_dtype, seed):
+        chunks = [(0, 700), (1500, 300), (4095, 1), (999, 0), (60, 513)]
+        q, cache, page_table, query_start, seq_lens = prefill_inputs(chunks, g, 2, d, fmt, fmt, q_dtype, 16,
+                                                                     seed, "cuda")
+        for window in (0, 256):
+            expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5, window)
+            out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5, window)
+            assert_close(out, expected, q_dtype, f"cuda prefill {fmt} g={g} d={d} window={window}", seed)
+
+    @pytest.mark.parametrize("fmt", ["bfp12_16", "bfp12_32", "bfp12_64", "bfp16_16", "bfp16_32", "bfp16_64"])
+    def test_inline_ptx_and_portable_decode_agree(self, fmt, seed, monkeypatch):
+        """The inline-PTX decode (default for 4/8-bit BFP with bf16 queries) and the portable Triton
+        decode give the reference's numbers, in decode and in prefill."""
+        q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,
+                                                                    16, seed, "cuda")
+        expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 128**-0.5, 0)
+        chunks = [(0, 300), (1000, 77), (50, 1)]
+        prefill = prefill_inputs(chunks, 4, 2, 128, fmt, fmt, torch.bfloat16, 16, seed, "cuda")
+        prefill_expected = reference(*prefill, fmt, fmt, 128**-0.5, 0)
+        for asm in (True, False):
+            monkeypatch.setattr(pa, "_ASM_DECODE", asm)
+            out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 128**-0.5)
+            assert_close(out, expected, torch.bfloat16, f"cuda decode {fmt} asm={asm}", seed)
+            q_p, cache_p, page_table_p, query_start_p, seq_lens_p = prefill
+            out = pa.paged_prefill_attention(q_p, *cache_p, page_table_p, query_start_p, seq_lens_p, fmt, fmt,
+                                             128**-0.5)
+            assert_close(out, prefill_expected, torch.bfloat16, f"cuda prefill {fmt} asm={asm}", seed)
+
+    def test_decode_in_a_cuda_graph(self, seed):
+        """attention_triton captured once (decode batch, no host sync) and replayed after the
+        sequences grew: matches the reference on the new lengths."""
+        fmt = "bfp12_32"
+        q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,
+                                                                    16, seed, "cuda")
+        short = (seq_lens - 500).clamp(min=1)
+        static_lens = short.clone()
+
+        def run():
+            return pa.attention_triton(q, *cache, page_table, query_start, static_lens, fmt, fmt, 0.1, 0)
+
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            run()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        static_lens.copy_(seq_lens)
+        graph.replay()
+        expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.1, 0)
+        assert_close(out, expected, torch.bfloat16, "cuda graph replay", seed)
