@@ -448,10 +448,15 @@ def bench_e2e_cmd(
                 base, sample, [o.token_ids for o in outs])
         del opt
     if hf_batch:
-        hf = _hf_peer(model, base, random_init)
+        import gc
+
+        peer_spec, peer_path, pad_id = base.spec, base.source.get("path", ""), (base.spec.eos_token_ids or [0])[0]
+        del base  # free our weights and KV pool before the peer loads (8B shapes need the room)
+        gc.collect()
+        torch.cuda.empty_cache()
+        hf = _hf_peer(peer_spec, peer_path, random_init)
         for b in [int(x) for x in hf_batch.split(",") if x]:
-            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=base.spec.eos_token_ids[0] if base.spec.eos_token_ids else 0,
-                         name=f"hf-static-b{b}")
+            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=pad_id, name=f"hf-static-b{b}")
             results["runs"].append(run.to_dict())
             console.print(run.to_dict())
     best_hf = max((r["tokens_per_second"] for r in results["runs"] if r["name"].startswith("hf")), default=None)
@@ -480,16 +485,16 @@ def _ppl_check(base) -> dict:
     return {"reference": ref, "triton": tri, "rel_diff_pct": 100 * abs(tri / ref - 1), "tokens": int(windows[:, 1:].numel())}
 
 
-def _hf_peer(model: str, base, random_init: bool):
+def _hf_peer(spec, path: str, random_init: bool):
     import torch
 
     from fxforge.bench import hf_from_spec
 
     if random_init:
-        return hf_from_spec(base.spec)
+        return hf_from_spec(spec)
     from transformers import AutoModelForCausalLM
 
-    path = Path(base.source.get("path", ""))
+    path = Path(path)
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                 torch_dtype=torch.bfloat16).cuda().eval()
 
