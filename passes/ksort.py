@@ -85,6 +85,10 @@ def ksort(gm: fx.GraphModule, config: KSort, ctx) -> PassResult:
     report: dict = {"metric": config.metric.value, "layers": []}
     if ctx.restoring:  # structure only: the saved weights and permutation buffers overwrite all values
         perms = [(identity, identity if config.v_side else None)] * spec.num_layers
+    elif config.fmt("k").block >= spec.head_dim and (not config.v_side or config.fmt("v").block >= spec.head_dim):
+        # one block per row: every order quantizes to the same values, so reordering gains nothing
+        perms = [(identity, identity if config.v_side else None)] * spec.num_layers
+        report["skipped"] = f"block {config.fmt('k').block} spans head_dim {spec.head_dim}: no order can help"
     elif config.metric is KSortMetric.WEIGHT_NORM:
         perms = [(_weight_norm_perm(gm, layer, "k", spec), _weight_norm_perm(gm, layer, "v", spec) if config.v_side else None)
                  for layer in range(spec.num_layers)]
@@ -175,7 +179,7 @@ class _Recorder(fx.Interpreter):
         m = meta(node)
         key = m.tensor if node.target is ROPE else ("v" if m.role == "v_proj" else None)
         if key is not None:
-            self.seen.setdefault((key, m.layer), []).append(result.detach().float().cpu())
+            self.seen.setdefault((key, m.layer), []).append(result.detach().float())
         return result
 
 
@@ -222,7 +226,7 @@ def _calibrated_perms(gm: fx.GraphModule, config: KSort, ctx, spec):
                                 config.search_steps)
         v_perm, v_rep = None, None
         if config.v_side:
-            v_perm, v_rep = _search(seen[("v", layer)], _o_proj_weight(gm, layer, spec),
+            v_perm, v_rep = _search(seen[("v", layer)], _o_proj_weight(gm, layer, spec).to(q.device),
                                     _weight_norm_perm(gm, layer, "v", spec), config.fmt("v"), config.search_steps)
         perms.append((k_perm, v_perm))
         layer_reports.append({"layer": layer, "k": k_rep, **({"v": v_rep} if v_rep else {})})
@@ -256,7 +260,7 @@ def _search(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.Tenso
         scores["identity"] += scored["identity"]
         scores["chosen"] += best_score
     report = {"objective_vs_identity": round(scores["chosen"] / max(scores["identity"], 1e-30), 4), "picked": picked}
-    return torch.stack(perms), report
+    return torch.stack(perms).cpu(), report
 
 
 def _candidates(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -272,33 +276,54 @@ def _candidates(x: torch.Tensor, weight: torch.Tensor, weight_norm_perm: torch.T
 
 
 def _greedy_swaps(x: torch.Tensor, cov: torch.Tensor, perm: torch.Tensor, fmt, steps: int,
-                  swaps_per_step: int = 32, sample_rows: int = 1024, patience: int = 12) -> torch.Tensor:
-    """Swap channels between blocks while the real weighted error (on a row sample) falls."""
+                  patience: int = 12) -> torch.Tensor:
+    """Swap channels between blocks while the real objective (on a row sample) falls.
+
+    On CUDA every cross-block swap is scored at each step (a 2-opt local optimum); on CPU a random
+    subset of 32 swaps per step keeps the search affordable.
+    """
     dim, block = x.shape[1], fmt.block
     if block >= dim or steps <= 0:
         return perm
+    on_gpu = x.is_cuda
+    sample_rows = 2048 if on_gpu else 1024
     sample = x[torch.linspace(0, x.shape[0] - 1, min(x.shape[0], sample_rows), device=x.device).long()]
-    perm = perm.clone()
+    a_all, b_all = torch.triu_indices(dim, dim, offset=1, device=x.device)
+    cross = (a_all // block) != (b_all // block)
+    a_all, b_all = a_all[cross], b_all[cross]
+    perm = perm.clone().to(x.device)
     current = _objective(sample[:, perm], cov[perm][:, perm], fmt)
     gen = torch.Generator().manual_seed(0)
     stale = 0
     for _ in range(steps):
-        a = torch.randint(0, dim, (swaps_per_step,), generator=gen).to(x.device)
-        b = torch.randint(0, dim, (swaps_per_step,), generator=gen).to(x.device)
-        keep = (a // block) != (b // block)
-        a, b = a[keep], b[keep]
-        trial = perm.repeat(len(a), 1)
-        index = torch.arange(len(a), device=x.device)
-        trial[index, a], trial[index, b] = perm[b], perm[a]
-        xs = sample[:, trial].permute(1, 0, 2)  # [swaps, N, D]
-        err = xs - simulate_quantize(xs, fmt)
-        cov_trial = cov[trial[:, :, None], trial[:, None, :]]  # [swaps, D, D]
-        errors = (torch.bmm(err, cov_trial) * err).sum(dim=(1, 2))
-        best = int(errors.argmin()) if len(a) else 0
-        if not len(a) or float(errors[best]) >= current:
+        if on_gpu:
+            a, b = a_all, b_all
+        else:
+            pick = torch.randint(0, len(a_all), (32,), generator=gen)
+            a, b = a_all[pick], b_all[pick]
+        errors = _swap_errors(sample, cov, perm, a, b, fmt)
+        best = int(errors.argmin())
+        if float(errors[best]) >= current:
             stale += 1
-            if stale >= patience:
+            if on_gpu or stale >= patience:  # on GPU the whole neighbourhood was scored: local optimum
                 break
             continue
-        perm, current, stale = trial[best], float(errors[best]), 0
+        perm = perm.clone()
+        perm[a[best]], perm[b[best]] = perm[b[best]].clone(), perm[a[best]].clone()
+        current, stale = float(errors[best]), 0
     return perm
+
+
+def _swap_errors(sample, cov, perm, a, b, fmt, chunk: int = 128) -> torch.Tensor:
+    """Objective after swapping positions a[i] and b[i] of perm, for every i (chunked)."""
+    out = []
+    for start in range(0, len(a), chunk):
+        ai, bi = a[start:start + chunk], b[start:start + chunk]
+        trial = perm.repeat(len(ai), 1)
+        index = torch.arange(len(ai), device=perm.device)
+        trial[index, ai], trial[index, bi] = perm[bi], perm[ai]
+        xs = sample[:, trial].permute(1, 0, 2)  # [swaps, N, D]
+        err = xs - simulate_quantize(xs, fmt)
+        cov_trial = cov[trial[:, :, None], trial[:, None, :]]
+        out.append((torch.bmm(err, cov_trial) * err).sum(dim=(1, 2)))
+    return torch.cat(out)

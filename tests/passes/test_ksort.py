@@ -105,3 +105,11 @@ def test_restored_artifact_equals_saved(tmp_path, tokens):
     assert torch.equal(restored.logits(tokens), opt.logits(tokens))
     assert restored.kv_formats() == opt.kv_formats() == [("bfp12_16", "bfp16_16")] * 2
     assert all(meta(n).notes.get("bfp-kv") for n in nodes_by_role(restored.module, "kv_write"))
+
+
+def test_block_spanning_head_dim_is_a_no_op(tokens):
+    """One block per row: every order quantizes alike, so ksort leaves the model exactly as it was."""
+    model = tiny_model("llama-gqa")
+    opt = fxforge.optimize(model, passes=[KSort(k_format="bfp12_32")])  # tiny head_dim is 32
+    assert opt.passes[0]["report"]["channels_moved"] == 0 and "spans head_dim" in opt.passes[0]["report"]["skipped"]
+    assert torch.equal(opt.logits(tokens), model.logits(tokens))
