@@ -70,7 +70,8 @@ def pass_list(passes: str, options: dict) -> list[dict]:
     return result
 
 
-PassesOpt = typer.Option("", "--passes", help="comma-separated pass names, in order (empty: identity)")
+PassesOpt = typer.Option(None, "--passes", help="comma-separated pass names, in order ('' = identity; "
+                         "compile's default: the default pipeline, fxforge.optimize.DEFAULT_PASSES)")
 KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bfp12, bfp14, bfp16, mxfp4, bfloat16, float32)")
 VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
 BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
@@ -105,7 +106,7 @@ def _optimize(model, passes: list[dict], data: str):
 def compile_cmd(
     model: str = typer.Argument(DEFAULT_MODEL, help="model name, .gguf path, HF directory or artifact"),
     output: Path = typer.Option(..., "-o", "--output", help="artifact directory to write"),
-    passes: str = PassesOpt,
+    passes: Optional[str] = PassesOpt,
     kv_format: Optional[str] = KvFormatOpt,
     v_format: Optional[str] = VFormatOpt,
     block: Optional[int] = BlockOpt,
@@ -119,8 +120,10 @@ def compile_cmd(
 ):
     """Compile MODEL with PASSES into an artifact directory; by default also evaluate it."""
     from fxforge.artifact import save_artifact
+    from fxforge.optimize import DEFAULT_PASSES
 
-    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
+    plist = (list(DEFAULT_PASSES) if passes is None
+             else pass_list(passes, _options(kv_format, v_format, block, ksort_metric)))
     from fxforge.passes.manager import build_pipeline
 
     build_pipeline(plist)  # reject bad pass lists before loading anything
@@ -142,16 +145,20 @@ def compile_cmd(
 
 
 def _check_writable(output: Path) -> None:
+    """Fail before any work when the artifact could not be written (a real write probe, root included)."""
+    import shutil
+    import tempfile
+
     from fxforge.errors import OutputPathError
 
     probe = output.resolve()
     while not probe.exists():
         probe = probe.parent
-    import os
-
-    if not probe.is_dir() or not os.access(probe, os.W_OK):
-        raise OutputPathError(f"output directory {str(output)!r} is not writable ({probe} is not a writable "
-                              "directory); choose a writable location")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".fxforge-probe-", dir=probe))
+    except OSError as exc:
+        raise OutputPathError(f"output directory {str(output)!r} is not writable ({probe}: {exc.strerror}); "
+                              "choose a writable location") from None
     if output.exists() and output.is_dir() and any(output.iterdir()) and not (output / "plan.json").exists():
         raise OutputPathError(f"output directory {str(output)!r} exists and is not an fxforge artifact; "
                               "choose a new or empty directory")
@@ -212,7 +219,7 @@ def eval_cmd(
     """Perplexity of MODEL (optionally after PASSES) on real text, with the original's on the same tokens."""
     import fxforge
 
-    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
+    plist = pass_list(passes or "", _options(kv_format, v_format, block, ksort_metric))
     from fxforge.passes.manager import build_pipeline
 
     build_pipeline(plist)
