@@ -195,26 +195,18 @@ def bfp_decode(
 
 
 @_jit
-def _bfp_quantize_kernel(
-    x_ptr,  # *fp32|bf16|fp16: contiguous input, n_blocks * BLOCK values (rows back to back)
-    data_ptr,  # *uint8 out: n_blocks * BLOCK * MANTISSA_BITS / 8 packed bytes
-    scale_ptr,  # *uint8 out: n_blocks scale bytes
-    n_blocks,  # number of blocks (x.numel() // BLOCK; BLOCK divides head_dim, so none crosses a row)
+def _encode_groups(
+    first,  # pointers [blocks, BLOCK / 4] to the first value of each group of 4 consecutive values
+    live,  # [blocks] mask: blocks to quantize
     MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
     MXFP4: tl.constexpr,  # True: E2M1 elements, EMAX = 2; False: BFP integers, EMAX = m - 2
-    BLOCK: tl.constexpr,  # values per shared exponent (16, 32, 64)
-    BLOCKS_PER_PROGRAM: tl.constexpr,  # blocks one program quantizes (power of two)
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    blocks = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
-    live = blocks < n_blocks
-    groups = tl.arange(0, BLOCK // 4)[None, :]
-    first = blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
-    # one tensor per position in the group, so the 4 codes of a group can be packed side by side
-    x0, finite0 = _load_values(x_ptr + first, live[:, None])
-    x1, finite1 = _load_values(x_ptr + first + 1, live[:, None])
-    x2, finite2 = _load_values(x_ptr + first + 2, live[:, None])
-    x3, finite3 = _load_values(x_ptr + first + 3, live[:, None])
+    # Rules 1-4 for whole blocks: the packed 4m-bit word of every group, each block's scale byte, and
+    # which blocks hold NaN/Inf (their words are zeroed; callers store scale byte 255 for them).
+    x0, finite0 = _load_values(first, live[:, None])
+    x1, finite1 = _load_values(first + 1, live[:, None])
+    x2, finite2 = _load_values(first + 2, live[:, None])
+    x3, finite3 = _load_values(first + 3, live[:, None])
     nonfinite = tl.max(tl.where(finite0 & finite1 & finite2 & finite3, 0, 1), axis=1) > 0
     amax = tl.max(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))), axis=1)
     if MXFP4:
@@ -235,6 +227,27 @@ def _bfp_quantize_kernel(
     word = (c0.to(tl.int64) | (c1.to(tl.int64) << MANTISSA_BITS) | (c2.to(tl.int64) << (2 * MANTISSA_BITS))
             | (c3.to(tl.int64) << (3 * MANTISSA_BITS)))
     word = tl.where(nonfinite[:, None], 0, word)
+    return word, biased, nonfinite
+
+
+@_jit
+def _bfp_quantize_kernel(
+    x_ptr,  # *fp32|bf16|fp16: contiguous input, n_blocks * BLOCK values (rows back to back)
+    data_ptr,  # *uint8 out: n_blocks * BLOCK * MANTISSA_BITS / 8 packed bytes
+    scale_ptr,  # *uint8 out: n_blocks scale bytes
+    n_blocks,  # number of blocks (x.numel() // BLOCK; BLOCK divides head_dim, so none crosses a row)
+    MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
+    MXFP4: tl.constexpr,  # True: E2M1 elements, EMAX = 2; False: BFP integers, EMAX = m - 2
+    BLOCK: tl.constexpr,  # values per shared exponent (16, 32, 64)
+    BLOCKS_PER_PROGRAM: tl.constexpr,  # blocks one program quantizes (power of two)
+):
+    pid = tl.program_id(0).to(tl.int64)
+    blocks = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    live = blocks < n_blocks
+    groups = tl.arange(0, BLOCK // 4)[None, :]
+    first = blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
+    # one tensor per position in the group, so the 4 codes of a group can be packed side by side
+    word, biased, nonfinite = _encode_groups(x_ptr + first, live, MANTISSA_BITS, MXFP4)
     group_bytes = data_ptr + blocks[:, None] * (BLOCK * MANTISSA_BITS // 8) + groups * (MANTISSA_BITS // 2)
     for j in tl.static_range(MANTISSA_BITS // 2):
         tl.store(group_bytes + j, ((word >> (8 * j)) & 0xFF).to(tl.uint8), mask=live[:, None])

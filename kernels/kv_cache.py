@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fxforge.kernels.bfp import (_INTERPRETED, KVFormat, _encode_e2m1, _encode_int, _jit, _load_values, _pow2,
-                                 _scale_byte, dequantize, parse_kv_format, quantize, triton)
+from fxforge.kernels.bfp import (_INTERPRETED, KVFormat, _encode_groups, _jit, dequantize, parse_kv_format, quantize,
+                                 triton)
 
 if triton is not None:
     import triton.language as tl
@@ -121,30 +121,7 @@ def _kv_write_packed_kernel(
     live = blocks < tl.where(slot >= 0, TOKEN_BLOCKS, 0)
     groups = tl.arange(0, BLOCK // 4)[None, :]
     first = x_ptr + token * stride_xt + blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
-    x0, finite0 = _load_values(first, live[:, None])
-    x1, finite1 = _load_values(first + 1, live[:, None])
-    x2, finite2 = _load_values(first + 2, live[:, None])
-    x3, finite3 = _load_values(first + 3, live[:, None])
-    nonfinite = tl.max(tl.where(finite0 & finite1 & finite2 & finite3, 0, 1), axis=1) > 0
-    amax = tl.max(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))), axis=1)
-    if MXFP4:
-        biased = _scale_byte(amax, 2)
-    else:
-        biased = _scale_byte(amax, MANTISSA_BITS - 2)
-    inv_scale = _pow2(254 - biased)[:, None]  # 2^-s
-    if MXFP4:
-        c0 = _encode_e2m1(x0 * inv_scale)
-        c1 = _encode_e2m1(x1 * inv_scale)
-        c2 = _encode_e2m1(x2 * inv_scale)
-        c3 = _encode_e2m1(x3 * inv_scale)
-    else:
-        c0 = _encode_int(x0 * inv_scale, MANTISSA_BITS)
-        c1 = _encode_int(x1 * inv_scale, MANTISSA_BITS)
-        c2 = _encode_int(x2 * inv_scale, MANTISSA_BITS)
-        c3 = _encode_int(x3 * inv_scale, MANTISSA_BITS)
-    word = (c0.to(tl.int64) | (c1.to(tl.int64) << MANTISSA_BITS) | (c2.to(tl.int64) << (2 * MANTISSA_BITS))
-            | (c3.to(tl.int64) << (3 * MANTISSA_BITS)))
-    word = tl.where(nonfinite[:, None], 0, word)
+    word, biased, nonfinite = _encode_groups(first, live, MANTISSA_BITS, MXFP4)
     token_bytes = TOKEN_BLOCKS * BLOCK * MANTISSA_BITS // 8
     group_bytes = (data_ptr + slot * token_bytes + blocks[:, None] * (BLOCK * MANTISSA_BITS // 8)
                    + groups * (MANTISSA_BITS // 2))

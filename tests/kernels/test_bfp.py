@@ -6,13 +6,13 @@ natively on CUDA (class TestCUDA). Inputs are drawn fresh on every run; failures
 
 import math
 import os
-import subprocess
 import sys
 import secrets
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_interpreted
 
 # The interpreter must be on before triton is imported (triton.jit reads TRITON_INTERPRET when it
 # decorates, triton's own library included). Set it only if nothing has imported triton yet: turning
@@ -270,12 +270,7 @@ def test_public_functions_use_the_reference_on_cpu(monkeypatch, seed):
 def test_interpreter_tests_in_a_fresh_process():
     """When an earlier test module imported triton without the interpreter (a full-suite run on a
     CPU machine), run this file's Triton tests in a process that sets TRITON_INTERPRET=1 first."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted(__file__, "-k", "triton")
 
 
 # ----------------------------------------------------------------------------------------------

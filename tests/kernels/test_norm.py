@@ -6,12 +6,12 @@ on CPU and natively on CUDA (class TestCUDA). Inputs are drawn fresh; failures p
 
 import os
 import secrets
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_interpreted
 
 # The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
 if not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -166,12 +166,7 @@ def test_triton_launcher_rejects_bad_inputs(bad, message):
 def test_interpreted_kernels_in_a_fresh_process():
     """Run this file's Triton tests in a process that sets TRITON_INTERPRET=1 before importing triton
     (tests/conftest.py imports it first in any pytest run here)."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton and not TestCUDA", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted(__file__, "-k", "triton and not TestCUDA")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -8,13 +8,13 @@ Inputs are drawn fresh on every run; failures print the seed.
 
 import os
 import secrets
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_interpreted
 
 # As in test_bfp.py: the interpreter must be on before triton is imported. If something imported
 # triton first (tests/conftest.py does), test_interpreter_tests_in_a_fresh_process runs them.
@@ -371,13 +371,7 @@ def test_prefill_rejects_bad_query_start():
 def test_interpreter_tests_in_a_fresh_process():
     """When an earlier import loaded triton without the interpreter (tests/conftest.py does), run this
     file's interpreter tests in a process that sets TRITON_INTERPRET=1 first."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-m", "not gpu", "-k", "not fresh_process",
-           "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted(__file__, "-m", "not gpu", "-k", "not fresh_process")
 
 
 # ----------------------------------------------------------------------------------------------

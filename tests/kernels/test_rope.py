@@ -6,12 +6,12 @@ rope_ref. Inputs are drawn fresh on every run; failures print the seed.
 
 import os
 import secrets
-import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+
+from tests.kernels.interpreter import run_interpreted
 
 # The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
 if not torch.cuda.is_available() and "triton" not in sys.modules:
@@ -183,12 +183,7 @@ def test_interpreted_kernels_in_a_fresh_process():
     """An earlier import of triton without the interpreter (any pytest run here: tests/conftest.py
     imports it) leaves the kernels compiled for a GPU; run this file's Triton tests in a process
     that sets TRITON_INTERPRET=1 first."""
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    cmd = [sys.executable, "-m", "pytest", __file__, "-q", "-k", "triton and not TestCUDA", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
-    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+    run_interpreted(__file__, "-k", "triton and not TestCUDA")
 
 
 # ----------------------------------------------------------------------------------------------

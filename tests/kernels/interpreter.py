@@ -1,0 +1,21 @@
+"""Run a kernel test file's Triton tests under the Triton interpreter, in a fresh process.
+
+`triton.jit` reads TRITON_INTERPRET when a kernel is decorated, and tests/conftest.py imports
+fxforge (hence triton) before any test module, so on a CPU machine each kernel test file re-runs
+its Triton tests in a child process that sets TRITON_INTERPRET=1 before importing anything.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_interpreted(test_file: str, *selection: str) -> None:
+    """pytest `test_file` with `selection` (-k/-m arguments) under the interpreter; assert all passed."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    cmd = [sys.executable, "-m", "pytest", test_file, "-q", *selection, "-p", "no:cacheprovider"]
+    done = subprocess.run(cmd, cwd=Path(test_file).resolve().parents[2], env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
+    assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
