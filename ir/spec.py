@@ -89,13 +89,6 @@ class ModelSpec:
         scaled = torch.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
         return scaled.float()
 
-    def num_params(self) -> int:
-        h, i, d = self.hidden_size, self.intermediate_size, self.head_dim
-        attn = h * d * (self.num_heads * 2 + self.num_kv_heads * 2)
-        mlp = (3 * h * self.moe_intermediate_size * self.num_experts + h * self.num_experts) if self.is_moe else 3 * h * i
-        emb = self.vocab_size * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * (attn + mlp + 2 * h) + emb + h
-
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["eos_token_ids"] = list(self.eos_token_ids)

@@ -23,15 +23,8 @@ if triton is not None:
     import triton.language as tl
 
 
-def allocate_layer_cache(
-    num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, fmt: KVFormat | str,
-    device: torch.device | str = "cpu",
-) -> list[torch.Tensor]:
-    """[k_data, k_scale, v_data, v_scale] for one layer, K and V in the same format."""
-    return allocate_kv_pair(num_pages, page_size, num_kv_heads, head_dim, fmt, fmt, device)
-
-
 def allocate_kv_pair(num_pages, page_size, num_kv_heads, head_dim, k_format, v_format, device="cpu"):
+    """[k_data, k_scale, v_data, v_scale] for one layer, K and V each in its own format."""
     out = []
     for fmt in (k_format, v_format):
         fmt = parse_kv_format(fmt) if isinstance(fmt, str) else fmt

@@ -2,12 +2,9 @@
 
 from fxforge.passes.manager import (PassConfig, PassContext, PassResult, build_pipeline, register_pass,
                                     registered_passes, resolve, run_pipeline)
-
-__all__ = ["PassConfig", "PassContext", "PassResult", "register_pass", "registered_passes", "resolve",
-           "build_pipeline", "run_pipeline"]
-
 from fxforge.passes.ksort import KSort, KSortMetric  # noqa: E402  (registers "ksort")
 from fxforge.passes.bfp_kv import BFPKVCache  # noqa: E402  (registers "bfp-kv")
+from fxforge.passes.lower import Lower  # noqa: E402  (registers "lower")
 
-__all__ += ["KSort", "KSortMetric", "BFPKVCache"]
-from fxforge.passes.lower import Lower  # noqa: E402
+__all__ = ["PassConfig", "PassContext", "PassResult", "register_pass", "registered_passes", "resolve",
+           "build_pipeline", "run_pipeline", "KSort", "KSortMetric", "BFPKVCache", "Lower"]

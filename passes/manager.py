@@ -73,12 +73,6 @@ def register_enum(enum_type: type) -> type:
     return enum_type
 
 
-def check_choice(name: str, value, choices) -> None:
-    """Validation helper for __post_init__: value must be one of choices."""
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not valid; expected one of {list(choices)}")
-
-
 @dataclass
 class PassContext:
     """What a pass may use besides the graph: the model (tokenizer, spec) and calibration texts.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -35,7 +35,6 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     seconds: float = 0.0
-    step_seconds: list[float] = field(default_factory=list)
 
     @property
     def tokens_per_second(self) -> float:
@@ -123,9 +122,7 @@ class Engine:
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         start = time.perf_counter()
         while self.scheduler.has_unfinished():
-            t0 = time.perf_counter()
             finished = self.step()
-            self.stats.step_seconds.append(time.perf_counter() - t0)
             for seq in finished:
                 if progress is not None:
                     progress(seq)
