@@ -98,3 +98,9 @@ def test_main_job_compile_eval_run_generate_on_smollm2(tmp_path):
     assert len(rows) == 2 and all(r["tokens"] >= 1 and r["output"] for r in rows)
     result = runner.invoke(app, ["generate", str(out), "--prompt", "What is 2 + 3?", "--max-new-tokens", "8"])
     assert result.exit_code == 0 and "What is 2 + 3?" in result.output
+    result = runner.invoke(app, ["eval", str(out), "--max-tokens", "500", "--json"])
+    assert result.exit_code == 0, result.output
+    scores = json.loads(result.output[result.output.index("{"):])
+    assert scores["tokens"] == 511 and scores["kv_bytes_per_token"] == plan["kv_bytes_per_token"]
+    assert abs(scores["perplexity"] / scores["baseline_perplexity"] - 1) < 0.01  # BFP16: a small, real change
+    assert scores["perplexity"] != scores["baseline_perplexity"]
