@@ -6,6 +6,8 @@ its Triton tests in a child process that sets TRITON_INTERPRET=1 before importin
 """
 
 import os
+
+import pytest
 import subprocess
 import sys
 from pathlib import Path
@@ -19,3 +21,22 @@ def run_interpreted(test_file: str, *selection: str) -> None:
                           timeout=600)
     assert done.returncode == 0, f"interpreter tests failed:\n{done.stdout[-6000:]}\n{done.stderr[-2000:]}"
     assert " passed" in done.stdout and "skipped" not in done.stdout.splitlines()[-1], done.stdout[-2000:]
+
+
+try:
+    import triton  # noqa: F401
+
+    HAS_TRITON = True
+except ImportError:
+    HAS_TRITON = False
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` was built by the Triton interpreter (this process set TRITON_INTERPRET=1 first)."""
+    return HAS_TRITON and type(kernel).__name__ == "InterpretedFunction"
+
+
+def interpreter_mark(active: bool):
+    """Skip a Triton-on-CPU test unless this process interprets kernels; run_interpreted covers it then."""
+    return pytest.mark.skipif(not active, reason="triton is missing or was imported before TRITON_INTERPRET=1 was "
+                                                 "set (test_interpreted_kernels_in_a_fresh_process runs these tests)")

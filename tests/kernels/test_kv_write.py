@@ -6,33 +6,19 @@ the interpreter on CPU and natively on CUDA (class TestCUDA). Inputs are drawn f
 print the seed.
 """
 
-import os
 import secrets
 import sys
 
 import pytest
 import torch
 
-from tests.kernels.interpreter import run_interpreted
+from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
 
-# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxforge.kernels import kv_cache
+from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref
 
-from fxforge.kernels import kv_cache  # noqa: E402
-from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRETER = HAS_TRITON and type(kv_cache._kv_write_packed_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
-                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+INTERPRETER = is_interpreted(kv_cache._kv_write_packed_kernel)
+needs_interpreter = interpreter_mark(INTERPRETER)
 
 FORMATS = ["float32", "bfloat16", "bfp12_32", "bfp16_16", "bfp14_32", "mxfp4_32"]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

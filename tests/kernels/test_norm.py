@@ -4,34 +4,19 @@ The reference must equal the canonical RMSNorm module exactly; the kernel runs u
 on CPU and natively on CUDA (class TestCUDA). Inputs are drawn fresh; failures print the seed.
 """
 
-import os
 import secrets
-import sys
 
 import pytest
 import torch
 
-from tests.kernels.interpreter import run_interpreted
+from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
 
-# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxforge.ir.modules import RMSNorm
+from fxforge.kernels import norm
+from fxforge.kernels.norm import add_rmsnorm_ref, rmsnorm_ref
 
-from fxforge.ir.modules import RMSNorm  # noqa: E402
-from fxforge.kernels import norm  # noqa: E402
-from fxforge.kernels.norm import add_rmsnorm_ref, rmsnorm_ref  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRETER = HAS_TRITON and type(norm._rmsnorm_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
-                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+INTERPRETER = is_interpreted(norm._rmsnorm_kernel)
+needs_interpreter = interpreter_mark(INTERPRETER)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # (atol, rtol): about two steps of the dtype, since the result is rounded twice (the normalised row to

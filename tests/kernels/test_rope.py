@@ -4,33 +4,18 @@ The kernel runs under the interpreter on CPU and natively on CUDA (class TestCUD
 rope_ref. Inputs are drawn fresh on every run; failures print the seed.
 """
 
-import os
 import secrets
-import sys
 
 import pytest
 import torch
 
-from tests.kernels.interpreter import run_interpreted
+from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
 
-# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from fxforge.kernels import rope
+from fxforge.kernels.rope import rope_ref, rope_tables
 
-from fxforge.kernels import rope  # noqa: E402
-from fxforge.kernels.rope import rope_ref, rope_tables  # noqa: E402
-
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRETER = HAS_TRITON and type(rope._rope_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
-                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+INTERPRETER = is_interpreted(rope._rope_kernel)
+needs_interpreter = interpreter_mark(INTERPRETER)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: (1e-5, 1.3e-6), torch.bfloat16: (1e-5, 1.6e-2), torch.float16: (1e-5, 1e-3)}

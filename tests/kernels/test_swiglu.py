@@ -4,34 +4,19 @@ The kernel runs under the interpreter on CPU and natively on CUDA (class TestCUD
 fresh; failures print the seed.
 """
 
-import os
 import secrets
-import sys
 
 import pytest
 import torch
-
-from tests.kernels.interpreter import run_interpreted
 import torch.nn.functional as F
 
-# The interpreter must be on before triton is imported (see tests/kernels/test_bfp.py).
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
 
-from fxforge.kernels import swiglu  # noqa: E402
-from fxforge.kernels.swiglu import swiglu_ref  # noqa: E402
+from fxforge.kernels import swiglu
+from fxforge.kernels.swiglu import swiglu_ref
 
-try:
-    import triton  # noqa: F401
-
-    HAS_TRITON = True
-except ImportError:
-    HAS_TRITON = False
-
-INTERPRETER = HAS_TRITON and type(swiglu._swiglu_kernel).__name__ == "InterpretedFunction"
-needs_interpreter = pytest.mark.skipif(
-    not INTERPRETER, reason="triton is missing or was imported before TRITON_INTERPRET=1 was set "
-                            "(test_interpreted_kernels_in_a_fresh_process runs these tests then)")
+INTERPRETER = is_interpreted(swiglu._swiglu_kernel)
+needs_interpreter = interpreter_mark(INTERPRETER)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # float32: exp differs by a few ulp between libraries; bf16/fp16: one step of the dtype.
