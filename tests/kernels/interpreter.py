@@ -40,3 +40,16 @@ def interpreter_mark(active: bool):
     """Skip a Triton-on-CPU test unless this process interprets kernels; run_interpreted covers it then."""
     return pytest.mark.skipif(not active, reason="triton is missing or was imported before TRITON_INTERPRET=1 was "
                                                  "set (test_interpreted_kernels_in_a_fresh_process runs these tests)")
+
+
+def fresh_process_test(test_file: str, *selection: str, interpreting: bool):
+    """A test that re-runs `test_file`'s Triton tests under the interpreter in a child process; it is
+    skipped where this process already interprets them (or runs them natively on CUDA)."""
+    import torch
+
+    @pytest.mark.skipif(interpreting or not HAS_TRITON or torch.cuda.is_available(),
+                        reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
+    def test_interpreted_kernels_in_a_fresh_process():
+        run_interpreted(test_file, *selection)
+
+    return test_interpreted_kernels_in_a_fresh_process

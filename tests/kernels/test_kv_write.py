@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
+from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import kv_cache
 from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref
@@ -156,12 +156,7 @@ def test_triton_validates_both_tensors_before_writing(seed):
         kv_cache.kv_write_triton(k, k, *actual, torch.tensor([1, 2, 3]), "bfp12_128", "bfp16_32")
 
 
-@pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(),
-                    reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
-def test_interpreted_kernels_in_a_fresh_process():
-    """Run this file's Triton tests in a process that sets TRITON_INTERPRET=1 before importing triton
-    (tests/conftest.py imports it first in any pytest run here)."""
-    run_interpreted(__file__, "-k", "triton and not TestCUDA")
+test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k", "triton and not TestCUDA", interpreting=INTERPRETER)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,7 @@ import secrets
 import pytest
 import torch
 
-from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
+from tests.kernels.interpreter import HAS_TRITON, fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import rope
 from fxforge.kernels.rope import rope_ref, rope_tables
@@ -162,13 +162,7 @@ def test_triton_permuted_equals_unpermuted_then_permuted(seed):
     assert_close(actual, rope_ref(x, positions, inv_freq, False).gather(-1, index), "rope_triton permuted", seed)
 
 
-@pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(),
-                    reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
-def test_interpreted_kernels_in_a_fresh_process():
-    """An earlier import of triton without the interpreter (any pytest run here: tests/conftest.py
-    imports it) leaves the kernels compiled for a GPU; run this file's Triton tests in a process
-    that sets TRITON_INTERPRET=1 first."""
-    run_interpreted(__file__, "-k", "triton and not TestCUDA")
+test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k", "triton and not TestCUDA", interpreting=INTERPRETER)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.kernels.interpreter import HAS_TRITON, interpreter_mark, is_interpreted, run_interpreted
+from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import swiglu
 from fxforge.kernels.swiglu import swiglu_ref
@@ -113,12 +113,7 @@ def test_triton_launcher_rejects_bad_inputs(gate, up, message):
         swiglu.swiglu_triton(gate, up)
 
 
-@pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(),
-                    reason="the interpreter tests run in this process (or natively on CUDA in TestCUDA)")
-def test_interpreted_kernels_in_a_fresh_process():
-    """Run this file's Triton tests in a process that sets TRITON_INTERPRET=1 before importing triton
-    (tests/conftest.py imports it first in any pytest run here)."""
-    run_interpreted(__file__, "-k", "triton and not TestCUDA")
+test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k", "triton and not TestCUDA", interpreting=INTERPRETER)
 
 
 # ----------------------------------------------------------------------------------------------
