@@ -31,19 +31,36 @@ SCHEMA_VERSION = 1
 PLAN, WEIGHTS, GRAPH, REPORT, TOKENIZER = "plan.json", "weights.safetensors", "graph.py", "report.md", "tokenizer"
 
 
-def save_artifact(model, directory, extra_report: str = "") -> Path:
-    """Write `model` (an OptimizedModel) to `directory` atomically; returns the final path."""
+def check_output_dir(directory) -> Path:
+    """The resolved artifact path, after checking it can receive an artifact: new, empty or an artifact
+    already, and writable (a real write probe, so root on a read-only mount is caught too)."""
     target = Path(directory).resolve()
     if target.exists() and not (target.is_dir() and (not any(target.iterdir()) or (target / PLAN).exists())):
         raise OutputPathError(f"output directory {str(target)!r} exists and is not an fxforge artifact; "
                               "choose a new or empty directory")
-    parent = target.parent
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=parent))
+        shutil.rmtree(tempfile.mkdtemp(prefix=".fxforge-probe-", dir=probe))
     except OSError as exc:
-        raise OutputPathError(f"cannot write to output directory {str(target)!r}: {exc.strerror}; "
-                              "choose a writable location") from None
+        raise _unwritable(target, exc) from None
+    return target
+
+
+def _unwritable(target: Path, exc: OSError) -> OutputPathError:
+    return OutputPathError(f"cannot write to output directory {str(target)!r} (not writable: {exc.strerror}); "
+                           "choose a writable location")
+
+
+def save_artifact(model, directory, extra_report: str = "") -> Path:
+    """Write `model` (an OptimizedModel) to `directory` atomically; returns the final path."""
+    target = check_output_dir(directory)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    except OSError as exc:
+        raise _unwritable(target, exc) from None
     try:
         _write(model, staging, extra_report)
         if target.exists():

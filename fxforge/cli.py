@@ -83,14 +83,11 @@ def _options(kv_format, v_format, block, ksort_metric) -> dict:
 
 
 def _calib_texts(passes: list[dict], data: str) -> list[str] | None:
-    if not any(p.get("metric") == "calibrated" or p["name"] in CALIB_PASSES for p in passes):
+    if not any(p.get("metric") == "calibrated" for p in passes):
         return None
     from fxforge.data import load_texts
 
     return load_texts(data, split="calib")
-
-
-CALIB_PASSES: set[str] = set()
 
 
 def _optimize(model, passes: list[dict], data: str):
@@ -119,7 +116,7 @@ def compile_cmd(
     context: int = typer.Option(512, help="evaluation window length"),
 ):
     """Compile MODEL with PASSES into an artifact directory; by default also evaluate it."""
-    from fxforge.artifact import save_artifact
+    from fxforge.artifact import check_output_dir, save_artifact
     from fxforge.optimize import DEFAULT_PASSES
 
     plist = (list(DEFAULT_PASSES) if passes is None
@@ -127,7 +124,7 @@ def compile_cmd(
     from fxforge.passes.manager import build_pipeline
 
     build_pipeline(plist)  # reject bad pass lists before loading anything
-    _check_writable(output)
+    check_output_dir(output)  # before loading anything
     start = time.perf_counter()
     base = _load(model, dtype, random_init)
     opt = _optimize(base, plist, data)
@@ -142,26 +139,6 @@ def compile_cmd(
     save_artifact(opt, output, extra)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     _print_summary(summary)
-
-
-def _check_writable(output: Path) -> None:
-    """Fail before any work when the artifact could not be written (a real write probe, root included)."""
-    import shutil
-    import tempfile
-
-    from fxforge.errors import OutputPathError
-
-    probe = output.resolve()
-    while not probe.exists():
-        probe = probe.parent
-    try:
-        shutil.rmtree(tempfile.mkdtemp(prefix=".fxforge-probe-", dir=probe))
-    except OSError as exc:
-        raise OutputPathError(f"output directory {str(output)!r} is not writable ({probe}: {exc.strerror}); "
-                              "choose a writable location") from None
-    if output.exists() and output.is_dir() and any(output.iterdir()) and not (output / "plan.json").exists():
-        raise OutputPathError(f"output directory {str(output)!r} exists and is not an fxforge artifact; "
-                              "choose a new or empty directory")
 
 
 def _perplexities(model, baseline, data: str, max_tokens: int, context: int, compare: bool) -> dict:

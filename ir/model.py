@@ -109,9 +109,7 @@ class Model:
 
     def kv_bytes_per_token(self) -> int:
         """Real bytes of KV storage per token over all layers (data + shared exponents)."""
-        d, h = self.spec.head_dim, self.spec.num_kv_heads
-        return sum(h * (parse_kv_format(k).bytes_per_row(d) + parse_kv_format(v).bytes_per_row(d))
-                   for k, v in self.kv_formats())
+        return kv_bytes_per_token(self.spec, self.kv_formats())
 
     def new_kv_cache(self, num_pages: int, page_size: int = DEFAULT_PAGE_SIZE, device=None) -> list[torch.Tensor]:
         cache = []
@@ -160,6 +158,12 @@ class Model:
             raise ValueError("a prompt is empty; every prompt needs at least one token")
         outputs = _greedy(self, token_lists, max_new_tokens, page_size)
         return [self.tokenizer.decode(o) for o in outputs] if as_text else outputs
+
+
+def kv_bytes_per_token(spec: ModelSpec, formats: list[tuple[str, str]]) -> int:
+    """Bytes one token occupies in a cache whose layers use these (k_format, v_format) pairs."""
+    d, h = spec.head_dim, spec.num_kv_heads
+    return sum(h * (parse_kv_format(k).bytes_per_row(d) + parse_kv_format(v).bytes_per_row(d)) for k, v in formats)
 
 
 def _greedy(model: Model, prompts: list[list[int]], max_new_tokens: int, page_size: int) -> list[list[int]]:

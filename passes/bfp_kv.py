@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxforge.ir.capture import annotate, kv_formats, meta, nodes_by_role, set_kv_format_args, spec_of
+from fxforge.ir.model import kv_bytes_per_token
 from fxforge.kernels.bfp import parse_kv_format
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -64,12 +65,7 @@ def bfp_kv(gm, config: BFPKVCache, ctx) -> PassResult:
 
 
 def _memory_report(spec, before, k_fmt: str, v_fmt: str) -> dict:
-    d, h = spec.head_dim, spec.num_kv_heads
-
-    def per_token(pairs):
-        return sum(h * (parse_kv_format(k).bytes_per_row(d) + parse_kv_format(v).bytes_per_row(d)) for k, v in pairs)
-
-    old, new = per_token(before), per_token([(k_fmt, v_fmt)] * spec.num_layers)
+    old, new = kv_bytes_per_token(spec, before), kv_bytes_per_token(spec, [(k_fmt, v_fmt)] * spec.num_layers)
     return {"k_format": k_fmt, "v_format": v_fmt,
             "k_bits_per_value": parse_kv_format(k_fmt).bits_per_value(),
             "v_bits_per_value": parse_kv_format(v_fmt).bits_per_value(),

@@ -4,11 +4,13 @@ The kernel runs under the interpreter on CPU and natively on CUDA (class TestCUD
 rope_ref. Inputs are drawn fresh on every run; failures print the seed.
 """
 
+import functools
 import secrets
 
 import pytest
 import torch
 
+from tests.kernels import checks
 from tests.kernels.interpreter import HAS_TRITON, fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import rope
@@ -51,16 +53,7 @@ def inputs(shape, dtype, permuted, seed, max_position=4096, device="cpu"):
     return [t.to(device) if t is not None else None for t in (x, positions, inv_freq, perm)]
 
 
-def assert_close(actual, expected, what, seed):
-    """The message names the shape, the mismatch count and the max diff."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
-        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}")
-    atol, rtol = TOLERANCE[expected.dtype]
-    a, e = actual.cpu().double(), expected.cpu().double()
-    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
-    if bad.any():
-        pytest.fail(f"{what}: shape {tuple(expected.shape)} {expected.dtype}, seed {seed}: {int(bad.sum())} of "
-                    f"{bad.numel()} differ beyond atol={atol} rtol={rtol}, max diff {(a - e).abs().max().item():.3g}")
+assert_close = functools.partial(checks.assert_close, tolerance=TOLERANCE)
 
 
 def check_against_reference(shape, dtype, interleaved, permuted, seed, device, max_position=4096):

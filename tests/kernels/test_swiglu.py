@@ -4,12 +4,14 @@ The kernel runs under the interpreter on CPU and natively on CUDA (class TestCUD
 fresh; failures print the seed.
 """
 
+import functools
 import secrets
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.kernels import checks
 from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import swiglu
@@ -42,16 +44,7 @@ def inputs(shape, dtype, seed, device="cpu"):
     return gate.to(device), up.to(device)
 
 
-def assert_close(actual, expected, what, seed):
-    """The message names the shape, the mismatch count and the max diff."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
-        f"{what}: got {actual.dtype} {tuple(actual.shape)}, expected {expected.dtype} {tuple(expected.shape)}")
-    atol, rtol = TOLERANCE[expected.dtype]
-    a, e = actual.cpu().double(), expected.cpu().double()
-    bad = ~torch.isclose(a, e, rtol=rtol, atol=atol)
-    if bad.any():
-        pytest.fail(f"{what}: shape {tuple(expected.shape)} {expected.dtype}, seed {seed}: {int(bad.sum())} of "
-                    f"{bad.numel()} differ beyond atol={atol} rtol={rtol}, max diff {(a - e).abs().max().item():.3g}")
+assert_close = functools.partial(checks.assert_close, tolerance=TOLERANCE)
 
 
 def check_against_reference(shape, dtype, seed, device):
