@@ -58,48 +58,39 @@ def weight_bytes(model) -> int:
 
 
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
-                name: str, warmup: bool = True) -> E2EResult:
+                name: str, warmup: bool = True, num_decode_steps: int = 8) -> E2EResult:
+    """Timed offline generation; roofline = the bytes every forward pass must read (weights, plus
+    the KV of every useful row's context) at the copy bandwidth, over the wall time."""
     from fxforge.runtime.engine import Engine
     from fxforge.runtime.sequence import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 16
     engine = Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_len,
-                    max_num_batched_tokens=max(8192, max_len))
+                    max_num_batched_tokens=max(8192, max_len), num_decode_steps=num_decode_steps)
     if warmup:
         engine.generate(prompts[: min(len(prompts), max_num_seqs)], SamplingParams(max_new_tokens=8, ignore_eos=True))
-    ideal = _count_ideal_time(engine, model, bandwidth)
     engine.stats = type(engine.stats)()
     torch.cuda.synchronize()
     start = time.perf_counter()
     outputs = engine.generate(prompts, params)
     torch.cuda.synchronize()
     seconds = time.perf_counter() - start
+    stats = engine.stats
     tokens = sum(len(o.token_ids) for o in outputs)
-    roofline = 100 * ideal["seconds"] / seconds if bandwidth else None
+    roofline = None
+    if bandwidth:
+        ideal = (stats.forward_passes * weight_bytes(model) + stats.kv_tokens_read * model.kv_bytes_per_token())
+        roofline = 100 * ideal / bandwidth / seconds
     short = SamplingParams(max_new_tokens=min(64, max_new_tokens), ignore_eos=True)
     busy = _gpu_busy_pct(engine, prompts[: min(len(prompts), max_num_seqs)], short)
-    result = E2EResult(name, tokens, seconds, engine.stats.steps, roofline, busy)
+    result = E2EResult(name, tokens, seconds, stats.steps, roofline, busy)
+    result.forward_passes = stats.forward_passes
+    result.num_decode_steps = num_decode_steps
+    result.max_num_seqs = max_num_seqs
     result.cuda_graphs = bool(engine.runner.graphs)
     result.graph_error = engine.runner.graph_error
     return result
-
-
-def _count_ideal_time(engine, model, bandwidth):
-    """Wrap the runner so every step adds (weights + KV bytes read) / copy bandwidth to an ideal time."""
-    ideal = {"seconds": 0.0}
-    if not bandwidth:
-        return ideal
-    weights, kv_per_token = weight_bytes(model), model.kv_bytes_per_token()
-    run = engine.runner.run
-
-    def counted(out):
-        context = sum(s.start_position + s.num_tokens for s in out.scheduled)
-        ideal["seconds"] += (weights + context * kv_per_token) / bandwidth
-        return run(out)
-
-    engine.runner.run = counted
-    return ideal
 
 
 def _gpu_busy_pct(engine, prompts, params) -> float:
@@ -181,6 +172,18 @@ def hf_from_spec(spec, dtype=torch.bfloat16, device="cuda"):
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype)
     return model.eval()
+
+
+def greedy_agreement(model, prompts: list[list[int]], max_new_tokens: int = 64) -> dict:
+    """Greedy tokens from the engine over the lowered model (Triton kernels on CUDA, CUDA graphs,
+    decode windows), re-scored by `model`'s own reference forward."""
+    import fxforge
+    from fxforge.runtime.engine import Engine
+    from fxforge.runtime.sequence import SamplingParams
+
+    lowered = fxforge.optimize(model, passes=[{"name": "lower", "backend": "triton"}])
+    outs = Engine(lowered, max_num_seqs=len(prompts)).generate(prompts, SamplingParams(max_new_tokens=max_new_tokens))
+    return teacher_forced_agreement(model, prompts, [o.token_ids for o in outs])
 
 
 def teacher_forced_agreement(model, prompts: list[list[int]], outputs: list[list[int]], tie_margin: float = 0.05) -> dict:

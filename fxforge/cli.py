@@ -240,6 +240,7 @@ def run_cmd(
     top_p: float = typer.Option(1.0, help="1 = off"),
     seed: Optional[int] = typer.Option(None, help="seed for sampling"),
     max_num_seqs: int = typer.Option(256, help="largest decode batch"),
+    decode_steps: int = typer.Option(8, help="decode steps per host sync when only decodes run (1 = off)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="weight dtype when loading a non-artifact model"),
 ):
@@ -256,7 +257,10 @@ def run_cmd(
     except ValueError as exc:
         raise FxforgeError(str(exc)) from None
     m = _load(model, dtype, device=device)
-    engine = Engine(m, max_num_seqs=max_num_seqs)
+    try:
+        engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps)
+    except ValueError as exc:
+        raise FxforgeError(str(exc)) from None
     with Progress(console=console) as progress:
         task = progress.add_task("generating", total=len(texts))
         results = engine.generate(texts, params, progress=lambda seq: progress.advance(task))
@@ -266,7 +270,8 @@ def run_cmd(
                                 "finish_reason": r.finish_reason}) + "\n")
     stats = engine.stats
     console.print(f"{len(texts)} prompts, {stats.generated_tokens} tokens in {stats.seconds:.1f}s: "
-                  f"{stats.tokens_per_second:.1f} tokens/s ({stats.steps} steps, {stats.preemptions} preemptions)")
+                  f"{stats.tokens_per_second:.1f} tokens/s ({stats.forward_passes} model steps in {stats.steps} engine steps, "
+                  f"{stats.preemptions} preemptions)")
 
 
 def _read_prompts(path: Path) -> list[str]:
@@ -392,18 +397,21 @@ def bench_e2e_cmd(
     max_new_tokens: int = typer.Option(256, help="tokens generated per request (exactly)"),
     prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
     kv: str = typer.Option("bfloat16,bfp16", help="fxforge KV formats to run (K and V)"),
-    max_num_seqs: int = typer.Option(256, help="fxforge decode batch limit"),
+    max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
+    decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Offline generation throughput: fxforge engine vs HF transformers generate, one run."""
+    import gc
+
     import torch
 
-    from fxforge.bench import (chat_prompts, copy_bandwidth, random_prompts, run_fxforge, run_hf,
-                               teacher_forced_agreement)
+    from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf
 
+    seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench e2e needs a CUDA device")
     base = _load(model, "bfloat16", random_init=random_init, device="cuda")
@@ -419,21 +427,18 @@ def bench_e2e_cmd(
         import fxforge
 
         opt = fxforge.optimize(base, passes=passes + [{"name": "lower", "backend": "triton"}])
-        run = run_fxforge(opt, prompts, max_new_tokens, max_num_seqs, bandwidth, f"fxforge-{fmt}")
-        results["runs"].append(run.to_dict())
-        console.print(run.to_dict())
-        if check and fmt == "bfloat16" and not random_init:
-            from fxforge.runtime.engine import Engine
-            from fxforge.runtime.sequence import SamplingParams
-
-            sample = prompts[:16]
-            outs = Engine(opt, max_num_seqs=16).generate(sample, SamplingParams(max_new_tokens=64))
-            results["checks"]["greedy_vs_reference_forward"] = teacher_forced_agreement(
-                base, sample, [o.token_ids for o in outs])
+        for seats in seat_limits:
+            for k in windows:
+                run = run_fxforge(opt, prompts, max_new_tokens, seats, bandwidth, f"fxforge-{fmt}-s{seats}-k{k}",
+                                  num_decode_steps=k)
+                results["runs"].append(run.to_dict())
+                console.print(run.to_dict())
+                gc.collect()
+                torch.cuda.empty_cache()
         del opt
+    if check and not random_init:
+        results["checks"]["greedy_vs_reference_forward"] = greedy_agreement(base, prompts[:16])
     if hf_batch:
-        import gc
-
         peer_spec, peer_path, pad_id = base.spec, base.source.get("path", ""), (base.spec.eos_token_ids or [0])[0]
         del base  # free our weights and KV pool before the peer loads (8B shapes need the room)
         gc.collect()
@@ -453,20 +458,37 @@ def bench_e2e_cmd(
         json_out.write_text(json.dumps(results, indent=2))
 
 
-def _ppl_check(base) -> dict:
-    """BFP perplexity through the Triton kernels vs the torch reference path (same tokens)."""
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise FxforgeError(f"{option} must be comma-separated integers >= 1, got {text!r}")
+    return values
+
+
+PPL_CHECK_FORMATS = (("bfp16", "bfp16"), ("bfp12", "bfp16"))  # the default pipeline's K+V; the coarsest K
+
+
+def _ppl_check(base, max_tokens: int = 16384) -> dict:
+    """BFP perplexity through the Triton kernels vs the torch reference path (same tokens), per format."""
     import fxforge
     from fxforge.data import load_texts
     from fxforge.evaluate import perplexity, token_windows
     from fxforge.ir import ops
 
-    windows = token_windows(base.tokenizer, load_texts("gsm8k", "eval"), 512, 16384)
-    reference = fxforge.optimize(base, passes=[{"name": "bfp-kv", "k_format": "bfp12", "v_format": "bfp16"}])
-    with ops.reference_only():
-        ref = perplexity(reference, windows, show_progress=False).perplexity
-    lowered = fxforge.optimize(reference, passes=[{"name": "lower", "backend": "triton"}])
-    tri = perplexity(lowered, windows, show_progress=False).perplexity
-    return {"reference": ref, "triton": tri, "rel_diff_pct": 100 * abs(tri / ref - 1), "tokens": int(windows[:, 1:].numel())}
+    windows = token_windows(base.tokenizer, load_texts("gsm8k", "eval"), 512, max_tokens)
+    results = {"tokens": int(windows[:, 1:].numel()), "dtype": str(base.dtype).removeprefix("torch.")}
+    for k_format, v_format in PPL_CHECK_FORMATS:
+        reference = fxforge.optimize(base, passes=[{"name": "bfp-kv", "k_format": k_format, "v_format": v_format}])
+        with ops.reference_only():
+            ref = perplexity(reference, windows, show_progress=False).perplexity
+        lowered = fxforge.optimize(reference, passes=[{"name": "lower", "backend": "triton"}])
+        tri = perplexity(lowered, windows, show_progress=False).perplexity
+        results[f"K {k_format} V {v_format}"] = {"reference": ref, "triton": tri, "rel_diff_pct": 100 * abs(tri / ref - 1)}
+        del reference, lowered
+    return results
 
 
 def _hf_peer(spec, path: str, random_init: bool):

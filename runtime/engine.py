@@ -30,7 +30,9 @@ class RequestOutput:
 
 @dataclass
 class EngineStats:
-    steps: int = 0
+    steps: int = 0  # engine steps (a decode window is one)
+    forward_passes: int = 0  # model steps (a decode window of K steps is K)
+    kv_tokens_read: int = 0  # cached tokens the useful forward rows attended to, summed over passes
     prompt_tokens: int = 0
     generated_tokens: int = 0
     preemptions: int = 0
@@ -42,11 +44,17 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous-batching generation. KV pool size: `num_pages`, or a fraction of free GPU memory."""
+    """Continuous-batching generation. KV pool size: `num_pages`, or a fraction of free GPU memory.
+
+    `num_decode_steps` K: when only decodes can run, one step() runs up to K decode steps with
+    the sampled tokens fed back on the device and one host sync (a sequence that stops mid-window
+    finishes at its end); 1 makes every step a single model step.
+    """
 
     def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 256,
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 use_cuda_graphs: bool | None = None, gpu_memory_fraction: float = 0.5, chat: bool = True):
+                 use_cuda_graphs: bool | None = None, gpu_memory_fraction: float = 0.5, chat: bool = True,
+                 num_decode_steps: int = 8):
         if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
             import fxforge
 
@@ -60,7 +68,8 @@ class Engine:
             use_cuda_graphs = model.device.type == "cuda" and "attention" in cuda_impls()
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            max_model_len=max_model_len, page_size=page_size),
+                            max_model_len=max_model_len, page_size=page_size,
+                            num_decode_steps=num_decode_steps),
             BlockManager(num_pages, page_size, model.kv_bytes_per_token()))
         self.runner = ModelRunner(model, RunnerConfig(num_pages, page_size, max_model_len, max_num_seqs,
                                                       use_cuda_graphs))
@@ -99,17 +108,39 @@ class Engine:
         if out.is_empty:
             self.scheduler.update(out, [], self.eos_token_id)
             return []
-        logits = self.runner.run(out)
         to_sample = [s.seq for s in out.scheduled if s.sample]
-        tokens = sample(logits, [s.sampling_params for s in to_sample],
-                        [self.generators.get(s.seq_id) for s in to_sample]).tolist()
+        params = [s.sampling_params for s in to_sample]
+        generators = [self.generators.get(s.seq_id) for s in to_sample]
+        before = [s.num_output_tokens for s in to_sample]
+        if out.num_steps > 1:
+            if all(p.is_greedy for p in params):
+                def sample_fn(logits):
+                    return logits.argmax(dim=-1)
+            else:
+                def sample_fn(logits):
+                    return sample(logits, params, generators)
+            tokens = self.runner.run_window(out, sample_fn)
+        else:
+            tokens = sample(self.runner.run(out), params, generators).tolist()
         finished = self.scheduler.update(out, tokens, self.eos_token_id)
-        self.stats.steps += 1
-        self.stats.generated_tokens += len(tokens)
-        self.stats.preemptions += len(out.preempted)
+        self._count(out, [s.num_output_tokens - b for s, b in zip(to_sample, before)])
         for seq in finished:
             self.generators.pop(seq.seq_id, None)
         return finished
+
+    def _count(self, out, new_tokens: list[int]) -> None:
+        """new_tokens: tokens each sampling entry of `out` kept."""
+        stats = self.stats
+        stats.steps += 1
+        stats.preemptions += len(out.preempted)
+        stats.generated_tokens += sum(new_tokens)
+        if out.num_steps == 1:
+            stats.forward_passes += 1
+            stats.kv_tokens_read += sum(s.end_position for s in out.scheduled)
+            return
+        stats.forward_passes += out.num_steps
+        for s, r in zip(out.scheduled, new_tokens):  # r kept steps attend to start+1, start+2, ... tokens
+            stats.kv_tokens_read += r * s.end_position + r * (r - 1) // 2
 
     # -- batch APIs -------------------------------------------------------------------------------
     def stream(self, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,

@@ -3,6 +3,11 @@
 Batch metadata is built with vectorized numpy from the scheduler's output and copied to the device
 once per tensor. Pure-decode steps can replay CUDA graphs captured per batch-size bucket: padded
 rows decode a dummy token into a reserved scratch page, so a replay never touches real KV.
+
+Decode windows (`run_window`): the inputs of the first step are prepared once; after each step the
+sampled tokens become the next input ids and positions, sequence lengths and cache slots advance
+on the device, so the host only enqueues work and syncs once, to read the window's tokens. A row
+that has taken its last step (its `num_steps`) stays where it is and writes to the scratch page.
 """
 
 from __future__ import annotations
@@ -89,6 +94,45 @@ class ModelRunner:
             return self._replay(batch, len(out.scheduled))
         return self.model.forward(batch, self.kv_cache)
 
+    @torch.inference_mode()
+    def run_window(self, out: SchedulerOutput, sample_fn) -> list[list[int]]:
+        """Run a decode window of out.num_steps steps; `sample_fn(logits [n, V]) -> tokens [n]` picks
+        each step's tokens on the device. Returns the [num_steps][n] sampled tokens (one host sync)."""
+        batch, n = self.prepare(out)
+        k = out.num_steps
+        steps = self._to_device(np.fromiter((s.num_steps for s in out.scheduled), dtype=np.int64, count=n))
+        graph = None
+        if self.graphs and n <= max(self.graphs):
+            graph, batch, logits_out = self._load_static(batch, n)
+            left = torch.zeros(batch.input_ids.shape[0], dtype=torch.int64, device=self.device)
+            left[:n] = steps
+        else:
+            left = steps
+        produced = []
+        for i in range(k):
+            if graph is not None:
+                graph.replay()
+                logits = logits_out[:n]
+            else:
+                logits = self.model.forward(batch, self.kv_cache)
+            tokens = sample_fn(logits)
+            produced.append(tokens)
+            if i + 1 < k:
+                self._advance(batch, tokens, left)
+        return torch.stack(produced).tolist()
+
+    def _advance(self, batch: BatchInputs, tokens: torch.Tensor, left: torch.Tensor) -> None:
+        """Next decode step's inputs, in place: rows with steps left move one position on."""
+        ps = self.config.page_size
+        left.sub_(1)
+        active = left > 0
+        batch.input_ids[: tokens.shape[0]].copy_(tokens)
+        batch.positions.add_(active)
+        batch.seq_lens.add_(active)
+        page = batch.page_table.gather(1, (batch.positions // ps)[:, None])[:, 0].to(torch.int64)
+        slots = page * ps + batch.positions % ps
+        batch.slot_mapping.copy_(torch.where(active, slots, self.scratch_page * ps))
+
     # -- CUDA graphs for decode -------------------------------------------------------------------
     def _buckets(self) -> list[int]:
         return [b for b in GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs]
@@ -127,6 +171,12 @@ class ModelRunner:
         torch.cuda.synchronize()
 
     def _replay(self, batch: BatchInputs, n: int) -> torch.Tensor:
+        graph, _, logits = self._load_static(batch, n)
+        graph.replay()
+        return logits[:n]
+
+    def _load_static(self, batch: BatchInputs, n: int) -> tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]:
+        """Copy a decode batch of n rows into the static inputs of the smallest bucket that holds it."""
         bucket = self._buckets()[bisect.bisect_left(self._buckets(), n)]
         graph, static, logits = self.graphs[bucket]
         scratch, ps = self.scratch_page, self.config.page_size
@@ -138,5 +188,4 @@ class ModelRunner:
         static.page_table[n:].fill_(scratch)
         static.seq_lens[:n].copy_(batch.seq_lens)
         static.seq_lens[n:].fill_(1)
-        graph.replay()
-        return logits[:n]
+        return graph, static, logits

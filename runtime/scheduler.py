@@ -13,6 +13,15 @@ Policy (vLLM v1 style), one `schedule()` per model step:
    chunk does not fit in the free pages, when `max_num_seqs` are running, or for this step once
    anything was preempted.
 
+Decode windows (multi-step): when `num_decode_steps` K > 1, every running sequence is decoding
+and no waiting sequence could be admitted (none waits, or all `max_num_seqs` seats are taken), one
+`schedule()` covers up to K decode steps: each sequence gets pages ahead for the steps it may still
+take (`num_steps`, at most K, cut at its max_new_tokens / max_model_len) and the runner feeds each
+sampled token back on the device, syncing with the host once per window. Without the pages for
+the whole window the step falls back to the single-step policy above (which may preempt). A
+sequence that samples EOS or a stop token mid-window finishes at the window's end; the tokens it
+computed after that are dropped.
+
 Order: every running sequence arrived before every waiting one, and both lists are sorted by
 arrival (admission is FCFS from the front; victims are the youngest running and go back to the
 front), so "most recently arrived running" is simply the end of `running`.
@@ -51,9 +60,11 @@ class SchedulerConfig:
     max_model_len: int = 8192  # prompt + generated tokens of one sequence
     page_size: int = 16
     enable_chunked_prefill: bool = True
+    num_decode_steps: int = 1  # K: decode steps per schedule() when only decodes can run (1 = off)
 
     def __post_init__(self):
-        for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2), ("page_size", 1)):
+        for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2), ("page_size", 1),
+                              ("num_decode_steps", 1)):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ValueError(f"SchedulerConfig.{name} must be an int >= {minimum}, got {value!r}")
@@ -76,6 +87,7 @@ class ScheduledSeq:
     start_position: int  # seq.num_computed_tokens before the step
     is_prefill: bool  # False: a one-token decode of the last sampled token
     sample: bool  # all of seq's tokens are computed after this step: sample its next token
+    num_steps: int = 1  # decode window: steps whose tokens count (<= SchedulerOutput.num_steps)
 
     @property
     def end_position(self) -> int:
@@ -97,6 +109,7 @@ class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     num_batched_tokens: int = 0
+    num_steps: int = 1  # > 1: a decode window of this many model steps (every entry a decode)
 
     @property
     def num_decode(self) -> int:
@@ -185,6 +198,10 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         if self._pending is not None:
             raise RuntimeError("schedule() called again before update() consumed the previous SchedulerOutput")
+        out = self._schedule_window()
+        if out is not None:
+            self._pending = out
+            return out
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         budget, prefilling = self._schedule_decodes(out, budget)
@@ -199,10 +216,15 @@ class Scheduler:
         """Apply a finished model step; return the sequences that finished in it (pages freed).
 
         `sampled_tokens` is a mapping seq_id -> token id, or a list of token ids aligned with the
-        entries of `output.scheduled` whose `sample` is True.
+        entries of `output.scheduled` whose `sample` is True. For a decode window
+        (`output.num_steps` K > 1) it is K such rows (row i: the tokens sampled at step i; a
+        [K, n] array or list of lists); a sequence keeps the first `num_steps` of its column, up
+        to the first that stops it.
         """
         if output is not self._pending:
             raise RuntimeError("update() needs the SchedulerOutput of the latest schedule(), applied once")
+        if output.num_steps > 1:
+            return self._update_window(output, sampled_tokens, eos_token_id)
         to_sample = [s for s in output.scheduled if s.sample]
         if isinstance(sampled_tokens, Mapping):
             missing = [s.seq.seq_id for s in to_sample if s.seq.seq_id not in sampled_tokens]
@@ -227,15 +249,73 @@ class Scheduler:
             if token is None:
                 continue
             seq.append_token(token)
-            reason = seq.stop_reason(eos_token_id, self.config.max_model_len)
-            if reason is not None:
-                self.block_manager.free(seq)
-                seq.finish(reason)
-                del self._unfinished[seq.seq_id]
+            if self._stop(seq, eos_token_id):
                 finished.append(seq)
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
+
+    def _stop(self, seq: Sequence, eos_token_id: int | None) -> bool:
+        reason = seq.stop_reason(eos_token_id, self.config.max_model_len)
+        if reason is None:
+            return False
+        self.block_manager.free(seq)
+        seq.finish(reason)
+        del self._unfinished[seq.seq_id]
+        return True
+
+    def _update_window(self, output: SchedulerOutput, sampled_tokens, eos_token_id: int | None) -> list[Sequence]:
+        rows = [list(row) for row in sampled_tokens]
+        n, k = len(output.scheduled), output.num_steps
+        if len(rows) != k or any(len(row) != n for row in rows):
+            shape = f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}"
+            raise ValueError(f"a {k}-step decode window of {n} sequences needs [{k}, {n}] sampled tokens, got {shape}")
+        columns = [[_token_id(t) for t in column] for column in zip(*rows)] if n else []
+        self._pending = None
+        finished = []
+        for sched, column in zip(output.scheduled, columns):
+            seq = sched.seq
+            if seq.is_finished:  # aborted after schedule()
+                continue
+            stops = seq.sampling_params.stop_token_ids
+            eos = None if seq.sampling_params.ignore_eos else eos_token_id
+            taken = column[: sched.num_steps]
+            for j, token in enumerate(taken):
+                if token == eos or token in stops:
+                    taken = taken[: j + 1]
+                    break
+            seq.num_computed_tokens += len(taken)
+            seq.extend_tokens(taken)
+            if self._stop(seq, eos_token_id):
+                finished.append(seq)
+        if finished:
+            self.running = [s for s in self.running if not s.is_finished]
+        return finished
+
+    def _schedule_window(self) -> SchedulerOutput | None:
+        """A decode window of up to num_decode_steps steps, or None for the single-step policy."""
+        k_max, running = self.config.num_decode_steps, self.running
+        if k_max == 1 or not running or len(running) > self.config.max_num_batched_tokens:
+            return None
+        if self.waiting and len(running) < self.config.max_num_seqs:
+            return None  # a waiting sequence may be admitted: its prefill goes first
+        if not all(seq.is_decoding for seq in running):
+            return None
+        max_len, pool = self.config.max_model_len, self.block_manager
+        steps = []
+        for seq in running:
+            left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
+            steps.append(max(1, min(k_max, left)))
+        k = max(steps)
+        if k == 1 or sum(pool.num_pages_needed(s, n) for s, n in zip(running, steps)) > pool.num_free_pages:
+            return None
+        out = SchedulerOutput(num_steps=k)
+        for seq, n in zip(running, steps):
+            pool.allocate(seq, n)
+            out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, is_prefill=False, sample=True,
+                                              num_steps=n))
+        out.num_batched_tokens = len(running)
+        return out
 
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> tuple[int, list[Sequence]]:
         """One token for each decoding sequence, oldest first; also list the running prefills."""

@@ -162,6 +162,12 @@ class Sequence:
             raise ValueError(f"token id must be an int >= 0, got {token_id!r}")
         self._token_ids.append(token_id)
 
+    def extend_tokens(self, token_ids: list[int]) -> None:
+        """Append several sampled tokens (already checked to be ints >= 0)."""
+        if self.status is SequenceStatus.FINISHED:
+            raise RuntimeError(f"cannot append to finished sequence {self.seq_id} ({self.finish_reason})")
+        self._token_ids.extend(token_ids)
+
     def stop_reason(self, eos_token_id: int | None, max_model_len: int) -> str | None:
         """Why generation must stop after the last appended token: "stop", "length" or None."""
         if self.num_output_tokens == 0:

@@ -76,8 +76,56 @@ def test_seeded_sampling_is_reproducible_across_batches():
 
 def test_stream_yields_in_finishing_order():
     model = tiny_model("llama-gqa")
-    engine = Engine(model, num_pages=64, page_size=4)
+    engine = Engine(model, num_pages=64, page_size=4, num_decode_steps=1)  # a window would finish all three at once
     lengths = [7, 2, 4]
     outs = list(engine.stream([[1], [2], [3]], [SamplingParams(max_new_tokens=n, ignore_eos=True) for n in lengths]))
     assert [o.request_id for o in outs] == [1, 2, 0]
     assert engine.stats.generated_tokens == sum(lengths)
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm"])
+def test_decode_windows_match_single_steps(kind):
+    """Windows feed tokens back on the device; outputs (greedy with stops, and seeded sampling) and
+    the KV-token count are those of single steps, and windows really ran."""
+    model = tiny_model(kind)
+    rng = random.Random(8)
+    prompts = _prompts(40, seed=9)
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 30), stop_token_ids=tuple(rng.sample(range(257), 10)))
+              for _ in range(30)]
+    params += [SamplingParams(temperature=0.9, top_k=50, seed=i, max_new_tokens=rng.randint(1, 30), ignore_eos=True)
+               for i in range(10)]
+    runs = {}
+    for k in (1, 7):
+        engine = Engine(model, num_pages=256, page_size=4, max_num_seqs=12, num_decode_steps=k)
+        runs[k] = ([(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)], engine.stats)
+    assert runs[7][0] == runs[1][0]
+    assert any(reason == "stop" for _, reason in runs[1][0]), "no request met its stop token"
+    single, window = runs[1][1], runs[7][1]
+    assert window.forward_passes > window.steps and single.forward_passes == single.steps
+    assert window.kv_tokens_read == single.kv_tokens_read and window.generated_tokens == single.generated_tokens
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("passes", [[], [{"name": "bfp-kv", "k_format": "bfp16", "v_format": "bfp16", "block": 16}]],
+                         ids=["float32-kv", "bfp16-kv"])
+def test_cuda_graph_windows_match_single_steps_and_reference(passes):
+    """On the GPU: Triton kernels, CUDA graphs and decode windows give the single-step outputs; with a
+    float32 cache also the model's reference greedy decoding."""
+    pytest.importorskip("triton")
+    import fxforge
+
+    model = tiny_model("llama-gqa")
+    lowered = fxforge.optimize(model, passes=passes + [{"name": "lower", "backend": "triton"}])
+    lowered.module.cuda()
+    prompts = _prompts(24, seed=3)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    runs = {}
+    for k in (1, 6):
+        engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=k)
+        assert engine.runner.graphs, engine.runner.graph_error
+        runs[k] = [o.token_ids for o in engine.generate(prompts, params)]
+        assert engine.scheduler.block_manager.num_free_pages == 512
+    assert runs[6] == runs[1]
+    if not passes:
+        assert runs[1] == model.generate(prompts, max_new_tokens=20)

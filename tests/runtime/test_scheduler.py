@@ -53,7 +53,33 @@ class FakeModel:
         pages = np.asarray(seq.page_ids, dtype=np.int64)
         return (pages[:, None] * self.bm.page_size + self.page_offsets).ravel()[:stop]
 
-    def step(self, out: SchedulerOutput) -> dict[int, int]:
+    def step(self, out: SchedulerOutput):
+        return self.window(out) if out.num_steps > 1 else self.single(out)
+
+    def window(self, out: SchedulerOutput) -> list[list[int]]:
+        """A decode window as the runner runs it: each row feeds its sampled token back while it
+        has steps left; afterwards it stays put (its samples are junk the scheduler must drop)."""
+        rows = []
+        tokens = [s.seq.last_token_id for s in out.scheduled]
+        for i in range(out.num_steps):
+            row = []
+            for j, s in enumerate(out.scheduled):
+                if i >= s.num_steps:
+                    row.append(VOCAB + 1)  # junk from a row past its last step
+                    continue
+                pos = s.start_position + i
+                slot = self.bm.slot(s.seq, pos)
+                self.owner[slot], self.position[slot], self.token[slot] = s.seq.seq_id, pos, tokens[j]
+                slots = self._context_slots(s.seq, pos + 1)
+                assert (self.owner[slots] == s.seq.seq_id).all(), f"sequence {s.seq.seq_id} reads another's KV"
+                assert (self.position[slots] == np.arange(pos + 1)).all(), "KV positions out of order"
+                context_hash = int((self.token[slots] * (np.arange(pos + 1) + 1)).sum()) % VOCAB
+                tokens[j] = _next(tokens[j], context_hash)
+                row.append(tokens[j])
+            rows.append(row)
+        return rows
+
+    def single(self, out: SchedulerOutput) -> dict[int, int]:
         written = []
         for s in out.scheduled:  # write every chunk's KV first, as the model's kv_write does
             slots = np.asarray(self.bm.slots(s.seq, s.start_position, s.end_position))
@@ -92,6 +118,14 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
         assert s.sample == (s.end_position == seq.num_tokens)
         if not s.is_prefill:
             assert s.num_tokens == 1 and s.sample
+        assert 1 <= s.num_steps <= out.num_steps
+        assert len(seq.page_ids) * bm.page_size >= s.start_position + s.num_steps
+        assert s.num_steps == 1 or not s.is_prefill
+    if out.num_steps > 1:
+        assert not out.preempted and all(not s.is_prefill for s in out.scheduled)
+        assert out.scheduled and [s.seq for s in out.scheduled] == sched.running
+        assert not sched.waiting or sched.num_running == cfg.max_num_seqs, "a window kept a waiting sequence out"
+        assert max(s.num_steps for s in out.scheduled) == out.num_steps <= cfg.num_decode_steps
     if out.preempted:
         assert list(sched.waiting)[: len(out.preempted)] == out.preempted[::-1], "preempted not at the front"
         assert all(p.page_ids == [] and p.num_computed_tokens == 0 for p in out.preempted)
@@ -354,9 +388,9 @@ def _random_request(rng: random.Random) -> tuple[list[int], SamplingParams]:
     return prompt, params
 
 
-def _run_stress(requests, arrival_steps, num_pages, bad_at=()):
+def _run_stress(requests, arrival_steps, num_pages, bad_at=(), num_decode_steps=1):
     sched = make_scheduler(num_pages=num_pages, page_size=8, max_num_seqs=32, max_num_batched_tokens=128,
-                           max_model_len=512)
+                           max_model_len=512, num_decode_steps=num_decode_steps)
     arrivals = [[] for _ in range(max(arrival_steps) + 1)]
     seqs = []
     for (prompt, params), step in zip(requests, arrival_steps):
@@ -385,12 +419,14 @@ def _run_stress(requests, arrival_steps, num_pages, bad_at=()):
     return sched, seqs, steps, outputs
 
 
-def test_stress_preemption_matches_unpressured_run():
+@pytest.mark.parametrize("num_decode_steps", [1, 6])
+def test_stress_preemption_matches_unpressured_run(num_decode_steps):
     rng = random.Random(1234)
     requests = [_random_request(rng) for _ in range(2000)]
     arrival_steps = sorted(rng.randrange(3000) for _ in requests)
 
-    small, small_seqs, _, small_out = _run_stress(requests, arrival_steps, num_pages=48, bad_at={100, 1500})
+    small, small_seqs, _, small_out = _run_stress(requests, arrival_steps, num_pages=48, bad_at={100, 1500},
+                                                  num_decode_steps=num_decode_steps)
     big, big_seqs, _, big_out = _run_stress(requests, arrival_steps, num_pages=4096)
 
     assert small.num_preemptions > 50, "the small pool was meant to force preemption"
@@ -403,3 +439,88 @@ def test_stress_preemption_matches_unpressured_run():
         assert s.finish_reason == b.finish_reason
     assert small.block_manager.num_free_pages == 48 and big.block_manager.num_free_pages == 4096
     assert not small.waiting and not small.running
+
+
+def _window_scheduler(num_pages=64, **config):
+    return make_scheduler(num_pages=num_pages, page_size=4, num_decode_steps=5, **config)
+
+
+def test_window_runs_only_when_nothing_can_be_admitted():
+    sched = _window_scheduler(max_num_seqs=2)
+    model = FakeModel(sched.block_manager)
+    params = SamplingParams(max_new_tokens=20, ignore_eos=True)
+    a, b, c = (Sequence([i + 1, i + 2], params) for i in range(3))
+    sched.add(a)
+    out = sched.schedule()  # a's prefill
+    assert out.num_steps == 1
+    sched.update(out, model.step(out), EOS)
+    sched.add(b)
+    out = sched.schedule()  # b could be admitted: single step (a decodes, b prefills)
+    assert out.num_steps == 1 and [s.is_prefill for s in out.scheduled] == [False, True]
+    sched.update(out, model.step(out), EOS)
+    sched.add(c)  # both seats taken: c waits, a and b decode in a window
+    out = sched.schedule()
+    check_step(sched, out)
+    assert out.num_steps == 5 and [s.num_steps for s in out.scheduled] == [5, 5]
+    assert len(a.page_ids) == 2  # positions 0..7 (2 prompt + 1 + 5 new ones) in pages of 4
+    sched.update(out, model.step(out), EOS)
+    assert a.num_output_tokens == 7 and a.num_computed_tokens == 8 and b.num_output_tokens == 6
+    assert a.output_token_ids == reference([1, 2], params, 512)[:7]
+
+
+def test_window_falls_back_to_single_steps_without_pages_for_it():
+    sched = _window_scheduler(num_pages=4, max_model_len=16)
+    params = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    a, b = Sequence([1, 2, 3], params), Sequence([4, 5, 6], params)
+    kinds, outputs = [], {}
+    model = FakeModel(sched.block_manager)
+    sched.add(a)
+    sched.add(b)
+    while sched.has_unfinished():
+        out = sched.schedule()
+        check_step(sched, out)
+        kinds.append(out.num_steps)
+        for seq in sched.update(out, model.step(out), EOS):
+            outputs[seq.seq_id] = seq.output_token_ids
+    # prefills, one window of 5 each (8 positions in 2 of the 4 pages each), then no pages for a
+    # second window: single steps, which preempt b; a finishes in windows, then b
+    assert kinds[:2] == [1, 5] and kinds[2] == 1 and sched.num_preemptions > 0
+    for seq in (a, b):
+        assert outputs[seq.seq_id] == reference(seq.prompt_token_ids, params, 16) and seq.num_tokens == 16
+    assert sched.block_manager.num_free_pages == 4
+
+
+def test_window_cuts_at_lengths_and_drops_tokens_after_a_stop():
+    sched = _window_scheduler(max_model_len=9)
+    short = Sequence([1], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    capped = Sequence([1, 2, 3, 4], SamplingParams(max_new_tokens=50, ignore_eos=True))  # max_model_len 9
+    stopper = Sequence([7], SamplingParams(max_new_tokens=50, stop_token_ids=(77,)))
+    for seq in (short, capped, stopper):
+        sched.add(seq)
+    out = sched.schedule()
+    sched.update(out, {short.seq_id: 10, capped.seq_id: 11, stopper.seq_id: 12}, EOS)
+    out = sched.schedule()
+    assert out.num_steps == 5 and [s.num_steps for s in out.scheduled] == [2, 4, 5]
+    rows = [[20, 21, 22], [30, 31, 77], [40, 41, 42], [50, 51, 52], [60, 61, 62]]
+    finished = sched.update(out, rows, EOS)
+    assert finished == [short, capped, stopper]
+    assert short.output_token_ids == [10, 20, 30] and short.finish_reason == "length"
+    assert capped.all_token_ids == [1, 2, 3, 4, 11, 21, 31, 41, 51] and capped.finish_reason == "length"
+    assert stopper.output_token_ids == [12, 22, 77] and stopper.finish_reason == "stop"
+    assert sched.block_manager.num_free_pages == 64 and not sched.running
+
+
+def test_window_update_checks_the_token_shape():
+    sched = _window_scheduler()
+    seq = Sequence([1], SamplingParams(max_new_tokens=9, ignore_eos=True))
+    sched.add(seq)
+    sched.update(sched.schedule(), [5], EOS)
+    out = sched.schedule()
+    assert out.num_steps == 5
+    with pytest.raises(ValueError, match=r"needs \[5, 1\] sampled tokens"):
+        sched.update(out, [[1]] * 4, EOS)
+    with pytest.raises(ValueError, match="integers >= 0"):
+        sched.update(out, [[1]] * 4 + [[-3]], EOS)
+    assert seq.output_token_ids == [5] and seq.num_computed_tokens == 1  # failed updates changed nothing
+    sched.update(out, [[np.int64(t)] for t in range(5)], EOS)
+    assert seq.output_token_ids == [5, 0, 1, 2, 3, 4]
