@@ -58,7 +58,8 @@ def weight_bytes(model) -> int:
 
 
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
-                name: str, warmup: bool = True, num_decode_steps: int = 8) -> E2EResult:
+                name: str, warmup: bool = True, num_decode_steps: int = 8,
+                max_num_batched_tokens: int = 8192) -> E2EResult:
     """Timed offline generation; roofline = the bytes every forward pass must read (weights, plus
     the KV of every useful row's context) at the copy bandwidth, over the wall time."""
     from fxforge.runtime.engine import Engine
@@ -67,7 +68,7 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 16
     engine = Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_len,
-                    max_num_batched_tokens=max(8192, max_len), num_decode_steps=num_decode_steps)
+                    max_num_batched_tokens=max(max_num_batched_tokens, max_len), num_decode_steps=num_decode_steps)
     if warmup:
         engine.generate(prompts[: min(len(prompts), max_num_seqs)], SamplingParams(max_new_tokens=8, ignore_eos=True))
     engine.stats = type(engine.stats)()
@@ -82,19 +83,20 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     if bandwidth:
         ideal = (stats.forward_passes * weight_bytes(model) + stats.kv_tokens_read * model.kv_bytes_per_token())
         roofline = 100 * ideal / bandwidth / seconds
-    short = SamplingParams(max_new_tokens=min(64, max_new_tokens), ignore_eos=True)
-    busy = _gpu_busy_pct(engine, prompts[: min(len(prompts), max_num_seqs)], short)
+    busy = _gpu_busy_pct(engine, prompts, params)  # the timed workload again, under the profiler
     result = E2EResult(name, tokens, seconds, stats.steps, roofline, busy)
     result.forward_passes = stats.forward_passes
     result.num_decode_steps = num_decode_steps
     result.max_num_seqs = max_num_seqs
+    result.max_num_batched_tokens = engine.scheduler.config.max_num_batched_tokens
     result.cuda_graphs = bool(engine.runner.graphs)
     result.graph_error = engine.runner.graph_error
     return result
 
 
 def _gpu_busy_pct(engine, prompts, params) -> float:
-    """Fraction of wall time with GPU kernels running, over a profiled generation."""
+    """Fraction of wall time with GPU kernels running (the union of kernel intervals, CUDA-graph
+    kernels included), over a profiled generation."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

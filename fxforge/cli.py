@@ -399,6 +399,7 @@ def bench_e2e_cmd(
     kv: str = typer.Option("bfloat16,bfp16", help="fxforge KV formats to run (K and V)"),
     max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
     decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
+    max_batched_tokens: int = typer.Option(32768, help="fxforge token budget of one step (prefill chunk size)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
@@ -430,7 +431,7 @@ def bench_e2e_cmd(
         for seats in seat_limits:
             for k in windows:
                 run = run_fxforge(opt, prompts, max_new_tokens, seats, bandwidth, f"fxforge-{fmt}-s{seats}-k{k}",
-                                  num_decode_steps=k)
+                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens)
                 results["runs"].append(run.to_dict())
                 console.print(run.to_dict())
                 gc.collect()
