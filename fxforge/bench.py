@@ -59,8 +59,8 @@ def weight_bytes(model) -> int:
 
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
                 name: str, warmup: bool = True, num_decode_steps: int = 8,
-                max_num_batched_tokens: int = 8192) -> E2EResult:
-    """Timed offline generation; roofline = the bytes every forward pass must read (weights, plus
+                max_num_batched_tokens: int = 8192, repeats: int = 3) -> E2EResult:
+    """Timed offline generation, the median of `repeats` timed runs after a warm-up; roofline = the bytes every forward pass must read (weights, plus
     the KV of every useful row's context) at the copy bandwidth, over the wall time."""
     from fxforge.runtime.engine import Engine
     from fxforge.runtime.sequence import SamplingParams
@@ -71,12 +71,15 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
                     max_num_batched_tokens=max(max_num_batched_tokens, max_len), num_decode_steps=num_decode_steps)
     if warmup:
         engine.generate(prompts[: min(len(prompts), max_num_seqs)], SamplingParams(max_new_tokens=8, ignore_eos=True))
-    engine.stats = type(engine.stats)()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    outputs = engine.generate(prompts, params)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    times = []
+    for _ in range(repeats):
+        engine.stats = type(engine.stats)()
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        outputs = engine.generate(prompts, params)
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    seconds = statistics.median(times)
     stats = engine.stats
     tokens = sum(len(o.token_ids) for o in outputs)
     roofline = None
@@ -88,6 +91,7 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     result.forward_passes = stats.forward_passes
     result.num_decode_steps = num_decode_steps
     result.max_num_seqs = max_num_seqs
+    result.all_seconds = times
     result.max_num_batched_tokens = engine.scheduler.config.max_num_batched_tokens
     result.cuda_graphs = bool(engine.runner.graphs)
     result.graph_error = engine.runner.graph_error
@@ -116,8 +120,9 @@ def _gpu_busy_pct(engine, prompts, params) -> float:
 
 
 def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
-           name: str = "hf-static") -> E2EResult:
-    """HF generate, static cache, batches of batch_size left-padded to one global prompt length."""
+           name: str = "hf-static", repeats: int = 3) -> E2EResult:
+    """HF generate, static cache, batches of batch_size left-padded to one global prompt length;
+    the median of `repeats` timed passes over all batches, after a warm-up."""
     width = max(len(p) for p in prompts)
     device = next(hf_model.parameters()).device
 
@@ -136,14 +141,19 @@ def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: 
     ids, mask = batch(batches[0])
     for _ in range(2):  # warm-up: compiles the decode step at these shapes
         hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-    torch.cuda.synchronize()
-    start, tokens = time.perf_counter(), 0
-    for rows in batches:
-        ids, mask = batch(rows)
-        out = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        tokens += (out.shape[1] - width) * out.shape[0]
-    torch.cuda.synchronize()
-    return E2EResult(name, tokens, time.perf_counter() - start)
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start, tokens = time.perf_counter(), 0
+        for rows in batches:
+            ids, mask = batch(rows)
+            out = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+            tokens += (out.shape[1] - width) * out.shape[0]
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    result = E2EResult(name, tokens, statistics.median(times))
+    result.all_seconds = times
+    return result
 
 
 def chat_prompts(model, n: int) -> list[list[int]]:

@@ -400,6 +400,7 @@ def bench_e2e_cmd(
     max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
     decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
     max_batched_tokens: int = typer.Option(32768, help="fxforge token budget of one step (prefill chunk size)"),
+    repeats: int = typer.Option(3, help="timed generations per run (the median is reported)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
@@ -413,6 +414,7 @@ def bench_e2e_cmd(
     from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf
 
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
+    _int_list(str(repeats), "--repeats")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench e2e needs a CUDA device")
     base = _load(model, "bfloat16", random_init=random_init, device="cuda")
@@ -431,7 +433,7 @@ def bench_e2e_cmd(
         for seats in seat_limits:
             for k in windows:
                 run = run_fxforge(opt, prompts, max_new_tokens, seats, bandwidth, f"fxforge-{fmt}-s{seats}-k{k}",
-                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens)
+                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens, repeats=repeats)
                 results["runs"].append(run.to_dict())
                 console.print(run.to_dict())
                 gc.collect()
@@ -446,7 +448,7 @@ def bench_e2e_cmd(
         torch.cuda.empty_cache()
         hf = _hf_peer(peer_spec, peer_path, random_init)
         for b in [int(x) for x in hf_batch.split(",") if x]:
-            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=pad_id, name=f"hf-static-b{b}")
+            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=pad_id, name=f"hf-static-b{b}", repeats=repeats)
             results["runs"].append(run.to_dict())
             console.print(run.to_dict())
     best_hf = max((r["tokens_per_second"] for r in results["runs"] if r["name"].startswith("hf")), default=None)
