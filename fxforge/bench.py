@@ -60,8 +60,9 @@ def weight_bytes(model) -> int:
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
                 name: str, warmup: bool = True, num_decode_steps: int = 8,
                 max_num_batched_tokens: int = 8192, repeats: int = 3) -> E2EResult:
-    """Timed offline generation, the median of `repeats` timed runs after a warm-up; roofline = the bytes every forward pass must read (weights, plus
-    the KV of every useful row's context) at the copy bandwidth, over the wall time."""
+    """Timed offline generation: the median of `repeats` timed runs after a warm-up. Roofline = the
+    bytes every forward pass must read (weights, plus the KV of every useful row's context) at the
+    copy bandwidth, over the wall time."""
     from fxforge.runtime.engine import Engine
     from fxforge.runtime.sequence import SamplingParams
 

@@ -251,16 +251,15 @@ def run_cmd(
     from fxforge.runtime.sequence import SamplingParams
 
     texts = _read_prompts(prompts)
+    if decode_steps < 1:
+        raise FxforgeError(f"--decode-steps must be >= 1 (1 = one host sync per model step), got {decode_steps}")
     try:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_new_tokens=max_new_tokens)
     except ValueError as exc:
         raise FxforgeError(str(exc)) from None
     m = _load(model, dtype, device=device)
-    try:
-        engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps)
-    except ValueError as exc:
-        raise FxforgeError(str(exc)) from None
+    engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps)
     with Progress(console=console) as progress:
         task = progress.add_task("generating", total=len(texts))
         results = engine.generate(texts, params, progress=lambda seq: progress.advance(task))
@@ -414,7 +413,8 @@ def bench_e2e_cmd(
     from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf
 
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
-    _int_list(str(repeats), "--repeats")
+    if repeats < 1:
+        raise FxforgeError(f"--repeats must be >= 1, got {repeats}")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench e2e needs a CUDA device")
     base = _load(model, "bfloat16", random_init=random_init, device="cuda")

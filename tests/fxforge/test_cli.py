@@ -50,6 +50,17 @@ def test_invalid_pass_option(tmp_path):
                    "metric='vibes' is not valid", tmp_path / "o")
 
 
+def test_bad_bench_and_run_options_fail_before_any_work(tmp_path):
+    _fails_cleanly(["bench", "e2e", "--decode-steps", "16,0"], "--decode-steps must be comma-separated integers >= 1")
+    _fails_cleanly(["bench", "e2e", "--max-num-seqs", "lots"], "--max-num-seqs must be comma-separated integers >= 1")
+    _fails_cleanly(["bench", "e2e", "--repeats", "0"], "--repeats must be >= 1")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    _fails_cleanly(["run", "llama-3-8b", "--prompts", str(prompts), "--decode-steps", "0", "--out",
+                    str(tmp_path / "r.jsonl")], "--decode-steps must be >= 1")
+    assert not (tmp_path / "r.jsonl").exists()
+
+
 def test_unwritable_output(tmp_path):
     _fails_cleanly(["compile", "smollm2-135m", "--no-eval", "-o", "/proc/fxforge-out"], "not writable")
 
