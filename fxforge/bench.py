@@ -87,8 +87,9 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     if bandwidth:
         ideal = (stats.forward_passes * weight_bytes(model) + stats.kv_tokens_read * model.kv_bytes_per_token())
         roofline = 100 * ideal / bandwidth / seconds
-    busy = _gpu_busy_pct(engine, prompts, params)  # the timed workload again, under the profiler
+    busy, profiled_seconds = _gpu_busy_pct(engine, prompts, params)  # the timed workload again, profiled
     result = E2EResult(name, tokens, seconds, stats.steps, roofline, busy)
+    result.profiled_seconds = profiled_seconds
     result.forward_passes = stats.forward_passes
     result.num_decode_steps = num_decode_steps
     result.max_num_seqs = max_num_seqs
@@ -99,12 +100,12 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     return result
 
 
-def _gpu_busy_pct(engine, prompts, params) -> float:
-    """Fraction of wall time with GPU kernels running (the union of kernel intervals, CUDA-graph
-    kernels included), over a profiled generation."""
+def _gpu_busy_pct(engine, prompts, params) -> tuple[float, float]:
+    """(% of wall time with GPU kernels running: the union of kernel intervals, CUDA-graph kernels
+    included; that generation's wall seconds) over one profiled generation."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:  # no CPU-op recording: it would slow the host
         torch.cuda.synchronize()
         start = time.perf_counter()
         engine.generate(prompts, params)
@@ -117,7 +118,7 @@ def _gpu_busy_pct(engine, prompts, params) -> float:
         if e > cursor:
             busy += e - max(s, cursor)
             cursor = e
-    return 100 * busy / 1e6 / wall
+    return 100 * busy / 1e6 / wall, wall
 
 
 def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
