@@ -251,6 +251,9 @@ class Scheduler:
             seq.append_token(token)
             if self._stop(seq, eos_token_id):
                 finished.append(seq)
+        return self._retire(finished)
+
+    def _retire(self, finished: list[Sequence]) -> list[Sequence]:
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
@@ -288,9 +291,7 @@ class Scheduler:
             seq.extend_tokens(taken)
             if self._stop(seq, eos_token_id):
                 finished.append(seq)
-        if finished:
-            self.running = [s for s in self.running if not s.is_finished]
-        return finished
+        return self._retire(finished)
 
     def _schedule_window(self) -> SchedulerOutput | None:
         """A decode window of up to num_decode_steps steps, or None for the single-step policy."""
