@@ -59,17 +59,10 @@ triton itself is first imported, since triton's own library functions are decora
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from fxforge.kernels.formats import KVFormat, parse_kv_format, valid_format_names
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: the torch references serve every call
-    triton = None
+from fxforge.kernels.triton_support import can_launch, check_launchable, jit, tl, triton
 
 __all__ = [
     "KVFormat", "parse_kv_format", "valid_format_names", "quantize", "dequantize", "fake_quantize",
@@ -86,11 +79,6 @@ _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _QUANTIZE_VALUES_PER_PROGRAM = 512
 _DEQUANTIZE_VALUES_PER_PROGRAM = 1024
 _NUM_WARPS = 1
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
 
 
 def _emax(fmt: KVFormat) -> int:
@@ -103,20 +91,20 @@ def _emax(fmt: KVFormat) -> int:
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _round_half_even(y):
     # Exact for |y| < 2^22: adding 1.5 * 2^23 moves y where the float32 ulp is 1, so the add itself
     # rounds to an integer, half to even (the FPU's default mode). Works the same in the interpreter.
     return (y + 12582912.0) - 12582912.0
 
 
-@_jit
-def _pow2(biased):
+@jit
+def pow2(biased):
     # 2^(biased - 127) built from the exponent bits, for biased in [1, 254]; biased = 0 gives 0.0.
     return (biased << 23).to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit
 def _scale_byte(amax, EMAX: tl.constexpr):
     # Rules 2-3: s = floor(log2(amax)) - EMAX, byte = clamp(s + 127, 1, 254); 0 for an all-zero block.
     e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 127
@@ -124,7 +112,7 @@ def _scale_byte(amax, EMAX: tl.constexpr):
     return tl.where(amax > 0.0, biased, 0)
 
 
-@_jit
+@jit
 def _encode_int(y, MANTISSA_BITS: tl.constexpr):
     # BFP element: round half to even, clamp to the symmetric range, m-bit two's complement.
     qmax = (1 << (MANTISSA_BITS - 1)) - 1
@@ -132,7 +120,7 @@ def _encode_int(y, MANTISSA_BITS: tl.constexpr):
     return q & ((1 << MANTISSA_BITS) - 1)
 
 
-@_jit
+@jit
 def _encode_e2m1(y):
     # MXFP4 element: nearest E2M1 magnitude, ties to even code, saturating at 6.0 (code 7).
     v = tl.abs(y)
@@ -144,8 +132,8 @@ def _encode_e2m1(y):
     return tl.where((y < 0.0) & (mag > 0), mag | 8, mag)
 
 
-@_jit
-def _decode_e2m1(code):
+@jit
+def decode_e2m1(code):
     # E2M1 -> float: exp = code bits 1-2, man = bit 0; magnitude in halves is man (exp 0) or
     # (2 + man) << (exp - 1); bit 3 is the sign.
     exp = (code >> 1) & 3
@@ -155,7 +143,7 @@ def _decode_e2m1(code):
     return halves.to(tl.float32) * 0.5 * sign
 
 
-@_jit
+@jit
 def _load_values(ptrs, mask):
     # Rule 1: float32 values; denormals and NaN/Inf read as 0, the latter flagged in `finite`.
     x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
@@ -163,7 +151,7 @@ def _load_values(ptrs, mask):
     return tl.where(finite & (tl.abs(x) >= 1.1754943508222875e-38), x, 0.0), finite
 
 
-@_jit
+@jit
 def bfp_decode(
     data_ptr,  # pointer(s) to the first packed byte of each row (or of any block-aligned part of one)
     scale_ptr,  # pointer(s) to the matching first scale byte; both broadcast against cols
@@ -186,16 +174,16 @@ def bfp_decode(
         high = tl.load(data_ptr + byte + 1, mask=mask & (shift > 2), other=0).to(tl.int32)
         word = word | (high << 8)
     code = (word >> shift) & ((1 << MANTISSA_BITS) - 1)
-    scale = _pow2(tl.load(scale_ptr + cols // BLOCK, mask=mask, other=0).to(tl.int32))
+    scale = pow2(tl.load(scale_ptr + cols // BLOCK, mask=mask, other=0).to(tl.int32))
     if MXFP4:
-        value = _decode_e2m1(code)
+        value = decode_e2m1(code)
     else:
         value = (code - ((code >> (MANTISSA_BITS - 1)) << MANTISSA_BITS)).to(tl.float32)
     return value * scale
 
 
-@_jit
-def _encode_groups(
+@jit
+def encode_groups(
     first,  # pointers [blocks, BLOCK / 4] to the first value of each group of 4 consecutive values
     live,  # [blocks] mask: blocks to quantize
     MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
@@ -213,7 +201,7 @@ def _encode_groups(
         biased = _scale_byte(amax, 2)
     else:
         biased = _scale_byte(amax, MANTISSA_BITS - 2)
-    inv_scale = _pow2(254 - biased)[:, None]  # 2^-s
+    inv_scale = pow2(254 - biased)[:, None]  # 2^-s
     if MXFP4:
         c0 = _encode_e2m1(x0 * inv_scale)
         c1 = _encode_e2m1(x1 * inv_scale)
@@ -230,7 +218,7 @@ def _encode_groups(
     return word, biased, nonfinite
 
 
-@_jit
+@jit
 def _bfp_quantize_kernel(
     x_ptr,  # *fp32|bf16|fp16: contiguous input, n_blocks * BLOCK values (rows back to back)
     data_ptr,  # *uint8 out: n_blocks * BLOCK * MANTISSA_BITS / 8 packed bytes
@@ -247,14 +235,14 @@ def _bfp_quantize_kernel(
     groups = tl.arange(0, BLOCK // 4)[None, :]
     first = blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
     # one tensor per position in the group, so the 4 codes of a group can be packed side by side
-    word, biased, nonfinite = _encode_groups(x_ptr + first, live, MANTISSA_BITS, MXFP4)
+    word, biased, nonfinite = encode_groups(x_ptr + first, live, MANTISSA_BITS, MXFP4)
     group_bytes = data_ptr + blocks[:, None] * (BLOCK * MANTISSA_BITS // 8) + groups * (MANTISSA_BITS // 2)
     for j in tl.static_range(MANTISSA_BITS // 2):
         tl.store(group_bytes + j, ((word >> (8 * j)) & 0xFF).to(tl.uint8), mask=live[:, None])
     tl.store(scale_ptr + blocks, tl.where(nonfinite, 255, biased).to(tl.uint8), mask=live)
 
 
-@_jit
+@jit
 def _bfp_dequantize_kernel(
     data_ptr,  # *uint8: n_blocks * BLOCK * MANTISSA_BITS / 8 packed bytes
     scale_ptr,  # *uint8: n_blocks scale bytes
@@ -422,9 +410,7 @@ def _check_triton_device(*tensors: torch.Tensor) -> None:
     for t in tensors:
         if t.device != tensors[0].device:
             raise ValueError(f"all tensors must be on one device, got {tensors[0].device} and {t.device}")
-        if not (t.is_cuda or (_INTERPRETED and t.device.type == "cpu")):
-            raise ValueError(f"Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
-                             f"importing fxforge), got a tensor on {t.device}; use the *_ref functions")
+        check_launchable("the BFP Triton kernels", "a tensor", t, "the *_ref functions")
         if not t.is_contiguous():
             raise ValueError(f"Triton kernels need contiguous tensors, got shape {tuple(t.shape)} with "
                              f"strides {t.stride()}; call .contiguous() first")
@@ -477,10 +463,6 @@ def dequantize_triton(data: torch.Tensor, scale: torch.Tensor, fmt: KVFormat | s
 # ----------------------------------------------------------------------------------------------
 
 
-def _use_triton(t: torch.Tensor) -> bool:
-    return triton is not None and (t.is_cuda or (_INTERPRETED and t.device.type == "cpu"))
-
-
 def quantize(x: torch.Tensor, fmt: KVFormat | str, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., head_dim] float -> (data [..., fmt.row_bytes(head_dim)], scale uint8 [..., fmt.scale_cols(head_dim)]).
 
@@ -491,7 +473,7 @@ def quantize(x: torch.Tensor, fmt: KVFormat | str, check_finite: bool = True) ->
     both give the same bytes.
     """
     fmt = _as_format(fmt)
-    if not fmt.is_dense and isinstance(x, torch.Tensor) and _use_triton(x):
+    if not fmt.is_dense and isinstance(x, torch.Tensor) and can_launch(x):
         return quantize_triton(x.contiguous(), fmt, check_finite)
     return quantize_ref(x, fmt, check_finite)
 
@@ -500,7 +482,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, fmt: KVFormat | str, hea
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Inverse of `quantize`: [..., head_dim] in `dtype`."""
     fmt = _as_format(fmt)
-    if not fmt.is_dense and _use_triton(data):
+    if not fmt.is_dense and can_launch(data):
         return dequantize_triton(data.contiguous(), scale.contiguous(), fmt, head_dim, dtype)
     return dequantize_ref(data, scale, fmt, head_dim, dtype)
 

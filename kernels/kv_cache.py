@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from fxforge.kernels.bfp import (_INTERPRETED, KVFormat, _encode_groups, _jit, dequantize, parse_kv_format, quantize,
-                                 triton)
-
-if triton is not None:
-    import triton.language as tl
+from fxforge.kernels.bfp import KVFormat, dequantize, encode_groups, parse_kv_format, quantize
+from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
 
 
 def allocate_kv_pair(num_pages, page_size, num_kv_heads, head_dim, k_format, v_format, device="cpu"):
@@ -62,7 +59,7 @@ def kv_read_ref(data: torch.Tensor, scale: torch.Tensor, pages: torch.Tensor, le
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _round_to_bf16(x):
     # float32 -> bfloat16, round half to even, spelled out on the bits (torch's rule, NaN kept quiet):
     # the interpreter's cast truncates, and this gives the hardware's result everywhere.
@@ -72,7 +69,7 @@ def _round_to_bf16(x):
     return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
 
 
-@_jit
+@jit
 def _kv_write_dense_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: rows of a token contiguous (Hkv * D values)
     data_ptr,  # *storage dtype [slots, Hkv, D] out: the paged cache viewed flat
@@ -94,7 +91,7 @@ def _kv_write_dense_kernel(
     tl.store(data_ptr + slot * ROW + cols, value, mask=mask)
 
 
-@_jit
+@jit
 def _kv_write_packed_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: rows of a token contiguous (Hkv * D values)
     data_ptr,  # *uint8 [slots, Hkv, D * MANTISSA_BITS / 8] out: packed codes, flat
@@ -114,7 +111,7 @@ def _kv_write_packed_kernel(
     live = blocks < tl.where(slot >= 0, TOKEN_BLOCKS, 0)
     groups = tl.arange(0, BLOCK // 4)[None, :]
     first = x_ptr + token * stride_xt + blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
-    word, biased, nonfinite = _encode_groups(first, live, MANTISSA_BITS, MXFP4)
+    word, biased, nonfinite = encode_groups(first, live, MANTISSA_BITS, MXFP4)
     token_bytes = TOKEN_BLOCKS * BLOCK * MANTISSA_BITS // 8
     group_bytes = (data_ptr + slot * token_bytes + blocks[:, None] * (BLOCK * MANTISSA_BITS // 8)
                    + groups * (MANTISSA_BITS // 2))
@@ -129,11 +126,7 @@ _PACKED_VALUES_PER_PROGRAM = 1024
 
 def _check_write(name: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slot_mapping: torch.Tensor,
                  fmt: KVFormat) -> None:
-    if triton is None:
-        raise ValueError("kv_write_triton needs triton installed; use kv_write_ref on CPU")
-    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
-        raise ValueError(f"kv_write_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
-                         f"fxforge), got {name} on {x.device}; use kv_write_ref")
+    check_launchable("kv_write_triton", name, x, "kv_write_ref")
     if x.dim() != 3 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"kv_write_triton: {name} must be float32/bfloat16/float16 [T, Hkv, D], got {x.dtype} "
                          f"{tuple(x.shape)}")

@@ -13,18 +13,9 @@ s = x + residual (in x's dtype), returned together with rmsnorm(s).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: the references serve every call
-    triton = None
-
-# triton.jit reads TRITON_INTERPRET when it decorates, so this is how the kernels below were built.
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALUES_PER_PROGRAM = 4096  # rows per program = this // BLOCK_N (at least 1)
@@ -50,11 +41,7 @@ def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _rmsnorm_kernel(
     x_ptr,  # *fp32|bf16|fp16 [R, N]: rows to normalise, unit stride along N
     residual_ptr,  # *same [R, N]: added to x first (read only when HAS_RESIDUAL)
@@ -92,11 +79,7 @@ def _rmsnorm_kernel(
 
 
 def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> None:
-    if triton is None:
-        raise ValueError("rmsnorm_triton needs triton installed; use rmsnorm_ref on CPU")
-    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
-        raise ValueError(f"rmsnorm_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
-                         f"fxforge), got x on {x.device}; use rmsnorm_ref")
+    check_launchable("rmsnorm_triton", "x", x, "rmsnorm_ref")
     if x.dtype not in _FLOAT_DTYPES or weight.dtype not in _FLOAT_DTYPES or x.dim() == 0:
         raise ValueError(f"rmsnorm_triton: x and weight must be float32/bfloat16/float16 with a last dim, got "
                          f"x {x.dtype} {tuple(x.shape)}, weight {weight.dtype} {tuple(weight.shape)}")

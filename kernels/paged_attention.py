@@ -49,7 +49,7 @@ try:
     import triton
     import triton.language as tl
 
-    from fxforge.kernels.bfp import _decode_e2m1, _pow2
+    from fxforge.kernels.bfp import decode_e2m1, pow2
 except ImportError:  # CPU-only install: attention_ref serves every call
     triton = None
 
@@ -190,7 +190,7 @@ def _load_kv_tile(
             mask = mask & (blocks[None, :, None] < D // BLOCK)
         exponent = tl.load(scale_ptr + scale_rows[:, None, None] + blocks[None, :, None], mask=mask,
                            other=0).to(tl.int32)
-        scale = _pow2(exponent)  # 2^(byte - 127); 0 for byte 0 (and for masked rows)
+        scale = pow2(exponent)  # 2^(byte - 127); 0 for byte 0 (and for masked rows)
         block_ptr = data_ptr + data_rows[:, None, None] + blocks[None, :, None] * (BLOCK * BITS // 8)
         if BITS == 4:  # value 2i in the low nibble of byte i, value 2i+1 in the high nibble
             packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
@@ -200,8 +200,8 @@ def _load_kv_tile(
             else:
                 packed = packed.to(tl.int32)
                 if MXFP4:
-                    even = _decode_e2m1(packed & 15) * scale
-                    odd = _decode_e2m1(packed >> 4) * scale
+                    even = decode_e2m1(packed & 15) * scale
+                    odd = decode_e2m1(packed >> 4) * scale
                 else:
                     bias = _magic_bias(scale, 4)
                     even = _magic_float(packed & 15, 4) * scale + bias

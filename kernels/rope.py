@@ -18,19 +18,9 @@ their channels.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: rope_ref serves every call
-    triton = None
-
-# triton.jit reads TRITON_INTERPRET when it decorates, so this is how the kernel below was built.
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
-
+from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     if interleaved:  # pairs (2i, 2i+1)
@@ -64,11 +54,7 @@ def rope_ref(
 # ----------------------------------------------------------------------------------------------
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _rope_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input, unit stride along D
     out_ptr,  # *same dtype [T, H, D] out, contiguous
@@ -104,7 +90,7 @@ def _rope_kernel(
     tl.store(out + second, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@_jit
+@jit
 def _rope_permuted_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input in permuted channel order, unit stride along D
     out_ptr,  # *same dtype [T, H, D] out, contiguous
@@ -175,11 +161,7 @@ def rope_tables(channel_perm: torch.Tensor, interleaved: bool) -> torch.Tensor:
 
 
 def _check_rope_inputs(x, positions, inv_freq, channel_perm) -> None:
-    if triton is None:
-        raise ValueError("rope_triton needs triton installed; use rope_ref on CPU")
-    if not (x.is_cuda or (_INTERPRETED and x.device.type == "cpu")):
-        raise ValueError(f"rope_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
-                         f"fxforge), got x on {x.device}; use rope_ref")
+    check_launchable("rope_triton", "x", x, "rope_ref")
     if x.dim() != 3 or x.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"rope_triton: x must be float32/bfloat16/float16 [T, H, D], got {x.dtype} {tuple(x.shape)}")
     tokens, heads, head_dim = x.shape

@@ -8,19 +8,10 @@ once, at the end (identical in float32, at most one rounding step apart in bf16/
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # CPU-only install: swiglu_ref serves every call
-    triton = None
-
-# triton.jit reads TRITON_INTERPRET when it decorates, so this is how the kernels below were built.
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
+from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _BLOCK = 2048  # values per program
@@ -31,11 +22,7 @@ def swiglu_ref(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return (F.silu(gate.float()) * up.float()).to(gate.dtype)
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
-@_jit
+@jit
 def _swiglu_kernel(
     gate_ptr,  # *fp32|bf16|fp16 [numel] contiguous
     up_ptr,  # *same [numel] contiguous
@@ -53,11 +40,7 @@ def _swiglu_kernel(
 
 def swiglu_triton(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """Triton `swiglu_ref` (CUDA, or CPU under TRITON_INTERPRET=1): reads gate and up once, writes out."""
-    if triton is None:
-        raise ValueError("swiglu_triton needs triton installed; use swiglu_ref on CPU")
-    if not (gate.is_cuda or (_INTERPRETED and gate.device.type == "cpu")):
-        raise ValueError(f"swiglu_triton needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before importing "
-                         f"fxforge), got gate on {gate.device}; use swiglu_ref")
+    check_launchable("swiglu_triton", "gate", gate, "swiglu_ref")
     if gate.shape != up.shape or gate.dtype != up.dtype or gate.dtype not in _FLOAT_DTYPES:
         raise ValueError(f"swiglu_triton: gate and up must be float32/bfloat16/float16 of one shape and dtype, got "
                          f"gate {gate.dtype} {tuple(gate.shape)}, up {up.dtype} {tuple(up.shape)}")

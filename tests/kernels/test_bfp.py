@@ -20,7 +20,7 @@ from tests.kernels.interpreter import run_interpreted
 if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fxforge.kernels import bfp  # noqa: E402
+from fxforge.kernels import bfp, triton_support  # noqa: E402
 from fxforge.kernels.bfp import dequantize_ref, parse_kv_format, quantize_ref, valid_format_names  # noqa: E402
 
 try:
@@ -39,7 +39,7 @@ DTYPE_IDS = ["fp32", "bf16", "fp16"]
 # NaN blocks decode as 0 * inf; numpy (the interpreter) warns about it, the GPU does not
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in multiply:RuntimeWarning")
 
-INTERPRETER = HAS_TRITON and bfp._INTERPRETED
+INTERPRETER = HAS_TRITON and triton_support.INTERPRETED
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETER,
     reason="triton is missing, or was imported before TRITON_INTERPRET=1 was set in this session "
