@@ -11,9 +11,11 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.modules import TENSORS_PER_LAYER, DecoderLM
+from fxforge.ir.ops import REFERENCE, bindings
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
 from fxforge.kernels.kv_cache import allocate_kv_pair
@@ -106,6 +108,12 @@ class Model:
         from fxforge.ir.capture import kv_formats
 
         return kv_formats(self.module, self.spec.num_layers)
+
+    def kernel_bindings(self) -> dict[str, str]:
+        """{custom op: impl} of this model (ir/ops.py); an eager canonical module runs the references."""
+        if isinstance(self.module, fx.GraphModule):
+            return bindings(self.module)
+        return {"rope": REFERENCE, "kv_write": REFERENCE, "attention": REFERENCE}
 
     def kv_bytes_per_token(self) -> int:
         """Real bytes of KV storage per token over all layers (data + shared exponents)."""

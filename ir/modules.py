@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxforge.ir.ops import ATTENTION, KV_WRITE, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, REFERENCE, ROPE
 from fxforge.ir.spec import ModelSpec
 
 TENSORS_PER_LAYER = 4  # k_data, k_scale, v_data, v_scale
@@ -65,11 +65,11 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q = ROPE(q, positions, self.inv_freq, self.rope_interleaved, None)
-        k = ROPE(k, positions, self.inv_freq, self.rope_interleaved, None)
-        KV_WRITE(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, self.k_format, self.v_format)
+        q = ROPE(q, positions, self.inv_freq, self.rope_interleaved, None, REFERENCE)
+        k = ROPE(k, positions, self.inv_freq, self.rope_interleaved, None, REFERENCE)
+        KV_WRITE(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, self.k_format, self.v_format, REFERENCE)
         o = ATTENTION(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                      self.k_format, self.v_format, self.scale, self.sliding_window)
+                      self.k_format, self.v_format, self.scale, self.sliding_window, REFERENCE)
         return self.o_proj(o.view(-1, self.num_heads * self.head_dim))
 
 

@@ -2,89 +2,91 @@
 two that lowering introduces, fxforge::rmsnorm and fxforge::swiglu.
 
 They are opaque to torch.fx so passes can find them by target, and each has a fake implementation
-so graphs that contain them survive torch.compile / torch.export. The CPU implementation is the
-float32 torch reference in kernels/; the `lower` pass (register_cuda_impl) routes CUDA tensors to
-the Triton kernels where those exist.
+so graphs that contain them survive torch.compile / torch.export.
+
+Kernel binding is data on each node: every op takes, as its last argument, `impl`, the
+implementation that node is bound to:
+  "reference"  the float32 torch reference of kernels/ (the test oracle), on any device;
+  "triton"     the Triton kernel of kernels/ for CUDA tensors (and for CPU tensors when this process
+               interprets Triton, TRITON_INTERPRET=1); the reference for other CPU tensors.
+The canonical modules emit "reference"; the `lower` pass rewrites the argument. So the binding
+belongs to the graph (graph.py shows it, an artifact replays it), and two models lowered
+differently run side by side in one process.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Optional
+import importlib
+from typing import Callable, Optional
 
 import torch
+import torch.fx as fx
 
 from fxforge.kernels.attention import attention_ref
-from fxforge.kernels.kv_cache import kv_write_ref
+from fxforge.kernels.kv_cache import kv_write_pair_ref
+from fxforge.kernels.triton_support import can_launch
 from fxforge.kernels.norm import rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
 from fxforge.kernels.swiglu import swiglu_ref
 
-# op name -> implementation used for CUDA tensors; CPU tensors always use the references.
-_CUDA_IMPLS: dict[str, object] = {}
+REFERENCE, TRITON = "reference", "triton"
+IMPLS = (REFERENCE, TRITON)
 
 
-def register_cuda_impl(op_name: str, fn) -> None:
-    """Bind a (Triton) implementation to an op for CUDA tensors; lowering calls this."""
-    _CUDA_IMPLS[op_name] = fn
+# op name -> its reference (same signature as the op, without `impl`)
+REFERENCES: dict[str, Callable] = {"rope": rope_ref, "kv_write": kv_write_pair_ref, "attention": attention_ref,
+                                   "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref}
+# op name -> (kernel module, launcher) imported on first use, so the IR loads without triton
+_TRITON_LAUNCHERS = {"rope": ("fxforge.kernels.rope", "rope_triton"),
+                     "kv_write": ("fxforge.kernels.kv_cache", "kv_write_triton"),
+                     "attention": ("fxforge.kernels.paged_attention", "attention_triton"),
+                     "rmsnorm": ("fxforge.kernels.norm", "rmsnorm_triton"),
+                     "swiglu": ("fxforge.kernels.swiglu", "swiglu_triton")}
 
 
-def unregister_cuda_impl(op_name: str) -> None:
-    """Send CUDA tensors of an op back to its torch reference (lowering with backend="torch")."""
-    _CUDA_IMPLS.pop(op_name, None)
+def triton_launcher(op_name: str) -> Callable:
+    module, name = _TRITON_LAUNCHERS[op_name]
+    return getattr(importlib.import_module(module), name)
 
 
-def cuda_impls() -> dict[str, str]:
-    """Which implementation each op uses on CUDA (recorded in plans)."""
-    return {name: getattr(fn, "__qualname__", str(fn)) for name, fn in _CUDA_IMPLS.items()}
+def implementation(op_name: str, impl: str, tensor: torch.Tensor) -> Callable:
+    """The function an op bound to `impl` runs for inputs like `tensor`."""
+    if impl not in IMPLS:
+        raise ValueError(f"fxforge::{op_name}: impl={impl!r} is not one of {IMPLS}")
+    if impl == TRITON and can_launch(tensor):
+        return triton_launcher(op_name)
+    return REFERENCES[op_name]
 
 
-def cpu_impls() -> dict[str, str]:
-    """Which implementation each op uses on CPU: always its torch reference."""
-    return {name: fn.__qualname__ for name, fn in _REFERENCES.items()}
-
-
-@contextlib.contextmanager
-def reference_only():
-    """Run every op through its torch reference inside the block, CUDA tensors included."""
-    saved = dict(_CUDA_IMPLS)
-    _CUDA_IMPLS.clear()
-    try:
-        yield
-    finally:
-        _CUDA_IMPLS.update(saved)
-
-
-def _pick(op_name: str, ref, tensor: torch.Tensor):
-    if tensor.is_cuda and op_name in _CUDA_IMPLS:
-        return _CUDA_IMPLS[op_name]
-    return ref
+def implementation_names(impls: dict[str, str], device_type: str) -> dict[str, str]:
+    """{op: name of the function it runs for tensors on device_type} for a binding {op: impl} (CPU:
+    as on a machine that does not interpret Triton)."""
+    use_kernel = device_type == "cuda"
+    return {op: (triton_launcher(op) if impl == TRITON and use_kernel else REFERENCES[op]).__name__
+            for op, impl in impls.items()}
 
 
 @torch.library.custom_op("fxforge::rope", mutates_args=())
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
-         channel_perm: Optional[torch.Tensor]) -> torch.Tensor:
-    return _pick("rope", rope_ref, x)(x, positions, inv_freq, interleaved, channel_perm)
+         channel_perm: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+    return implementation("rope", impl, x)(x, positions, inv_freq, interleaved, channel_perm)
 
 
 @rope.register_fake
-def _rope_fake(x, positions, inv_freq, interleaved, channel_perm):
+def _rope_fake(x, positions, inv_freq, interleaved, channel_perm, impl):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("fxforge::kv_write", mutates_args=("k_data", "k_scale", "v_data", "v_scale"))
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
              v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
-             k_format: str, v_format: str) -> None:
-    if k.is_cuda and "kv_write" in _CUDA_IMPLS:
-        _CUDA_IMPLS["kv_write"](k, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_format, v_format)
-        return
-    kv_write_ref(k, k_data, k_scale, slot_mapping, k_format)
-    kv_write_ref(v, v_data, v_scale, slot_mapping, v_format)
+             k_format: str, v_format: str, impl: str) -> None:
+    implementation("kv_write", impl, k)(k, v, k_data, k_scale, v_data, v_scale, slot_mapping,
+                                                    k_format, v_format)
 
 
 @kv_write.register_fake
-def _kv_write_fake(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_format, v_format):
+def _kv_write_fake(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_format, v_format, impl):
     return None
 
 
@@ -92,44 +94,58 @@ def _kv_write_fake(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_forma
 def attention(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
               v_scale: torch.Tensor, page_table: torch.Tensor, query_start: torch.Tensor,
               seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
-              sliding_window: int) -> torch.Tensor:
-    impl = _pick("attention", attention_ref, q)
-    return impl(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                k_format, v_format, scale, sliding_window)
+              sliding_window: int, impl: str) -> torch.Tensor:
+    return implementation("attention", impl, q)(
+        q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens, k_format, v_format, scale,
+        sliding_window)
 
 
 @attention.register_fake
 def _attention_fake(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                    k_format, v_format, scale, sliding_window):
+                    k_format, v_format, scale, sliding_window, impl):
     return torch.empty_like(q)
 
 
 @torch.library.custom_op("fxforge::rmsnorm", mutates_args=())
-def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return _pick("rmsnorm", rmsnorm_ref, x)(x, weight, eps)
+def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str) -> torch.Tensor:
+    return implementation("rmsnorm", impl, x)(x, weight, eps)
 
 
 @rmsnorm.register_fake
-def _rmsnorm_fake(x, weight, eps):
+def _rmsnorm_fake(x, weight, eps, impl):
     return x.new_empty(torch.broadcast_shapes(x.shape, weight.shape), dtype=torch.promote_types(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op("fxforge::swiglu", mutates_args=())
-def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    return _pick("swiglu", swiglu_ref, gate)(gate, up)
+def swiglu(gate: torch.Tensor, up: torch.Tensor, impl: str) -> torch.Tensor:
+    return implementation("swiglu", impl, gate)(gate, up)
 
 
 @swiglu.register_fake
-def _swiglu_fake(gate, up):
+def _swiglu_fake(gate, up, impl):
     return torch.empty_like(gate)
 
-
-_REFERENCES = {"rope": rope_ref, "kv_write": kv_write_ref, "attention": attention_ref, "rmsnorm": rmsnorm_ref,
-               "swiglu": swiglu_ref}
 
 ROPE = torch.ops.fxforge.rope
 KV_WRITE = torch.ops.fxforge.kv_write
 ATTENTION = torch.ops.fxforge.attention
 RMSNORM = torch.ops.fxforge.rmsnorm
 SWIGLU = torch.ops.fxforge.swiglu
+OP_NAMES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "rmsnorm", SWIGLU: "swiglu"}
 CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act"}
+
+
+def bindings(gm: fx.GraphModule) -> dict[str, str]:
+    """{op name: impl} over the custom-op nodes of a graph; "mixed" where nodes of one op disagree."""
+    found: dict[str, set] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in OP_NAMES:
+            found.setdefault(OP_NAMES[node.target], set()).add(node.args[-1])
+    return {op: impls.pop() if len(impls) == 1 else "mixed" for op, impls in found.items()}
+
+
+def bind(node: fx.Node, impl: str) -> None:
+    """Bind one custom-op node to `impl` (its last argument)."""
+    if node.target not in OP_NAMES or impl not in IMPLS:
+        raise ValueError(f"cannot bind node {node.name} ({node.target}) to {impl!r}; impls: {IMPLS}")
+    node.update_arg(len(node.args) - 1, impl)

@@ -47,6 +47,14 @@ def kv_write_ref(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slot_
         scale.view(-1, *scale.shape[2:])[slots] = q_scale
 
 
+def kv_write_pair_ref(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+                      v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
+                      k_format: str, v_format: str) -> None:
+    """kv_write_ref for K and V: the reference of kv_write_triton (same signature)."""
+    kv_write_ref(k, k_data, k_scale, slot_mapping, k_format)
+    kv_write_ref(v, v_data, v_scale, slot_mapping, v_format)
+
+
 def kv_read_ref(data: torch.Tensor, scale: torch.Tensor, pages: torch.Tensor, length: int, fmt: str, head_dim: int) -> torch.Tensor:
     """The first `length` tokens stored in `pages`, dequantized to float32: [length, Hkv, D]."""
     rows = data[pages.long()].flatten(0, 1)[:length]

@@ -149,7 +149,7 @@ def _compose_rope_perm(gm: fx.GraphModule, node: fx.Node, attn, buffer: str, per
     if not isinstance(old, fx.Node):
         with gm.graph.inserting_before(node):
             getter = gm.graph.get_attr(f"layers.{meta(node).layer}.attn.{buffer}")
-        node.args = node.args[:4] + (getter,)
+        node.update_arg(4, getter)
 
 
 def _apply_v(gm: fx.GraphModule, layer: int, v_perm: torch.Tensor, spec) -> None:

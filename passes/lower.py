@@ -5,11 +5,10 @@
     through a get_attr node, and every `mul(silu(gate), up)` of a dense MLP into
     `fxforge::swiglu(gate, up)` (role `mlp_act`). Parameter names do not change, so artifacts keep
     their weights file layout.
-(b) Binds the CUDA implementation of each custom op: with backend "triton" (or "auto" when triton
-    imports and CUDA is available) rope, rmsnorm, swiglu and kv_write go to the Triton kernels of
-    kernels/, and attention to fxforge.kernels.paged_attention when that module is present; with
-    backend "torch" CUDA tensors use the torch references. CPU tensors always use the references.
-    The binding is process-wide (ir.ops keeps one table): the last lowering wins.
+(b) Binds every custom-op node (its `impl` argument, see ir/ops.py): with backend "triton" (or
+    "auto" when triton imports and CUDA is available) to the Triton kernels of kernels/ for CUDA
+    tensors; with backend "torch" to the torch references. CPU tensors always use the references.
+    The binding is part of this graph only; other models in the process keep theirs.
 (c) Reports which implementation each op uses on CPU and on CUDA (plan.json, report.md).
 
 Requires: role/layer metadata. Runs after `ksort` and `bfp-kv` (they rewrite the modules and the op
@@ -92,12 +91,12 @@ def lower(gm: fx.GraphModule, config: Lower, ctx) -> PassResult:
         gm.recompile()
     annotate(gm, spec)
     backend, why = _resolve_backend(config.backend)
-    before = ops.cuda_impls()
-    _bind(backend)
-    cuda = {**ops.cpu_impls(), **ops.cuda_impls()}
+    rebound = _bind(gm, ops.TRITON if backend == "triton" else ops.REFERENCE)
+    bound = ops.bindings(gm)
     report = {"backend": backend, "backend_reason": why, "rmsnorm_nodes": norms, "swiglu_nodes": swiglus,
-              "cpu": ops.cpu_impls(), "cuda": cuda}
-    return PassResult(gm, bool(norms or swiglus) or ops.cuda_impls() != before, report)
+              "rebound_nodes": rebound, "cpu": ops.implementation_names(bound, "cpu"),
+              "cuda": ops.implementation_names(bound, "cuda")}
+    return PassResult(gm, bool(norms or swiglus or rebound), report)
 
 
 # -- (a) structural rewrites -------------------------------------------------------------------------
@@ -110,7 +109,7 @@ def _lower_norms(gm: fx.GraphModule) -> int:
         module = gm.get_submodule(node.target)
         with gm.graph.inserting_before(node):
             weight = gm.graph.get_attr(f"{node.target}.weight")
-            fused = gm.graph.call_function(ops.RMSNORM, (node.args[0], weight, float(module.eps)))
+            fused = gm.graph.call_function(ops.RMSNORM, (node.args[0], weight, float(module.eps), ops.REFERENCE))
         _adopt(weight, node)
         _adopt(fused, node, {"lower": {"from": node.target}})
         node.replace_all_uses_with(fused)
@@ -127,7 +126,7 @@ def _lower_swiglus(gm: fx.GraphModule) -> int:
             continue
         silu, gate, up = operands
         with gm.graph.inserting_before(node):
-            fused = gm.graph.call_function(ops.SWIGLU, (gate, up))
+            fused = gm.graph.call_function(ops.SWIGLU, (gate, up, ops.REFERENCE))
         _adopt(fused, node, {"lower": {"from": f"{silu.name} * {up.name}"}})
         node.replace_all_uses_with(fused)
         gm.graph.erase_node(node)
@@ -172,23 +171,11 @@ def _adopt(new: fx.Node, old: fx.Node, notes: dict | None = None) -> None:
 
 # -- (b) kernel binding -------------------------------------------------------------------------------
 
-def _bind(backend: str) -> None:
-    names = ("rope", "rmsnorm", "swiglu", "kv_write", "attention")
-    if backend == "torch":
-        for name in names:
-            ops.unregister_cuda_impl(name)
-        return
-    from fxforge.kernels.kv_cache import kv_write_triton
-    from fxforge.kernels.norm import rmsnorm_triton
-    from fxforge.kernels.rope import rope_triton
-    from fxforge.kernels.swiglu import swiglu_triton
-
-    for name, fn in (("rope", rope_triton), ("rmsnorm", rmsnorm_triton), ("swiglu", swiglu_triton),
-                     ("kv_write", kv_write_triton)):
-        ops.register_cuda_impl(name, fn)
-    try:
-        from fxforge.kernels import paged_attention
-    except ImportError:  # not written yet: attention stays on its reference
-        return
-    if hasattr(paged_attention, "register"):
-        paged_attention.register()
+def _bind(gm: fx.GraphModule, impl: str) -> int:
+    """Bind every custom-op node to `impl`; returns how many changed."""
+    changed = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in ops.OP_NAMES and node.args[-1] != impl:
+            ops.bind(node, impl)
+            changed += 1
+    return changed

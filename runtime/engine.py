@@ -63,9 +63,7 @@ class Engine:
         max_model_len = max_model_len or min(model.spec.max_position_embeddings, 4096)
         num_pages = num_pages or self._default_pages(page_size, max_num_seqs, max_model_len, gpu_memory_fraction)
         if use_cuda_graphs is None:
-            from fxforge.ir.ops import cuda_impls
-
-            use_cuda_graphs = model.device.type == "cuda" and "attention" in cuda_impls()
+            use_cuda_graphs = model.device.type == "cuda" and model.kernel_bindings().get("attention") == "triton"
         self.scheduler = Scheduler(
             SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                             max_model_len=max_model_len, page_size=page_size,

@@ -4,6 +4,17 @@ import pytest
 import torch
 
 
+class Spy:
+    """Wraps a function and counts its calls (to prove which implementation an op dispatched to)."""
+
+    def __init__(self, fn):
+        self.fn, self.calls = fn, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        return self.fn(*args, **kwargs)
+
+
 def assert_close(actual, expected, what, seed, tolerance: dict):
     """actual ~ expected within tolerance[expected.dtype] = (atol, rtol); same shape and dtype."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (

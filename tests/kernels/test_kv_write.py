@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from tests.kernels.checks import Spy
 from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import kv_cache
@@ -179,13 +180,15 @@ class TestCUDA:
     def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
         from fxforge.ir import ops
 
-        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"kv_write": kv_cache.kv_write_triton})
+        spy = Spy(kv_cache.kv_write_triton)
+        monkeypatch.setattr(kv_cache, "kv_write_triton", spy)
         gen = torch.Generator().manual_seed(seed)
         k, v = kv_like((7, 3, 64), torch.bfloat16, gen), kv_like((7, 3, 64), torch.bfloat16, gen)
         slots = scattered_slots(7, gen)
         actual, expected = random_cache(3, 64, "bfp12_32", "bfloat16", gen, "cuda")
         kv_write_ref(k, expected[0], expected[1], slots, "bfp12_32")
         kv_write_ref(v, expected[2], expected[3], slots, "bfloat16")
-        ops.KV_WRITE(k.cuda(), v.cuda(), *actual, slots.cuda(), "bfp12_32", "bfloat16")
+        ops.KV_WRITE(k.cuda(), v.cuda(), *actual, slots.cuda(), "bfp12_32", "bfloat16", ops.TRITON)
+        assert spy.calls == 1, "an op bound to 'triton' must run the kernel for CUDA tensors"
         for name, a, e in zip(("k_data", "k_scale", "v_data", "v_scale"), actual, expected):
             assert_same_bytes(a, e, f"fxforge::kv_write {name}", k.shape, seed)

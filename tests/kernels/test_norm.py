@@ -9,6 +9,7 @@ import secrets
 import pytest
 import torch
 
+from tests.kernels.checks import Spy
 from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.ir.modules import RMSNorm
@@ -168,6 +169,9 @@ class TestCUDA:
     def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
         from fxforge.ir import ops
 
-        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"rmsnorm": norm.rmsnorm_triton})
+        spy = Spy(norm.rmsnorm_triton)
+        monkeypatch.setattr(norm, "rmsnorm_triton", spy)
         x, weight = inputs((7, 3, 64), (3, 64), torch.bfloat16, seed, "cuda")
-        assert_close(ops.RMSNORM(x, weight, 1e-5), rmsnorm_ref(x.cpu(), weight.cpu(), 1e-5), "fxforge::rmsnorm", seed)
+        assert_close(ops.RMSNORM(x, weight, 1e-5, ops.TRITON), rmsnorm_ref(x.cpu(), weight.cpu(), 1e-5),
+                     "fxforge::rmsnorm", seed)
+        assert spy.calls == 1, "an op bound to 'triton' must run the kernel for CUDA tensors"

@@ -177,7 +177,9 @@ class TestCUDA:
     def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
         from fxforge.ir import ops
 
-        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"rope": rope.rope_triton})
+        spy = checks.Spy(rope.rope_triton)
+        monkeypatch.setattr(rope, "rope_triton", spy)
         x, positions, inv_freq, perm = inputs((7, 3, 64), torch.bfloat16, True, seed, device="cuda")
-        actual = ops.ROPE(x, positions, inv_freq, True, perm)
+        actual = ops.ROPE(x, positions, inv_freq, True, perm, ops.TRITON)
+        assert spy.calls == 1, "an op bound to 'triton' must run the kernel for CUDA tensors"
         assert_close(actual, rope_ref(x.cpu(), positions.cpu(), inv_freq.cpu(), True, perm.cpu()), "fxforge::rope", seed)

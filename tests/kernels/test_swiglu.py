@@ -127,6 +127,8 @@ class TestCUDA:
     def test_custom_op_uses_the_kernel(self, seed, monkeypatch):
         from fxforge.ir import ops
 
-        monkeypatch.setattr(ops, "_CUDA_IMPLS", {"swiglu": swiglu.swiglu_triton})
+        spy = checks.Spy(swiglu.swiglu_triton)
+        monkeypatch.setattr(swiglu, "swiglu_triton", spy)
         gate, up = inputs((7, 96), torch.bfloat16, seed, "cuda")
-        assert_close(ops.SWIGLU(gate, up), swiglu_ref(gate.cpu(), up.cpu()), "fxforge::swiglu", seed)
+        assert_close(ops.SWIGLU(gate, up, ops.TRITON), swiglu_ref(gate.cpu(), up.cpu()), "fxforge::swiglu", seed)
+        assert spy.calls == 1, "an op bound to 'triton' must run the kernel for CUDA tensors"

@@ -17,10 +17,7 @@ from fxforge.passes import BFPKVCache, KSort, Lower
 from tests.conftest import TINY_SPECS, tiny_model
 
 
-@pytest.fixture(autouse=True)
-def cuda_bindings(monkeypatch):
-    """The CUDA binding table is process-wide: give every test its own copy."""
-    monkeypatch.setattr(ops, "_CUDA_IMPLS", dict(ops._CUDA_IMPLS))
+OPS = ("rope", "kv_write", "attention", "rmsnorm", "swiglu")
 
 
 def expected_counts(spec) -> tuple[int, int]:
@@ -90,22 +87,49 @@ def test_save_and_load_round_trip(tmp_path, tokens):
 def test_report_names_the_implementations():
     opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
     report = opt.passes[0]["report"]
-    refs = {"rope": "rope_ref", "kv_write": "kv_write_ref", "attention": "attention_ref", "rmsnorm": "rmsnorm_ref",
-            "swiglu": "swiglu_ref"}
+    refs = {"rope": "rope_ref", "kv_write": "kv_write_pair_ref", "attention": "attention_ref",
+            "rmsnorm": "rmsnorm_ref", "swiglu": "swiglu_ref"}
     assert report["backend"] == "torch" and report["cpu"] == refs and report["cuda"] == refs
 
 
-def test_triton_backend_binds_the_kernels_for_cuda():
+def test_triton_backend_binds_this_graph_only():
     pytest.importorskip("triton")
     opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="triton")])
     report = opt.passes[0]["report"]
-    assert report["backend"] == "triton"
-    assert {name: report["cuda"][name] for name in ("rope", "rmsnorm", "swiglu", "kv_write")} == {
-        "rope": "rope_triton", "rmsnorm": "rmsnorm_triton", "swiglu": "swiglu_triton", "kv_write": "kv_write_triton"}
-    assert report["cpu"]["rope"] == "rope_ref", "CPU tensors always use the references"
-    assert ops.cuda_impls()["rope"] == "rope_triton"
-    fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
-    assert "rope" not in ops.cuda_impls(), "backend='torch' must send CUDA tensors back to the references"
+    assert report["backend"] == "triton" and report["rebound_nodes"] > 0
+    assert report["cuda"] == {"rope": "rope_triton", "rmsnorm": "rmsnorm_triton", "swiglu": "swiglu_triton",
+                              "kv_write": "kv_write_triton", "attention": "attention_triton"}
+    assert report["cpu"]["rope"] == "rope_ref", "CPU tensors use the references"
+    assert opt.kernel_bindings() == dict.fromkeys(OPS, "triton")
+    other = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    assert other.kernel_bindings() == dict.fromkeys(OPS, "reference")
+    assert opt.kernel_bindings() == dict.fromkeys(OPS, "triton"), "lowering another model must not rebind this one"
+    assert tiny_model("llama-gqa").kernel_bindings() == dict.fromkeys(("rope", "kv_write", "attention"), "reference")
+
+
+def test_two_models_lowered_differently_run_side_by_side(monkeypatch, tokens):
+    """Interleaved calls of two models in one process: each op dispatches by its own node's binding."""
+    pytest.importorskip("triton")
+    model = tiny_model("llama-gqa")
+    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton")])
+    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch")])
+    calls = []
+    dispatch = ops.implementation
+
+    def recording(op_name, impl, tensor):
+        calls.append((op_name, impl))
+        return dispatch(op_name, impl, tensor)
+
+    monkeypatch.setattr(ops, "implementation", recording)
+    logits = {}
+    for name, m, impl in (("triton", on_triton, "triton"), ("torch", on_torch, "reference"),
+                          ("triton again", on_triton, "triton")):
+        calls.clear()
+        logits[name] = m.logits(tokens)
+        assert {op for op, _ in calls} == set(OPS) and {i for _, i in calls} == {impl}, name
+    torch.testing.assert_close(logits["triton"], logits["triton again"], rtol=0, atol=0)
+    if not torch.cuda.is_available():  # CPU tensors run the references whatever the binding
+        torch.testing.assert_close(logits["triton"], logits["torch"], rtol=0, atol=0)
 
 
 def test_auto_backend_follows_the_machine():
@@ -178,3 +202,26 @@ def test_lowered_model_on_cuda_matches_the_cpu_reference(kind, tokens):
     opt.module.cuda()
     actual = Model(opt.module, opt.spec).logits(tokens)
     torch.testing.assert_close(actual.cpu(), expected, rtol=0, atol=2e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_models_lowered_differently_on_cuda_run_their_own_kernels(monkeypatch, tokens):
+    """On the GPU, a Triton-lowered and a torch-lowered model in one process: only the first launches kernels."""
+    pytest.importorskip("triton")
+    from fxforge.kernels import paged_attention, rope
+    from tests.kernels.checks import Spy
+
+    model = tiny_model("llama-gqa")
+    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton")])
+    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch")])
+    on_triton.module.cuda()
+    on_torch.module.cuda()
+    spies = {"rope": Spy(rope.rope_triton), "attention": Spy(paged_attention.attention_triton)}
+    monkeypatch.setattr(rope, "rope_triton", spies["rope"])
+    monkeypatch.setattr(paged_attention, "attention_triton", spies["attention"])
+    reference = Model(on_torch.module, on_torch.spec).logits(tokens)
+    assert all(spy.calls == 0 for spy in spies.values())
+    lowered = Model(on_triton.module, on_triton.spec).logits(tokens)
+    assert all(spy.calls > 0 for spy in spies.values())
+    torch.testing.assert_close(lowered.cpu(), reference.cpu(), rtol=0, atol=2e-3)
