@@ -15,7 +15,8 @@ import torch
 
 import fxforge
 from fxforge.data import load_texts
-from fxforge.evaluate import perplexity, token_windows
+from fxforge.evaluate import perplexity
+from fxforge.ir.tokenizer import token_windows
 from fxforge.ir import ops
 
 ap = argparse.ArgumentParser()

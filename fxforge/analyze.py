@@ -31,8 +31,6 @@ from fxforge.ir.modules import DecoderLM
 from fxforge.ir.spec import ModelSpec
 
 SUMMARY_VERSION = 1
-# roles drawn as one roofline point each; the three SwiGLU projections share one point
-_PLOT_GROUPS = {"mlp_gate": "mlp", "mlp_up": "mlp", "mlp_down": "mlp"}
 
 
 def analyze(model, batch: BatchDesc, device: DeviceSpec | str = "h100", plot_path: Path | str | None = None,
@@ -137,23 +135,20 @@ def plot_roofline(roles: list[dict], device: DeviceSpec, batch: BatchDesc, path:
     opbs = [p[1] for p in points] + [device.ridge(dtype)] + ([compare.ridge(dtype)] if compare else [])
     lo, hi = min(opbs) / 4, max(opbs) * 4
     xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(10.5, 5.5))
     for dev, style in ((device, "-"), (compare, "--")):
         if dev is not None:
             ax.plot(xs, [min(dev.peak(dtype), dev.mem_bandwidth * x) for x in xs], style, color="black" if
                     style == "-" else "tab:gray", label=f"{dev.name} roof (ridge {dev.ridge(dtype):.0f} Op/B)")
     colors, markers = plt.get_cmap("tab20").colors, "osD^v<>phX*"
-    for i, (name, opb, achieved) in enumerate(points):
-        ax.scatter([opb], [achieved], s=42, zorder=3, label=name, color=colors[i % len(colors)],
+    for i, (name, opb, achieved) in enumerate(points):  # named in the legend only: labels on points overprint
+        ax.scatter([opb], [achieved], s=42, zorder=3, label=f"{name} ({opb:,.1f} Op/B)", color=colors[i % len(colors)],
                    marker=markers[i % len(markers)])
-    for i, (names, opb, achieved) in enumerate(_label_clusters(points)):
-        ax.annotate(", ".join(names), (opb, achieved), textcoords="offset points", fontsize=8,
-                    xytext=(8, -14 if i % 2 else 8), arrowprops={"arrowstyle": "-", "alpha": 0.4})
     ax.set(xscale="log", yscale="log", xlabel="arithmetic intensity (FLOP / byte)",
            ylabel="attainable FLOP/s", title=f"{title} {batch.phase} batch {batch.batch} ctx {batch.context}"
            f" ({dtype}, {device.name})".strip())
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -162,25 +157,9 @@ def plot_roofline(roles: list[dict], device: DeviceSpec, batch: BatchDesc, path:
 
 
 def _plot_points(roles: list[dict]) -> list[tuple[str, float, float]]:
-    """(label, Op/B, achieved FLOP/s) per node type with FLOPs; mlp_gate/up/down merge into 'mlp'."""
-    merged: dict[str, list[float]] = {}
-    for row in roles:
-        acc = merged.setdefault(_PLOT_GROUPS.get(row["role"], row["role"]), [0, 0, 0.0])
-        acc[0] += row["flops"]
-        acc[1] += row["bytes"]
-        acc[2] += row["time_s"]
-    return [(name, flops / nbytes, flops / time) for name, (flops, nbytes, time) in merged.items() if flops and time]
-
-
-def _label_clusters(points: list[tuple[str, float, float]], width: float = 1.25):
-    """Points whose Op/B lie within a factor `width` share one label, so close labels do not overprint."""
-    clusters: list[tuple[list[str], float, float]] = []
-    for name, opb, achieved in sorted(points, key=lambda p: p[1]):
-        if clusters and opb <= clusters[-1][1] * width:
-            clusters[-1][0].append(name)
-        else:
-            clusters.append(([name], opb, achieved))
-    return clusters
+    """(role, Op/B, achieved FLOP/s) per row of the role table that has FLOPs: the same names as the table."""
+    return [(row["role"], row["flops"] / row["bytes"], row["flops"] / row["time_s"]) for row in roles
+            if row["flops"] and row["bytes"] and row["time_s"]]
 
 
 __all__ = ["analyze", "plot_roofline", "SUMMARY_VERSION"]

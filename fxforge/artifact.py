@@ -27,7 +27,7 @@ from fxforge.ir.capture import capture
 from fxforge.ir.model import Model
 from fxforge.ir.spec import ModelSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: pass records carry their config version; the plan records kernel bindings
 PLAN, WEIGHTS, GRAPH, REPORT, TOKENIZER = "plan.json", "weights.safetensors", "graph.py", "report.md", "tokenizer"
 
 
@@ -45,6 +45,24 @@ def check_output_dir(directory) -> Path:
         shutil.rmtree(tempfile.mkdtemp(prefix=".fxforge-probe-", dir=probe))
     except OSError as exc:
         raise _unwritable(target, exc) from None
+    return target
+
+
+def check_output_file(path, option: str) -> Path:
+    """The resolved path of an output file, after checking (by a real write probe next to it) that it can
+    be written, before any work is done; `option` names the CLI option in the error."""
+    target = Path(path).resolve()
+    if target.is_dir():
+        raise OutputPathError(f"{option} {str(target)!r} is a directory; give a file path")
+    folder = target.parent
+    while not folder.exists():
+        folder = folder.parent
+    try:
+        with tempfile.NamedTemporaryFile(prefix=".fxforge-probe-", dir=folder):
+            pass
+    except OSError as exc:
+        raise OutputPathError(f"cannot write {option} {str(target)!r} (not writable: {exc.strerror}); "
+                              "choose a writable location") from None
     return target
 
 
@@ -84,6 +102,7 @@ def _write(model, staging: Path, extra_report: str) -> None:
         "passes": getattr(model, "passes", []),
         "kv_formats": [list(f) for f in model.kv_formats()],
         "kv_bytes_per_token": model.kv_bytes_per_token(),
+        "kernel_bindings": model.kernel_bindings(),
     }
     (staging / PLAN).write_text(json.dumps(plan, indent=2, default=str))
     (staging / GRAPH).write_text(f"# fx code of the rewritten forward ({model.spec.name or model.spec.family})\n"
@@ -103,7 +122,7 @@ def _unique_state(gm, spec: ModelSpec) -> dict[str, torch.Tensor]:
 def render_report(plan: dict) -> str:
     spec = plan["spec"]
     lines = [f"# fxforge artifact: {spec.get('name') or spec['family']}", "",
-             f"- source: {plan['source']}", f"- dtype: {plan['dtype']}",
+             f"- source: {_describe_source(plan['source'])}", f"- dtype: {plan['dtype']}",
              f"- KV bytes per token (all layers): {plan['kv_bytes_per_token']}", "", "## Passes", ""]
     if not plan["passes"]:
         lines.append("none (identity pipeline)")
@@ -117,10 +136,18 @@ def render_report(plan: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _describe_source(source: dict) -> str:
+    """'named smollm2-135m (real weights, /path/model.gguf)' rather than the raw record."""
+    what = source.get("source") or source.get("name") or "in-memory model"
+    details = ["random weights" if source.get("random_init") else "real weights", source.get("dtype"),
+               source.get("path")]
+    return f"{source.get('kind', 'model')} {what} ({', '.join(str(d) for d in details if d)})"
+
+
 def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
     """Restore an artifact directory into an OptimizedModel with identical logits."""
-    from fxforge.optimize import OptimizedModel
-    from fxforge.passes.manager import PassContext, build_pipeline, run_pipeline
+    from fxforge.optimizer import OptimizedModel
+    from fxforge.passes.manager import PassContext, record_configs, run_pipeline
 
     path = Path(directory)
     try:
@@ -129,7 +156,7 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
         raise FxforgeError(f"{str(path)!r} is not a readable fxforge artifact ({PLAN}: {exc})") from None
     if plan.get("schema_version") != SCHEMA_VERSION:
         raise FxforgeError(f"artifact {str(path)!r} has schema_version {plan.get('schema_version')}; "
-                           f"this fxforge reads {SCHEMA_VERSION}")
+                           f"this fxforge reads {SCHEMA_VERSION}: compile it again from its source")
     spec = ModelSpec.from_dict(plan["spec"])
     dtype = getattr(torch, plan["dtype"])
     tokenizer = None
@@ -138,7 +165,10 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
 
         tokenizer = Tokenizer.load(path / TOKENIZER)
     skeleton = Model.from_state_dict(spec, None, tokenizer, dtype, device)
-    configs = build_pipeline([{"name": r["name"], **r["config"]} for r in plan["passes"]])
+    try:
+        configs = record_configs(plan["passes"])
+    except FxforgeError as exc:
+        raise FxforgeError(f"artifact {str(path)!r}: {exc}") from None
     gm, _ = run_pipeline(capture(skeleton.module), configs, PassContext(model=skeleton, restoring=True))
     tensors = load_file(str(path / WEIGHTS), device=str(device))
     if spec.tie_word_embeddings:
@@ -147,4 +177,15 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
     if missing or unexpected:
         raise FxforgeError(f"artifact {str(path)!r} weights do not match its plan: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
-    return OptimizedModel(gm, spec, tokenizer, plan["source"], plan["passes"])
+    model = OptimizedModel(gm, spec, tokenizer, plan["source"], plan["passes"])
+    _check_restored(model, plan, path)
+    return model
+
+
+def _check_restored(model, plan: dict, path: Path) -> None:
+    """What loaded must be what the plan says was saved: never a silent fallback to other formats or kernels."""
+    found = {"kv_formats": [list(f) for f in model.kv_formats()], "kernel_bindings": model.kernel_bindings()}
+    for key, value in found.items():
+        if plan[key] != value:
+            raise FxforgeError(f"artifact {str(path)!r} does not restore to its plan: plan.json says {key} "
+                               f"{plan[key]}, replaying its passes gives {value}; compile it again from its source")

@@ -54,24 +54,26 @@ def _load(model: str, dtype: str, random_init: bool = False, device: str = "cpu"
         return fxforge.load(model, dtype=_dtype(dtype), random_init=random_init, device=device)
 
 
-def pass_list(passes: str, options: dict) -> list[dict]:
-    """`--passes a,b` plus the pass-specific CLI options that were given -> pass dicts."""
-    names = [p.strip() for p in passes.split(",") if p.strip()] if passes else []
+def pass_list(passes: str | None, options: dict) -> list[dict]:
+    """`--passes a,b` (None: the default pipeline) plus the pass-specific CLI options that were given ->
+    pass dicts; an option given on the command line overrides the default pipeline's value."""
+    from fxforge.optimizer import DEFAULT_PASSES
     from fxforge.passes.manager import registered_passes
 
+    if passes is None:
+        entries = [dict(p) for p in DEFAULT_PASSES]
+    else:
+        entries = [{"name": p.strip()} for p in passes.split(",") if p.strip()]
     registry = registered_passes()
-    result = []
-    for name in names:
-        entry = {"name": name}
-        if name in registry:
-            fields = registry[name].config_type.__dataclass_fields__
+    for entry in entries:
+        if entry["name"] in registry:
+            fields = registry[entry["name"]].config_type.__dataclass_fields__
             entry.update({k: v for k, v in options.items() if v is not None and k in fields})
-        result.append(entry)
-    return result
+    return entries
 
 
 PassesOpt = typer.Option(None, "--passes", help="comma-separated pass names, in order ('' = identity; "
-                         "compile's default: the default pipeline, fxforge.optimize.DEFAULT_PASSES)")
+                         "compile's default: the default pipeline, fxforge.optimizer.DEFAULT_PASSES)")
 KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bfp12, bfp14, bfp16, mxfp4, bfloat16, float32)")
 VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
 BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
@@ -117,12 +119,9 @@ def compile_cmd(
 ):
     """Compile MODEL with PASSES into an artifact directory; by default also evaluate it."""
     from fxforge.artifact import check_output_dir, save_artifact
-    from fxforge.optimize import DEFAULT_PASSES
-
-    plist = (list(DEFAULT_PASSES) if passes is None
-             else pass_list(passes, _options(kv_format, v_format, block, ksort_metric)))
     from fxforge.passes.manager import build_pipeline
 
+    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
     build_pipeline(plist)  # reject bad pass lists before loading anything
     check_output_dir(output)  # before loading anything
     start = time.perf_counter()
@@ -131,9 +130,10 @@ def compile_cmd(
     extra = ""
     summary = {"artifact": str(output), "passes": [p["name"] for p in opt.passes],
                "kv_bytes_per_token": opt.kv_bytes_per_token(),
-               "baseline_kv_bytes_per_token": base.kv_bytes_per_token()}
+               "baseline_kv_bytes_per_token": _dense_kv_bytes_per_token(base)}
     if evaluate:
-        result = _perplexities(opt, base, data, max_tokens, context, bool(plist))
+        original = _original(base, dtype)
+        result = _perplexities(opt, original, data, max_tokens, context, opt is not original)
         summary.update(result)
         extra = _eval_markdown(result)
     save_artifact(opt, output, extra)
@@ -141,9 +141,27 @@ def compile_cmd(
     _print_summary(summary)
 
 
+def _dense_kv_bytes_per_token(model) -> int:
+    """KV bytes per token of the uncompiled model: its cache in its own weight dtype."""
+    from fxforge.ir.model import kv_bytes_per_token
+
+    dtype = str(model.dtype).removeprefix("torch.")
+    return kv_bytes_per_token(model.spec, [(dtype, dtype)] * model.spec.num_layers)
+
+
+def _original(model, dtype: str, device: str = "cpu"):
+    """The model an artifact was compiled from (its recorded source), or the model itself."""
+    import fxforge
+
+    if isinstance(model, fxforge.OptimizedModel) and model.passes and "source" in model.source:
+        return _load(model.source["source"], dtype, model.source.get("random_init", False), device)
+    return model
+
+
 def _perplexities(model, baseline, data: str, max_tokens: int, context: int, compare: bool) -> dict:
     from fxforge.data import load_texts
-    from fxforge.evaluate import perplexity, token_windows
+    from fxforge.evaluate import perplexity
+    from fxforge.ir.tokenizer import token_windows
 
     if model.tokenizer is None:
         raise FxforgeError("this model has no tokenizer, so it cannot be evaluated on text")
@@ -194,17 +212,13 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Perplexity of MODEL (optionally after PASSES) on real text, with the original's on the same tokens."""
-    import fxforge
-
     plist = pass_list(passes or "", _options(kv_format, v_format, block, ksort_metric))
     from fxforge.passes.manager import build_pipeline
 
     build_pipeline(plist)
     base = _load(model, dtype, device=device)
     opt = _optimize(base, plist, data) if plist else base
-    baseline = base
-    if isinstance(base, fxforge.OptimizedModel) and base.passes and "source" in base.source:
-        baseline = _load(base.source["source"], dtype, device=device)
+    baseline = _original(base, dtype, device)
     result = _perplexities(opt, baseline, data, max_tokens, context, opt is not baseline)
     result["kv_bytes_per_token"] = opt.kv_bytes_per_token()
     _print_summary(result, as_json)
@@ -250,9 +264,12 @@ def run_cmd(
     from fxforge.runtime.engine import Engine
     from fxforge.runtime.sequence import SamplingParams
 
+    from fxforge.artifact import check_output_file
+
     texts = _read_prompts(prompts)
     if decode_steps < 1:
         raise FxforgeError(f"--decode-steps must be >= 1 (1 = one host sync per model step), got {decode_steps}")
+    check_output_file(output, "--out")
     try:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                                 max_new_tokens=max_new_tokens)
@@ -309,9 +326,11 @@ def analyze_cmd(
 ):
     """Per-layer FLOPs, bytes and Op/B for a batch description, with a roofline plot."""
     from fxforge.analyze import analyze
+    from fxforge.artifact import check_output_file
     from fxforge.ir.cost import BatchDesc
     from fxforge.ir.devices import load_device_spec
 
+    check_output_file(plot, "--plot")
     desc = BatchDesc(phase=phase, batch=batch, context=context, dtype=_dtype(dtype).__repr__().removeprefix("torch."),
                      prefill_tokens=prefill_tokens)
     spec_device = load_device_spec(device)
@@ -478,7 +497,8 @@ def _ppl_check(base, max_tokens: int = 16384) -> dict:
     """BFP perplexity through the Triton kernels vs the torch reference path (same tokens), per format."""
     import fxforge
     from fxforge.data import load_texts
-    from fxforge.evaluate import perplexity, token_windows
+    from fxforge.evaluate import perplexity
+    from fxforge.ir.tokenizer import token_windows
 
     windows = token_windows(base.tokenizer, load_texts("gsm8k", "eval"), 512, max_tokens)
     results = {"tokens": int(windows[:, 1:].numel()), "dtype": str(base.dtype).removeprefix("torch.")}

@@ -1,28 +1,10 @@
-"""User-facing errors: one line naming the input that was wrong and what would be right.
+"""User-facing errors (defined in the leaf module fxforge.ir.errors, which every layer may import).
 
 The CLI prints `error: <message>` and exits with code 2 for any FxforgeError.
 """
 
+from fxforge.ir.errors import (CorruptModelFileError, FxforgeError, OutputPathError, PassConfigError, PipelineError,
+                               UnknownModelError, UnsupportedArchitectureError)
 
-class FxforgeError(ValueError):
-    """Bad input from the user (model name, file, pass config, output path, ...)."""
-
-
-class UnknownModelError(FxforgeError):
-    pass
-
-
-class CorruptModelFileError(FxforgeError):
-    pass
-
-
-class UnsupportedArchitectureError(FxforgeError):
-    pass
-
-
-class PassConfigError(FxforgeError):
-    pass
-
-
-class OutputPathError(FxforgeError):
-    pass
+__all__ = ["FxforgeError", "UnknownModelError", "CorruptModelFileError", "UnsupportedArchitectureError",
+           "PassConfigError", "OutputPathError", "PipelineError"]

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from rich.progress import Progress
 
-from fxforge.errors import FxforgeError
 
 
 @dataclass(frozen=True)
@@ -22,26 +21,6 @@ class PerplexityResult:
     def to_dict(self) -> dict:
         return {"perplexity": self.perplexity, "tokens": self.tokens, "windows": self.windows,
                 "context": self.context}
-
-
-def token_windows(tokenizer, texts: list[str], context: int, max_tokens: int | None) -> torch.Tensor:
-    """Documents joined by blank lines, tokenized once, cut into non-overlapping windows [N, context].
-
-    Each window scores context-1 tokens; enough windows are taken to score max_tokens tokens.
-    """
-    if context < 2:
-        raise FxforgeError(f"context={context} must be at least 2 tokens")
-    ids: list[int] = []
-    for text in texts:
-        ids += tokenizer.encode(text + "\n\n", add_special_tokens=False)
-        if max_tokens and len(ids) >= (max_tokens // (context - 1) + 1) * context:
-            break
-    windows = len(ids) // context
-    if max_tokens:
-        windows = min(windows, math.ceil(max_tokens / (context - 1)))
-    if windows == 0:
-        raise FxforgeError(f"the text has {len(ids)} tokens, fewer than one window of context={context}")
-    return torch.tensor(ids[: windows * context]).view(windows, context)
 
 
 @torch.no_grad()

@@ -16,7 +16,8 @@ import torch
 from rich.console import Console
 
 from fxforge.data import load_texts
-from fxforge.evaluate import perplexity, token_windows
+from fxforge.evaluate import perplexity
+from fxforge.ir.tokenizer import token_windows
 from fxforge.passes import BFPKVCache, KSort
 
 ORDERS = ("natural", "weight_norm", "calibrated")

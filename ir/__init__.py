@@ -1,8 +1,21 @@
-"""fxforge.ir: specs, canonical modules, fx capture with typed metadata, verification, cost model."""
+"""fxforge.ir: specs, canonical modules, fx capture with typed metadata, verification, cost model.
 
-from fxforge.ir.capture import HeadLayout, NodeMeta, capture, meta, nodes_by_role
-from fxforge.ir.spec import ModelSpec
-from fxforge.ir.verify import IRVerificationError, verify
+Names are loaded on first use, so importing a leaf such as fxforge.ir.errors loads nothing else.
+"""
 
-__all__ = ["ModelSpec", "capture", "verify", "meta", "nodes_by_role", "NodeMeta", "HeadLayout",
-           "IRVerificationError"]
+from __future__ import annotations
+
+import importlib
+
+_LAZY = {"ModelSpec": "fxforge.ir.spec", "capture": "fxforge.ir.capture", "meta": "fxforge.ir.capture",
+         "nodes_by_role": "fxforge.ir.capture", "NodeMeta": "fxforge.ir.capture", "HeadLayout": "fxforge.ir.capture",
+         "verify": "fxforge.ir.verify", "IRVerificationError": "fxforge.ir.verify"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fxforge.ir' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
-from fxforge.errors import FxforgeError
+from fxforge.ir.errors import FxforgeError
 from fxforge.ir.capture import META_KEY, meta
 from fxforge.ir.devices import DeviceSpec
 from fxforge.ir.modules import MLP, DecoderLayer, MoE, MoEExperts, RMSNorm

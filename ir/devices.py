@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fxforge.errors import FxforgeError
+from fxforge.ir.errors import FxforgeError
 
 DEVICE_VERSION = 1
 _REQUIRED_KEYS = ("name", "peak_flops", "mem_bandwidth", "memory_bytes")

@@ -11,16 +11,18 @@ it only when the source said so (GGUF `tokenizer.ggml.add_bos_token`, HF's post-
 from __future__ import annotations
 
 import json
+import math
 from datetime import datetime
 from pathlib import Path
 
 import jinja2
 import jinja2.ext
+import torch
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as Backend
 
-from fxforge.errors import FxforgeError, UnsupportedArchitectureError
+from fxforge.ir.errors import FxforgeError, UnsupportedArchitectureError
 
 TOKENIZER_CONFIG_VERSION = 1
 _CONTROL, _USER_DEFINED = 3, 4  # llama.cpp token types
@@ -276,3 +278,23 @@ def _compile_template(source: str) -> jinja2.Template:
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         _TEMPLATES[source] = env.from_string(source)
     return _TEMPLATES[source]
+
+
+def token_windows(tokenizer, texts: list[str], context: int, max_tokens: int | None) -> torch.Tensor:
+    """Documents joined by blank lines, tokenized once, cut into non-overlapping windows [N, context].
+
+    Each window scores context-1 tokens; enough windows are taken to score max_tokens tokens.
+    """
+    if context < 2:
+        raise FxforgeError(f"context={context} must be at least 2 tokens")
+    ids: list[int] = []
+    for text in texts:
+        ids += tokenizer.encode(text + "\n\n", add_special_tokens=False)
+        if max_tokens and len(ids) >= (max_tokens // (context - 1) + 1) * context:
+            break
+    windows = len(ids) // context
+    if max_tokens:
+        windows = min(windows, math.ceil(max_tokens / (context - 1)))
+    if windows == 0:
+        raise FxforgeError(f"the text has {len(ids)} tokens, fewer than one window of context={context}")
+    return torch.tensor(ids[: windows * context]).view(windows, context)

@@ -78,6 +78,8 @@ def _check_order(gm: fx.GraphModule) -> list[str]:
     """kv_write must precede the attention of its layer, and both must agree on the formats."""
     writes, out = {}, []
     for node in gm.graph.nodes:
+        if META_KEY not in node.meta:  # reported already; its layer is unknown
+            continue
         if node.target is KV_WRITE:
             writes[meta(node).layer] = tuple(node.args[7:9])
         elif node.target is ATTENTION:

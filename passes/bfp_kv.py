@@ -39,10 +39,14 @@ class BFPKVCache(PassConfig):
                 try:
                     parse_kv_format(value, None if "_" in value else self.block)
                 except ValueError as exc:
-                    raise ValueError(f"{field_name}: {exc}") from None
+                    given = " (the pass default)" if value == _DEFAULTS[field_name] else ""
+                    raise ValueError(f"{field_name}={value!r}{given} with block={self.block}: {exc}") from None
 
     def formats(self, native: str) -> tuple[str, str]:
         return _resolve(self.k_format, self.block, native), _resolve(self.v_format, self.block, native)
+
+
+_DEFAULTS = {name: f.default for name, f in BFPKVCache.__dataclass_fields__.items()}
 
 
 def _check(config: BFPKVCache, spec) -> None:

@@ -33,11 +33,12 @@ import torch.fx as fx
 from fxforge.ir.capture import annotate, meta, nodes_by_role, spec_of
 from fxforge.ir.model import Model, build_batch
 from fxforge.ir.ops import ROPE
+from fxforge.ir.tokenizer import token_windows
 from fxforge.kernels.bfp import parse_kv_format, simulate_quantize
-from fxforge.passes.manager import PassConfig, PassResult, register_enum, register_pass
+from fxforge.ir.errors import PassConfigError
+from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
 
-@register_enum
 class KSortMetric(str, enum.Enum):
     WEIGHT_NORM = "weight_norm"
     CALIBRATED = "calibrated"
@@ -77,12 +78,18 @@ def _check(config: KSort, spec) -> None:
         config.fmt("v").check_head_dim(spec.head_dim)
 
 
-@register_pass("ksort", KSort, check=_check)
+def _rewrites(config: KSort) -> tuple[str, ...]:
+    """Rows of W_q / W_k (and their biases and QK-norms); W_v rows and W_o columns with v_side."""
+    k_side = ("layers.*.attn.q_proj.*", "layers.*.attn.k_proj.*", "layers.*.attn.q_norm.*", "layers.*.attn.k_norm.*")
+    return k_side + (("layers.*.attn.v_proj.*", "layers.*.attn.o_proj.*") if config.v_side else ())
+
+
+@register_pass("ksort", KSort, check=_check, rewrites=_rewrites)
 def ksort(gm: fx.GraphModule, config: KSort, ctx) -> PassResult:
     """Permute K (and V) channels per KV head; RoPE follows exactly."""
     spec = spec_of(gm)
     identity = torch.arange(spec.head_dim).repeat(spec.num_kv_heads, 1)
-    report: dict = {"metric": config.metric.value, "layers": []}
+    report: dict = {"metric": config.metric.value}
     if ctx.restoring:  # structure only: the saved weights and permutation buffers overwrite all values
         perms = [(identity, identity if config.v_side else None)] * spec.num_layers
     elif config.fmt("k").block >= spec.head_dim and (not config.v_side or config.fmt("v").block >= spec.head_dim):
@@ -206,14 +213,12 @@ def _objective(x: torch.Tensor, cov: torch.Tensor, fmt) -> float:
 
 
 def _calibrated_perms(gm: fx.GraphModule, config: KSort, ctx, spec):
-    from fxforge.evaluate import token_windows
-
     if not ctx.calib:
-        raise ValueError("ksort metric=calibrated needs calibration data: pass calib=[texts or token id lists] "
-                         "to fxforge.optimize (the CLI uses the calibration split of --data)")
+        raise PassConfigError("ksort metric=calibrated needs calibration data: pass calib=[texts or token id lists] "
+                              "to fxforge.optimize (the CLI uses the calibration split of --data)")
     if all(isinstance(c, str) for c in ctx.calib):
         if ctx.model is None or ctx.model.tokenizer is None:
-            raise ValueError("calibration texts need a tokenizer; this model has none: pass token id lists")
+            raise PassConfigError("calibration texts need a tokenizer; this model has none: pass token id lists")
         windows = token_windows(ctx.model.tokenizer, ctx.calib, config.context, config.calib_tokens)
     else:
         windows = torch.tensor([list(c) for c in ctx.calib])

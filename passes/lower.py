@@ -30,13 +30,12 @@ import torch.nn.functional as F
 from fxforge.ir import ops
 from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of
 from fxforge.ir.modules import MLP, RMSNorm
-from fxforge.passes.manager import PassConfig, PassResult, register_enum, register_pass
+from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
 _SILU = (F.silu,)
 _MUL = (operator.mul, torch.mul)
 
 
-@register_enum
 class Backend(str, enum.Enum):
     AUTO = "auto"
     TRITON = "triton"

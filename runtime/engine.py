@@ -55,10 +55,6 @@ class Engine:
                  max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
                  use_cuda_graphs: bool | None = None, gpu_memory_fraction: float = 0.5, chat: bool = True,
                  num_decode_steps: int = 8):
-        if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
-            import fxforge
-
-            model = fxforge.load(str(model))
         self.model, self.chat = model, chat
         max_model_len = max_model_len or min(model.spec.max_position_embeddings, 4096)
         num_pages = num_pages or self._default_pages(page_size, max_num_seqs, max_model_len, gpu_memory_fraction)

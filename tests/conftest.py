@@ -41,5 +41,18 @@ def any_tiny_model(request):
 
 
 @pytest.fixture
+def example_passes():
+    """Registers the passes of tests/passes/example_passes.py for one test, and removes them after."""
+    from fxforge.passes.manager import register_pass, unregister_pass
+    from tests.passes.example_passes import EXAMPLE_PASSES
+
+    for name, (config_type, fn, options) in EXAMPLE_PASSES.items():
+        register_pass(name, config_type, **options)(fn)
+    yield EXAMPLE_PASSES
+    for name in EXAMPLE_PASSES:
+        unregister_pass(name)
+
+
+@pytest.fixture
 def tokens():
     return torch.randint(0, TINY["vocab_size"], (2, 23), generator=torch.Generator().manual_seed(7))

@@ -20,7 +20,7 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 from rich.progress import track
 
-from fxforge.errors import CorruptModelFileError, UnsupportedArchitectureError
+from fxforge.ir.errors import CorruptModelFileError, UnsupportedArchitectureError
 from fxforge.ir.spec import ModelSpec
 from fxforge.ir.tokenizer import Tokenizer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fxforge.errors import CorruptModelFileError, UnsupportedArchitectureError
+from fxforge.ir.errors import CorruptModelFileError, UnsupportedArchitectureError
 from fxforge.ir.spec import ModelSpec
 from fxforge.ir.tokenizer import Tokenizer
 

@@ -61,6 +61,32 @@ def test_bad_bench_and_run_options_fail_before_any_work(tmp_path):
     assert not (tmp_path / "r.jsonl").exists()
 
 
+def test_run_and_analyze_check_their_outputs_before_any_work(tmp_path):
+    """Newcomer report: these generated (or analysed) everything, then crashed writing the result."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("hi\n")
+    _fails_cleanly(["run", "no-such-model", "--prompts", str(prompts), "--out", "/proc/fxforge/r.jsonl"],
+                   "cannot write --out '/proc/fxforge/r.jsonl'")
+    _fails_cleanly(["run", "no-such-model", "--prompts", str(prompts), "--out", str(tmp_path)], "is a directory")
+    _fails_cleanly(["analyze", "llama-3-8b", "--plot", "/proc/fxforge/x.png"], "cannot write --plot '/proc/fxforge/x.png'")
+
+
+def test_block_error_names_the_format_in_effect(tmp_path):
+    _fails_cleanly(["compile", "smollm2-135m", "--block", "7", "--no-eval", "-o", str(tmp_path / "o")],
+                   "k_format='bfp16' with block=7", tmp_path / "o")  # the default pipeline's format
+    _fails_cleanly(["compile", "smollm2-135m", "--passes", "bfp-kv", "--block", "7", "--no-eval", "-o",
+                    str(tmp_path / "o")], "k_format='bfp12' (the pass default) with block=7", tmp_path / "o")
+
+
+def test_options_apply_to_the_default_pipeline(tmp_path):
+    out = tmp_path / "a"
+    result = runner.invoke(app, ["compile", "smollm2-135m", "--random-init", "--kv-format", "bfp12", "--no-eval",
+                                 "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["passes"][0]["config"]["k_format"] == "bfp12" and plan["kv_formats"][0] == ["bfp12_32", "bfp16_32"]
+
+
 def test_unwritable_output(tmp_path):
     _fails_cleanly(["compile", "smollm2-135m", "--no-eval", "-o", "/proc/fxforge-out"], "not writable")
 
@@ -82,11 +108,39 @@ def test_analyze_named_shape_writes_roofline(tmp_path):
     assert summary["totals"]["flops"] > 0 and len(summary["layers"]) >= 32
 
 
+def test_roofline_plot_names_the_roles_of_the_table():
+    from fxforge.analyze import _plot_points
+
+    roles = [{"role": "q_proj", "flops": 4e9, "bytes": 1e8, "time_s": 1e-5},
+             {"role": "mlp_gate", "flops": 8e9, "bytes": 2e8, "time_s": 2e-5},
+             {"role": "embed", "flops": 0, "bytes": 1e6, "time_s": 1e-6}]
+    assert [name for name, _, _ in _plot_points(roles)] == ["q_proj", "mlp_gate"]
+
+
 def test_help_everywhere():
     for command in ([], ["compile"], ["eval"], ["analyze"], ["generate"], ["run"], ["quality-table"], ["bench", "e2e"],
                     ["bench", "attention"]):
         result = runner.invoke(app, command + ["--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
+
+
+def test_compiling_an_artifact_again_appends_to_its_passes(tmp_path):
+    """Issue 8 defect 1, as a user met it: bfp-kv, then lower on the artifact; the result keeps both passes
+    and loads with the packed cache (SmolLM2 shape: 9,000 KV bytes per token, not float32's 46,080)."""
+    first, second = tmp_path / "a1", tmp_path / "a2"
+    result = runner.invoke(app, ["compile", "smollm2-135m", "--random-init", "--passes", "bfp-kv", "--kv-format",
+                                 "bfp12", "--v-format", "bfp16", "--no-eval", "-o", str(first)])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["compile", str(first), "--passes", "lower", "--no-eval", "-o", str(second)])
+    assert result.exit_code == 0, result.output
+    plan = json.loads((second / "plan.json").read_text())
+    assert [p["name"] for p in plan["passes"]] == ["bfp-kv", "lower"]
+    assert plan["kv_formats"][0] == ["bfp12_32", "bfp16_32"] and plan["kv_bytes_per_token"] == 9000
+    import fxforge
+
+    assert fxforge.load(str(second)).kv_bytes_per_token() == 9000
+    _fails_cleanly(["compile", str(second), "--passes", "ksort", "--no-eval", "-o", str(tmp_path / "a3")],
+                   "already ran 'bfp-kv', and 'ksort' must run before it", tmp_path / "a3")
 
 
 @pytest.mark.slow

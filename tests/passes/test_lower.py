@@ -152,8 +152,9 @@ def test_flags_turn_each_rewrite_off(tokens):
 def test_lowering_twice_changes_nothing_more():
     once = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
     twice = fxforge.optimize(once, passes=[Lower(backend="torch")])
-    assert not twice.passes[0]["modified"]
-    assert twice.passes[0]["report"]["rmsnorm_nodes"] == 0
+    assert [r["name"] for r in twice.passes] == ["lower", "lower"], "the history is kept and appended to"
+    assert not twice.passes[1]["modified"]
+    assert twice.passes[1]["report"]["rmsnorm_nodes"] == 0
     assert once.module.code == twice.module.code
 
 

@@ -1,53 +1,17 @@
-import enum
-from dataclasses import dataclass
+"""passes/manager.py: configs, registry, ordering, failures named with their position, versions,
+copy-on-write weights, in-place optimisation and pass history."""
 
 import pytest
 import torch
 
 import fxforge
-from fxforge.errors import PassConfigError
-from fxforge.ir import nodes_by_role
-from fxforge.passes.manager import PassConfig, PassResult, build_pipeline, register_enum, register_pass, resolve
+from fxforge.errors import PassConfigError, PipelineError
+from fxforge.passes import BFPKVCache, KSort, Lower
+from fxforge.passes.manager import build_pipeline, record_configs, registered_passes, resolve
 from tests.conftest import tiny_model
+from tests.passes.example_passes import Mode, ScaleOProj
 
-
-@register_enum
-class Mode(str, enum.Enum):
-    SCALE = "scale"
-    KEEP = "keep"
-
-
-@dataclass(frozen=True)
-class ScaleOProj(PassConfig):
-    """Test pass: multiply o_proj of one layer by `factor` (a real, visible rewrite)."""
-
-    layer: int = 0
-    factor: float = 2.0
-    mode: Mode = Mode.SCALE
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.factor <= 0:
-            raise ValueError(f"factor={self.factor} must be > 0")
-
-
-@register_pass("test-scale-oproj", ScaleOProj)
-def scale_oproj(gm, config, ctx):
-    if config.mode is Mode.KEEP:
-        return PassResult(gm, False, {})
-    node = nodes_by_role(gm, "o_proj", config.layer)[0]
-    gm.get_submodule(node.target).weight.data *= config.factor
-    return PassResult(gm, True, {"scaled": node.target})
-
-
-@dataclass(frozen=True)
-class AfterScale(PassConfig):
-    pass
-
-
-@register_pass("test-after-scale", AfterScale, after=("test-scale-oproj",))
-def after_scale(gm, config, ctx):
-    return PassResult(gm, False, {})
+pytestmark = pytest.mark.usefixtures("example_passes")
 
 
 def test_identity_pipeline_is_bit_identical(any_tiny_model, tokens):
@@ -65,6 +29,99 @@ def test_pass_runs_records_and_leaves_original_untouched(tokens):
     assert [r["name"] for r in opt.passes] == ["test-scale-oproj", "test-after-scale"]
     assert opt.passes[0]["modified"] is True and opt.passes[1]["modified"] is False
     assert opt.passes[0]["config"] == {"layer": 0, "factor": 3.0, "mode": "scale"}
+    assert opt.passes[0]["version"] == ScaleOProj.VERSION == 1
+
+
+def test_weights_are_shared_except_those_a_pass_declares():
+    """No deep copy: every tensor the pass did not declare is the original's own storage."""
+    model = tiny_model("llama-mqa-tied")
+    opt = fxforge.optimize(model, passes=[ScaleOProj(layer=1)])
+    original = dict(model.module.named_parameters(remove_duplicate=False))
+    optimized = dict(opt.module.named_parameters(remove_duplicate=False))
+    rewritten = {"layers.1.attn.o_proj.weight"}
+    for name, tensor in optimized.items():
+        same = tensor.data_ptr() == original[name].data_ptr()
+        assert same == (name not in rewritten), name
+    assert opt.module.lm_head.weight is opt.module.embed.weight, "tied weights stay one tensor"
+
+
+def test_ksort_clones_only_the_projections_it_permutes(tokens):
+    model = tiny_model("qwen2-bias")
+    opt = fxforge.optimize(model, passes=[KSort(block=16)])
+    original = dict(model.module.named_parameters())
+    for name, tensor in opt.module.named_parameters():
+        if name not in original:
+            continue
+        permuted = any(key in name for key in ("q_proj", "k_proj"))
+        assert (tensor.data_ptr() != original[name].data_ptr()) == permuted, name
+    torch.testing.assert_close(opt.logits(tokens), model.logits(tokens), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_data", [False, True], ids=["in-place-op", "data-swap"])
+def test_undeclared_rewrite_of_a_shared_weight_is_stopped(use_data):
+    with pytest.raises(PipelineError, match=r"'test-sneaky' \(#1 of 1\) changed tensors it shares .*q_proj"):
+        fxforge.optimize(tiny_model(), passes=[{"name": "test-sneaky", "use_data": use_data}])
+
+
+def test_in_place_variant_rewrites_the_given_model_without_copies(tokens):
+    """In place, a pass may rewrite any tensor (the sneaky one included): they are the caller's."""
+    model = tiny_model()
+    weight = model.module.layers[0].attn.o_proj.weight
+    ptr = weight.data_ptr()
+    reference = weight.detach().clone() * 3.0
+    opt = fxforge.optimize_(model, passes=[ScaleOProj(factor=3.0), "test-sneaky"])
+    assert opt.module is model.module and [r["name"] for r in opt.passes] == ["test-scale-oproj", "test-sneaky"]
+    o_proj = dict(opt.module.named_parameters())["layers.0.attn.o_proj.weight"]
+    assert o_proj.data_ptr() == ptr and torch.equal(o_proj, reference), "rewritten in its own storage"
+    assert torch.equal(model.logits(tokens), opt.logits(tokens))
+
+
+def test_history_is_kept_and_appended(tokens):
+    once = fxforge.optimize(tiny_model(), passes=[BFPKVCache(k_format="bfp12", v_format="bfp16", block=16)])
+    twice = fxforge.optimize(once, passes=[Lower(backend="torch")])
+    assert [r["name"] for r in twice.passes] == ["bfp-kv", "lower"]
+    assert twice.kv_formats() == once.kv_formats() == [("bfp12_16", "bfp16_16")] * 2
+    assert [r["name"] for r in once.passes] == ["bfp-kv"], "the input model's history is not mutated"
+    torch.testing.assert_close(twice.logits(tokens), once.logits(tokens), rtol=0, atol=1e-5)
+
+
+def test_ordering_is_checked_against_the_history():
+    lowered = fxforge.optimize(tiny_model(), passes=[Lower(backend="torch")])
+    with pytest.raises(PassConfigError, match="already ran 'lower', and 'bfp-kv' must run before it"):
+        fxforge.optimize(lowered, passes=[BFPKVCache()])
+
+
+def test_recorded_versions_are_checked_on_replay():
+    records = fxforge.optimize(tiny_model(), passes=[ScaleOProj()]).passes
+    assert record_configs(records) == [ScaleOProj()]
+    with pytest.raises(PassConfigError, match="recorded with config version 7; this fxforge's is 1"):
+        record_configs([{**records[0], "version": 7}])
+
+
+def test_a_failing_pass_is_named_with_its_position_and_predecessors():
+    with pytest.raises(PipelineError) as info:
+        fxforge.optimize(tiny_model(), passes=[ScaleOProj(), "test-after-scale", "test-broken"])
+    message = str(info.value)
+    assert "pass 'test-broken' (#3 of 3) failed (after ['test-scale-oproj', 'test-after-scale'])" in message
+    assert "a bug inside the pass" in message and isinstance(info.value.__cause__, KeyError)
+
+
+def test_a_broken_graph_is_caught_by_the_check_after_the_pass():
+    with pytest.raises(PipelineError, match=r"the IR check after pass 'test-drop-meta' \(#2 of 2\) failed "
+                                            r"\(after \['test-scale-oproj'\]\): IR contract broken"):
+        fxforge.optimize(tiny_model(), passes=[ScaleOProj(), "test-drop-meta"])
+
+
+def test_example_passes_are_registered_by_the_fixture_and_removed_after(example_passes):
+    from fxforge.passes.manager import register_pass, unregister_pass
+    from tests.passes.example_passes import AfterScale, after_scale
+
+    assert set(example_passes) <= set(registered_passes())
+    unregister_pass("test-after-scale")
+    assert "test-after-scale" not in registered_passes()
+    with pytest.raises(PassConfigError, match="unknown pass 'test-after-scale'"):
+        resolve("test-after-scale")
+    register_pass("test-after-scale", AfterScale, after=("test-scale-oproj",))(after_scale)
 
 
 def test_config_objects_names_and_dicts_resolve_alike():
@@ -96,3 +153,4 @@ def test_config_is_frozen():
     config = ScaleOProj()
     with pytest.raises(Exception):
         config.factor = 5.0
+

@@ -1,0 +1,112 @@
+"""Copy-on-write sharing of weights between a model and the graphs optimised from it.
+
+`fxforge.optimize` never deep-copies weights: `share(gm)` gives a GraphModule with its own graph,
+metadata and module objects whose parameters and buffers are the original's tensors. Before a pass
+runs, the pass manager clones the tensors that pass declares it rewrites (`own`); `TensorGuard`
+then checks after each pass that no tensor still shared with the original was changed in place
+(its version counter, or a strided sample of its values, since writes through `.data` bypass the
+counter) or had its storage swapped (`param.data = ...`), so a pass that forgot to declare a
+rewrite fails loudly instead of silently corrupting the model it was given.
+"""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxforge.ir.capture import META_KEY
+
+
+def share(gm: fx.GraphModule) -> fx.GraphModule:
+    """A GraphModule over a copy of gm's graph and module tree that shares every tensor with gm."""
+    graph = copy.deepcopy(gm.graph)
+    for node in graph.nodes:  # node.meta is copied shallowly: give each copy its own fxforge metadata
+        if META_KEY in node.meta:
+            node.meta[META_KEY] = copy.deepcopy(node.meta[META_KEY])
+    root = nn.Module()
+    for name, child in gm.named_children():
+        root.add_module(name, _module_copy(child))
+    for name, tensor in list(gm._parameters.items()) + list(gm._buffers.items()):
+        setattr(root, name, tensor)
+    out = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    out.meta = dict(gm.meta)
+    return out
+
+
+def _module_copy(module: nn.Module) -> nn.Module:
+    """A new module object (and new children) holding the same parameter and buffer tensors."""
+    new = copy.copy(module)
+    new._parameters = dict(module._parameters)
+    new._buffers = dict(module._buffers)
+    new._modules = {name: _module_copy(child) for name, child in module._modules.items()}
+    return new
+
+
+def _tensors(module: nn.Module):
+    """(qualified name, owning module, key, tensor) for every parameter and buffer, tied ones once per place."""
+    for prefix, owner in module.named_modules(remove_duplicate=False):
+        for store in (owner._parameters, owner._buffers):
+            for key, tensor in store.items():
+                if tensor is not None:
+                    yield (f"{prefix}.{key}" if prefix else key), owner, store, key, tensor
+
+
+def own(gm: fx.GraphModule, patterns: tuple[str, ...]) -> list[str]:
+    """Replace every tensor whose qualified name matches a glob in `patterns` by a clone (tied
+    tensors stay tied: one clone serves every place that held the tensor); returns the names."""
+    clones: dict[int, torch.Tensor] = {}
+    names = []
+    for name, _, store, key, tensor in list(_tensors(gm)):
+        if not any(fnmatch.fnmatchcase(name, p) for p in patterns):
+            continue
+        if id(tensor) not in clones:
+            data = tensor.detach().clone()
+            clones[id(tensor)] = nn.Parameter(data, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else data
+        names.append(name)
+    if clones:
+        for _, _, store, key, tensor in list(_tensors(gm)):
+            if id(tensor) in clones:
+                store[key] = clones[id(tensor)]
+    return names
+
+
+class TensorGuard:
+    """Remembers the tensors a graph shares with another model and checks they stay untouched."""
+
+    def __init__(self, gm: fx.GraphModule):
+        self._shared = {id(t): (name, t, _version(t), t.data_ptr(), _sample(t)) for name, _, _, _, t in _tensors(gm)}
+
+    def release(self, gm: fx.GraphModule) -> None:
+        """Forget tensors gm no longer holds (cloned by `own`): changing those is the pass's right."""
+        held = {id(t) for *_, t in _tensors(gm)}
+        self._shared = {key: value for key, value in self._shared.items() if key in held}
+
+    def changed(self) -> list[str]:
+        """Names of shared tensors modified in place or given new storage since the guard was made."""
+        return [name for name, t, version, ptr, sample in self._shared.values()
+                if _version(t) != version or t.data_ptr() != ptr or not _same(_sample(t), sample)]
+
+
+_SAMPLE_VALUES = 4096  # per tensor: cheap for an 8B model, and any row permutation or scaling shows
+
+
+def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
+    if tensor.device.type == "meta" or tensor.numel() == 0:
+        return None
+    flat = tensor.detach().reshape(-1)
+    return flat[:: max(1, flat.numel() // _SAMPLE_VALUES)].clone()
+
+
+def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    return a is None and b is None or (a is not None and b is not None and torch.equal(a, b))
+
+
+def _version(tensor: torch.Tensor) -> int | None:
+    try:
+        return tensor._version
+    except RuntimeError:  # inference tensors keep no version counter
+        return None
