@@ -41,7 +41,7 @@ def _do_bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
 
 
-def _graphed(fn):
+def graphed(fn):
     """fn replayed from a CUDA graph (warm-up outside the capture); fn itself if capture fails."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -60,7 +60,7 @@ def _graphed(fn):
 
 def _time_rotating(make_fns) -> float:
     """Median time of one call; make_fns: list of callables over distinct input copies."""
-    graphs = [_graphed(fn) for fn in make_fns]
+    graphs = [graphed(fn) for fn in make_fns]
     cycle = itertools.cycle(graphs)
     return _do_bench(lambda: next(cycle)()) * 1e3  # us
 
@@ -78,7 +78,7 @@ def _copies_needed(nbytes: int) -> int:
     return 1 if nbytes >= 2 * l2 else min(8, math.ceil(2 * l2 / max(nbytes, 1)))
 
 
-def _paged_cache(k: torch.Tensor, v: torch.Tensor, fmt: str, page_size: int, generator: torch.Generator):
+def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt: str, page_size: int, generator: torch.Generator):
     """k, v [B, ctx, Hkv, D] -> ([k_data, k_scale, v_data, v_scale], page_table [B, pages]) with the
     pages of all sequences scattered through a random permutation."""
     batch, ctx, hkv, d = k.shape
@@ -154,7 +154,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
 
         for fmt_name in formats:
             fmt = parse_kv_format(fmt_name)
-            cache, page_table = _paged_cache(k, v, fmt_name, page_size, gen)
+            cache, page_table = paged_cache(k, v, fmt_name, page_size, gen)
             query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
             out = paged_decode_attention(q, *cache, page_table, seq_lens, fmt_name, fmt_name, scale)
             ref = attention_ref(q, *cache, page_table, query_start, seq_lens, fmt_name, fmt_name, scale, 0)

@@ -3,7 +3,9 @@
 The semantics are those of `attention_ref` (kernels/attention.py), the float32 reference and test
 oracle: flat queries [T, Hq, D], sequence s owns queries query_start[s]:query_start[s+1] and has
 seq_lens[s] tokens in the cache (the new ones already written); query head h reads KV head h // g,
-g = Hq / Hkv. Both kernels read K and V straight from the cache pages in the cache's format.
+g = Hq / Hkv. Both kernels read K and V straight from the cache pages in the cache's format, through
+the same helpers: `_load_page_ids` (page table), `_load_paged_tile` (a tile of K or V rows, decoded
+by `_load_kv_tile`), `_dot_halves` and `_online_softmax_step`.
 
 Decode (one query per sequence), flash-decoding: grid (Hkv, num_splits, B). A program serves all g
 query heads of one KV head, so each K/V row is read and decoded once for g queries; the g rows are
@@ -43,20 +45,12 @@ import os
 
 import torch
 
+from fxforge.kernels.bfp import decode_e2m1, pow2
 from fxforge.kernels.formats import KVFormat, parse_kv_format
+from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
-try:
-    import triton
-    import triton.language as tl
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits"]
 
-    from fxforge.kernels.bfp import decode_e2m1, pow2
-except ImportError:  # CPU-only install: attention_ref serves every call
-    triton = None
-
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "register",
-           "auto_num_splits"]
-
-_INTERPRETED = triton is not None and os.environ.get("TRITON_INTERPRET", "0") == "1"
 # On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
 # bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
 _ASM_DECODE = os.environ.get("FXFORGE_ATTENTION_ASM", "1") != "0"
@@ -68,16 +62,12 @@ _DEFAULT_SMS = 132  # H100 SXM; used on CPU (interpreter), read off the device o
 _SM_COUNTS: dict[int, int] = {}
 
 
-def _jit(fn):
-    return triton.jit(fn) if triton is not None else fn
-
-
 # ----------------------------------------------------------------------------------------------
 # Triton helpers: decode one tile of K or V rows from the pages
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
 def _magic_float(code, BITS: tl.constexpr):
     # m-bit two's complement code (in int32) -> the float 2^23 + code + 2^(m-1), with no int->float
     # convert: flipping the sign bit gives the offset-binary code, OR-ed into the mantissa of 2^23.
@@ -85,7 +75,7 @@ def _magic_float(code, BITS: tl.constexpr):
     return ((code ^ (1 << (BITS - 1))) | 0x4B000000).to(tl.float32, bitcast=True)
 
 
-@_jit
+@jit
 def _magic_bias(scale, BITS: tl.constexpr):
     # -(2^23 + 2^(m-1)) * scale: exact (power-of-two scale); -inf for scale bytes > 231 (|x| >~ 2^105)
     return scale * -(8388608.0 + (1 << (BITS - 1)))
@@ -136,12 +126,12 @@ cvt.rn.bf16x2.f32 $0, f1, f0;
 cvt.rn.bf16x2.f32 $1, f3, f2;
 }
 """
-if triton is not None:
+if HAS_TRITON:
     _BFP4_PTX_ASM = tl.constexpr(_BFP4_PTX)
     _BFP8_PTX_ASM = tl.constexpr(_BFP8_PTX)
 
 
-@_jit
+@jit
 def _bfp4_to_bf16_asm(packed, mul, bias):
     # packed: uint8 bytes; mul, bias: int32 (see _BFP4_PTX) -> (low-nibble values, high-nibble values)
     return tl.inline_asm_elementwise(asm=_BFP4_PTX_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
@@ -149,14 +139,88 @@ def _bfp4_to_bf16_asm(packed, mul, bias):
                                      pack=4)
 
 
-@_jit
+@jit
 def _bfp8_to_bf16_asm(packed, mul, bias):
     # packed: uint8 bytes; mul, bias: int32 float32 bits (see _BFP8_PTX) -> values
     return tl.inline_asm_elementwise(asm=_BFP8_PTX_ASM, constraints="=r,=r,r,r,r,r,r,r,r,r,r", args=[packed, mul, bias],
                                      dtype=tl.bfloat16, is_pure=True, pack=4)
 
 
-@_jit
+@jit
+def _load_dense_tile(data_ptr, data_rows, row_mask, D: tl.constexpr, D_PAD: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    # [ROWS, D_PAD] values of a float32/bf16/fp16 cache; masked rows and columns D.. are zeros
+    cols = tl.arange(0, D_PAD)
+    mask = row_mask[:, None]
+    if D_PAD != D:
+        mask = mask & (cols[None, :] < D)
+    return tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(OUT_DTYPE)
+
+
+@jit
+def _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D: tl.constexpr, D_PAD: tl.constexpr,
+                   BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # The [ROWS, blocks, 1] frame of a packed tile (the block's scale broadcasts along the bytes of
+    # the block): each block's first data byte, which blocks to load, its scale byte (int32) and
+    # its scale 2^(byte - 127) (0 for byte 0 and for masked rows)
+    blocks = tl.arange(0, D_PAD // BLOCK)
+    mask = row_mask[:, None, None]
+    if D_PAD != D:
+        mask = mask & (blocks[None, :, None] < D // BLOCK)
+    exponent = tl.load(scale_ptr + scale_rows[:, None, None] + blocks[None, :, None], mask=mask,
+                       other=0).to(tl.int32)
+    scale = pow2(exponent)
+    block_ptr = data_ptr + data_rows[:, None, None] + blocks[None, :, None] * (BLOCK * BITS // 8)
+    return block_ptr, mask, exponent, scale
+
+
+@jit
+def _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4: tl.constexpr, BLOCK: tl.constexpr,
+                        ASM: tl.constexpr):
+    # [ROWS, blocks, BLOCK / 2] values of even columns and of odd ones: value 2i sits in the low
+    # nibble of byte i, value 2i+1 in the high nibble
+    packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
+    if ASM:
+        bias = (scale * -136.0).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
+        even, odd = _bfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23), bias | (bias << 16))
+    else:
+        packed = packed.to(tl.int32)
+        if MXFP4:
+            even = decode_e2m1(packed & 15) * scale
+            odd = decode_e2m1(packed >> 4) * scale
+        else:
+            bias = _magic_bias(scale, 4)
+            even = _magic_float(packed & 15, 4) * scale + bias
+            odd = _magic_float(packed >> 4, 4) * scale + bias
+    return even, odd
+
+
+@jit
+def _decode_8bit_blocks(block_ptr, mask, exponent, scale, BLOCK: tl.constexpr, ASM: tl.constexpr):
+    # [ROWS, blocks, BLOCK] values, one code per byte
+    packed = tl.load(block_ptr + tl.arange(0, BLOCK)[None, None, :], mask=mask, other=0)
+    if ASM:
+        values = _bfp8_to_bf16_asm(packed, exponent << 23, _magic_bias(scale, 8).to(tl.int32, bitcast=True))
+    else:
+        values = _magic_float(packed.to(tl.int32), 8) * scale + _magic_bias(scale, 8)
+    return values
+
+
+@jit
+def _decode_6bit_blocks(block_ptr, mask, scale, BLOCK: tl.constexpr):
+    # [ROWS, blocks, BLOCK] values: codes 4j..4j+3 in the 3 bytes 3j..3j+2, little-endian
+    group_ptr = block_ptr + 3 * tl.arange(0, BLOCK // 4)[None, None, :]
+    b0 = tl.load(group_ptr, mask=mask, other=0).to(tl.int32)
+    b1 = tl.load(group_ptr + 1, mask=mask, other=0).to(tl.int32)
+    b2 = tl.load(group_ptr + 2, mask=mask, other=0).to(tl.int32)
+    bias = _magic_bias(scale, 6)
+    c0 = _magic_float(b0 & 63, 6) * scale + bias
+    c1 = _magic_float((b0 >> 6) | ((b1 & 15) << 2), 6) * scale + bias
+    c2 = _magic_float((b1 >> 4) | ((b2 & 3) << 4), 6) * scale + bias
+    c3 = _magic_float(b2 >> 2, 6) * scale + bias
+    return tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+
+
+@jit
 def _load_kv_tile(
     data_ptr,  # *uint8 (packed) or *fp32/bf16/fp16 (dense): the cache's data tensor
     scale_ptr,  # *uint8: the cache's scale tensor (not read for dense formats)
@@ -176,62 +240,57 @@ def _load_kv_tile(
     [ROWS, D_PAD / 2] tiles (no interleaving: the kernels split q and the output the same way);
     the others give ([ROWS, D_PAD] tile, the same tile)."""
     if BLOCK == 0:
-        cols = tl.arange(0, D_PAD)
-        mask = row_mask[:, None]
-        if D_PAD != D:
-            mask = mask & (cols[None, :] < D)
-        tile = tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=mask, other=0.0).to(OUT_DTYPE)
+        tile = _load_dense_tile(data_ptr, data_rows, row_mask, D, D_PAD, OUT_DTYPE)
         odd = tile
     else:
-        # [ROWS, blocks, bytes of a block]: the block's scale broadcasts along the last dim
-        blocks = tl.arange(0, D_PAD // BLOCK)
-        mask = row_mask[:, None, None]
-        if D_PAD != D:
-            mask = mask & (blocks[None, :, None] < D // BLOCK)
-        exponent = tl.load(scale_ptr + scale_rows[:, None, None] + blocks[None, :, None], mask=mask,
-                           other=0).to(tl.int32)
-        scale = pow2(exponent)  # 2^(byte - 127); 0 for byte 0 (and for masked rows)
-        block_ptr = data_ptr + data_rows[:, None, None] + blocks[None, :, None] * (BLOCK * BITS // 8)
-        if BITS == 4:  # value 2i in the low nibble of byte i, value 2i+1 in the high nibble
-            packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
-            if ASM:
-                bias = (scale * -136.0).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
-                even, odd = _bfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23), bias | (bias << 16))
-            else:
-                packed = packed.to(tl.int32)
-                if MXFP4:
-                    even = decode_e2m1(packed & 15) * scale
-                    odd = decode_e2m1(packed >> 4) * scale
-                else:
-                    bias = _magic_bias(scale, 4)
-                    even = _magic_float(packed & 15, 4) * scale + bias
-                    odd = _magic_float(packed >> 4, 4) * scale + bias
+        block_ptr, mask, exponent, scale = _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D,
+                                                          D_PAD, BITS, BLOCK)
+        if BITS == 4:
+            even, odd = _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4, BLOCK, ASM)
             tile = tl.reshape(even, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
             odd = tl.reshape(odd, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
         else:
-            if BITS == 8:  # one code per byte
-                packed = tl.load(block_ptr + tl.arange(0, BLOCK)[None, None, :], mask=mask, other=0)
-                if ASM:
-                    values = _bfp8_to_bf16_asm(packed, exponent << 23, _magic_bias(scale, 8).to(tl.int32, bitcast=True))
-                else:
-                    values = _magic_float(packed.to(tl.int32), 8) * scale + _magic_bias(scale, 8)
-            else:  # 6 bits: codes 4j..4j+3 in the 3 bytes 3j..3j+2, little-endian
-                group_ptr = block_ptr + 3 * tl.arange(0, BLOCK // 4)[None, None, :]
-                b0 = tl.load(group_ptr, mask=mask, other=0).to(tl.int32)
-                b1 = tl.load(group_ptr + 1, mask=mask, other=0).to(tl.int32)
-                b2 = tl.load(group_ptr + 2, mask=mask, other=0).to(tl.int32)
-                bias = _magic_bias(scale, 6)
-                c0 = _magic_float(b0 & 63, 6) * scale + bias
-                c1 = _magic_float((b0 >> 6) | ((b1 & 15) << 2), 6) * scale + bias
-                c2 = _magic_float((b1 >> 4) | ((b2 & 3) << 4), 6) * scale + bias
-                c3 = _magic_float(b2 >> 2, 6) * scale + bias
-                values = tl.interleave(tl.interleave(c0, c2), tl.interleave(c1, c3))
+            if BITS == 8:
+                values = _decode_8bit_blocks(block_ptr, mask, exponent, scale, BLOCK, ASM)
+            else:
+                values = _decode_6bit_blocks(block_ptr, mask, scale, BLOCK)
             tile = tl.reshape(values, (ROWS, D_PAD)).to(OUT_DTYPE)
             odd = tile
     return tile, odd
 
 
-@_jit
+@jit
+def _load_paged_tile(
+    data_ptr, scale_ptr,  # one cache, K or V: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
+    stride_data_page, stride_data_slot, stride_data_head,  # data strides (elements)
+    stride_scale_page, stride_scale_slot, stride_scale_head,  # scale strides (bytes; 0 for dense formats)
+    page,  # int64 [ROWS]: page id of each token
+    slot,  # [ROWS]: each token's slot within its page
+    kv_head,  # the KV head to read
+    row_mask,  # bool [ROWS]: tokens to load; the others come back as zeros
+    ROWS: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,  # as in _load_kv_tile
+    BITS: tl.constexpr, MXFP4: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr,  # the cache's format
+    OUT_DTYPE: tl.constexpr,  # dtype of the returned tiles
+):
+    # the tokens' rows of one KV head, as _load_kv_tile returns them
+    data_rows = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
+    scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
+    return _load_kv_tile(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, ROWS, D, D_PAD, BITS, MXFP4, BLOCK,
+                         ASM, OUT_DTYPE)
+
+
+@jit
+def _load_page_ids(page_row, tokens, live, PAGE_SIZE: tl.constexpr):
+    # int64 page id of each token (0 where not live) from the sequence's row of the page table
+    return tl.load(page_row + tokens // PAGE_SIZE, mask=live, other=0).to(tl.int64)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton helpers: rows of q and of the output, dots, online softmax
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
 def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     # acc + a @ b in float32 (acc None: zeros); INPUT_PRECISION only matters for float32 operands.
     # UPCAST: the Triton interpreter multiplies bf16 bit patterns as integers, so there the (already
@@ -242,7 +301,23 @@ def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-@_jit
+@jit
+def _dot_halves(a0, a1, b0, b1, PHASES: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                TRANS_B: tl.constexpr = False):
+    # a @ b (a @ b^T with TRANS_B) in float32, where the summed dim comes as column halves (PHASES == 2:
+    # a0 @ b0 + a1 @ b1, K decoded as even and odd columns) or whole (a0 @ b0). Each half of b is
+    # transposed right before its dot: the order of the ops decides the shared-memory layout.
+    if TRANS_B:
+        b0 = tl.trans(b0)
+    product = _dot(a0, b0, None, INPUT_PRECISION, UPCAST)
+    if PHASES == 2:
+        if TRANS_B:
+            b1 = tl.trans(b1)
+        product = _dot(a1, b1, product, INPUT_PRECISION, UPCAST)
+    return product
+
+
+@jit
 def _load_rows(row_ptrs, row_ok, D: tl.constexpr, D_PAD: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constexpr):
     # rows [M, D] (row_ptrs: pointer to each row's first value) as (even, odd) column halves for
     # PHASES == 2 (q against a 4-bit K), else (all columns, the same tile)
@@ -255,7 +330,7 @@ def _load_rows(row_ptrs, row_ok, D: tl.constexpr, D_PAD: tl.constexpr, PHASES: t
     return first, second
 
 
-@_jit
+@jit
 def _store_rows(row_ptrs, row_ok, first, second, D: tl.constexpr, D_PAD: tl.constexpr, PHASES: tl.constexpr):
     # inverse of _load_rows: write [M, D] rows held as column halves (PHASES == 2) or whole
     cols = tl.arange(0, D_PAD // PHASES) * PHASES
@@ -265,13 +340,20 @@ def _store_rows(row_ptrs, row_ok, first, second, D: tl.constexpr, D_PAD: tl.cons
         tl.store(row_ptrs[:, None] + cols[None, :] + 1, second.to(row_ptrs.dtype.element_ty), mask=mask)
 
 
-@_jit
-def _scores(q0, q1, k0, k1, K_PHASES: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # q k^T [rows, keys], summed over column halves when K comes as (even, odd) columns
-    scores = _dot(q0, tl.trans(k0), None, INPUT_PRECISION, UPCAST)
-    if K_PHASES == 2:
-        scores = _dot(q1, tl.trans(k1), scores, INPUT_PRECISION, UPCAST)
-    return scores
+@jit
+def _online_softmax_step(scores, m_i, l_i, KEY_AXIS: tl.constexpr, MAY_SEE_NOTHING: tl.constexpr):
+    # One tile of the online softmax in the log2 domain; the keys of `scores` (-inf where masked)
+    # run along KEY_AXIS. Returns (p = exp2(scores - new max), alpha = the factor rescaling what was
+    # accumulated so far, the new running max, the new running sum). MAY_SEE_NOTHING: a query may
+    # have seen only masked keys so far (max -inf), so exp2 is taken against 0 there instead.
+    m_new = tl.maximum(m_i, tl.max(scores, KEY_AXIS))
+    m_ref = m_new
+    if MAY_SEE_NOTHING:
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_ref)
+    p = tl.exp2(scores - tl.expand_dims(m_ref, KEY_AXIS))
+    l_i = l_i * alpha + tl.sum(p, KEY_AXIS)
+    return p, alpha, m_new, l_i
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,7 +361,34 @@ def _scores(q0, q1, k0, k1, K_PHASES: tl.constexpr, INPUT_PRECISION: tl.constexp
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
+def _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N: tl.constexpr):
+    # [lo, hi): slice `split` of the visible context [start, seq_len), cut in whole BLOCK_N tiles
+    start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
+    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
+    lo = start + split * per_split
+    hi = tl.minimum(lo + per_split, seq_len)
+    return lo, hi
+
+
+@jit
+def _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
+                        acc0, acc1, m_i, l_i, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                        V_PHASES: tl.constexpr, SPLIT: tl.constexpr):
+    # One program's result, acc0 / acc1 as [heads, columns] (see _store_rows): with SPLIT the slice's
+    # unnormalized partial (acc, max, sum) goes to the workspace, else the normalized output rows
+    if SPLIT:
+        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
+        _store_rows(ws_acc_ptr + ws_row * D, row_ok, acc0, acc1, D, D_PAD, V_PHASES)
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
+        _store_rows(out_ptr + seq.to(tl.int64) * stride_ob + q_heads * stride_oh, row_ok, acc0 * inv_l,
+                    acc1 * inv_l, D, D_PAD, V_PHASES)
+
+
+@jit
 def _paged_decode_kernel(
     q_ptr,  # *fp32|bf16|fp16 [B, Hq, D]: one query per sequence (last dim contiguous)
     stride_qb, stride_qh,  # q strides (elements)
@@ -323,13 +432,8 @@ def _paged_decode_kernel(
     row_ok = rows < G
     q0, q1 = _load_rows(q_ptr + seq.to(tl.int64) * stride_qb + q_heads * stride_qh, row_ok, D, D_PAD, K_PHASES,
                         DOT_DTYPE)
-
-    # this program's slice of the visible context [start, seq_len), in whole BLOCK_N tiles
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    start = tl.where(sliding_window > 0, tl.maximum(seq_len - sliding_window, 0), 0)
-    per_split = tl.cdiv(tl.cdiv(seq_len - start, num_splits), BLOCK_N) * BLOCK_N
-    lo = start + split * per_split
-    hi = tl.minimum(lo + per_split, seq_len)
+    lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
 
     # Everything runs transposed (keys x heads): with BLOCK_N >= 64 keys as the M dim of K q^T and
     # head_dim as the M dim of V^T p^T, Hopper runs both dots as wgmma (M of 64 per warpgroup),
@@ -342,52 +446,36 @@ def _paged_decode_kernel(
     acc1 = tl.zeros([D_PAD // V_PHASES, G_PAD], tl.float32)  # odd columns (V_PHASES == 2)
     page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
     first_tokens = lo + tl.arange(0, BLOCK_N)
-    page = tl.load(page_row + first_tokens // PAGE_SIZE, mask=first_tokens < hi, other=0).to(tl.int64)
+    page = _load_page_ids(page_row, first_tokens, first_tokens < hi, PAGE_SIZE)
     for n0 in range(lo, hi, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
         # the next tile's page ids, so the gather of the next K/V tile waits on no page-table load
         next_tokens = tokens + BLOCK_N
-        next_page = tl.load(page_row + next_tokens // PAGE_SIZE, mask=next_tokens < hi, other=0).to(tl.int64)
+        next_page = _load_page_ids(page_row, next_tokens, next_tokens < hi, PAGE_SIZE)
         slot = tokens % PAGE_SIZE
         # K and V are both loaded before any math, so their loads are in flight together
-        k0, k1 = _load_kv_tile(k_data_ptr, k_scale_ptr,
-                               page * stride_kd_page + slot * stride_kd_slot + kv_head * stride_kd_head,
-                               page * stride_ks_page + slot * stride_ks_slot + kv_head * stride_ks_head,
-                               live, BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
-        v0, v1 = _load_kv_tile(v_data_ptr, v_scale_ptr,
-                               page * stride_vd_page + slot * stride_vd_slot + kv_head * stride_vd_head,
-                               page * stride_vs_page + slot * stride_vs_slot + kv_head * stride_vs_head,
-                               live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
-        scores = _dot(k0, q0, None, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
-        if K_PHASES == 2:
-            scores = _dot(k1, q1, scores, INPUT_PRECISION, UPCAST_DOT)
+        k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                  stride_ks_page, stride_ks_slot, stride_ks_head, page, slot, kv_head, live,
+                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+        v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                  stride_vs_page, stride_vs_slot, stride_vs_head, page, slot, kv_head, live,
+                                  BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+        scores = _dot_halves(k0, k1, q0, q1, K_PHASES, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
         scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 0))  # finite: every tile holds a live token
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(scores - m_new[None, :])
-        l_i = l_i * alpha + tl.sum(p, 0)
+        # every tile holds a live token, so the running max is finite
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
         p = p.to(DOT_DTYPE)
         acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
         if V_PHASES == 2:
             acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
-        m_i = m_new
         page = next_page
 
-    acc0 = tl.trans(acc0)
-    acc1 = tl.trans(acc1)
-    if SPLIT:
-        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
-        _store_rows(ws_acc_ptr + ws_row * D, row_ok, acc0, acc1, D, D_PAD, V_PHASES)
-        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
-        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
-    else:
-        inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]  # an empty context gives zeros
-        _store_rows(out_ptr + seq.to(tl.int64) * stride_ob + q_heads * stride_oh, row_ok, acc0 * inv_l,
-                    acc1 * inv_l, D, D_PAD, V_PHASES)
+    _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
+                        tl.trans(acc0), tl.trans(acc1), m_i, l_i, G, D, D_PAD, V_PHASES, SPLIT)
 
 
-@_jit
+@jit
 def _decode_reduce_kernel(
     ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs
     ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial max (log2 domain) and sum of exp2
@@ -421,7 +509,34 @@ def _decode_reduce_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-@_jit
+@jit
+def _locate_query_tile(tile, tile_seq_ptr, tile_index_ptr, query_start_ptr, seq_lens_ptr, num_seqs,
+                       TOKENS_PER_TILE: tl.constexpr):
+    # (sequence, the tile's first query within the sequence's queries, the sequence's first row of
+    # q, its number of queries, its tokens in the cache); a padding tile reads sequence 0 and gets
+    # no queries
+    seq = tl.load(tile_seq_ptr + tile)
+    tile_live = seq < num_seqs
+    seq = tl.where(tile_live, seq, 0)
+    first_token = tl.load(tile_index_ptr + tile) * TOKENS_PER_TILE
+    q_begin = tl.load(query_start_ptr + seq).to(tl.int32)
+    num_queries = tl.where(tile_live, tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_begin, 0)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    return seq, first_token, q_begin, num_queries, seq_len
+
+
+@jit
+def _prefill_key_range(seq_len, num_queries, first_token, sliding_window, TOKENS_PER_TILE: tl.constexpr):
+    # keys a tile of queries can see: [lo, hi), hi = the last query's position + 1 (empty for a
+    # tile without queries)
+    first_pos = seq_len - num_queries + first_token
+    hi = tl.minimum(first_pos + TOKENS_PER_TILE, seq_len)
+    lo = tl.where(sliding_window > 0, tl.maximum(first_pos - sliding_window + 1, 0), 0)
+    hi = tl.where(first_token < num_queries, hi, lo)
+    return lo, hi
+
+
+@jit
 def _paged_prefill_kernel(
     q_ptr,  # *fp32|bf16|fp16 [T, Hq, D]: flat queries of all sequences (last dim contiguous)
     stride_qt, stride_qh,  # q strides (elements)
@@ -459,13 +574,8 @@ def _paged_prefill_kernel(
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
-    seq = tl.load(tile_seq_ptr + tile)
-    tile_live = seq < num_seqs
-    seq = tl.where(tile_live, seq, 0)
-    first_token = tl.load(tile_index_ptr + tile) * TOKENS_PER_TILE  # within the sequence's queries
-    q_begin = tl.load(query_start_ptr + seq).to(tl.int32)
-    num_queries = tl.where(tile_live, tl.load(query_start_ptr + seq + 1).to(tl.int32) - q_begin, 0)
-    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    seq, first_token, q_begin, num_queries, seq_len = _locate_query_tile(
+        tile, tile_seq_ptr, tile_index_ptr, query_start_ptr, seq_lens_ptr, num_seqs, TOKENS_PER_TILE)
 
     rows = tl.arange(0, BLOCK_M)
     token = first_token + rows // G
@@ -474,12 +584,7 @@ def _paged_prefill_kernel(
     q_pos = seq_len - num_queries + token
     q_rows = (q_begin + token).to(tl.int64)
     q0, q1 = _load_rows(q_ptr + q_rows * stride_qt + q_heads * stride_qh, row_ok, D, D_PAD, K_PHASES, DOT_DTYPE)
-
-    # keys this tile can see: [lo, hi), hi = the last query's position + 1
-    first_pos = seq_len - num_queries + first_token
-    hi = tl.minimum(first_pos + TOKENS_PER_TILE, seq_len)
-    lo = tl.where(sliding_window > 0, tl.maximum(first_pos - sliding_window + 1, 0), 0)
-    hi = tl.where(first_token < num_queries, hi, lo)
+    lo, hi = _prefill_key_range(seq_len, num_queries, first_token, sliding_window, TOKENS_PER_TILE)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -489,30 +594,24 @@ def _paged_prefill_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         keys = n0 + tl.arange(0, BLOCK_N)
         live = keys < hi
-        page = tl.load(page_row + keys // PAGE_SIZE, mask=live, other=0).to(tl.int64)
+        page = _load_page_ids(page_row, keys, live, PAGE_SIZE)
         slot = keys % PAGE_SIZE
-        k0, k1 = _load_kv_tile(k_data_ptr, k_scale_ptr,
-                               page * stride_kd_page + slot * stride_kd_slot + kv_head * stride_kd_head,
-                               page * stride_ks_page + slot * stride_ks_slot + kv_head * stride_ks_head,
-                               live, BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
-        scores = _scores(q0, q1, k0, k1, K_PHASES, INPUT_PRECISION, UPCAST_DOT) * qk_scale
+        k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                  stride_ks_page, stride_ks_slot, stride_ks_head, page, slot, kv_head, live,
+                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+        scores = _dot_halves(q0, q1, k0, k1, K_PHASES, INPUT_PRECISION, UPCAST_DOT, TRANS_B=True) * qk_scale
         visible = live[None, :] & (keys[None, :] <= q_pos[:, None])
         visible = visible & ((sliding_window <= 0) | (keys[None, :] > q_pos[:, None] - sliding_window))
         scores = tl.where(visible, scores, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(scores, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that see nothing yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(scores - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v0, v1 = _load_kv_tile(v_data_ptr, v_scale_ptr,
-                               page * stride_vd_page + slot * stride_vd_slot + kv_head * stride_vd_head,
-                               page * stride_vs_page + slot * stride_vs_slot + kv_head * stride_vs_head,
-                               live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+        # with a sliding window, a row's first key tiles can lie wholly before its window
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=1, MAY_SEE_NOTHING=True)
+        v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                  stride_vs_page, stride_vs_slot, stride_vs_head, page, slot, kv_head, live,
+                                  BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
         p = p.to(DOT_DTYPE)
         acc0 = _dot(p, v0, acc0 * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
         if V_PHASES == 2:
             acc1 = _dot(p, v1, acc1 * alpha[:, None], INPUT_PRECISION, UPCAST_DOT)
-        m_i = m_new
 
     inv_l = 1.0 / tl.where(l_i > 0, l_i, 1.0)[:, None]  # rows that see no key (padding) stay zero
     _store_rows(out_ptr + q_rows * stride_ot + q_heads * stride_oh, row_ok, acc0 * inv_l, acc1 * inv_l,
@@ -522,10 +621,6 @@ def _paged_prefill_kernel(
 # ----------------------------------------------------------------------------------------------
 # Launchers
 # ----------------------------------------------------------------------------------------------
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _sm_count(device: torch.device) -> int:
@@ -572,7 +667,7 @@ def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor) -> dict:
     dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
     return dict(**_format_meta(k_fmt, "K", dot_dtype, q.device), **_format_meta(v_fmt, "V", dot_dtype, q.device),
                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                UPCAST_DOT=_INTERPRETED and dot_dtype == tl.bfloat16)
+                UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
 
 
 def _cache_strides(data: torch.Tensor, scale: torch.Tensor, fmt: KVFormat) -> tuple[int, ...]:
@@ -585,44 +680,61 @@ def _check_device(name: str, t: torch.Tensor, device: torch.device) -> None:
         raise ValueError(f"{name} is on {t.device}, but q is on {device}; put every input on one device")
 
 
-def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens, k_format, v_format,
-                  scale, sliding_window) -> tuple[KVFormat, KVFormat]:
-    """Validate what decode and prefill share; returns the parsed K and V formats."""
-    if triton is None:
-        raise ValueError(f"{op}: needs triton; use attention_ref (kernels/attention.py) on CPU")
+def _check_query(op: str, q) -> None:
     if not isinstance(q, torch.Tensor) or q.dim() != 3:
         raise ValueError(f"{op}: q must be a 3-d tensor [tokens, Hq, head_dim], got "
                          f"{tuple(q.shape) if isinstance(q, torch.Tensor) else type(q).__name__}")
     if q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"{op}: q has dtype {q.dtype}; expected float32, bfloat16 or float16")
-    if not (q.is_cuda or (_INTERPRETED and q.device.type == "cpu")):
-        raise ValueError(f"{op}: Triton kernels need CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
-                         f"importing fxforge), got q on {q.device}; use attention_ref")
+    check_launchable(op, "q", q, "attention_ref (kernels/attention.py)")
     if q.stride(-1) != 1:
         raise ValueError(f"{op}: q's last dim must be contiguous, got strides {q.stride()}")
-    num_q_heads, head_dim = q.shape[1], q.shape[2]
-    if head_dim < 1:
+    if q.shape[2] < 1:
         raise ValueError(f"{op}: head_dim must be >= 1, got q {tuple(q.shape)}")
-    formats = []
-    for name, data, sc, fmt in (("k", k_data, k_scale, k_format), ("v", v_data, v_scale, v_format)):
-        fmt = parse_kv_format(fmt)
-        fmt.check_head_dim(head_dim)
-        for part, t in ((f"{name}_data", data), (f"{name}_scale", sc)):
-            if not isinstance(t, torch.Tensor) or t.dim() != 4:
-                raise ValueError(f"{op}: {part} must be a 4-d tensor [pages, page_size, Hkv, cols], got "
-                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
-            _check_device(part, t, q.device)
-        cols = fmt.row_bytes(head_dim) // fmt.storage_dtype().itemsize
-        if data.dtype != fmt.storage_dtype() or data.shape[-1] != cols:
-            raise ValueError(f"{op}: {name}_data for format {fmt.name}, head_dim={head_dim} must be "
-                             f"{fmt.storage_dtype()} [..., {cols}], got {data.dtype} {tuple(data.shape)}")
-        if sc.dtype != torch.uint8 or tuple(sc.shape) != (*data.shape[:3], fmt.scale_cols(head_dim)):
-            raise ValueError(f"{op}: {name}_scale for format {fmt.name} must be uint8 "
-                             f"{(*data.shape[:3], fmt.scale_cols(head_dim))}, got {sc.dtype} {tuple(sc.shape)}")
-        if data.stride(-1) != 1 or (not fmt.is_dense and sc.stride(-1) != 1):
-            raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous, got strides "
-                             f"{data.stride()} / {sc.stride()}")
-        formats.append(fmt)
+
+
+def _check_cache(op: str, name: str, data, scale, fmt: str | KVFormat, head_dim: int,
+                 device: torch.device) -> KVFormat:
+    """Validate one cache (name "k" or "v"): its data and scale tensors for `fmt`; returns the format."""
+    fmt = parse_kv_format(fmt)
+    fmt.check_head_dim(head_dim)
+    for part, t in ((f"{name}_data", data), (f"{name}_scale", scale)):
+        if not isinstance(t, torch.Tensor) or t.dim() != 4:
+            raise ValueError(f"{op}: {part} must be a 4-d tensor [pages, page_size, Hkv, cols], got "
+                             f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        _check_device(part, t, device)
+    cols = fmt.row_bytes(head_dim) // fmt.storage_dtype().itemsize
+    if data.dtype != fmt.storage_dtype() or data.shape[-1] != cols:
+        raise ValueError(f"{op}: {name}_data for format {fmt.name}, head_dim={head_dim} must be "
+                         f"{fmt.storage_dtype()} [..., {cols}], got {data.dtype} {tuple(data.shape)}")
+    if scale.dtype != torch.uint8 or tuple(scale.shape) != (*data.shape[:3], fmt.scale_cols(head_dim)):
+        raise ValueError(f"{op}: {name}_scale for format {fmt.name} must be uint8 "
+                         f"{(*data.shape[:3], fmt.scale_cols(head_dim))}, got {scale.dtype} {tuple(scale.shape)}")
+    if data.stride(-1) != 1 or (not fmt.is_dense and scale.stride(-1) != 1):
+        raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous, got strides "
+                         f"{data.stride()} / {scale.stride()}")
+    return fmt
+
+
+def _check_page_table(op: str, page_table, seq_lens, device: torch.device) -> None:
+    num_seqs = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1 else None
+    for name, t, dims in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
+        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: {name} must be a {dims}-d int32 (or int64) tensor, got "
+                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
+        _check_device(name, t, device)
+    if page_table.shape[0] != num_seqs or page_table.stride(-1) != 1 or not seq_lens.is_contiguous():
+        raise ValueError(f"{op}: page_table {tuple(page_table.shape)} needs one row per sequence "
+                         f"(seq_lens has {num_seqs}) and a contiguous last dim; seq_lens must be contiguous")
+
+
+def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens, k_format, v_format,
+                  scale, sliding_window) -> tuple[KVFormat, KVFormat]:
+    """Validate what decode and prefill share; returns the parsed K and V formats."""
+    _check_query(op, q)
+    num_q_heads, head_dim = q.shape[1], q.shape[2]
+    k_fmt = _check_cache(op, "k", k_data, k_scale, k_format, head_dim, q.device)
+    v_fmt = _check_cache(op, "v", v_data, v_scale, v_format, head_dim, q.device)
     if tuple(k_data.shape[:3]) != tuple(v_data.shape[:3]):
         raise ValueError(f"{op}: k_data {tuple(k_data.shape)} and v_data {tuple(v_data.shape)} must share "
                          "[pages, page_size, Hkv]")
@@ -630,20 +742,12 @@ def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_
     if num_kv_heads < 1 or num_q_heads % num_kv_heads:
         raise ValueError(f"{op}: Hq={num_q_heads} (q {tuple(q.shape)}) must be a multiple of "
                          f"Hkv={num_kv_heads} (k_data {tuple(k_data.shape)})")
-    num_seqs = seq_lens.shape[0] if isinstance(seq_lens, torch.Tensor) and seq_lens.dim() == 1 else None
-    for name, t, dims in (("page_table", page_table, 2), ("seq_lens", seq_lens, 1)):
-        if not isinstance(t, torch.Tensor) or t.dim() != dims or t.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"{op}: {name} must be a {dims}-d int32 (or int64) tensor, got "
-                             f"{(t.dtype, tuple(t.shape)) if isinstance(t, torch.Tensor) else type(t).__name__}")
-        _check_device(name, t, q.device)
-    if page_table.shape[0] != num_seqs or page_table.stride(-1) != 1 or not seq_lens.is_contiguous():
-        raise ValueError(f"{op}: page_table {tuple(page_table.shape)} needs one row per sequence "
-                         f"(seq_lens has {num_seqs}) and a contiguous last dim; seq_lens must be contiguous")
+    _check_page_table(op, page_table, seq_lens, q.device)
     if not isinstance(scale, (int, float)) or isinstance(scale, bool) or not math.isfinite(scale):
         raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
     if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0:
         raise ValueError(f"{op}: sliding_window must be an int >= 0 (0: none), got {sliding_window!r}")
-    return formats[0], formats[1]
+    return k_fmt, v_fmt
 
 
 def _cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt) -> list:
@@ -652,6 +756,26 @@ def _cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt) -> list:
     v_scale_arg = v_data if v_fmt.is_dense else v_scale
     return [k_data, k_scale_arg, *_cache_strides(k_data, k_scale, k_fmt),
             v_data, v_scale_arg, *_cache_strides(v_data, v_scale, v_fmt)]
+
+
+def _decode_num_splits(num_splits: int | None, batch: int, num_kv_heads: int, page_table: torch.Tensor,
+                       page_size: int, sliding_window: int, device: torch.device) -> int:
+    """num_splits, checked; None picks it from the page table's capacity (no read of seq_lens)."""
+    if num_splits is None:
+        capacity = page_table.shape[1] * page_size
+        if sliding_window > 0:
+            capacity = min(capacity, sliding_window)
+        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(device))
+    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
+    return num_splits
+
+
+def _decode_workspace(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split kernel's float32 partials: (acc [B, Hq, num_splits, D], (max, sum) [B, Hq, num_splits, 2])."""
+    batch, num_q_heads, head_dim = q.shape
+    return (torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device),
+            torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device))
 
 
 def paged_decode_attention(
@@ -677,38 +801,28 @@ def paged_decode_attention(
     if block_n < _MIN_DOT or block_n & (block_n - 1):
         raise ValueError(f"paged_decode_attention: block_n must be a power of two >= 16, got {block_n}")
     page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
-    if num_splits is None:
-        capacity = page_table.shape[1] * page_size
-        if sliding_window > 0:
-            capacity = min(capacity, sliding_window)
-        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device))
-    if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
+    num_splits = _decode_num_splits(num_splits, batch, num_kv_heads, page_table, page_size, sliding_window, q.device)
 
     out = torch.empty_like(q)
     if batch == 0:
         return out
     group = num_q_heads // num_kv_heads
-    d_pad = max(2 * _MIN_DOT, _next_pow2(head_dim))  # 4-bit formats split it in two halves
+    d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))  # 4-bit formats split it in two halves
     split = num_splits > 1
-    if split:
-        ws_acc = torch.empty(batch, num_q_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        ws_ml = torch.empty(batch, num_q_heads, num_splits, 2, dtype=torch.float32, device=q.device)
-    else:
-        ws_acc = ws_ml = out  # not written
+    ws_acc, ws_ml = _decode_workspace(q, num_splits) if split else (out, out)  # (out: not written)
     _paged_decode_kernel[(num_kv_heads, num_splits, batch)](
         q, q.stride(0), q.stride(1),
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
         page_table, page_table.stride(0), seq_lens,
         out, out.stride(0), out.stride(1),
         ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
-        G=group, G_PAD=max(_MIN_DOT, _next_pow2(group)), D=head_dim, D_PAD=d_pad, PAGE_SIZE=page_size,
+        G=group, G_PAD=max(_MIN_DOT, next_pow2(group)), D=head_dim, D_PAD=d_pad, PAGE_SIZE=page_size,
         BLOCK_N=block_n, SPLIT=split, **_kernel_meta(k_fmt, v_fmt, q), num_warps=num_warps, num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(num_q_heads, batch)](
             ws_acc, ws_ml, out, out.stride(0), out.stride(1), num_splits,
-            D=head_dim, D_PAD=d_pad, SPLITS_PAD=_next_pow2(num_splits), num_warps=4,
+            D=head_dim, D_PAD=d_pad, SPLITS_PAD=next_pow2(num_splits), num_warps=4,
         )
     return out
 
@@ -725,6 +839,16 @@ def _query_tiles(query_start: torch.Tensor, num_tokens: int, tokens_per_tile: in
     seq = torch.searchsorted(ends, ids, right=True)
     first = (ends - tiles)[seq.clamp(max=num_seqs - 1)]
     return seq.to(torch.int32), (ids - first).to(torch.int32)
+
+
+def _check_query_start(op: str, query_start, num_seqs: int, device: torch.device) -> None:
+    if (not isinstance(query_start, torch.Tensor) or query_start.dim() != 1 or query_start.shape[0] != num_seqs + 1
+            or query_start.dtype not in (torch.int32, torch.int64) or not query_start.is_contiguous()):
+        got = ((query_start.dtype, tuple(query_start.shape)) if isinstance(query_start, torch.Tensor)
+               else type(query_start).__name__)
+        raise ValueError(f"{op}: query_start must be a contiguous int32 (or int64) tensor [S + 1] = "
+                         f"[{num_seqs + 1}], got {got}")
+    _check_device("query_start", query_start, device)
 
 
 def paged_prefill_attention(
@@ -745,20 +869,14 @@ def paged_prefill_attention(
     k_fmt, v_fmt = _check_common(op, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
                                  k_format, v_format, scale, sliding_window)
     num_seqs = seq_lens.shape[0]
-    if (not isinstance(query_start, torch.Tensor) or query_start.dim() != 1 or query_start.shape[0] != num_seqs + 1
-            or query_start.dtype not in (torch.int32, torch.int64) or not query_start.is_contiguous()):
-        got = ((query_start.dtype, tuple(query_start.shape)) if isinstance(query_start, torch.Tensor)
-               else type(query_start).__name__)
-        raise ValueError(f"{op}: query_start must be a contiguous int32 (or int64) tensor [S + 1] = "
-                         f"[{num_seqs + 1}], got {got}")
-    _check_device("query_start", query_start, q.device)
+    _check_query_start(op, query_start, num_seqs, q.device)
     num_tokens, num_q_heads, head_dim = q.shape
     num_kv_heads, page_size = k_data.shape[2], k_data.shape[1]
     group = num_q_heads // num_kv_heads
     for name, size in (("block_m", block_m), ("block_n", block_n)):
         if size < _MIN_DOT or size & (size - 1):
             raise ValueError(f"{op}: {name} must be a power of two >= 16, got {size}")
-    block_m = max(block_m, _next_pow2(group))  # at least one query token per tile
+    block_m = max(block_m, next_pow2(group))  # at least one query token per tile
     tokens_per_tile = block_m // group
 
     out = torch.zeros_like(q)
@@ -770,7 +888,7 @@ def paged_prefill_attention(
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
         page_table, page_table.stride(0), seq_lens, query_start, tile_seq, tile_index,
         out, out.stride(0), out.stride(1), num_seqs, float(scale) * _LOG2E, sliding_window,
-        G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, _next_pow2(head_dim)), PAGE_SIZE=page_size,
+        G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)), PAGE_SIZE=page_size,
         BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, **_kernel_meta(k_fmt, v_fmt, q),
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -803,10 +921,3 @@ def attention_triton(
                                       k_format, v_format, scale, sliding_window)
     return paged_prefill_attention(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
                                    k_format, v_format, scale, sliding_window)
-
-
-def register() -> None:
-    """Bind `attention_triton` to the fxforge::attention op for CUDA tensors (lowering calls this)."""
-    from fxforge.ir.ops import register_cuda_impl
-
-    register_cuda_impl("attention", attention_triton)

@@ -17,13 +17,14 @@ from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_i
 from fxforge.kernels import paged_attention as pa
 from fxforge.kernels.bfp import dequantize_ref, valid_format_names
 from fxforge.kernels.formats import parse_kv_format
+from fxforge.kernels.triton_support import HAS_TRITON
 
-INTERPRETER = pa.triton is not None and is_interpreted(pa._paged_decode_kernel)
+INTERPRETER = HAS_TRITON and is_interpreted(pa._paged_decode_kernel)
 needs_interpreter = interpreter_mark(INTERPRETER)
 PACKED = [name for name in valid_format_names() if not parse_kv_format(name).is_dense]
 MAX_SCALE_BYTE = 231  # above it the decoders' bias overflows (documented in paged_attention.py)
 
-if pa.triton is not None:
+if HAS_TRITON:
     import triton
     import triton.language as tl
 
@@ -91,7 +92,7 @@ test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k",
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available() or pa.triton is None, reason="needs CUDA and triton")
+@pytest.mark.skipif(not torch.cuda.is_available() or not HAS_TRITON, reason="needs CUDA and triton")
 class TestCUDA:
     @pytest.mark.parametrize("name,head_dim", list(_shapes()))
     def test_portable_decoder_is_exact(self, name, head_dim, seed):

@@ -22,11 +22,12 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fxforge.kernels import paged_attention as pa  # noqa: E402
+from fxforge.kernels import triton_support  # noqa: E402
 from fxforge.kernels.attention import attention_ref  # noqa: E402
 from fxforge.kernels.bfp import valid_format_names  # noqa: E402
 from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref  # noqa: E402
 
-INTERPRETER = pa.triton is not None and pa._INTERPRETED
+INTERPRETER = triton_support.INTERPRETED
 needs_interpreter = pytest.mark.skipif(
     not INTERPRETER,
     reason="triton is missing, or was imported before TRITON_INTERPRET=1 was set in this session "
@@ -296,7 +297,7 @@ def test_bfp8_ptx_decodes_exactly(seed):
 
 
 # ----------------------------------------------------------------------------------------------
-# Dispatch, registration, validation
+# Dispatch, validation
 # ----------------------------------------------------------------------------------------------
 
 
@@ -314,19 +315,6 @@ def test_attention_triton_dispatches_on_queries_per_sequence(seed, monkeypatch):
         assert calls[-1] == f"paged_{kind}_attention", calls
         expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, 0)
         assert_close(out, expected, torch.float32, f"attention_triton {kind}", seed)
-
-
-def test_register_binds_the_attention_op():
-    from fxforge.ir import ops
-
-    before = dict(ops._CUDA_IMPLS)
-    try:
-        pa.register()
-        assert ops._CUDA_IMPLS["attention"] is pa.attention_triton
-        assert ops.cuda_impls()["attention"] == "attention_triton"
-    finally:
-        ops._CUDA_IMPLS.clear()
-        ops._CUDA_IMPLS.update(before)
 
 
 def test_auto_num_splits():
@@ -366,7 +354,7 @@ def test_prefill_rejects_bad_query_start():
         pa.paged_prefill_attention(q, *cache, page_table, query_start[:1], seq_lens, "float32", "float32", 0.125)
 
 
-@pytest.mark.skipif(INTERPRETER or pa.triton is None or torch.cuda.is_available(),
+@pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON or torch.cuda.is_available(),
                     reason="runs only where the interpreter tests were skipped in this process")
 def test_interpreter_tests_in_a_fresh_process():
     """When an earlier import loaded triton without the interpreter (tests/conftest.py does), run this
