@@ -8,11 +8,16 @@
 #   split -n 2 -d SmolLM2-135M-Instruct.Q4_1.gguf smol.part   -> .devcarry/a/smol.part00, .devcarry/b/smol.part01
 #   cp .../data/gsm8k/test.jsonl .devcarry/b/gsm8k_test.jsonl
 #   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-#       -d .devcarry/b/wheels gguf==0.19.0 platformdirs
-# Call 1 (carry .devcarry/a): mkdir -p /root/stash && cp .devcarry/a/smol.part00 /root/stash/
-# Call 2 (carry .devcarry/b, within 30 s): source benchmarks/device_env.sh; then the benchmark commands.
-if [ -d .devcarry/b/wheels ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site .devcarry/b/wheels/*.whl
+#       -d .devcarry/a/wheels gguf==0.19.0 platformdirs
+# Call 1 (carry .devcarry/a): source benchmarks/device_env.sh (stashes the first half, installs the wheels);
+#   the benchmarks that need no GGUF can run in this call.
+# Call 2 (carry .devcarry/b, within 30 s of call 1's end, so the same warm machine answers): source it
+#   again; the GGUF is assembled from the stash and the second half.
+mkdir -p /root/stash /root/wheels
+if [ -f .devcarry/a/smol.part00 ]; then cp .devcarry/a/smol.part00 /root/stash/; fi
+if [ -d .devcarry/a/wheels ]; then cp .devcarry/a/wheels/*.whl /root/wheels/; fi
+if ls /root/wheels/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target /tmp/site /root/wheels/*.whl
 fi
 export PYTHONPATH=/tmp/site FXFORGE_CACHE=/root/fxcache PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-deps --no-build-isolation --no-index -e . >/dev/null 2>&1 \

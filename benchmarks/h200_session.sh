@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Every GPU measurement of this session's BENCHMARKS.md tables, by stage, on the lent H200.
+# The GGUF travels in two halves (benchmarks/device_env.sh): stages that need no real weights go in
+# the first call (carry .devcarry/a), the rest in the second (carry .devcarry/b, within 30 s).
+#   bash benchmarks/h200_session.sh tests        # the whole test suite on the GPU
+#   bash benchmarks/h200_session.sh attention    # decode attention: refactored vs pre-refactor kernels, and vs SDPA
+#   bash benchmarks/h200_session.sh e2e-arch     # SmolLM2 e2e: this tree vs the tree before issue 8 (.devcarry/orig)
+# Results land in $OUT as *_h200.json.
+set -o pipefail
+source benchmarks/device_env.sh
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+E2E_SMOLLM2=(--prompts 512 --max-new-tokens 256 --kv bfloat16,bfp16 --max-num-seqs 512 --decode-steps 16
+             --max-batched-tokens 32768 --repeats 3)
+for stage in "$@"; do
+  echo "== $stage"
+  case "$stage" in
+    tests)
+      python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tail -15 ;;
+    attention)
+      python3 benchmarks/attention_before_after.py --before-source .devcarry/a/paged_attention_d40172b.py \
+        --json-out "$OUT/attention_before_after_h200.json"
+      fxforge bench attention --formats bfp12_32,bfp16_32,mxfp4_32,bfloat16 --json-out "$OUT/attention_decode_h200.json" ;;
+    e2e-arch)
+      # the same workload through the code before issue 8 (installed beside, not editable) and through this tree
+      python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/old .devcarry/orig >/dev/null 2>&1 \
+        || echo "h200_session: install of the pre-issue-8 tree failed" >&2
+      PYTHONPATH=/tmp/old:/tmp/site python3 -m fxforge.cli bench e2e smollm2-135m "${E2E_SMOLLM2[@]}" --hf-batch "" \
+        --no-check --json-out "$OUT/e2e_smollm2_before_arch_h200.json" 2>&1 | tail -8
+      fxforge bench e2e smollm2-135m "${E2E_SMOLLM2[@]}" --hf-batch 512 \
+        --json-out "$OUT/e2e_smollm2_h200.json" 2>&1 | tail -12 ;;
+    *) echo "usage: $0 tests|attention|e2e-arch ..." >&2; exit 2 ;;
+  esac
+done
