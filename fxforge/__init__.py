@@ -5,12 +5,16 @@
     opt.save("out/dir")
 
 Names are loaded on first use (PEP 562), so `import fxforge.kernels.bfp` loads no IR and
-`import fxforge` alone stays cheap.
+`import fxforge` alone stays cheap: it does not even import torch. It does register the torch.compile
+backend "fxforge" with Dynamo, without importing Dynamo (~5 s): at once if Dynamo's backend registry is
+loaded, else by a one-shot import hook the moment it loads (see _register_compile_backend).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
+import sys
 
 __version__ = "0.1.0"
 
@@ -41,5 +45,52 @@ def Engine(model, **kwargs):
         model = load(str(model))
     return _Engine(model, **kwargs)
 
+
+def _compile_backend(gm, example_inputs, **kwargs):
+    """backend="fxforge" (fxforge.compile_backend.fxforge_backend, imported on first compile)."""
+    from fxforge.compile_backend import fxforge_backend
+
+    return fxforge_backend(gm, example_inputs, **kwargs)
+
+
+_DYNAMO_REGISTRY = "torch._dynamo.backends.registry"
+
+
+def _register_with(registry) -> None:
+    # Once Dynamo has read the entry point (_BACKENDS holds it), Dynamo loads the backend itself, and a
+    # second registration under the name would be refused as a duplicate.
+    if "fxforge" not in registry._BACKENDS and "fxforge" not in registry._COMPILER_FNS:
+        registry.register_backend(compiler_fn=_compile_backend, name="fxforge")
+
+
+class _RegisterWhenDynamoLoads:
+    """Meta-path finder that waits for Dynamo's backend registry module, lets the normal finders load
+    it, then registers the backend with it, and removes itself."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != _DYNAMO_REGISTRY:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            exec_module = spec.loader.exec_module
+
+            def exec_and_register(module):
+                exec_module(module)
+                _register_with(module)
+
+            spec.loader.exec_module = exec_and_register
+        return spec
+
+
+def _register_compile_backend() -> None:
+    registry = sys.modules.get(_DYNAMO_REGISTRY)
+    if registry is not None:
+        _register_with(registry)
+    elif not any(isinstance(f, _RegisterWhenDynamoLoads) for f in sys.meta_path):
+        sys.meta_path.insert(0, _RegisterWhenDynamoLoads())
+
+
+_register_compile_backend()
 
 __all__ = ["load", "optimize", "optimize_", "Engine", "Model", "OptimizedModel", "FxforgeError", "__version__"]
