@@ -35,11 +35,10 @@ engine = Engine(model, max_num_seqs=args.seats, max_model_len=max_len, max_num_b
                 num_decode_steps=args.decode_steps)
 engine.generate(prompts[: args.seats], SamplingParams(max_new_tokens=8, ignore_eos=True))
 
-# instrument the three phases of a step (each step already ends in a host sync: .tolist())
+# instrument the three phases of a step (execute ends in a host sync: .tolist()); prepare is part of execute
 phases = defaultdict(float)
 sched, runner = engine.scheduler, engine.runner
-orig = {"schedule": sched.schedule, "update": sched.update, "run": runner.run, "run_window": runner.run_window,
-        "prepare": runner.prepare}
+orig = {"schedule": sched.schedule, "update": sched.update, "execute": runner.execute, "prepare": runner.prepare}
 
 
 def timed(name, fn):

@@ -1,4 +1,4 @@
-"""Engine: continuous batching over a model or artifact. `step()` = schedule, run, sample, update.
+"""Engine: continuous batching over a model. `step()` = schedule, execute (run and sample), update.
 
     engine = Engine(fxforge.load("smollm2-135m"))
     outputs = engine.generate(["What is 2+2?"], SamplingParams(max_new_tokens=32))
@@ -6,17 +6,45 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
-from fxforge.runtime.block_manager import BlockManager
-from fxforge.runtime.model_runner import ModelRunner, RunnerConfig
-from fxforge.runtime.sampling import make_generator, sample
-from fxforge.runtime.scheduler import Scheduler, SchedulerConfig
-from fxforge.runtime.sequence import SamplingParams, Sequence
+from .config import EngineConfig
+from .model_runner import ModelRunner
+from .scheduler import Scheduler, SchedulerOutput
+from .sequence import SamplingParams, Sequence
+
+# Settings whose None means "the model's default", as Engine's keywords always took them.
+_MODEL_DEFAULTS = ("max_model_len", "num_pages", "use_cuda_graphs")
+
+
+def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> EngineConfig:
+    """The EngineConfig for `model`: `settings` are EngineConfig fields; the model decides those left
+    out (or None): max_model_len = min(its max positions, 4096); num_pages = what
+    `gpu_memory_fraction` of free GPU memory holds, or on CPU enough for max_num_seqs full sequences
+    up to 65,536 positions; use_cuda_graphs = on CUDA with the attention bound to Triton;
+    eos_token_id = the spec's first EOS id."""
+    settings = {k: v for k, v in settings.items() if not (k in _MODEL_DEFAULTS and v is None)}
+    spec = model.spec
+    settings.setdefault("max_model_len", min(spec.max_position_embeddings, 4096))
+    settings.setdefault("use_cuda_graphs",
+                        model.device.type == "cuda" and model.kernel_bindings().get("attention") == "triton")
+    settings.setdefault("eos_token_id", spec.eos_token_ids[0] if spec.eos_token_ids else None)
+    config = EngineConfig(**settings)
+    if "num_pages" not in settings:
+        config = dataclasses.replace(config, num_pages=_default_num_pages(model, config, gpu_memory_fraction))
+    return config
+
+
+def _default_num_pages(model, config: EngineConfig, gpu_memory_fraction: float) -> int:
+    if model.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(model.device)
+        return max(1, int(free * gpu_memory_fraction) // (model.kv_bytes_per_token() * config.page_size))
+    return max(1, min(config.max_num_seqs * config.max_model_len, 1 << 16) // config.page_size)
 
 
 @dataclass
@@ -44,39 +72,27 @@ class EngineStats:
 
 
 class Engine:
-    """Continuous-batching generation. KV pool size: `num_pages`, or a fraction of free GPU memory.
+    """Continuous-batching generation over `model`.
+
+    Settings come either as one `config=EngineConfig(...)`, used as it is, or as EngineConfig
+    fields by keyword (page_size=, num_pages=, max_num_seqs=, max_num_batched_tokens=,
+    max_model_len=, use_cuda_graphs=, num_decode_steps=, chat=, ...) plus gpu_memory_fraction=,
+    the model deciding the rest (`config_for_model`).
 
     `num_decode_steps` K: when only decodes can run, one step() runs up to K decode steps with
     the sampled tokens fed back on the device and one host sync (a sequence that stops mid-window
     finishes at its end); 1 makes every step a single model step.
     """
 
-    def __init__(self, model, *, page_size: int = 16, num_pages: int | None = None, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 8192, max_model_len: int | None = None,
-                 use_cuda_graphs: bool | None = None, gpu_memory_fraction: float = 0.5, chat: bool = True,
-                 num_decode_steps: int = 8):
-        self.model, self.chat = model, chat
-        max_model_len = max_model_len or min(model.spec.max_position_embeddings, 4096)
-        num_pages = num_pages or self._default_pages(page_size, max_num_seqs, max_model_len, gpu_memory_fraction)
-        if use_cuda_graphs is None:
-            use_cuda_graphs = model.device.type == "cuda" and model.kernel_bindings().get("attention") == "triton"
-        self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                            max_model_len=max_model_len, page_size=page_size,
-                            num_decode_steps=num_decode_steps),
-            BlockManager(num_pages, page_size, model.kv_bytes_per_token()))
-        self.runner = ModelRunner(model, RunnerConfig(num_pages, page_size, max_model_len, max_num_seqs,
-                                                      use_cuda_graphs))
-        self.eos_token_id = model.spec.eos_token_ids[0] if model.spec.eos_token_ids else None
-        self.generators: dict[int, torch.Generator] = {}
+    def __init__(self, model, *, config: EngineConfig | None = None, **settings):
+        if config is None:
+            config = config_for_model(model, **settings)
+        elif settings:
+            raise TypeError(f"Engine takes either config or settings by keyword, got both (config and {sorted(settings)})")
+        self.model, self.config = model, config
+        self.scheduler = Scheduler(config, model.kv_bytes_per_token())
+        self.runner = ModelRunner(model, config)
         self.stats = EngineStats()
-
-    def _default_pages(self, page_size, max_num_seqs, max_model_len, fraction) -> int:
-        bytes_per_page = self.model.kv_bytes_per_token() * page_size
-        if self.model.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.model.device)
-            return max(1, int(free * fraction) // bytes_per_page)
-        return max(1, min(max_num_seqs * max_model_len, 1 << 16) // page_size)
 
     # -- requests ---------------------------------------------------------------------------------
     def add_request(self, prompt, params: SamplingParams | None = None) -> Sequence:
@@ -84,46 +100,30 @@ class Engine:
         params = params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
-        token_ids = self.model.encode_prompt(prompt, self.chat) if isinstance(prompt, str) else list(prompt)
+        token_ids = self.model.encode_prompt(prompt, self.config.chat) if isinstance(prompt, str) else list(prompt)
         vocab = self.model.spec.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         seq = Sequence(token_ids, params)
         self.scheduler.add(seq)  # validates length; raises before anything is stored
-        if params.seed is not None and not params.is_greedy:
-            self.generators[seq.seq_id] = make_generator(params.seed, self.model.device)
         self.stats.prompt_tokens += len(token_ids)
         return seq
 
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
-        """Schedule, run the model, sample, update; returns the sequences that finished."""
+        """Schedule, run the model and sample, update; returns the sequences that finished."""
         out = self.scheduler.schedule()
-        if out.is_empty:
-            self.scheduler.update(out, [], self.eos_token_id)
-            return []
-        to_sample = [s.seq for s in out.scheduled if s.sample]
-        params = [s.sampling_params for s in to_sample]
-        generators = [self.generators.get(s.seq_id) for s in to_sample]
-        before = [s.num_output_tokens for s in to_sample]
-        if out.num_steps > 1:
-            if all(p.is_greedy for p in params):
-                def sample_fn(logits):
-                    return logits.argmax(dim=-1)
-            else:
-                def sample_fn(logits):
-                    return sample(logits, params, generators)
-            tokens = self.runner.run_window(out, sample_fn)
-        else:
-            tokens = sample(self.runner.run(out), params, generators).tolist()
-        finished = self.scheduler.update(out, tokens, self.eos_token_id)
-        self._count(out, [s.num_output_tokens - b for s, b in zip(to_sample, before)])
-        for seq in finished:
-            self.generators.pop(seq.seq_id, None)
+        sampling = [s.seq for s in out.scheduled if s.sample]
+        num_before = [seq.num_output_tokens for seq in sampling]
+        finished = self.scheduler.update(out, self.runner.execute(out))
+        self._count(out, [seq.num_output_tokens - n for seq, n in zip(sampling, num_before)])
+        self.runner.release(finished)
         return finished
 
-    def _count(self, out, new_tokens: list[int]) -> None:
+    def _count(self, out: SchedulerOutput, new_tokens: list[int]) -> None:
         """new_tokens: tokens each sampling entry of `out` kept."""
+        if out.is_empty:  # nothing ran
+            return
         stats = self.stats
         stats.steps += 1
         stats.preemptions += len(out.preempted)

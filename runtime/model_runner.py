@@ -1,45 +1,47 @@
-"""Model runner: owns the device tensors (paged KV cache, static graph inputs) and runs one step.
+"""Model runner: owns the device tensors (paged KV cache, static graph inputs), runs one engine
+step and samples it: `execute(SchedulerOutput) -> RunnerOutput`.
 
 Batch metadata is built with vectorized numpy from the scheduler's output and copied to the device
 once per tensor. Pure-decode steps can replay CUDA graphs captured per batch-size bucket: padded
 rows decode a dummy token into a reserved scratch page, so a replay never touches real KV.
 
-Decode windows (`run_window`): the inputs of the first step are prepared once; after each step the
-sampled tokens become the next input ids and positions, sequence lengths and cache slots advance
-on the device, so the host only enqueues work and syncs once, to read the window's tokens. A row
-that has taken its last step (its `num_steps`) stays where it is and writes to the scratch page.
-"""
+Decode windows: the inputs of the first step are prepared once; after each step the sampled
+tokens become the next input ids and positions, sequence lengths and cache slots advance on the
+device, so the host only enqueues work and syncs once, to read the window's tokens. A row that has
+taken its last step (its `num_steps`) stays where it is and writes to the scratch page.
+
+Sampling happens here, on the device, with one generator per seeded sequence: made from
+`SamplingParams.seed` on the sequence's first sample, dropped when the engine `release`s it."""
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from fxforge.ir.model import BatchInputs
-from fxforge.runtime.scheduler import SchedulerOutput
+
+from .config import EngineConfig
+from .sampling import make_generator, sample
+from .scheduler import RunnerOutput, SchedulerOutput
+from .sequence import Sequence
 
 GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256, 320, 384, 512)
 
 
-@dataclass(frozen=True)
-class RunnerConfig:
-    num_pages: int  # pages usable by sequences (one more is reserved as scratch)
-    page_size: int
-    max_model_len: int
-    max_num_seqs: int
-    use_cuda_graphs: bool = False
-
-
 class ModelRunner:
-    def __init__(self, model, config: RunnerConfig):
+    """Runs scheduled steps of `model` over a paged KV cache of `config.num_pages` (+1 scratch) pages
+    and samples their tokens; keeps one generator per seeded sequence until `release`."""
+
+    def __init__(self, model, config: EngineConfig):
         self.model, self.config = model, config
         self.device = model.device
         self.scratch_page = config.num_pages  # the reserved page for padded graph rows
         self.kv_cache = model.new_kv_cache(config.num_pages + 1, config.page_size, self.device)
         self.max_pages_per_seq = -(-config.max_model_len // config.page_size)
+        self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]] = {}
         self.graph_error: str | None = None  # why decode runs eagerly although graphs were asked for
         if config.use_cuda_graphs:
@@ -49,6 +51,41 @@ class ModelRunner:
                 self.graphs.clear()
                 self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 torch.cuda.synchronize()
+
+    # -- one engine step --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run `out` (one model step, or a decode window of out.num_steps) and sample each entry that samples."""
+        if out.is_empty:
+            return RunnerOutput()
+        sample_fn = self._sampler([s.seq for s in out.scheduled if s.sample])
+        if out.num_steps == 1:
+            return RunnerOutput([[token] for token in sample_fn(self._logits(out)).tolist()])
+        columns = self._run_window(out, sample_fn)
+        # A row that has taken its num_steps steps stays put; what it samples after them is padding.
+        return RunnerOutput([column[: s.num_steps] for s, column in zip(out.scheduled, columns)])
+
+    def release(self, finished: list[Sequence]) -> None:
+        """Forget the generators of sequences that will not sample again."""
+        for seq in finished:
+            self.generators.pop(seq.seq_id, None)
+
+    def _sampler(self, seqs: list[Sequence]) -> Callable[[torch.Tensor], torch.Tensor]:
+        """logits [len(seqs), V] -> their next tokens [len(seqs)], on the device."""
+        params = [seq.sampling_params for seq in seqs]
+        if all(p.is_greedy for p in params):
+            return lambda logits: logits.argmax(dim=-1)
+        generators = [self._generator(seq) for seq in seqs]
+        return lambda logits: sample(logits, params, generators)
+
+    def _generator(self, seq: Sequence) -> torch.Generator | None:
+        """`seq`'s own generator, made from its seed on first use, so the seed fixes its whole stream."""
+        params = seq.sampling_params
+        if params.seed is None or params.is_greedy:
+            return None
+        if seq.seq_id not in self.generators:
+            self.generators[seq.seq_id] = make_generator(params.seed, self.device)
+        return self.generators[seq.seq_id]
 
     # -- inputs -----------------------------------------------------------------------------------
     def prepare(self, out: SchedulerOutput) -> tuple[BatchInputs, int]:
@@ -85,19 +122,17 @@ class ModelRunner:
         return tensor
 
     # -- running ----------------------------------------------------------------------------------
-    @torch.inference_mode()
-    def run(self, out: SchedulerOutput) -> torch.Tensor:
-        """Logits [rows that sample, V] for one scheduler step."""
-        batch, rows = self.prepare(out)
+    def _logits(self, out: SchedulerOutput) -> torch.Tensor:
+        """Logits [rows that sample, V] for one model step."""
+        batch, _ = self.prepare(out)
         is_decode = out.num_prefill == 0 and all(s.sample for s in out.scheduled)
         if self.graphs and is_decode and len(out.scheduled) <= max(self.graphs):
             return self._replay(batch, len(out.scheduled))
         return self.model.forward(batch, self.kv_cache)
 
-    @torch.inference_mode()
-    def run_window(self, out: SchedulerOutput, sample_fn) -> list[list[int]]:
-        """Run a decode window of out.num_steps steps; `sample_fn(logits [n, V]) -> tokens [n]` picks
-        each step's tokens on the device. Returns the [num_steps][n] sampled tokens (one host sync)."""
+    def _run_window(self, out: SchedulerOutput, sample_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
+        """Run a decode window of out.num_steps steps, `sample_fn` picking each step's tokens on the
+        device. Returns each row's out.num_steps sampled tokens (one host sync)."""
         batch, n = self.prepare(out)
         k = out.num_steps
         steps = self._to_device(np.fromiter((s.num_steps for s in out.scheduled), dtype=np.int64, count=n))
@@ -119,7 +154,7 @@ class ModelRunner:
             produced.append(tokens)
             if i + 1 < k:
                 self._advance(batch, tokens, left)
-        return torch.stack(produced).tolist()
+        return torch.stack(produced, dim=1).tolist()
 
     def _advance(self, batch: BatchInputs, tokens: torch.Tensor, left: torch.Tensor) -> None:
         """Next decode step's inputs, in place: rows with steps left move one position on."""

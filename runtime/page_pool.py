@@ -1,35 +1,39 @@
 """Paged KV accounting: which fixed-size pages of the cache each sequence owns.
 
-The block manager only counts; the KV tensors live in the model runner, in whatever format the
-cache uses (fp16, BFP12, ...), so `bytes_per_token` is given by the caller. A page holds
-`page_size` consecutive positions of one sequence; slot `page_id * page_size + offset` is where
-the runner writes position `page_index * page_size + offset`. Reference counts let several
-sequences share full pages of a common prefix (`fork`); a page returns to the free list when its
-last owner lets go.
+The page pool only counts; the KV tensors live in the model runner, in whatever format the cache
+uses (fp16, BFP12, ...), so `bytes_per_token` is given by the caller. The pool's size and page size
+are those of the `EngineConfig` it is given. A page holds `page_size` consecutive positions of one
+sequence; slot `page_id * page_size + offset` is where the runner writes position
+`page_index * page_size + offset`. Reference counts let several sequences share full pages of a
+common prefix (`fork`); a page returns to the free list when its last owner lets go.
 """
 
 from __future__ import annotations
 
 from collections import deque
 
+from .config import EngineConfig
 from .sequence import Sequence
 
 
-def _check_int(name: str, value, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"BlockManager {name} must be an int >= {minimum}, got {value!r}")
+class PagePool:
+    """The `config.num_pages` KV pages of `config.page_size` positions, and who holds each."""
 
-
-class BlockManager:
-    def __init__(self, num_pages: int, page_size: int, bytes_per_token: int = 0):
-        _check_int("num_pages", num_pages, 1)
-        _check_int("page_size", page_size, 1)
-        _check_int("bytes_per_token", bytes_per_token, 0)
-        self.num_pages = num_pages
-        self.page_size = page_size
+    def __init__(self, config: EngineConfig, bytes_per_token: int = 0):
+        if not isinstance(bytes_per_token, int) or isinstance(bytes_per_token, bool) or bytes_per_token < 0:
+            raise ValueError(f"PagePool bytes_per_token must be an int >= 0, got {bytes_per_token!r}")
+        self.config = config
         self.bytes_per_token = bytes_per_token
-        self._free_pages: deque[int] = deque(range(num_pages))
-        self._ref_counts = [0] * num_pages
+        self._free_pages: deque[int] = deque(range(config.num_pages))
+        self._ref_counts = [0] * config.num_pages
+
+    @property
+    def num_pages(self) -> int:
+        return self.config.num_pages
+
+    @property
+    def page_size(self) -> int:
+        return self.config.page_size
 
     @property
     def num_free_pages(self) -> int:

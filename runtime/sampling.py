@@ -7,7 +7,7 @@ stable sort for both filters (only when some row uses one), and an exponential r
 Reproducibility of seeded rows: a row whose generator is given draws its own V exponentials from
 that generator (a loop over seeded rows only), and every other step is row-local, so its token
 depends only on its logits, its parameters and its generator's state -- not on which rows share
-the batch or where it sits. The engine makes one generator per seeded sequence with
+the batch or where it sits. The model runner makes one generator per seeded sequence with
 `make_generator(seed, device)` and keeps it for the sequence's life, so a seed fixes the whole
 token stream. Greedy rows never advance their generator. Unseeded rows share one batched draw
 from the device's default generator.

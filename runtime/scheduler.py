@@ -36,10 +36,10 @@ from __future__ import annotations
 import itertools
 import operator
 from collections import deque
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .block_manager import BlockManager
+from .config import EngineConfig
+from .page_pool import PagePool
 from .sequence import Sequence, SequenceStatus
 
 
@@ -51,31 +51,6 @@ def _token_id(token) -> int:
     if value < 0 or isinstance(token, bool):
         raise ValueError(f"sampled token ids must be integers >= 0, got {token!r}")
     return value
-
-
-@dataclass(frozen=True)
-class SchedulerConfig:
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int = 8192  # token budget of one model step
-    max_model_len: int = 8192  # prompt + generated tokens of one sequence
-    page_size: int = 16
-    enable_chunked_prefill: bool = True
-    num_decode_steps: int = 1  # K: decode steps per schedule() when only decodes can run (1 = off)
-
-    def __post_init__(self):
-        for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2), ("page_size", 1),
-                              ("num_decode_steps", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ValueError(f"SchedulerConfig.{name} must be an int >= {minimum}, got {value!r}")
-        if not isinstance(self.enable_chunked_prefill, bool):
-            raise ValueError(f"SchedulerConfig.enable_chunked_prefill must be a bool, got {self.enable_chunked_prefill!r}")
-        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len - 1:
-            raise ValueError(
-                f"without chunked prefill a whole prefill of up to max_model_len - 1 = {self.max_model_len - 1} tokens "
-                f"must fit in one step, but max_num_batched_tokens is {self.max_num_batched_tokens}; raise it or "
-                "enable_chunked_prefill"
-            )
 
 
 @dataclass(frozen=True)
@@ -124,20 +99,29 @@ class SchedulerOutput:
         return not self.scheduled
 
 
+@dataclass(frozen=True)
+class RunnerOutput:
+    """What the model runner sampled for one `SchedulerOutput`.
+
+    `sampled_token_ids[i]` belongs to the i-th entry of `scheduled` whose `sample` is True: the
+    token ids it drew, one per model step, so exactly that entry's `num_steps` of them (1 outside a
+    decode window).
+    """
+
+    sampled_token_ids: list[list[int]] = field(default_factory=list)
+
+
 class Scheduler:
     """Decode-first, chunked-prefill continuous batching with preemption by recompute.
 
-    Drive it as `out = schedule()`, run the model on `out.scheduled`, then
-    `update(out, sampled_tokens, eos_token_id)`; alternate strictly.
+    Drive it as `out = schedule()`, let the model runner execute `out`, then
+    `update(out, runner_output)`; alternate strictly. The scheduler owns the page pool of its
+    config (`pool`); `bytes_per_token` of KV only feeds the pool's memory accounting.
     """
 
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
-        if block_manager.page_size != config.page_size:
-            raise ValueError(
-                f"block manager page_size {block_manager.page_size} differs from SchedulerConfig.page_size {config.page_size}"
-            )
+    def __init__(self, config: EngineConfig, bytes_per_token: int = 0):
         self.config = config
-        self.block_manager = block_manager
+        self.pool = PagePool(config, bytes_per_token)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival, all older than any waiting sequence
         self.num_preemptions = 0
@@ -171,7 +155,7 @@ class Scheduler:
             )
         # KV of the final token is never computed, so the longest sequence needs one slot less.
         max_slots = min(num_prompt + seq.sampling_params.max_new_tokens, max_len) - 1
-        pool = self.block_manager
+        pool = self.pool
         if pool.pages_for(max_slots) > pool.num_pages:
             raise ValueError(
                 f"sequence {seq.seq_id} ({num_prompt} prompt tokens, up to {max_slots + 1} tokens in all) can need "
@@ -189,7 +173,7 @@ class Scheduler:
             return None
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
-            self.block_manager.free(seq)
+            self.pool.free(seq)
         else:
             self.waiting.remove(seq)
         seq.finish("abort")
@@ -212,86 +196,69 @@ class Scheduler:
         self._pending = out
         return out
 
-    def update(self, output: SchedulerOutput, sampled_tokens, eos_token_id: int | None) -> list[Sequence]:
-        """Apply a finished model step; return the sequences that finished in it (pages freed).
+    def update(self, output: SchedulerOutput, result: RunnerOutput) -> list[Sequence]:
+        """Apply the executed `output`; return the sequences that finished in it (pages freed).
 
-        `sampled_tokens` is a mapping seq_id -> token id, or a list of token ids aligned with the
-        entries of `output.scheduled` whose `sample` is True. For a decode window
-        (`output.num_steps` K > 1) it is K such rows (row i: the tokens sampled at step i; a
-        [K, n] array or list of lists); a sequence keeps the first `num_steps` of its column, up
-        to the first that stops it.
+        A sequence keeps its sampled tokens up to the first that stops it: a decode window's tokens
+        after an EOS or stop token are dropped. A malformed `result` raises ValueError and changes nothing.
         """
         if output is not self._pending:
             raise RuntimeError("update() needs the SchedulerOutput of the latest schedule(), applied once")
-        if output.num_steps > 1:
-            return self._update_window(output, sampled_tokens, eos_token_id)
-        to_sample = [s for s in output.scheduled if s.sample]
-        if isinstance(sampled_tokens, Mapping):
-            missing = [s.seq.seq_id for s in to_sample if s.seq.seq_id not in sampled_tokens]
-            if missing:
-                raise ValueError(f"sampled_tokens lacks a token for sequence ids {missing}")
-            tokens = [sampled_tokens[s.seq.seq_id] for s in to_sample]
-        else:
-            tokens = list(sampled_tokens)
-            if len(tokens) != len(to_sample):
-                raise ValueError(f"sampled_tokens has {len(tokens)} tokens for {len(to_sample)} sequences that sample")
-        tokens = [_token_id(t) for t in tokens]
+        sampled = iter(self._checked_tokens(output, result))
         self._pending = None
-
-        token_iter = iter(tokens)
         finished = []
         for sched in output.scheduled:
+            tokens = next(sampled) if sched.sample else []
             seq = sched.seq
-            token = next(token_iter) if sched.sample else None
             if seq.is_finished:  # aborted after schedule()
                 continue
-            seq.num_computed_tokens += sched.num_tokens
-            if token is None:
+            if not sched.sample:  # a prefill chunk short of the last prompt token
+                seq.num_computed_tokens += sched.num_tokens
                 continue
-            seq.append_token(token)
-            if self._stop(seq, eos_token_id):
+            kept = self._until_stop(seq, tokens)
+            # Every window step after the first computed the KV of the token the step before sampled.
+            seq.num_computed_tokens += sched.num_tokens + len(kept) - 1
+            seq.extend_tokens(kept)
+            if self._stop(seq):
                 finished.append(seq)
         return self._retire(finished)
+
+    @staticmethod
+    def _checked_tokens(output: SchedulerOutput, result: RunnerOutput) -> list[list[int]]:
+        """`result`'s token ids as ints, once they are known to be what `output` asked for."""
+        sampling = [s for s in output.scheduled if s.sample]
+        token_lists = result.sampled_token_ids
+        if len(token_lists) != len(sampling):
+            raise ValueError(f"RunnerOutput has sampled tokens for {len(token_lists)} sequences but "
+                             f"{len(sampling)} sequences sample in this step")
+        for sched, tokens in zip(sampling, token_lists):
+            if len(tokens) != sched.num_steps:
+                raise ValueError(f"RunnerOutput has {len(tokens)} sampled tokens for sequence {sched.seq.seq_id}, "
+                                 f"which ran {sched.num_steps} model steps: one token per step")
+        return [[_token_id(token) for token in tokens] for tokens in token_lists]
+
+    def _until_stop(self, seq: Sequence, tokens: list[int]) -> list[int]:
+        """`tokens` up to and including the first that stops `seq` (its stop ids, or EOS unless ignored)."""
+        params = seq.sampling_params
+        eos = None if params.ignore_eos else self.config.eos_token_id
+        for i, token in enumerate(tokens):
+            if token == eos or token in params.stop_token_ids:
+                return tokens[: i + 1]
+        return tokens
 
     def _retire(self, finished: list[Sequence]) -> list[Sequence]:
         if finished:
             self.running = [s for s in self.running if not s.is_finished]
         return finished
 
-    def _stop(self, seq: Sequence, eos_token_id: int | None) -> bool:
-        reason = seq.stop_reason(eos_token_id, self.config.max_model_len)
+    def _stop(self, seq: Sequence) -> bool:
+        reason = seq.stop_reason(self.config.eos_token_id, self.config.max_model_len)
         if reason is None:
             return False
-        self.block_manager.free(seq)
+        self.pool.free(seq)
         seq.finish(reason)
         del self._unfinished[seq.seq_id]
         return True
-
-    def _update_window(self, output: SchedulerOutput, sampled_tokens, eos_token_id: int | None) -> list[Sequence]:
-        rows = [list(row) for row in sampled_tokens]
-        n, k = len(output.scheduled), output.num_steps
-        if len(rows) != k or any(len(row) != n for row in rows):
-            shape = f"{len(rows)} rows of lengths {sorted({len(r) for r in rows})}"
-            raise ValueError(f"a {k}-step decode window of {n} sequences needs [{k}, {n}] sampled tokens, got {shape}")
-        columns = [[_token_id(t) for t in column] for column in zip(*rows)] if n else []
-        self._pending = None
-        finished = []
-        for sched, column in zip(output.scheduled, columns):
-            seq = sched.seq
-            if seq.is_finished:  # aborted after schedule()
-                continue
-            stops = seq.sampling_params.stop_token_ids
-            eos = None if seq.sampling_params.ignore_eos else eos_token_id
-            taken = column[: sched.num_steps]
-            for j, token in enumerate(taken):
-                if token == eos or token in stops:
-                    taken = taken[: j + 1]
-                    break
-            seq.num_computed_tokens += len(taken)
-            seq.extend_tokens(taken)
-            if self._stop(seq, eos_token_id):
-                finished.append(seq)
-        return self._retire(finished)
 
     def _schedule_window(self) -> SchedulerOutput | None:
         """A decode window of up to num_decode_steps steps, or None for the single-step policy."""
@@ -302,7 +269,7 @@ class Scheduler:
             return None  # a waiting sequence may be admitted: its prefill goes first
         if not all(seq.is_decoding for seq in running):
             return None
-        max_len, pool = self.config.max_model_len, self.block_manager
+        max_len, pool = self.config.max_model_len, self.pool
         steps = []
         for seq in running:
             left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
@@ -327,7 +294,7 @@ class Scheduler:
             if not seq.is_decoding:
                 prefilling.append(seq)
             elif self._make_room(seq, 1, out):
-                self.block_manager.allocate(seq, 1)
+                self.pool.allocate(seq, 1)
                 out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, is_prefill=False, sample=True))
                 budget -= 1
             else:
@@ -341,7 +308,7 @@ class Scheduler:
         Called while visiting `running` oldest first, so the youngest is never one already
         scheduled this step.
         """
-        while not self.block_manager.can_allocate(seq, num_new_tokens):
+        while not self.pool.can_allocate(seq, num_new_tokens):
             victim = self.running.pop()
             self._preempt(victim, out)
             if victim is seq:
@@ -349,7 +316,7 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
-        self.block_manager.free(seq)
+        self.pool.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
         out.preempted.append(seq)
@@ -362,7 +329,7 @@ class Scheduler:
                 break
             if seq.status is not SequenceStatus.RUNNING:  # preempted by a decode above
                 continue
-            num_tokens = min(seq.num_uncomputed, budget, self.block_manager.max_new_tokens(seq))
+            num_tokens = min(seq.num_uncomputed, budget, self.pool.max_new_tokens(seq))
             if num_tokens == 0:
                 continue
             self._schedule_prefill(seq, num_tokens, out)
@@ -377,7 +344,7 @@ class Scheduler:
             num_tokens = min(seq.num_uncomputed, budget)
             if num_tokens < seq.num_uncomputed and not chunked:
                 break
-            if not self.block_manager.can_allocate(seq, num_tokens):
+            if not self.pool.can_allocate(seq, num_tokens):
                 break
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
@@ -387,6 +354,6 @@ class Scheduler:
 
     def _schedule_prefill(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> None:
         start = seq.num_computed_tokens
-        self.block_manager.allocate(seq, num_tokens)
+        self.pool.allocate(seq, num_tokens)
         sample = start + num_tokens == seq.num_tokens
         out.scheduled.append(ScheduledSeq(seq, num_tokens, start, is_prefill=True, sample=sample))

@@ -2,7 +2,7 @@
 
 The bottom layer of the runtime: it imports nothing from the runtime and no torch. A `Sequence`
 holds its tokens, how many of them already have KV in the cache (`num_computed_tokens`) and the
-ids of the KV pages it owns; the block manager fills `page_ids`, the scheduler moves it between
+ids of the KV pages it owns; the page pool fills `page_ids`, the scheduler moves it between
 WAITING, RUNNING and FINISHED.
 """
 
@@ -28,7 +28,7 @@ class SamplingParams:
     temperature 0 is greedy (argmax); top_k 0 and top_p 1 switch those filters off. A `seed` makes
     the sequence's tokens reproducible whatever else shares its batch. Generation stops at the
     model's EOS token (unless `ignore_eos`), at any of `stop_token_ids`, after `max_new_tokens`
-    tokens, or at the scheduler's `max_model_len`.
+    tokens, or at `EngineConfig.max_model_len`.
     """
 
     temperature: float = 0.0
@@ -78,7 +78,7 @@ class Sequence:
 
     Tokens live in one list (prompt first) so a chunk of positions is a slice. `num_computed_tokens`
     counts the leading tokens whose KV is in the cache; `page_ids` are the KV pages holding them,
-    in position order, owned through the block manager. `arrival` is the order in which the
+    in position order, owned through the page pool. `arrival` is the order in which the
     scheduler accepted the sequence (set by `Scheduler.add`); FCFS and preemption use it.
     """
 

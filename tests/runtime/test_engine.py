@@ -1,11 +1,14 @@
+import dataclasses
 import random
 
 import pytest
 import torch
 
+from fxforge.ir.model import Model
+from fxforge.runtime.config import EngineConfig
 from fxforge.runtime.engine import Engine
 from fxforge.runtime.sequence import SamplingParams
-from tests.conftest import tiny_model
+from tests.conftest import TINY_SPECS, tiny_model
 
 
 def _prompts(n, seed, max_len=40, vocab=257):
@@ -31,6 +34,73 @@ def test_engine_moe_and_chunked_prefill_match_reference():
     assert [o.token_ids for o in outputs] == expected
 
 
+def test_keywords_build_one_config_the_model_completes():
+    """Settings given by keyword, the model's defaults for the rest; scheduler, pool and runner all
+    read that one config."""
+    spec = dataclasses.replace(TINY_SPECS["llama-gqa"], eos_token_ids=(7, 9))
+    model = Model.from_state_dict(spec, None, dtype=torch.float32, seed=0)
+    engine = Engine(model, page_size=8, max_num_seqs=4, max_model_len=None, num_pages=None, chat=False)
+    expected = EngineConfig(max_num_seqs=4, page_size=8, max_model_len=512, num_pages=4 * 512 // 8,
+                            use_cuda_graphs=False, eos_token_id=7, chat=False)
+    assert engine.config == expected
+    assert engine.scheduler.config is engine.scheduler.pool.config is engine.runner.config is engine.config
+    assert engine.scheduler.pool.bytes_per_token == model.kv_bytes_per_token()
+    assert engine.runner.kv_cache[0].shape[0] == expected.num_pages + 1  # one scratch page
+    assert Engine(model, eos_token_id=None).config.eos_token_id is None  # an explicit None is no EOS
+
+
+def test_engine_from_one_config():
+    model = tiny_model("llama-gqa")
+    config = EngineConfig(num_pages=32, page_size=4, max_model_len=64, max_num_batched_tokens=16, num_decode_steps=3)
+    engine = Engine(model, config=config)
+    assert engine.config is config and engine.scheduler.pool.num_pages == 32
+    prompts = _prompts(5, seed=6)
+    outputs = engine.generate(prompts, SamplingParams(max_new_tokens=9, ignore_eos=True))
+    assert [o.token_ids for o in outputs] == model.generate(prompts, max_new_tokens=9)
+    with pytest.raises(TypeError, match=r"either config or settings.*\['page_size'\]"):
+        Engine(model, config=config, page_size=4)
+    with pytest.raises(TypeError, match="page_sise"):
+        Engine(model, page_sise=4)
+    with pytest.raises(ValueError, match="EngineConfig.num_decode_steps must be an int >= 1, got 0"):
+        Engine(model, num_decode_steps=0)
+
+
+def test_runner_output_has_one_token_per_step_of_each_entry():
+    """execute() samples on the device: one token per sampling entry, and in a window one per step of
+    each entry, cut at the entry's own num_steps; the tokens are the model's greedy ones."""
+    model = tiny_model("llama-gqa")
+    engine = Engine(model, num_pages=64, page_size=4, num_decode_steps=5)
+    sched, runner = engine.scheduler, engine.runner
+    short = engine.add_request([1, 2, 3], SamplingParams(max_new_tokens=3, ignore_eos=True))
+    long = engine.add_request([4, 5], SamplingParams(max_new_tokens=20, ignore_eos=True))
+    once = engine.add_request(list(range(10, 40)), SamplingParams(max_new_tokens=1, ignore_eos=True))
+    out = sched.schedule()
+    result = runner.execute(out)
+    assert len(result.sampled_token_ids) == 3 and all(len(t) == 1 for t in result.sampled_token_ids)
+    sched.update(out, result)
+    out = sched.schedule()
+    assert out.num_steps == 5 and [s.num_steps for s in out.scheduled] == [2, 5]
+    result = runner.execute(out)
+    assert [len(t) for t in result.sampled_token_ids] == [2, 5]
+    sched.update(out, result)
+    assert short.output_token_ids == model.generate([[1, 2, 3]], max_new_tokens=3)[0]
+    assert long.output_token_ids == model.generate([[4, 5]], max_new_tokens=6)[0]
+    assert once.output_token_ids == model.generate([list(range(10, 40))], max_new_tokens=1)[0]
+
+
+def test_runner_keeps_a_generator_per_seeded_sequence_until_released():
+    engine = Engine(tiny_model("llama-gqa"), num_pages=64, page_size=4, num_decode_steps=1)
+    seeded = engine.add_request([1, 2], SamplingParams(temperature=1.0, seed=7, max_new_tokens=2, ignore_eos=True))
+    engine.add_request([3], SamplingParams(temperature=1.0, max_new_tokens=4, ignore_eos=True))
+    engine.add_request([4], SamplingParams(seed=5, max_new_tokens=4, ignore_eos=True))  # greedy: draws nothing
+    assert engine.runner.generators == {}  # made on first use
+    engine.step()
+    assert list(engine.runner.generators) == [seeded.seq_id]
+    state = engine.runner.generators[seeded.seq_id].get_state()
+    assert not torch.equal(state, torch.Generator().manual_seed(7).get_state())  # it drew the first token
+    assert engine.step() == [seeded] and engine.runner.generators == {}
+
+
 def test_two_thousand_requests_under_memory_pressure():
     """Every request completes, equal to an unpressured run, with preemptions, and all pages come back."""
     model = tiny_model("llama-mqa-tied")
@@ -44,7 +114,7 @@ def test_two_thousand_requests_under_memory_pressure():
     assert tight.stats.preemptions > 0, "the pool was not small enough to force preemption"
     assert [o.token_ids for o in pressured] == calm
     assert all(len(o.token_ids) == p.max_new_tokens for o, p in zip(pressured, params))
-    assert tight.scheduler.block_manager.num_free_pages == 40
+    assert tight.scheduler.pool.num_free_pages == 40
 
 
 def test_bad_requests_rejected_without_disturbing_inflight():
@@ -117,15 +187,16 @@ def test_cuda_graph_windows_match_single_steps_and_reference(passes):
 
     model = tiny_model("llama-gqa")
     lowered = fxforge.optimize(model, passes=passes + [{"name": "lower", "backend": "triton"}])
-    lowered.module.cuda()
     prompts = _prompts(24, seed=3)
+    reference = model.generate(prompts, max_new_tokens=20)  # before .cuda(), which moves the weights it shares
+    lowered.module.cuda()
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     runs = {}
     for k in (1, 6):
         engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=k)
         assert engine.runner.graphs, engine.runner.graph_error
         runs[k] = [o.token_ids for o in engine.generate(prompts, params)]
-        assert engine.scheduler.block_manager.num_free_pages == 512
+        assert engine.scheduler.pool.num_free_pages == 512
     assert runs[6] == runs[1]
     if not passes:
-        assert runs[1] == model.generate(prompts, max_new_tokens=20)
+        assert runs[1] == reference

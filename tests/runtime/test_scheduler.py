@@ -12,8 +12,9 @@ import random
 import numpy as np
 import pytest
 
-from fxforge.runtime.block_manager import BlockManager
-from fxforge.runtime.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from fxforge.runtime.config import EngineConfig
+from fxforge.runtime.page_pool import PagePool
+from fxforge.runtime.scheduler import RunnerOutput, Scheduler, SchedulerOutput
 from fxforge.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 
 EOS = 0
@@ -41,48 +42,45 @@ def reference(prompt: list[int], params: SamplingParams, max_model_len: int) -> 
 
 
 class FakeModel:
-    def __init__(self, block_manager: BlockManager):
-        self.bm = block_manager
-        size = block_manager.capacity_tokens
+    """Returns what the model runner would: a RunnerOutput for each SchedulerOutput."""
+
+    def __init__(self, pool: PagePool):
+        self.pool = pool
+        size = pool.capacity_tokens
         self.owner = np.full(size, -1, dtype=np.int64)
         self.position = np.full(size, -1, dtype=np.int64)
         self.token = np.full(size, -1, dtype=np.int64)
-        self.page_offsets = np.arange(block_manager.page_size)
+        self.page_offsets = np.arange(pool.page_size)
 
     def _context_slots(self, seq: Sequence, stop: int) -> np.ndarray:
         pages = np.asarray(seq.page_ids, dtype=np.int64)
-        return (pages[:, None] * self.bm.page_size + self.page_offsets).ravel()[:stop]
+        return (pages[:, None] * self.pool.page_size + self.page_offsets).ravel()[:stop]
 
-    def step(self, out: SchedulerOutput):
+    def step(self, out: SchedulerOutput) -> RunnerOutput:
         return self.window(out) if out.num_steps > 1 else self.single(out)
 
-    def window(self, out: SchedulerOutput) -> list[list[int]]:
-        """A decode window as the runner runs it: each row feeds its sampled token back while it
-        has steps left; afterwards it stays put (its samples are junk the scheduler must drop)."""
-        rows = []
-        tokens = [s.seq.last_token_id for s in out.scheduled]
-        for i in range(out.num_steps):
-            row = []
-            for j, s in enumerate(out.scheduled):
-                if i >= s.num_steps:
-                    row.append(VOCAB + 1)  # junk from a row past its last step
-                    continue
-                pos = s.start_position + i
-                slot = self.bm.slot(s.seq, pos)
-                self.owner[slot], self.position[slot], self.token[slot] = s.seq.seq_id, pos, tokens[j]
+    def window(self, out: SchedulerOutput) -> RunnerOutput:
+        """A decode window as the runner runs it: each entry feeds its sampled token back for its
+        `num_steps` steps, writing the KV of its input token at each."""
+        columns = []
+        for s in out.scheduled:
+            token, column = s.seq.last_token_id, []
+            for pos in range(s.start_position, s.start_position + s.num_steps):
+                slot = self.pool.slot(s.seq, pos)
+                self.owner[slot], self.position[slot], self.token[slot] = s.seq.seq_id, pos, token
                 slots = self._context_slots(s.seq, pos + 1)
                 assert (self.owner[slots] == s.seq.seq_id).all(), f"sequence {s.seq.seq_id} reads another's KV"
                 assert (self.position[slots] == np.arange(pos + 1)).all(), "KV positions out of order"
                 context_hash = int((self.token[slots] * (np.arange(pos + 1) + 1)).sum()) % VOCAB
-                tokens[j] = _next(tokens[j], context_hash)
-                row.append(tokens[j])
-            rows.append(row)
-        return rows
+                token = _next(token, context_hash)
+                column.append(token)
+            columns.append(column)
+        return RunnerOutput(columns)
 
-    def single(self, out: SchedulerOutput) -> dict[int, int]:
+    def single(self, out: SchedulerOutput) -> RunnerOutput:
         written = []
         for s in out.scheduled:  # write every chunk's KV first, as the model's kv_write does
-            slots = np.asarray(self.bm.slots(s.seq, s.start_position, s.end_position))
+            slots = np.asarray(self.pool.slots(s.seq, s.start_position, s.end_position))
             self.owner[slots] = s.seq.seq_id
             self.position[slots] = np.arange(s.start_position, s.end_position)
             self.token[slots] = s.token_ids
@@ -90,7 +88,7 @@ class FakeModel:
         if written:
             slots = np.concatenate(written)
             assert len(np.unique(slots)) == len(slots), "two tokens written to one cache slot in a step"
-        sampled = {}
+        sampled = []
         for s in out.scheduled:  # then attend over the whole context through the page table
             if not s.sample:
                 continue
@@ -98,13 +96,13 @@ class FakeModel:
             assert (self.owner[slots] == s.seq.seq_id).all(), f"sequence {s.seq.seq_id} reads another's KV"
             assert (self.position[slots] == np.arange(s.end_position)).all(), "KV positions out of order"
             context_hash = int((self.token[slots] * (np.arange(s.end_position) + 1)).sum()) % VOCAB
-            sampled[s.seq.seq_id] = _next(int(self.token[slots[-1]]), context_hash)
-        return sampled
+            sampled.append([_next(int(self.token[slots[-1]]), context_hash)])
+        return RunnerOutput(sampled)
 
 
 def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     """Invariants of one schedule(), checked before the model runs."""
-    cfg, bm = sched.config, sched.block_manager
+    cfg, pool = sched.config, sched.pool
     assert out.num_batched_tokens == sum(s.num_tokens for s in out.scheduled) <= cfg.max_num_batched_tokens
     assert len(out.scheduled) <= cfg.max_num_seqs and sched.num_running <= cfg.max_num_seqs
     kinds = [s.is_prefill for s in out.scheduled]
@@ -114,12 +112,12 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
         seq = s.seq
         assert seq.status is SequenceStatus.RUNNING and s.num_tokens >= 1
         assert s.start_position == seq.num_computed_tokens
-        assert len(seq.page_ids) * bm.page_size >= s.end_position
+        assert len(seq.page_ids) * pool.page_size >= s.end_position
         assert s.sample == (s.end_position == seq.num_tokens)
         if not s.is_prefill:
             assert s.num_tokens == 1 and s.sample
         assert 1 <= s.num_steps <= out.num_steps
-        assert len(seq.page_ids) * bm.page_size >= s.start_position + s.num_steps
+        assert len(seq.page_ids) * pool.page_size >= s.start_position + s.num_steps
         assert s.num_steps == 1 or not s.is_prefill
     if out.num_steps > 1:
         assert not out.preempted and all(not s.is_prefill for s in out.scheduled)
@@ -139,12 +137,12 @@ def check_step(sched: Scheduler, out: SchedulerOutput) -> None:
     if len(sched.waiting) > 1:
         assert sched.waiting[0].arrival < sched.waiting[1].arrival and sched.waiting[-2].arrival < sched.waiting[-1].arrival
     # Only running sequences hold pages (no sharing here), and no page is lost.
-    assert bm.num_used_pages == sum(len(s.page_ids) for s in sched.running)
+    assert pool.num_used_pages == sum(len(s.page_ids) for s in sched.running)
 
 
 def drive(sched: Scheduler, arrivals: list[list[Sequence]] = (), max_steps: int = 1_000_000):
     """Run to completion, adding arrivals[i] before step i. Returns (steps, outputs by seq_id)."""
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     outputs = {}
     step = 0
     while sched.has_unfinished() or step < len(arrivals):
@@ -153,26 +151,31 @@ def drive(sched: Scheduler, arrivals: list[list[Sequence]] = (), max_steps: int 
         out = sched.schedule()
         check_step(sched, out)
         assert out.scheduled or not sched.has_unfinished(), "no progress: scheduler stalled"
-        for seq in sched.update(out, model.step(out), EOS):
+        for seq in sched.update(out, model.step(out)):
             outputs[seq.seq_id] = seq.output_token_ids
         step += 1
         assert step < max_steps
     return step, outputs
 
 
-def make_scheduler(num_pages=64, page_size=4, **config) -> Scheduler:
-    return Scheduler(SchedulerConfig(page_size=page_size, **config), BlockManager(num_pages, page_size))
+def make_scheduler(num_pages=64, page_size=4, num_decode_steps=1, **config) -> Scheduler:
+    return Scheduler(EngineConfig(num_pages=num_pages, page_size=page_size, num_decode_steps=num_decode_steps,
+                                  eos_token_id=EOS, **config))
 
 
-def test_config_validation():
-    with pytest.raises(ValueError, match="max_num_seqs"):
-        SchedulerConfig(max_num_seqs=0)
-    with pytest.raises(ValueError, match="max_model_len"):
-        SchedulerConfig(max_model_len=1)
-    with pytest.raises(ValueError, match="max_num_batched_tokens is 100"):
-        SchedulerConfig(max_num_batched_tokens=100, max_model_len=200, enable_chunked_prefill=False)
-    with pytest.raises(ValueError, match="page_size 8 differs .* 16"):
-        Scheduler(SchedulerConfig(page_size=16), BlockManager(10, 8))
+def sampled(*token_lists: list[int]) -> RunnerOutput:
+    return RunnerOutput(list(token_lists))
+
+
+def test_one_config_feeds_scheduler_and_pool():
+    config = EngineConfig(num_pages=10, page_size=8, max_model_len=100, eos_token_id=EOS)
+    sched = Scheduler(config, bytes_per_token=6)
+    assert sched.config is config and sched.pool.config is config
+    assert (sched.pool.num_pages, sched.pool.page_size, sched.pool.bytes_per_token) == (10, 8, 6)
+    seq = Sequence([1] * 9)
+    sched.add(seq)
+    sched.update(sched.schedule(), sampled([EOS]))  # the config's EOS ends it
+    assert seq.finish_reason == "stop" and sched.pool.num_free_pages == 10
 
 
 def test_single_request_matches_reference_and_frees_pages():
@@ -182,7 +185,7 @@ def test_single_request_matches_reference_and_frees_pages():
     _, outputs = drive(sched, [[seq]])
     assert outputs[seq.seq_id] == reference([5, 6, 7], params, 8192)
     assert seq.finish_reason == "length" and seq.num_output_tokens == 20
-    assert sched.block_manager.num_free_pages == 64 and not sched.has_unfinished()
+    assert sched.pool.num_free_pages == 64 and not sched.has_unfinished()
 
 
 def test_decode_first_then_prefill_with_leftover_budget():
@@ -190,11 +193,11 @@ def test_decode_first_then_prefill_with_leftover_budget():
     a, b = Sequence([1, 2, 3]), Sequence([4, 5])
     sched.add(a)
     sched.add(b)
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     out = sched.schedule()
     assert [(s.seq, s.num_tokens, s.is_prefill, s.sample) for s in out.scheduled] == [
         (a, 3, True, True), (b, 2, True, True)]
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     late = Sequence(list(range(1, 31)))
     sched.add(late)
     out = sched.schedule()
@@ -210,14 +213,14 @@ def test_chunked_prefill_splits_long_prompt_with_contiguous_positions():
     params = SamplingParams(max_new_tokens=3, ignore_eos=True)
     seq = Sequence(prompt, params)
     sched.add(seq)
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     chunks = []
     while sched.has_unfinished():
         out = sched.schedule()
         check_step(sched, out)
         (s,) = out.scheduled
         chunks.append((s.start_position, s.num_tokens, s.is_prefill, s.sample))
-        sched.update(out, model.step(out), EOS)
+        sched.update(out, model.step(out))
     assert chunks == [(0, 16, True, False), (16, 16, True, False), (32, 16, True, False), (48, 2, True, True),
                       (50, 1, False, True), (51, 1, False, True)]
     assert seq.output_token_ids == reference(prompt, params, 8192)
@@ -231,7 +234,7 @@ def test_no_chunking_keeps_prefills_whole_and_fcfs():
     out = sched.schedule()
     # b does not fit in the 8 tokens left; c may not overtake it.
     assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 12)]
-    sched.update(out, {a.seq_id: 5}, EOS)
+    sched.update(out, sampled([5]))
     out = sched.schedule()
     assert [(s.seq, s.num_tokens) for s in out.scheduled] == [(a, 1), (b, 12), (c, 3)]
 
@@ -240,7 +243,7 @@ def test_max_num_seqs_limits_running_sequences():
     sched = make_scheduler(max_num_seqs=2)
     params = SamplingParams(max_new_tokens=4, ignore_eos=True)
     seqs = [Sequence([i + 1, i + 2], params) for i in range(5)]
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     for seq in seqs:
         sched.add(seq)
     running_counts = []
@@ -248,7 +251,7 @@ def test_max_num_seqs_limits_running_sequences():
         out = sched.schedule()
         check_step(sched, out)
         running_counts.append(sched.num_running)
-        sched.update(out, model.step(out), EOS)
+        sched.update(out, model.step(out))
     assert max(running_counts) == 2
     assert [seq.output_token_ids for seq in seqs] == [reference(s.prompt_token_ids, params, 8192) for s in seqs]
 
@@ -258,7 +261,7 @@ def test_preemption_recomputes_youngest_and_output_is_unchanged():
     sched = make_scheduler(num_pages=6, page_size=4)
     params = SamplingParams(max_new_tokens=12, ignore_eos=True)
     old, young = Sequence([3, 1, 4, 1, 5, 9], params), Sequence([2, 7, 1, 8, 2, 8], params)
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     sched.add(old)
     sched.add(young)
     preempted = []
@@ -266,12 +269,12 @@ def test_preemption_recomputes_youngest_and_output_is_unchanged():
         out = sched.schedule()
         check_step(sched, out)
         preempted += out.preempted
-        sched.update(out, model.step(out), EOS)
+        sched.update(out, model.step(out))
     assert preempted and all(p is young for p in preempted)
     assert sched.num_preemptions == len(preempted)
     assert old.output_token_ids == reference(old.prompt_token_ids, params, 8192)
     assert young.output_token_ids == reference(young.prompt_token_ids, params, 8192)
-    assert sched.block_manager.num_free_pages == 6
+    assert sched.pool.num_free_pages == 6
 
 
 def test_decoder_preempts_itself_when_it_is_the_youngest():
@@ -280,9 +283,9 @@ def test_decoder_preempts_itself_when_it_is_the_youngest():
     old, young = Sequence([1] * 8, params), Sequence([2] * 4, params)
     sched.add(old)
     sched.add(young)
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     out = sched.schedule()  # prefills: old takes 2 pages, young 1
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     # Position 8 of old takes the last free page; position 4 of young then finds none, and young
     # is the youngest running sequence, so it preempts itself.
     out = sched.schedule()
@@ -290,11 +293,11 @@ def test_decoder_preempts_itself_when_it_is_the_youngest():
     assert out.preempted == [young] and [s.seq for s in out.scheduled] == [old]
     assert young.status is SequenceStatus.WAITING and sched.waiting[0] is young
     assert young.all_token_ids[:4] == [2] * 4 and young.num_tokens == 5 and young.num_computed_tokens == 0
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     while sched.has_unfinished():
         out = sched.schedule()
         check_step(sched, out)
-        sched.update(out, model.step(out), EOS)
+        sched.update(out, model.step(out))
     assert old.output_token_ids == reference(old.prompt_token_ids, params, 8192)
     assert young.output_token_ids == reference(young.prompt_token_ids, params, 8192)
 
@@ -310,12 +313,18 @@ def test_add_rejects_bad_requests_without_disturbing_queue():
     longest = Sequence([1] * 20, SamplingParams(max_new_tokens=10))  # 29 KV slots: just fits 8 pages of 4
     sched.add(longest)
     with pytest.raises(ValueError, match="need 9 KV pages but the pool has 8"):
-        Scheduler(SchedulerConfig(page_size=4, max_model_len=100), BlockManager(8, 4)).add(
+        make_scheduler(num_pages=8, page_size=4, max_model_len=100).add(
             Sequence([1] * 20, SamplingParams(max_new_tokens=14)))
     with pytest.raises(ValueError, match="not a new request"):
         sched.add(ok)
     assert list(sched.waiting) == [ok, longest] and sched.num_running == 0
     assert [s.arrival for s in sched.waiting] == [0, 1]
+
+
+def _update_state(sched: Scheduler, *seqs: Sequence):
+    """Everything update() may change."""
+    return ([(s.all_token_ids, s.num_computed_tokens, s.status, list(s.page_ids)) for s in seqs],
+            list(sched.running), list(sched.waiting), list(sched.pool._free_pages), sched.has_unfinished())
 
 
 def test_update_and_schedule_contract_errors():
@@ -326,17 +335,22 @@ def test_update_and_schedule_contract_errors():
     out = sched.schedule()
     with pytest.raises(RuntimeError, match="before update"):
         sched.schedule()
-    with pytest.raises(ValueError, match="1 tokens for 2 sequences"):
-        sched.update(out, [4], EOS)
-    with pytest.raises(ValueError, match=f"lacks a token for sequence ids \\[{b.seq_id}\\]"):
-        sched.update(out, {a.seq_id: 4}, EOS)
-    with pytest.raises(ValueError, match="integers >= 0"):
-        sched.update(out, [4, -1], EOS)
-    assert a.num_computed_tokens == 0 and a.num_output_tokens == 0  # failed updates changed nothing
-    sched.update(out, [np.int64(4), 5], EOS)  # list aligned with sampling entries; numpy ints accepted
+    before = _update_state(sched, a, b)
+    with pytest.raises(ValueError, match="sampled tokens for 1 sequences but 2 sequences sample"):
+        sched.update(out, sampled([4]))
+    with pytest.raises(ValueError, match=f"2 sampled tokens for sequence {b.seq_id}, which ran 1 model steps"):
+        sched.update(out, sampled([4], [5, 6]))
+    with pytest.raises(ValueError, match="integers >= 0, got -1"):
+        sched.update(out, sampled([4], [-1]))
+    with pytest.raises(ValueError, match="integers >= 0, got 4.0"):
+        sched.update(out, sampled([4.0], [5]))
+    with pytest.raises(ValueError, match="integers >= 0, got True"):
+        sched.update(out, sampled([True], [5]))
+    assert _update_state(sched, a, b) == before  # rejected updates changed nothing
+    sched.update(out, sampled([np.int64(4)], [5]))  # aligned with sampling entries; numpy ints accepted
     assert a.all_token_ids == [1, 2, 4] and b.all_token_ids == [3, 5]
     with pytest.raises(RuntimeError, match="latest schedule"):
-        sched.update(out, [4, 5], EOS)
+        sched.update(out, sampled([4], [5]))
 
 
 def test_eos_and_stop_ids_finish_and_free():
@@ -347,9 +361,9 @@ def test_eos_and_stop_ids_finish_and_free():
     for seq in (a, b, c):
         sched.add(seq)
     out = sched.schedule()
-    finished = sched.update(out, {a.seq_id: EOS, b.seq_id: 42, c.seq_id: EOS}, EOS)
+    finished = sched.update(out, sampled([EOS], [42], [EOS]))
     assert finished == [a, b] and a.finish_reason == b.finish_reason == "stop"
-    assert sched.num_running == 1 and sched.block_manager.num_used_pages == 1
+    assert sched.num_running == 1 and sched.pool.num_used_pages == 1
     assert c.status is SequenceStatus.RUNNING
 
 
@@ -367,18 +381,18 @@ def test_abort_waiting_running_and_in_flight():
     for seq in (a, b, c):
         sched.add(seq)
     out = sched.schedule()
-    sched.update(out, FakeModel(sched.block_manager).step(out), EOS)
+    sched.update(out, FakeModel(sched.pool).step(out))
     assert sched.abort(a.seq_id) is a and a.finish_reason == "abort" and a.page_ids == []
     out = sched.schedule()
     assert sched.abort(b.seq_id) is b  # aborted between schedule() and update()
-    finished = sched.update(out, {b.seq_id: 1, c.seq_id: 2}, EOS)
+    finished = sched.update(out, sampled([1], [2]))
     assert finished == [] and b.num_output_tokens == 1 and c.num_output_tokens == 2
     assert sched.abort(a.seq_id) is None and sched.abort(10**9) is None
     waiting = Sequence([9])
     sched.add(waiting)
     assert sched.abort(waiting.seq_id) is waiting and not sched.waiting
     assert [s.seq_id for s in sched.running] == [c.seq_id]
-    assert sched.block_manager.num_used_pages == 1
+    assert sched.pool.num_used_pages == 1
 
 
 def _random_request(rng: random.Random) -> tuple[list[int], SamplingParams]:
@@ -437,7 +451,7 @@ def test_stress_preemption_matches_unpressured_run(num_decode_steps):
         expected = reference(prompt, params, 512)
         assert small_out[s.seq_id] == big_out[b.seq_id] == expected, f"request {prompt[:4]}... diverged"
         assert s.finish_reason == b.finish_reason
-    assert small.block_manager.num_free_pages == 48 and big.block_manager.num_free_pages == 4096
+    assert small.pool.num_free_pages == 48 and big.pool.num_free_pages == 4096
     assert not small.waiting and not small.running
 
 
@@ -447,23 +461,23 @@ def _window_scheduler(num_pages=64, **config):
 
 def test_window_runs_only_when_nothing_can_be_admitted():
     sched = _window_scheduler(max_num_seqs=2)
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     params = SamplingParams(max_new_tokens=20, ignore_eos=True)
     a, b, c = (Sequence([i + 1, i + 2], params) for i in range(3))
     sched.add(a)
     out = sched.schedule()  # a's prefill
     assert out.num_steps == 1
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     sched.add(b)
     out = sched.schedule()  # b could be admitted: single step (a decodes, b prefills)
     assert out.num_steps == 1 and [s.is_prefill for s in out.scheduled] == [False, True]
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     sched.add(c)  # both seats taken: c waits, a and b decode in a window
     out = sched.schedule()
     check_step(sched, out)
     assert out.num_steps == 5 and [s.num_steps for s in out.scheduled] == [5, 5]
     assert len(a.page_ids) == 2  # positions 0..7 (2 prompt + 1 + 5 new ones) in pages of 4
-    sched.update(out, model.step(out), EOS)
+    sched.update(out, model.step(out))
     assert a.num_output_tokens == 7 and a.num_computed_tokens == 8 and b.num_output_tokens == 6
     assert a.output_token_ids == reference([1, 2], params, 512)[:7]
 
@@ -473,21 +487,21 @@ def test_window_falls_back_to_single_steps_without_pages_for_it():
     params = SamplingParams(max_new_tokens=40, ignore_eos=True)
     a, b = Sequence([1, 2, 3], params), Sequence([4, 5, 6], params)
     kinds, outputs = [], {}
-    model = FakeModel(sched.block_manager)
+    model = FakeModel(sched.pool)
     sched.add(a)
     sched.add(b)
     while sched.has_unfinished():
         out = sched.schedule()
         check_step(sched, out)
         kinds.append(out.num_steps)
-        for seq in sched.update(out, model.step(out), EOS):
+        for seq in sched.update(out, model.step(out)):
             outputs[seq.seq_id] = seq.output_token_ids
     # prefills, one window of 5 each (8 positions in 2 of the 4 pages each), then no pages for a
     # second window: single steps, which preempt b; a finishes in windows, then b
     assert kinds[:2] == [1, 5] and kinds[2] == 1 and sched.num_preemptions > 0
     for seq in (a, b):
         assert outputs[seq.seq_id] == reference(seq.prompt_token_ids, params, 16) and seq.num_tokens == 16
-    assert sched.block_manager.num_free_pages == 4
+    assert sched.pool.num_free_pages == 4
 
 
 def test_window_cuts_at_lengths_and_drops_tokens_after_a_stop():
@@ -498,29 +512,32 @@ def test_window_cuts_at_lengths_and_drops_tokens_after_a_stop():
     for seq in (short, capped, stopper):
         sched.add(seq)
     out = sched.schedule()
-    sched.update(out, {short.seq_id: 10, capped.seq_id: 11, stopper.seq_id: 12}, EOS)
+    sched.update(out, sampled([10], [11], [12]))
     out = sched.schedule()
     assert out.num_steps == 5 and [s.num_steps for s in out.scheduled] == [2, 4, 5]
-    rows = [[20, 21, 22], [30, 31, 77], [40, 41, 42], [50, 51, 52], [60, 61, 62]]
-    finished = sched.update(out, rows, EOS)
+    finished = sched.update(out, sampled([20, 30], [21, 31, 41, 51], [22, 77, 42, 52, 62]))
     assert finished == [short, capped, stopper]
     assert short.output_token_ids == [10, 20, 30] and short.finish_reason == "length"
     assert capped.all_token_ids == [1, 2, 3, 4, 11, 21, 31, 41, 51] and capped.finish_reason == "length"
     assert stopper.output_token_ids == [12, 22, 77] and stopper.finish_reason == "stop"
-    assert sched.block_manager.num_free_pages == 64 and not sched.running
+    assert sched.pool.num_free_pages == 64 and not sched.running
 
 
-def test_window_update_checks_the_token_shape():
+def test_window_update_checks_the_token_counts():
     sched = _window_scheduler()
     seq = Sequence([1], SamplingParams(max_new_tokens=9, ignore_eos=True))
     sched.add(seq)
-    sched.update(sched.schedule(), [5], EOS)
+    sched.update(sched.schedule(), sampled([5]))
     out = sched.schedule()
     assert out.num_steps == 5
-    with pytest.raises(ValueError, match=r"needs \[5, 1\] sampled tokens"):
-        sched.update(out, [[1]] * 4, EOS)
+    before = _update_state(sched, seq)
+    for wrong in ([1] * 4, [1] * 6):
+        with pytest.raises(ValueError, match=f"{len(wrong)} sampled tokens for sequence {seq.seq_id}, which ran 5"):
+            sched.update(out, sampled(wrong))
+    with pytest.raises(ValueError, match="for 0 sequences but 1 sequences sample"):
+        sched.update(out, sampled())
     with pytest.raises(ValueError, match="integers >= 0"):
-        sched.update(out, [[1]] * 4 + [[-3]], EOS)
-    assert seq.output_token_ids == [5] and seq.num_computed_tokens == 1  # failed updates changed nothing
-    sched.update(out, [[np.int64(t)] for t in range(5)], EOS)
+        sched.update(out, sampled([1, 1, 1, 1, -3]))
+    assert _update_state(sched, seq) == before  # rejected updates changed nothing
+    sched.update(out, sampled([np.int64(t) for t in range(5)]))
     assert seq.output_token_ids == [5, 0, 1, 2, 3, 4]
