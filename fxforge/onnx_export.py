@@ -151,11 +151,14 @@ def register_domain() -> None:
                                            type_constraints=constraints, attributes=attributes))
 
 
-def variant(op_type: str, attributes: dict, ranks: tuple) -> str:
-    """The overload naming one body of an op: its attributes and input ranks decide the body."""
+def variant(op_type: str, attributes: dict, shapes: list) -> str:
+    """The overload naming one body of an op: its attributes and its inputs' static dims decide the body
+    (a body is exported with every dim but the dynamic ones of _DYNAMIC_DIMS fixed)."""
     import hashlib
 
-    text = repr((op_type, sorted(attributes.items()), tuple(ranks)))
+    static = tuple(tuple(None if d in _DYNAMIC_DIMS.get(name, ()) else int(size) for d, size in enumerate(shape))
+                   for name, shape in zip(_INPUTS[op_type], shapes))
+    text = repr((op_type, sorted(attributes.items()), static))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
@@ -195,7 +198,7 @@ def _translations() -> dict:
     def translation(target):
         def translate(*args):
             op_type, inputs, attributes, impl = _call(target, args)
-            overload = variant(op_type, attributes, tuple(len(x.shape) for x in inputs))
+            overload = variant(op_type, attributes, [list(x.shape) for x in inputs])
             return getattr(opset, op_type)(*inputs, **attributes, impl=impl, variant=overload)
 
         return translate
@@ -213,7 +216,7 @@ class _Recorder(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if _overload_of(target) in _ATTRIBUTE_ARGS:
             op_type, inputs, attributes, _ = _call(target, args)
-            key = variant(op_type, attributes, tuple(x.dim() for x in inputs))
+            key = variant(op_type, attributes, [list(x.shape) for x in inputs])
             self.examples.setdefault(key, (op_type, inputs, attributes))
         return super().call_function(target, args, kwargs)
 
@@ -256,7 +259,7 @@ def _body(op_type: str, inputs: list, attributes: dict, overload: str):
     names = _INPUTS[op_type][:len(inputs)]
     dynamic = tuple({d: torch.export.Dim.AUTO for d in _DYNAMIC_DIMS.get(name, ())} for name in names)
     program = torch.onnx.export(_Form(op_type, attributes).eval(), tuple(inputs), dynamo=True, dynamic_shapes=(dynamic,),
-                                input_names=names, output_names=_OUTPUTS[op_type], opset_version=OPSET,
+                                input_names=names, output_names=_OUTPUTS[op_type], opset_version=OPSET, optimize=False,
                                 verbose=False)
     graph = program.model_proto.graph
     nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
@@ -324,6 +327,14 @@ def to_onnx(model):
     for key, (op_type, inputs, attributes) in recorder.examples.items():
         function, _ = _body(op_type, inputs, attributes, key)
         proto.functions.append(function)
+    # the exporter leaves custom-op outputs untyped (it cannot infer them); ORT infers them from the bodies
+    inputs = {v.name: v for v in proto.graph.input}
+    for out in proto.graph.output:  # an updated cache tensor has its input's type and shape
+        if not out.type.HasField("tensor_type") and out.name.removesuffix(".out") in inputs:
+            out.type.CopyFrom(inputs[out.name.removesuffix(".out")].type)
+    typed = [v for v in proto.graph.value_info if v.type.HasField("tensor_type")]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend(typed)
     proto.ir_version = max(proto.ir_version, 10)  # function overloads
     onnx.checker.check_model(proto)
     return proto

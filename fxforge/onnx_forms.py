@@ -3,7 +3,7 @@ bodies of the `fxforge` domain's ONNX functions (fxforge/onnx_export.py).
 
 Each form computes what its op's reference computes (kernels/), vectorised and without bit casts,
 which ONNX lacks: the shared exponent floor(log2(amax)) is found from Log and corrected by exact
-powers of two, codes are packed and unpacked with integer products and remainders instead of shifts.
+powers of two, codes are packed and unpacked byte by byte with small products and remainders.
 Quantized bytes equal the references' bit for bit (tests/fxforge/test_onnx_export.py).
 
   rope / rmsnorm / swiglu   the references themselves (already plain torch)
@@ -30,6 +30,39 @@ def _floor_log2(amax: torch.Tensor) -> torch.Tensor:
     return guess.to(torch.int64)
 
 
+def _div(a: torch.Tensor, b: int) -> torch.Tensor:
+    return torch.div(a, b, rounding_mode="floor")
+
+
+def _pack(codes: torch.Tensor, m: int) -> torch.Tensor:
+    """m-bit codes [..., D] -> bytes [..., D * m / 8] (kernels/bfp.py layout). Every intermediate stays
+    below 256, so no exporter lowering of integer division through float32 can round it."""
+    if m == 8:
+        return codes
+    if m == 4:
+        pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+        return pairs[..., 0] + pairs[..., 1] * 16
+    c = codes.reshape(*codes.shape[:-1], -1, 4)  # m == 6: 4 codes in 3 bytes
+    b0 = c[..., 0] + torch.remainder(c[..., 1], 4) * 64
+    b1 = _div(c[..., 1], 4) + torch.remainder(c[..., 2], 16) * 16
+    b2 = _div(c[..., 2], 16) + c[..., 3] * 4
+    return torch.stack((b0, b1, b2), dim=-1).reshape(*codes.shape[:-1], -1)
+
+
+def _unpack(data: torch.Tensor, m: int) -> torch.Tensor:
+    """Inverse of _pack: bytes [..., D * m / 8] (int64) -> unsigned codes [..., D]."""
+    if m == 8:
+        return data
+    if m == 4:
+        return torch.stack((torch.remainder(data, 16), _div(data, 16)), dim=-1).reshape(*data.shape[:-1], -1)
+    b = data.reshape(*data.shape[:-1], -1, 3)
+    c0 = torch.remainder(b[..., 0], 64)
+    c1 = _div(b[..., 0], 64) + torch.remainder(b[..., 1], 16) * 4
+    c2 = _div(b[..., 1], 16) + torch.remainder(b[..., 2], 4) * 16
+    c3 = _div(b[..., 2], 4)
+    return torch.stack((c0, c1, c2, c3), dim=-1).reshape(*data.shape[:-1], -1)
+
+
 def quantize(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor]:
     """kernels/bfp.py quantize_ref for dense and BFP formats: (data, scale)."""
     fmt = parse_kv_format(fmt_name)
@@ -48,12 +81,9 @@ def quantize(x: torch.Tensor, fmt_name: str) -> tuple[torch.Tensor, torch.Tensor
     q = torch.round(y).clamp(-qmax, qmax).to(torch.int64)
     codes = torch.where(q < 0, q + 2 ** m, q)
     codes = torch.where(nonfinite.unsqueeze(-1), 0, codes)
-    groups = codes.reshape(*x.shape[:-1], head_dim // 4, 4)
-    word = groups[..., 0] + groups[..., 1] * 2 ** m + groups[..., 2] * 2 ** (2 * m) + groups[..., 3] * 2 ** (3 * m)
-    packed = torch.stack([torch.remainder(torch.div(word, 256 ** j, rounding_mode="floor"), 256)
-                          for j in range(m // 2)], dim=-1)
+    packed = _pack(codes.reshape(*x.shape[:-1], head_dim), m)
     scale = torch.where(nonfinite, 255, biased)
-    return packed.reshape(*x.shape[:-1], head_dim * m // 8).to(torch.uint8), scale.to(torch.uint8)
+    return packed.to(torch.uint8), scale.to(torch.uint8)
 
 
 def dequantize(data: torch.Tensor, scale: torch.Tensor, fmt_name: str, head_dim: int) -> torch.Tensor:
@@ -62,10 +92,7 @@ def dequantize(data: torch.Tensor, scale: torch.Tensor, fmt_name: str, head_dim:
     if fmt.is_dense:
         return data.float()
     m, block = fmt.mantissa_bits, fmt.block
-    groups = data.to(torch.int64).reshape(*data.shape[:-1], head_dim // 4, m // 2)
-    word = sum(groups[..., j] * 256 ** j for j in range(m // 2))
-    codes = torch.stack([torch.remainder(torch.div(word, 2 ** (k * m), rounding_mode="floor"), 2 ** m)
-                         for k in range(4)], dim=-1).reshape(*data.shape[:-1], head_dim)
+    codes = _unpack(data.to(torch.int64), m)
     values = torch.where(codes >= 2 ** (m - 1), codes - 2 ** m, codes).float()
     biased = scale.to(torch.int64)
     factor = torch.where(biased == 0, 0.0, torch.pow(2.0, (biased - 127).float()))
