@@ -71,8 +71,9 @@ def _unwritable(target: Path, exc: OSError) -> OutputPathError:
                            "choose a writable location")
 
 
-def save_artifact(model, directory, extra_report: str = "") -> Path:
-    """Write `model` (an OptimizedModel) to `directory` atomically; returns the final path."""
+def save_artifact(model, directory, extra_report: str = "", write_extra=None) -> Path:
+    """Write `model` (an OptimizedModel) to `directory` atomically; returns the final path.
+    `write_extra(staging_dir)` adds files (model.onnx) before the directory is moved into place."""
     target = check_output_dir(directory)
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -81,6 +82,8 @@ def save_artifact(model, directory, extra_report: str = "") -> Path:
         raise _unwritable(target, exc) from None
     try:
         _write(model, staging, extra_report)
+        if write_extra is not None:
+            write_extra(staging)
         if target.exists():
             shutil.rmtree(target)
         os.replace(staging, target)

@@ -526,6 +526,93 @@ def _hf_peer(spec, path: str, random_init: bool):
                                                 torch_dtype=torch.bfloat16).cuda().eval()
 
 
+@bench_app.command("compile")
+@_guard
+def bench_compile_cmd(
+    models: str = typer.Option("smollm2-135m,llama-3-8b", help="named shapes (random weights), comma-separated"),
+    backends: str = typer.Option(",".join(["eager", "inductor", "inductor-max-autotune", "fxforge"]),
+                                 help="eager, inductor, inductor-max-autotune, fxforge (comma-separated)"),
+    options: str = typer.Option("{}", help="backend='fxforge' options as JSON, e.g. '{\"k_format\": \"bfp16\"}'"),
+    prefill: str = typer.Option("8x512", help="prefill workload: BATCHxTOKENS"),
+    decode_batches: str = typer.Option("1,64", help="decode-step batch sizes (static cache)"),
+    context: int = typer.Option(512, help="tokens in the static cache before the timed decode step"),
+    repeats: int = typer.Option(10, help="timed calls per row (the median is reported)"),
+    dtype: str = typer.Option("bfloat16", help="weight dtype"),
+    smoke: bool = typer.Option(False, "--smoke", help="a 1-layer model, tiny shapes, CPU allowed: proves the code path"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """HF models (prefill, static-cache decode steps) under eager, Inductor and backend='fxforge', one run."""
+    import dataclasses
+
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.bench_compile import BACKENDS, bench_model
+    from fxforge.compile_backend import BackendOptions
+    from fxforge.ir.importers.named import NAMED_SHAPES
+
+    chosen = [b.strip() for b in backends.split(",") if b.strip()]
+    unknown = [b for b in chosen if b not in BACKENDS]
+    if unknown or not chosen:
+        raise FxforgeError(f"--backends {backends!r}: unknown {unknown}; expected some of {list(BACKENDS)}")
+    try:
+        option_values = json.loads(options)
+    except json.JSONDecodeError as exc:
+        raise FxforgeError(f"--options is not valid JSON ({exc.msg}): {options!r}") from None
+    BackendOptions.from_dict(option_values if isinstance(option_values, dict) else {"": option_values})
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    missing = [m for m in names if m not in NAMED_SHAPES]
+    if missing:
+        raise FxforgeError(f"--models: unknown {missing}; named shapes: {', '.join(NAMED_SHAPES)}")
+    try:
+        batch, length = (int(x) for x in prefill.lower().split("x"))
+    except ValueError:
+        raise FxforgeError(f"--prefill must be BATCHxTOKENS such as 8x512, got {prefill!r}") from None
+    batches = _int_list(decode_batches, "--decode-batches")
+    if repeats < 1 or context < 1:
+        raise FxforgeError(f"--repeats and --context must be >= 1, got {repeats} and {context}")
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
+    if not smoke and not torch.cuda.is_available():
+        raise FxforgeError("fxforge bench compile needs a CUDA device (use --smoke to exercise it on CPU)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name in names:
+        spec = NAMED_SHAPES[name]
+        if smoke:
+            spec = dataclasses.replace(spec, num_layers=1, hidden_size=64, intermediate_size=128, num_heads=4,
+                                       num_kv_heads=2, head_dim=16, vocab_size=512)
+        rows += bench_model(name, spec, chosen, option_values, (batch, length), batches, context, repeats,
+                            _dtype(dtype), device, progress=lambda row: console.print(row))
+    results = [dataclasses.asdict(r) for r in rows]
+    _print_rows([{k: v for k, v in r.items() if k != "replaced"} for r in results])
+    if json_out is not None:
+        json_out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                        "torch": torch.__version__, "options": option_values, "rows": results},
+                                       indent=2))
+
+
+@app.command("export")
+@_guard
+def export_cmd(
+    model: str = typer.Argument(..., help="artifact directory (or any model source)"),
+    onnx: bool = typer.Option(False, "--onnx", help="write DIR/model.onnx (fxforge ops as ONNX functions)"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory to write into"),
+):
+    """Export MODEL: --onnx writes the runtime-shaped forward with its paged KV cache as ONNX."""
+    from fxforge.artifact import check_output_dir
+    from fxforge.onnx_export import check_exportable, export_onnx
+
+    if not onnx:
+        raise FxforgeError("choose an export format: --onnx (the only one so far)")
+    check_output_dir(output)
+    m = _load(model, "float32")
+    check_exportable(m)
+    with console.status("exporting to ONNX"):
+        path = export_onnx(m, output)
+    console.print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB)")
+
+
 def _analysis_model(model: str):
     """Named shapes are analysed from their config (no weights needed); the rest are loaded."""
     from fxforge.ir.importers.named import NAMED_SHAPES

@@ -32,11 +32,24 @@ class OptimizedModel(Model):
     def graph_module(self):
         return self.module
 
-    def save(self, directory) -> None:
-        """Write the artifact directory (plan.json, weights.safetensors, graph.py, report.md)."""
-        from fxforge.artifact import save_artifact
+    def save(self, directory, onnx: bool = False) -> None:
+        """Write the artifact directory (plan.json, weights.safetensors, graph.py, report.md; with onnx=True
+        also model.onnx, exported before anything is written, so a model without ONNX form writes nothing)."""
+        from fxforge.artifact import check_output_dir, save_artifact
 
-        save_artifact(self, directory)
+        write_onnx = None
+        if onnx:
+            from fxforge.onnx_export import ONNX_FILE, to_onnx
+
+            check_output_dir(directory)
+            proto = to_onnx(self)
+
+            def write_onnx(staging):
+                import onnx as onnx_lib
+
+                onnx_lib.save(proto, str(staging / ONNX_FILE))
+
+        save_artifact(self, directory, write_extra=write_onnx)
 
 
 def optimize(model: Model, passes: list | None = None, calib: list[str] | None = None, debug: bool = True,
