@@ -1,21 +1,13 @@
 """fxforge.ir: specs, canonical modules, fx capture with typed metadata, verification, cost model.
 
-Names are loaded on first use, so importing a leaf such as fxforge.ir.errors loads nothing else.
+(Eager on purpose: `capture` and `verify` are both functions here and submodules, and a lazy
+attribute would be shadowed by the submodule once it is imported. Importing fxforge.ir.errors, the
+leaf every layer may import, therefore loads the IR; the kernels never do.)
 """
 
-from __future__ import annotations
+from fxforge.ir.capture import HeadLayout, NodeMeta, capture, meta, nodes_by_role
+from fxforge.ir.spec import ModelSpec
+from fxforge.ir.verify import IRVerificationError, verify
 
-import importlib
-
-_LAZY = {"ModelSpec": "fxforge.ir.spec", "capture": "fxforge.ir.capture", "meta": "fxforge.ir.capture",
-         "nodes_by_role": "fxforge.ir.capture", "NodeMeta": "fxforge.ir.capture", "HeadLayout": "fxforge.ir.capture",
-         "verify": "fxforge.ir.verify", "IRVerificationError": "fxforge.ir.verify"}
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fxforge.ir' has no attribute {name!r}")
-
-
-__all__ = list(_LAZY)
+__all__ = ["ModelSpec", "capture", "verify", "meta", "nodes_by_role", "NodeMeta", "HeadLayout",
+           "IRVerificationError"]
