@@ -4,6 +4,7 @@
 # the first call (carry .devcarry/a), the rest in the second (carry .devcarry/b, within 30 s).
 #   bash benchmarks/h200_session.sh tests        # the whole test suite on the GPU
 #   bash benchmarks/h200_session.sh attention    # decode attention: refactored vs pre-refactor kernels, and vs SDPA
+#   bash benchmarks/h200_session.sh moe          # fused MoE: tune launch configs, then fused vs eager loop
 #   bash benchmarks/h200_session.sh e2e-arch     # SmolLM2 e2e: this tree vs the tree before issue 8 (.devcarry/orig)
 # Results land in $OUT as *_h200.json.
 set -o pipefail
@@ -15,12 +16,16 @@ E2E_SMOLLM2=(--prompts 512 --max-new-tokens 256 --kv bfloat16,bfp16 --max-num-se
 for stage in "$@"; do
   echo "== $stage"
   case "$stage" in
-    tests)
-      python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tail -15 ;;
+    tests)  # slow-marked tests download SmolLM2, which this machine cannot
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests 2>&1 | tee "$OUT/tests_h200.log" | tail -15 ;;
     attention)
       python3 benchmarks/attention_before_after.py --before-source .devcarry/a/paged_attention_d40172b.py \
         --json-out "$OUT/attention_before_after_h200.json"
       fxforge bench attention --formats bfp12_32,bfp16_32,mxfp4_32,bfloat16 --json-out "$OUT/attention_decode_h200.json" ;;
+    moe)
+      timeout 200 python3 benchmarks/moe_tune.py --out kernels/configs/ 2>&1 | tail -5
+      cp kernels/configs/moe_*.json "$OUT/" 2>/dev/null
+      timeout 120 python3 -m fxforge.kernels.moe_bench --json-out "$OUT/moe_bench_h200.json" 2>&1 | tail -20 ;;
     e2e-arch)
       # the same workload through the code before issue 8 (installed beside, not editable) and through this tree
       python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/old .devcarry/orig >/dev/null 2>&1 \
@@ -29,6 +34,6 @@ for stage in "$@"; do
         --no-check --json-out "$OUT/e2e_smollm2_before_arch_h200.json" 2>&1 | tail -8
       fxforge bench e2e smollm2-135m "${E2E_SMOLLM2[@]}" --hf-batch 512 \
         --json-out "$OUT/e2e_smollm2_h200.json" 2>&1 | tail -12 ;;
-    *) echo "usage: $0 tests|attention|e2e-arch ..." >&2; exit 2 ;;
+    *) echo "usage: $0 tests|attention|moe|e2e-arch ..." >&2; exit 2 ;;
   esac
 done
