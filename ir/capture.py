@@ -19,7 +19,7 @@ from fxforge.ir.spec import ModelSpec
 
 META_KEY = "fxforge"
 ROLES = ("embed", "q_proj", "k_proj", "v_proj", "o_proj", "rope", "attention", "kv_write", "norm",
-         "mlp_gate", "mlp_up", "mlp_act", "mlp_down", "router", "expert", "lm_head", "input", "output", "op")
+         "mlp_gate", "mlp_up", "mlp_act", "mlp_down", "router", "expert", "lm_head", "lora", "input", "output", "op")
 
 _MODULE_ROLES = {
     "embed": "embed", "lm_head": "lm_head", "norm": "norm", "attn_norm": "norm", "mlp_norm": "norm",

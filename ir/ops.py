@@ -1,5 +1,6 @@
-"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention, and the
-two that lowering introduces, fxforge::rmsnorm and fxforge::swiglu.
+"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention, the two
+that lowering introduces, fxforge::rmsnorm and fxforge::swiglu, and fxforge::lora, the per-depth LoRA
+of a layer-tied graph.
 
 They are opaque to torch.fx so passes can find them by target, and each has a fake implementation
 so graphs that contain them survive torch.compile / torch.export.
@@ -24,6 +25,7 @@ import torch.fx as fx
 
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.kv_cache import kv_write_pair_ref
+from fxforge.kernels.lora import lora_ref
 from fxforge.kernels.triton_support import can_launch
 from fxforge.kernels.norm import rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
@@ -35,13 +37,14 @@ IMPLS = (REFERENCE, TRITON)
 
 # op name -> its reference (same signature as the op, without `impl`)
 REFERENCES: dict[str, Callable] = {"rope": rope_ref, "kv_write": kv_write_pair_ref, "attention": attention_ref,
-                                   "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref}
+                                   "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref, "lora": lora_ref}
 # op name -> (kernel module, launcher) imported on first use, so the IR loads without triton
 _TRITON_LAUNCHERS = {"rope": ("fxforge.kernels.rope", "rope_triton"),
                      "kv_write": ("fxforge.kernels.kv_cache", "kv_write_triton"),
                      "attention": ("fxforge.kernels.paged_attention", "attention_triton"),
                      "rmsnorm": ("fxforge.kernels.norm", "rmsnorm_triton"),
-                     "swiglu": ("fxforge.kernels.swiglu", "swiglu_triton")}
+                     "swiglu": ("fxforge.kernels.swiglu", "swiglu_triton"),
+                     "lora": ("fxforge.kernels.lora", "lora_triton")}
 
 
 def triton_launcher(op_name: str) -> Callable:
@@ -126,13 +129,28 @@ def _swiglu_fake(gate, up, impl):
     return torch.empty_like(gate)
 
 
+@torch.library.custom_op("fxforge::lora", mutates_args=())
+def lora(x: torch.Tensor, base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
+         loop_starts: Optional[torch.Tensor], slot: int, loop_stride: int, impl: str) -> torch.Tensor:
+    """base + the LoRA update of x; rows of loop j (loop_starts bounds them) use slot + loop_stride * j."""
+    return implementation("lora", impl, x)(x, base, lora_a, lora_b, loop_starts, slot, loop_stride)
+
+
+@lora.register_fake
+def _lora_fake(x, base, lora_a, lora_b, loop_starts, slot, loop_stride, impl):
+    return torch.empty_like(base)
+
+
 ROPE = torch.ops.fxforge.rope
 KV_WRITE = torch.ops.fxforge.kv_write
 ATTENTION = torch.ops.fxforge.attention
 RMSNORM = torch.ops.fxforge.rmsnorm
 SWIGLU = torch.ops.fxforge.swiglu
-OP_NAMES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "rmsnorm", SWIGLU: "swiglu"}
-CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act"}
+LORA = torch.ops.fxforge.lora
+OP_NAMES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "rmsnorm", SWIGLU: "swiglu",
+            LORA: "lora"}
+CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act",
+                   LORA: "lora"}
 
 
 def bindings(gm: fx.GraphModule) -> dict[str, str]:

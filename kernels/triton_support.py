@@ -51,4 +51,15 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "can_launch", "check_launchable", "next_pow2"]
+@jit
+def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """acc + a @ b in float32. UPCAST (pass INTERPRETED and bf16 operands): the Triton interpreter
+    multiplies bf16 bit patterns as integers, so there the operands are widened first (the same
+    products; only the order of the sum may differ)."""
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+
+
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "can_launch", "check_launchable", "next_pow2", "dot_acc"]
