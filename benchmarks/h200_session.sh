@@ -17,15 +17,15 @@ for stage in "$@"; do
   echo "== $stage"
   case "$stage" in
     tests)  # slow-marked tests download SmolLM2, which this machine cannot
-      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests 2>&1 | tee "$OUT/tests_h200.log" | tail -15 ;;
+      timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 -m "not slow" tests 2>&1 | tee "$OUT/tests_h200.log" | tail -15 ;;
     attention)
       python3 benchmarks/attention_before_after.py --before-source .devcarry/a/paged_attention_d40172b.py \
         --json-out "$OUT/attention_before_after_h200.json"
       fxforge bench attention --formats bfp12_32,bfp16_32,mxfp4_32,bfloat16 --json-out "$OUT/attention_decode_h200.json" ;;
     moe)
-      timeout 200 python3 benchmarks/moe_tune.py --out kernels/configs/ 2>&1 | tail -5
+      timeout 150 python3 benchmarks/moe_tune.py --out kernels/configs/ 2>&1 | tail -5
       cp kernels/configs/moe_*.json "$OUT/" 2>/dev/null
-      timeout 120 python3 -m fxforge.kernels.moe_bench --json-out "$OUT/moe_bench_h200.json" 2>&1 | tail -20 ;;
+      timeout 90 python3 -m fxforge.kernels.moe_bench --json-out "$OUT/moe_bench_h200.json" 2>&1 | tail -20 ;;
     e2e-arch)
       # the same workload through the code before issue 8 (installed beside, not editable) and through this tree
       python3 -m pip install -q --no-deps --no-build-isolation --no-index --target /tmp/old .devcarry/orig >/dev/null 2>&1 \

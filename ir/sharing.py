@@ -1,12 +1,13 @@
 """Copy-on-write sharing of weights between a model and the graphs optimised from it.
 
 `fxforge.optimize` never deep-copies weights: `share(gm)` gives a GraphModule with its own graph,
-metadata and module objects whose parameters and buffers are the original's tensors. Before a pass
-runs, the pass manager clones the tensors that pass declares it rewrites (`own`); `TensorGuard`
-then checks after each pass that no tensor still shared with the original was changed in place
-(its version counter, or a strided sample of its values, since writes through `.data` bypass the
-counter) or had its storage swapped (`param.data = ...`), so a pass that forgot to declare a
-rewrite fails loudly instead of silently corrupting the model it was given.
+metadata, module objects and Parameter objects whose storage is the original's. (Own Parameter
+objects: `.to()`/`.cuda()` assign `param.data`, so moving the optimised model leaves the original
+where it was; tied parameters stay tied.) Before a pass runs, the pass manager clones the tensors
+that pass declares it rewrites (`own`); `TensorGuard` then checks after each pass that no storage
+still shared with the original was written (a strided sample of its values: writes through `.data`
+bypass version counters), so a pass that forgot to declare a rewrite fails loudly instead of
+silently corrupting the model it was given.
 """
 
 from __future__ import annotations
@@ -27,23 +28,35 @@ def share(gm: fx.GraphModule) -> fx.GraphModule:
     for node in graph.nodes:  # node.meta is copied shallowly: give each copy its own fxforge metadata
         if META_KEY in node.meta:
             node.meta[META_KEY] = copy.deepcopy(node.meta[META_KEY])
+    aliases: dict[int, nn.Parameter] = {}
     root = nn.Module()
     for name, child in gm.named_children():
-        root.add_module(name, _module_copy(child))
-    for name, tensor in list(gm._parameters.items()) + list(gm._buffers.items()):
+        root.add_module(name, _module_copy(child, aliases))
+    for name, tensor in gm._parameters.items():
+        setattr(root, name, _alias(tensor, aliases))
+    for name, tensor in gm._buffers.items():
         setattr(root, name, tensor)
     out = fx.GraphModule(root, graph, class_name=type(gm).__name__)
     out.meta = dict(gm.meta)
     return out
 
 
-def _module_copy(module: nn.Module) -> nn.Module:
-    """A new module object (and new children) holding the same parameter and buffer tensors."""
+def _module_copy(module: nn.Module, aliases: dict[int, nn.Parameter]) -> nn.Module:
+    """A new module object (and new children) whose parameters alias the originals' storage."""
     new = copy.copy(module)
-    new._parameters = dict(module._parameters)
+    new._parameters = {key: _alias(p, aliases) for key, p in module._parameters.items()}
     new._buffers = dict(module._buffers)
-    new._modules = {name: _module_copy(child) for name, child in module._modules.items()}
+    new._modules = {name: _module_copy(child, aliases) for name, child in module._modules.items()}
     return new
+
+
+def _alias(param: nn.Parameter | None, aliases: dict[int, nn.Parameter]) -> nn.Parameter | None:
+    """A new Parameter over param's storage, one per original (so tied parameters stay one object)."""
+    if param is None:
+        return None
+    if id(param) not in aliases:
+        aliases[id(param)] = nn.Parameter(param.data, param.requires_grad)
+    return aliases[id(param)]
 
 
 def _tensors(module: nn.Module):
@@ -75,10 +88,15 @@ def own(gm: fx.GraphModule, patterns: tuple[str, ...]) -> list[str]:
 
 
 class TensorGuard:
-    """Remembers the tensors a graph shares with another model and checks they stay untouched."""
+    """Remembers the storage a graph shares with another model and checks its values stay untouched.
+
+    It keeps an alias of each storage (`detach()`), so a pass that gives the graph's own Parameter
+    new data (`param.data = ...`, harmless to the original) is not flagged, while a write into the
+    shared storage is, however it was made.
+    """
 
     def __init__(self, gm: fx.GraphModule):
-        self._shared = {id(t): (name, t, _version(t), t.data_ptr(), _sample(t)) for name, _, _, _, t in _tensors(gm)}
+        self._shared = {id(t): (name, t.detach(), _sample(t)) for name, _, _, _, t in _tensors(gm)}
 
     def release(self, gm: fx.GraphModule) -> None:
         """Forget tensors gm no longer holds (cloned by `own`): changing those is the pass's right."""
@@ -86,9 +104,8 @@ class TensorGuard:
         self._shared = {key: value for key, value in self._shared.items() if key in held}
 
     def changed(self) -> list[str]:
-        """Names of shared tensors modified in place or given new storage since the guard was made."""
-        return [name for name, t, version, ptr, sample in self._shared.values()
-                if _version(t) != version or t.data_ptr() != ptr or not _same(_sample(t), sample)]
+        """Names of shared tensors whose storage was written since the guard was made."""
+        return [name for name, storage, sample in self._shared.values() if not _same(_sample(storage), sample)]
 
 
 _SAMPLE_VALUES = 4096  # per tensor: cheap for an 8B model, and any row permutation or scaling shows
@@ -104,9 +121,3 @@ def _sample(tensor: torch.Tensor) -> torch.Tensor | None:
 def _same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     return a is None and b is None or (a is not None and b is not None and torch.equal(a, b))
 
-
-def _version(tensor: torch.Tensor) -> int | None:
-    try:
-        return tensor._version
-    except RuntimeError:  # inference tensors keep no version counter
-        return None
