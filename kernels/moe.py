@@ -43,7 +43,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from fxforge.kernels.triton_support import INTERPRETED, can_launch, check_launchable, jit, next_pow2, tl, triton
+from fxforge.kernels.triton_support import INTERPRETED, can_launch, check_launchable, dot_acc, jit, next_pow2, tl, triton
 
 __all__ = [
     "moe_route", "MoEAlignment", "padded_size", "moe_align", "moe_align_ref", "GemmTiles", "MoEConfig",
@@ -353,16 +353,6 @@ def _program_tile(N, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
 
 
 @jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # acc + a @ b in float32. UPCAST: the Triton interpreter multiplies bf16 bit patterns as integers,
-    # so there bf16 operands are widened first (the same products; only the order of the sum differs).
-    if UPCAST:
-        a = a.to(tl.float32)
-        b = b.to(tl.float32)
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
-
-
-@jit
 def _gate_up_swiglu_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, K]: the tokens
     w_gate_ptr,  # *same [E, N, K]
@@ -402,8 +392,8 @@ def _gate_up_swiglu_kernel(
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
         a = tl.load(x_ptrs, mask=is_pair[:, None] & k_ok[None, :], other=0.0)
-        gate = _dot(a, tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0), gate, INPUT_PRECISION, UPCAST_DOT)
-        up = _dot(a, tl.load(up_ptrs, mask=k_ok[:, None], other=0.0), up, INPUT_PRECISION, UPCAST_DOT)
+        gate = dot_acc(a, tl.load(gate_ptrs, mask=k_ok[:, None], other=0.0), gate, INPUT_PRECISION, UPCAST_DOT)
+        up = dot_acc(a, tl.load(up_ptrs, mask=k_ok[:, None], other=0.0), up, INPUT_PRECISION, UPCAST_DOT)
         x_ptrs += BLOCK_K * stride_xk
         gate_ptrs += BLOCK_K * stride_gk
         up_ptrs += BLOCK_K * stride_uk
@@ -450,7 +440,7 @@ def _down_kernel(
     for k_start in range(0, K, BLOCK_K):
         k_ok = ks < K - k_start
         a = tl.load(h_ptrs, mask=k_ok[None, :], other=0.0)
-        acc = _dot(a, tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), acc, INPUT_PRECISION, UPCAST_DOT)
+        acc = dot_acc(a, tl.load(w_ptrs, mask=k_ok[:, None], other=0.0), acc, INPUT_PRECISION, UPCAST_DOT)
         h_ptrs += BLOCK_K
         w_ptrs += BLOCK_K * stride_dk
     route_weight = tl.load(weights_ptr + (slot_rows // top_k) * stride_wt + (slot_rows % top_k) * stride_wk,
