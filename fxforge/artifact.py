@@ -1,7 +1,9 @@
 """Artifacts: a compiled model as a directory.
 
   plan.json            schema version, source model, spec, passes with configs and what each changed
-  weights.safetensors  every parameter and buffer of the rewritten graph (tied weights stored once)
+  weights.safetensors  every parameter and buffer of the rewritten graph; a tensor held under several
+                       names (tied embeddings, layer-tied blocks) is stored once under its first name,
+                       the others recorded in the file's metadata (`fxforge_aliases`) and restored on load
   graph.py             the readable fx code of the rewritten forward
   report.md            what was done, in words and numbers
   tokenizer/           tokenizer.json + tokenizer_config.json (when the model has a tokenizer)
@@ -20,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from fxforge.errors import FxforgeError, OutputPathError
@@ -29,6 +32,7 @@ from fxforge.ir.spec import ModelSpec
 
 SCHEMA_VERSION = 2  # 2: pass records carry their config version; the plan records kernel bindings
 PLAN, WEIGHTS, GRAPH, REPORT, TOKENIZER = "plan.json", "weights.safetensors", "graph.py", "report.md", "tokenizer"
+ALIASES = "fxforge_aliases"  # safetensors metadata key: {name: the name its tensor is stored under}
 
 
 def check_output_dir(directory) -> Path:
@@ -95,8 +99,9 @@ def save_artifact(model, directory, extra_report: str = "", write_extra=None) ->
 
 def _write(model, staging: Path, extra_report: str) -> None:
     gm = model.module
-    tensors = _unique_state(gm, model.spec)
-    save_file(tensors, str(staging / WEIGHTS), metadata={"fxforge_schema": str(SCHEMA_VERSION)})
+    tensors, aliases = unique_state(gm)
+    save_file(tensors, str(staging / WEIGHTS), metadata={"fxforge_schema": str(SCHEMA_VERSION),
+                                                         ALIASES: json.dumps(aliases)})
     plan = {
         "schema_version": SCHEMA_VERSION,
         "source": model.source,
@@ -115,11 +120,16 @@ def _write(model, staging: Path, extra_report: str) -> None:
         model.tokenizer.save(staging / TOKENIZER)
 
 
-def _unique_state(gm, spec: ModelSpec) -> dict[str, torch.Tensor]:
-    state = {k: v.detach().contiguous().cpu() for k, v in gm.state_dict().items()}
-    if spec.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+def unique_state(module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """({name: tensor} with every tensor once, {alias: stored name}) over module's state dict."""
+    tensors, aliases, first = {}, {}, {}
+    for name, value in module.state_dict(keep_vars=True).items():
+        if id(value) in first:
+            aliases[name] = first[id(value)]
+            continue
+        first[id(value)] = name
+        tensors[name] = value.detach().contiguous().cpu()
+    return tensors, aliases
 
 
 def render_report(plan: dict) -> str:
@@ -173,16 +183,28 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
     except FxforgeError as exc:
         raise FxforgeError(f"artifact {str(path)!r}: {exc}") from None
     gm, _ = run_pipeline(capture(skeleton.module), configs, PassContext(model=skeleton, restoring=True))
-    tensors = load_file(str(path / WEIGHTS), device=str(device))
-    if spec.tie_word_embeddings:
-        tensors["lm_head.weight"] = tensors["embed.weight"]
+    tensors, aliases = _read_weights(path / WEIGHTS, spec, device)
     missing, unexpected = gm.load_state_dict(tensors, strict=False)
     if missing or unexpected:
         raise FxforgeError(f"artifact {str(path)!r} weights do not match its plan: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")
     model = OptimizedModel(gm, spec, tokenizer, plan["source"], plan["passes"])
     _check_restored(model, plan, path)
+    if unique_state(gm)[1] != aliases:
+        raise FxforgeError(f"artifact {str(path)!r}: replaying its passes ties tensors {unique_state(gm)[1]} but the "
+                           f"weights file records {aliases}; compile it again from its source")
     return model
+
+
+def _read_weights(path: Path, spec: ModelSpec, device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The stored tensors with every alias filled in, and the aliases."""
+    tensors = load_file(str(path), device=str(device))
+    with safe_open(str(path), framework="pt") as f:
+        recorded = (f.metadata() or {}).get(ALIASES)
+    # artifacts written before aliases were recorded stored tied embeddings once, as embed.weight
+    aliases = json.loads(recorded) if recorded else ({"lm_head.weight": "embed.weight"} if spec.tie_word_embeddings else {})
+    tensors.update({alias: tensors[stored] for alias, stored in aliases.items()})
+    return tensors, aliases
 
 
 def _check_restored(model, plan: dict, path: Path) -> None:

@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.modules import DecoderLM, MoEExperts, RMSNorm
-from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, ROPE
+from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, LORA, ROPE
 from fxforge.ir.spec import ModelSpec
 
 META_KEY = "fxforge"
@@ -115,7 +115,8 @@ def _rope_source(node: fx.Node) -> str | None:
     while isinstance(current, fx.Node):
         if current.op == "call_module" and current.target.endswith(("q_proj", "k_proj")):
             return current.target[-6]
-        current = current.args[0] if current.args else None
+        # a LoRA node's base (args[1]) is the projection's output; every other op passes args[0] on
+        current = current.args[1] if current.target is LORA else (current.args[0] if current.args else None)
     return None
 
 

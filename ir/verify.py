@@ -7,7 +7,8 @@ from collections import Counter
 import torch.fx as fx
 
 from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
-from fxforge.ir.ops import ATTENTION, KV_WRITE, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, ROPE
+from fxforge.ir.recursive import tying_plan
 from fxforge.kernels.bfp import parse_kv_format
 
 _PER_LAYER = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 1, "rope": 2, "attention": 1, "kv_write": 1}
@@ -46,7 +47,7 @@ def verify(gm: fx.GraphModule) -> None:
         for role, want in _PER_LAYER.items():
             if counts[(role, layer)] != want:
                 problems.append(f"layer {layer} has {counts[(role, layer)]} {role} nodes, expected {want}")
-    problems += _check_order(gm)
+    problems += _check_order(gm) + _check_tying(gm)
     if problems:
         raise IRVerificationError("IR contract broken:\n  " + "\n  ".join(problems))
 
@@ -71,6 +72,28 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
                 parse_kv_format(fmt).check_head_dim(spec.head_dim)
             except ValueError as exc:
                 out.append(f"node {node.name}: {exc}")
+    return out
+
+
+def _check_tying(gm: fx.GraphModule) -> list[str]:
+    """A layer-tied graph: every depth of a block holds the block's tensors (aliasing intact), no rope
+    carries a channel permutation (tied depths share W_q / W_k, so no depth may reorder them alone),
+    and every LoRA slot indexes its stacked factors."""
+    plan = tying_plan(gm)
+    if plan is None:
+        return []
+    out = []
+    for depth, block in enumerate(plan.block_of_depth):
+        owner = dict(gm.get_submodule(f"layers.{plan.owner(block)}").named_parameters())
+        for name, param in gm.get_submodule(f"layers.{depth}").named_parameters():
+            if param.dim() > 1 and param is not owner[name]:
+                out.append(f"depth {depth} runs block {block} but its {name} is not the block's tensor")
+    for node in gm.graph.nodes:
+        if node.target is ROPE and node.args[4] is not None:
+            out.append(f"rope node {node.name} carries a channel permutation in a layer-tied graph (ksort cannot "
+                       "run after layer-tying: tied depths share W_q and W_k)")
+        if node.target is LORA and not 0 <= node.args[5] < gm.get_parameter(node.args[2].target).shape[0]:
+            out.append(f"lora node {node.name} reads slot {node.args[5]} outside its stacked factors")
     return out
 
 
