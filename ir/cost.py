@@ -10,7 +10,8 @@ Per node (T = tokens this step, R = logit rows = one per sequence, g = GQA group
   q/k/v/o proj, mlp_*, router, lm_head   2*rows*in*out FLOPs; weight once + rows*(in+out) activations
   attention      4*Hq*D per (query, key) pair: causal prefill sum_i (i+1), decode `context` keys per
                  sequence; bytes = K and V rows read once per sequence + q read + o written
-                 (decode Op/B ~ g for 16-bit KV, higher for BFP KV)
+                 (decode Op/B ~ g for 16-bit KV, higher for BFP KV); pre-RoPE keys add the
+                 rotation of every K value read
   kv_write       0 FLOPs; k, v read + T rows written in the cache format
   expert         tokens per active expert ~ T*k/E; FLOPs 3*2*T*k*H*I; bytes = weights of every expert
                  that receives tokens (all E when T*k >= E) + activations; Op/B ~ tokens per expert
@@ -46,6 +47,7 @@ from fxforge.kernels.bfp import parse_kv_format
 COST_KEY = "cost"
 PHASES = ("prefill", "decode", "mixed")
 INDEX_BYTES = 8  # token ids, positions, slots, expert ids are int64
+ROTATE_FLOPS = 6  # per pre-RoPE key value read: scale, then a 2-d rotation (cos/sin not counted)
 
 
 class SeqGroup(NamedTuple):
@@ -232,6 +234,8 @@ def _attention_cost(node, step: _Step) -> NodeCost:
         visible = min(group.length, window + group.new_tokens - 1) if window else group.length
         kv_rows += group.count * visible
     flops = 2 * 2 * heads.num_heads * heads.head_dim * pairs  # q.k and p.v, one multiply-add each
+    if node.args[12] is not None:  # pre-RoPE keys: each key row read is scaled and rotated
+        flops += ROTATE_FLOPS * kv_rows * heads.num_kv_heads * heads.head_dim
     qo_bytes = 2 * step.tokens * heads.num_heads * heads.head_dim * step.act
     return NodeCost.of(node, "attention", flops, kv_rows * heads.num_kv_heads * kv_row + qo_bytes)
 

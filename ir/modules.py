@@ -69,7 +69,7 @@ class Attention(nn.Module):
         k = ROPE(k, positions, self.inv_freq, self.rope_interleaved, None, REFERENCE)
         KV_WRITE(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, self.k_format, self.v_format, REFERENCE)
         o = ATTENTION(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                      self.k_format, self.v_format, self.scale, self.sliding_window, REFERENCE)
+                      self.k_format, self.v_format, self.scale, self.sliding_window, None, REFERENCE)
         return self.o_proj(o.view(-1, self.num_heads * self.head_dim))
 
 

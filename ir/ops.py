@@ -97,15 +97,17 @@ def _kv_write_fake(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_forma
 def attention(q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor,
               v_scale: torch.Tensor, page_table: torch.Tensor, query_start: torch.Tensor,
               seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
-              sliding_window: int, impl: str) -> torch.Tensor:
+              sliding_window: int, key_rope: Optional[torch.Tensor], impl: str) -> torch.Tensor:
+    """key_rope: None for a cache of rotated keys; a key_rope_table (kernels/rope.py) when the cache
+    holds keys before RoPE, rotated as attention reads them."""
     return implementation("attention", impl, q)(
         q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens, k_format, v_format, scale,
-        sliding_window)
+        sliding_window, key_rope)
 
 
 @attention.register_fake
 def _attention_fake(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                    k_format, v_format, scale, sliding_window, impl):
+                    k_format, v_format, scale, sliding_window, key_rope, impl):
     return torch.empty_like(q)
 
 

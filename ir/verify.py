@@ -43,8 +43,11 @@ def verify(gm: fx.GraphModule) -> None:
             if m.heads is None:
                 problems.append(f"node {node.name} ({m.role}) has no head layout")
         problems += _check_op(gm, node, m)
+    pre_rope = _pre_rope_layers(gm)
     for layer in range(spec.num_layers):
         for role, want in _PER_LAYER.items():
+            if role == "rope" and layer in pre_rope:
+                want = 1  # keys are rotated inside attention: only q's rope remains
             if counts[(role, layer)] != want:
                 problems.append(f"layer {layer} has {counts[(role, layer)]} {role} nodes, expected {want}")
     problems += _check_order(gm) + _check_tying(gm)
@@ -65,6 +68,12 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
             if tuple(value.shape) != (heads, spec.head_dim):
                 out.append(f"rope node {node.name} channel_perm shape {tuple(value.shape)}, "
                            f"expected {(heads, spec.head_dim)}")
+    if node.target is ATTENTION and node.args[12] is not None:
+        table = node.args[12]
+        value = gm.get_buffer(table.target) if isinstance(table, fx.Node) else table
+        want = (spec.num_kv_heads, 3, spec.head_dim // 2)
+        if tuple(value.shape) != want:
+            out.append(f"attention node {node.name} key_rope shape {tuple(value.shape)}, expected {want}")
     if node.target in (KV_WRITE, ATTENTION):
         formats = node.args[7:9] if node.target is KV_WRITE else node.args[8:10]
         for fmt in formats:
@@ -73,6 +82,12 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
             except ValueError as exc:
                 out.append(f"node {node.name}: {exc}")
     return out
+
+
+def _pre_rope_layers(gm: fx.GraphModule) -> set[int]:
+    """Layers whose attention reads pre-RoPE keys (a key_rope table)."""
+    return {meta(n).layer for n in gm.graph.nodes
+            if n.target is ATTENTION and META_KEY in n.meta and n.args[12] is not None}
 
 
 def _check_tying(gm: fx.GraphModule) -> list[str]:

@@ -36,6 +36,15 @@ values have at most 8 significant bits, so with bf16 queries they enter the bf16
 float32 queries (and bf16 ones over float16/float32 pages) use 3xTF32 dots (~float32), float16
 queries tf32 dots. Scale bytes above 231 (block
 maxima above ~2^105) overflow the bias and decode to inf/NaN.
+
+Pre-RoPE keys (`key_rope`, kernels/rope.py's key_rope_table): the cache holds keys before RoPE in a
+key-RoPE layout (channels j and j + D/2 of a head form a RoPE pair). Both kernels decode the K tile
+in float32, rotate it at the keys' positions (`_rotate_key_tile`: the tile's column halves are split,
+scaled, rotated and joined back) and cast it for the dot; q arrives rotated. The branch is a
+constexpr (PRE_ROPE), so the kernels of post-RoPE caches compile without it. A 4-bit K tile comes
+as even and odd columns; in each, columns i and i + D/4 hold channels 2i and 2i + D/2 (or 2i + 1 and
+2i + 1 + D/2), a pair, so each half-tile is rotated the same way. Needs a power-of-two head_dim >= 32
+(the tile's halves are then the row's halves).
 """
 
 from __future__ import annotations
@@ -280,6 +289,36 @@ def _load_paged_tile(
 
 
 @jit
+def _rotate_halves(tile, positions, table_ptr, slots, ROWS: tl.constexpr, WIDTH: tl.constexpr,
+                   HALF_D: tl.constexpr):
+    # float32 tile [ROWS, WIDTH] whose columns i and i + WIDTH/2 hold one RoPE pair, the pair of
+    # table slot slots[i]: scale both by the table's scales, rotate at angle positions * frequency
+    lo, hi = tl.split(tl.permute(tl.reshape(tile, (ROWS, 2, WIDTH // 2)), (0, 2, 1)))
+    lo = lo * tl.load(table_ptr + HALF_D + slots)[None, :]
+    hi = hi * tl.load(table_ptr + 2 * HALF_D + slots)[None, :]
+    angle = positions.to(tl.float32)[:, None] * tl.load(table_ptr + slots)[None, :]
+    cos = tl.cos(angle)
+    sin = tl.sin(angle)
+    rotated = tl.join(lo * cos - hi * sin, hi * cos + lo * sin)
+    return tl.reshape(tl.permute(rotated, (0, 2, 1)), (ROWS, WIDTH))
+
+
+@jit
+def _rotate_key_tile(k0, k1, positions, table_ptr, ROWS: tl.constexpr, D: tl.constexpr, PHASES: tl.constexpr,
+                     OUT_DTYPE: tl.constexpr):
+    # pre-RoPE K tile (float32, as _load_kv_tile gives it) -> rotated, in OUT_DTYPE; table_ptr: the KV
+    # head's [3, D/2] key_rope table. 4-bit tiles: k0 holds channels 2i, k1 channels 2i + 1.
+    if PHASES == 2:
+        slots = tl.arange(0, D // 4) * 2
+        k0 = _rotate_halves(k0, positions, table_ptr, slots, ROWS, D // 2, D // 2)
+        k1 = _rotate_halves(k1, positions, table_ptr, slots + 1, ROWS, D // 2, D // 2)
+    else:
+        k0 = _rotate_halves(k0, positions, table_ptr, tl.arange(0, D // 2), ROWS, D, D // 2)
+        k1 = k0
+    return k0.to(OUT_DTYPE), k1.to(OUT_DTYPE)
+
+
+@jit
 def _load_page_ids(page_row, tokens, live, PAGE_SIZE: tl.constexpr):
     # int64 page id of each token (0 where not live) from the sequence's row of the page table
     return tl.load(page_row + tokens // PAGE_SIZE, mask=live, other=0).to(tl.int64)
@@ -401,6 +440,7 @@ def _paged_decode_kernel(
     page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
     stride_pt,  # page_table row stride
     seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
+    key_rope_ptr,  # *fp32 [Hkv, 3, D/2]: pre-RoPE key table (read only when PRE_ROPE)
     out_ptr,  # *q.dtype [B, Hq, D]: written when NUM_SPLITS == 1
     stride_ob, stride_oh,  # out strides
     ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (NUM_SPLITS > 1)
@@ -422,6 +462,8 @@ def _paged_decode_kernel(
     DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
     INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
     UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+    PRE_ROPE: tl.constexpr,  # True: K is stored before RoPE and rotated on read
+    K_TILE_DTYPE: tl.constexpr,  # dtype K tiles are decoded to: float32 when PRE_ROPE, else DOT_DTYPE
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -457,10 +499,13 @@ def _paged_decode_kernel(
         # K and V are both loaded before any math, so their loads are in flight together
         k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
                                   stride_ks_page, stride_ks_slot, stride_ks_head, page, slot, kv_head, live,
-                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
         v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
                                   stride_vs_page, stride_vs_slot, stride_vs_head, page, slot, kv_head, live,
                                   BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+        if PRE_ROPE:
+            k0, k1 = _rotate_key_tile(k0, k1, tokens, key_rope_ptr + kv_head * (3 * (D // 2)), BLOCK_N, D,
+                                      K_PHASES, DOT_DTYPE)
         scores = _dot_halves(k0, k1, q0, q1, K_PHASES, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
         scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
         # every tile holds a live token, so the running max is finite
@@ -552,6 +597,7 @@ def _paged_prefill_kernel(
     query_start_ptr,  # *int32|int64 [S + 1]: sequence s owns queries query_start[s]:query_start[s+1]
     tile_seq_ptr,  # *int32 [grid 0]: sequence of each query tile; >= num_seqs: no tile (padding)
     tile_index_ptr,  # *int32 [grid 0]: index of the tile within its sequence's queries
+    key_rope_ptr,  # *fp32 [Hkv, 3, D/2]: pre-RoPE key table (read only when PRE_ROPE)
     out_ptr,  # *q.dtype [T, Hq, D]
     stride_ot, stride_oh,  # out strides
     num_seqs,  # S
@@ -571,6 +617,8 @@ def _paged_prefill_kernel(
     DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
     INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
     UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+    PRE_ROPE: tl.constexpr,  # True: K is stored before RoPE and rotated on read
+    K_TILE_DTYPE: tl.constexpr,  # dtype K tiles are decoded to: float32 when PRE_ROPE, else DOT_DTYPE
 ):
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -598,7 +646,10 @@ def _paged_prefill_kernel(
         slot = keys % PAGE_SIZE
         k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
                                   stride_ks_page, stride_ks_slot, stride_ks_head, page, slot, kv_head, live,
-                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, DOT_DTYPE)
+                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
+        if PRE_ROPE:
+            k0, k1 = _rotate_key_tile(k0, k1, keys, key_rope_ptr + kv_head * (3 * (D // 2)), BLOCK_N, D, K_PHASES,
+                                      DOT_DTYPE)
         scores = _dot_halves(q0, q1, k0, k1, K_PHASES, INPUT_PRECISION, UPCAST_DOT, TRANS_B=True) * qk_scale
         visible = live[None, :] & (keys[None, :] <= q_pos[:, None])
         visible = visible & ((sliding_window <= 0) | (keys[None, :] > q_pos[:, None] - sliding_window))
@@ -654,20 +705,23 @@ def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
     return tl.float32, "tf32x3"
 
 
-def _format_meta(fmt: KVFormat, prefix: str, dot_dtype, device: torch.device) -> dict:
+def _format_meta(fmt: KVFormat, prefix: str, dot_dtype, device: torch.device, rotated: bool = False) -> dict:
     bits = fmt.mantissa_bits if not fmt.is_dense else torch.finfo(fmt.storage_dtype()).bits
+    # the PTX decode gives bf16 values; pre-RoPE keys are rotated in float32 before the dot
     asm = (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
-           and bits in (4, 8))
+           and bits in (4, 8) and not rotated)
     return {f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4", f"{prefix}_BLOCK": fmt.block,
             f"{prefix}_ASM": asm, f"{prefix}_PHASES": 2 if bits == 4 else 1}
 
 
-def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor) -> dict:
-    """Constexprs shared by both kernels: the two formats and how the dots run."""
+def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, pre_rope: bool) -> dict:
+    """Constexprs shared by both kernels: the two formats, how the dots run, whether K is pre-RoPE."""
     dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
-    return dict(**_format_meta(k_fmt, "K", dot_dtype, q.device), **_format_meta(v_fmt, "V", dot_dtype, q.device),
+    return dict(**_format_meta(k_fmt, "K", dot_dtype, q.device, pre_rope),
+                **_format_meta(v_fmt, "V", dot_dtype, q.device),
                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-                UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
+                UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16,
+                PRE_ROPE=pre_rope, K_TILE_DTYPE=tl.float32 if pre_rope else dot_dtype)
 
 
 def _cache_strides(data: torch.Tensor, scale: torch.Tensor, fmt: KVFormat) -> tuple[int, ...]:
@@ -728,8 +782,23 @@ def _check_page_table(op: str, page_table, seq_lens, device: torch.device) -> No
                          f"(seq_lens has {num_seqs}) and a contiguous last dim; seq_lens must be contiguous")
 
 
+def _check_key_rope(op: str, key_rope, num_kv_heads: int, head_dim: int, device: torch.device) -> None:
+    if key_rope is None:
+        return
+    if head_dim < 2 * _MIN_DOT or head_dim & (head_dim - 1):
+        raise ValueError(f"{op}: pre-RoPE keys (key_rope) need a power-of-two head_dim >= {2 * _MIN_DOT} in the "
+                         f"Triton kernels, got head_dim={head_dim}; use attention_ref")
+    want = (num_kv_heads, 3, head_dim // 2)
+    if (not isinstance(key_rope, torch.Tensor) or key_rope.dtype != torch.float32 or tuple(key_rope.shape) != want
+            or not key_rope.is_contiguous()):
+        got = (key_rope.dtype, tuple(key_rope.shape)) if isinstance(key_rope, torch.Tensor) else type(key_rope).__name__
+        raise ValueError(f"{op}: key_rope must be a contiguous float32 [Hkv, 3, D/2] = {list(want)} table "
+                         f"(kernels/rope.py key_rope_table), got {got}")
+    _check_device("key_rope", key_rope, device)
+
+
 def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens, k_format, v_format,
-                  scale, sliding_window) -> tuple[KVFormat, KVFormat]:
+                  scale, sliding_window, key_rope) -> tuple[KVFormat, KVFormat]:
     """Validate what decode and prefill share; returns the parsed K and V formats."""
     _check_query(op, q)
     num_q_heads, head_dim = q.shape[1], q.shape[2]
@@ -747,6 +816,7 @@ def _check_common(op: str, q, k_data, k_scale, v_data, v_scale, page_table, seq_
         raise ValueError(f"{op}: scale must be a finite float, got {scale!r}")
     if not isinstance(sliding_window, int) or isinstance(sliding_window, bool) or sliding_window < 0:
         raise ValueError(f"{op}: sliding_window must be an int >= 0 (0: none), got {sliding_window!r}")
+    _check_key_rope(op, key_rope, num_kv_heads, head_dim, q.device)
     return k_fmt, v_fmt
 
 
@@ -781,11 +851,12 @@ def _decode_workspace(q: torch.Tensor, num_splits: int) -> tuple[torch.Tensor, t
 def paged_decode_attention(
     q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
     page_table: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
-    sliding_window: int = 0, num_splits: int | None = None, *,
+    sliding_window: int = 0, num_splits: int | None = None, *, key_rope: torch.Tensor | None = None,
     block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q [B, Hq, D], the last token of each) over its paged
-    context: out [B, Hq, D] in q's dtype, = attention_ref with query_start = arange(B + 1).
+    context: out [B, Hq, D] in q's dtype, = attention_ref with query_start = arange(B + 1)
+    (key_rope: pre-RoPE keys, as there).
 
     num_splits: context slices per sequence (flash-decoding); None picks it from B * Hkv, the SM
     count and the page table's capacity (page_table.shape[1] * page_size, min sliding_window), so it
@@ -793,7 +864,7 @@ def paged_decode_attention(
     tuning knobs (block_n: tokens per iteration, a power of two >= 16).
     """
     k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
-                                 seq_lens, k_format, v_format, scale, sliding_window)
+                                 seq_lens, k_format, v_format, scale, sliding_window, key_rope)
     batch, num_q_heads, head_dim = q.shape
     if page_table.shape[0] != batch:
         raise ValueError(f"paged_decode_attention: q has {batch} sequences (one query each), but seq_lens / "
@@ -813,11 +884,12 @@ def paged_decode_attention(
     _paged_decode_kernel[(num_kv_heads, num_splits, batch)](
         q, q.stride(0), q.stride(1),
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
-        page_table, page_table.stride(0), seq_lens,
+        page_table, page_table.stride(0), seq_lens, q if key_rope is None else key_rope,  # (q: not read)
         out, out.stride(0), out.stride(1),
         ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
         G=group, G_PAD=max(_MIN_DOT, next_pow2(group)), D=head_dim, D_PAD=d_pad, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, SPLIT=split, **_kernel_meta(k_fmt, v_fmt, q), num_warps=num_warps, num_stages=num_stages,
+        BLOCK_N=block_n, SPLIT=split, **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), num_warps=num_warps,
+        num_stages=num_stages,
     )
     if split:
         _decode_reduce_kernel[(num_q_heads, batch)](
@@ -854,11 +926,12 @@ def _check_query_start(op: str, query_start, num_seqs: int, device: torch.device
 def paged_prefill_attention(
     q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
     page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str,
-    scale: float, sliding_window: int = 0, *, block_m: int = 64, block_n: int = 64, num_warps: int = 4,
-    num_stages: int = 2,
+    scale: float, sliding_window: int = 0, *, key_rope: torch.Tensor | None = None, block_m: int = 64,
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
 ) -> torch.Tensor:
     """Causal attention of a variable-length, possibly chunked batch (q [T, Hq, D]) over the paged
-    cache, the new tokens' K/V already written: out [T, Hq, D] in q's dtype, = attention_ref.
+    cache, the new tokens' K/V already written: out [T, Hq, D] in q's dtype, = attention_ref
+    (key_rope: pre-RoPE keys, as there).
 
     A chunk of n queries of sequence s sits at positions seq_lens[s] - n .. seq_lens[s] - 1 and sees
     every earlier token (earlier chunks) and its own chunk causally, all read in the cache's format.
@@ -867,7 +940,7 @@ def paged_prefill_attention(
     """
     op = "paged_prefill_attention"
     k_fmt, v_fmt = _check_common(op, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
-                                 k_format, v_format, scale, sliding_window)
+                                 k_format, v_format, scale, sliding_window, key_rope)
     num_seqs = seq_lens.shape[0]
     _check_query_start(op, query_start, num_seqs, q.device)
     num_tokens, num_q_heads, head_dim = q.shape
@@ -887,10 +960,11 @@ def paged_prefill_attention(
         q, q.stride(0), q.stride(1),
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
         page_table, page_table.stride(0), seq_lens, query_start, tile_seq, tile_index,
+        q if key_rope is None else key_rope,  # (q: not read)
         out, out.stride(0), out.stride(1), num_seqs, float(scale) * _LOG2E, sliding_window,
         G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)), PAGE_SIZE=page_size,
-        BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n, **_kernel_meta(k_fmt, v_fmt, q),
-        num_warps=num_warps, num_stages=num_stages,
+        BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n,
+        **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), num_warps=num_warps, num_stages=num_stages,
     )
     return out
 
@@ -908,7 +982,7 @@ def _one_query_per_sequence(query_start: torch.Tensor, num_tokens: int) -> bool:
 def attention_triton(
     q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
     page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor,
-    k_format: str, v_format: str, scale: float, sliding_window: int,
+    k_format: str, v_format: str, scale: float, sliding_window: int, key_rope: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Drop-in for attention_ref (same signature and semantics): the decode kernel when every
     sequence has exactly one query, the prefill kernel otherwise.
@@ -918,6 +992,6 @@ def attention_triton(
     """
     if isinstance(query_start, torch.Tensor) and _one_query_per_sequence(query_start, q.shape[0]):
         return paged_decode_attention(q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
-                                      k_format, v_format, scale, sliding_window)
+                                      k_format, v_format, scale, sliding_window, key_rope=key_rope)
     return paged_prefill_attention(q, k_data, k_scale, v_data, v_scale, page_table, query_start, seq_lens,
-                                   k_format, v_format, scale, sliding_window)
+                                   k_format, v_format, scale, sliding_window, key_rope=key_rope)

@@ -14,6 +14,16 @@ their channels.
                          o and partner[c] come from one int32 table per head (o | partner << 16),
                          built on the host once per permutation tensor (`rope_tables`); loads and
                          stores of x stay in channel order, only the partner is gathered.
+
+Pre-RoPE key caches store keys before rotation; attention rotates them when it reads them
+(kernels/attention.py, kernels/paged_attention.py), at each key's position in its sequence. The
+stored channel order must be a *key-RoPE layout*: per KV head, channels j and j + D/2 hold the two
+channels of one RoPE pair (either way round), whatever the model's own pair layout. That keeps the
+rotation a swap of tile halves in the kernels. `key_rope_table` describes such a layout as one
+float32 table [H, 3, D/2]: per pair slot j, the pair's inverse frequency (negated when the slot holds
+the pair's second channel in its low half), and the scales of channels j and j + D/2, which the
+reader multiplies in before rotating (keys may be stored divided by per-channel scales);
+`rotate_keys_ref` applies it.
 """
 
 from __future__ import annotations
@@ -47,6 +57,50 @@ def rope_ref(
     perm = channel_perm.long().unsqueeze(0).expand_as(xf)
     original = torch.empty_like(xf).scatter_(-1, perm, xf)  # original[..., perm[c]] = x[..., c]
     return _rotate(original, cos, sin, interleaved).gather(-1, perm).to(x.dtype)
+
+
+def _pair_of(channels: torch.Tensor, half: int, interleaved: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RoPE pair index, is the pair's first channel) of original channels."""
+    if interleaved:
+        return channels // 2, channels % 2 == 0
+    return channels % half, channels < half
+
+
+def is_key_rope_layout(channel_perm: torch.Tensor | None, interleaved: bool, head_dim: int) -> bool:
+    """True when channel order `channel_perm` ([H, D], None: the model's own) puts each RoPE pair at
+    channels j and j + D/2 (see the module docstring)."""
+    half = head_dim // 2
+    perm = torch.arange(head_dim)[None] if channel_perm is None else channel_perm.long().cpu()
+    pair, first = _pair_of(perm, half, interleaved)
+    return bool((pair[:, :half] == pair[:, half:]).all() and (first[:, :half] != first[:, half:]).all())
+
+
+def key_rope_table(inv_freq: torch.Tensor, interleaved: bool, channel_perm: torch.Tensor | None, num_heads: int,
+                   head_dim: int, channel_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [H, 3, D/2] for keys stored in channel order `channel_perm` ([H, D] or None) and
+    divided by `channel_scale` ([H, D] or None): rows signed inverse frequency, scale of channel j,
+    scale of channel j + D/2. ValueError unless the order is a key-RoPE layout."""
+    if not is_key_rope_layout(channel_perm, interleaved, head_dim):
+        raise ValueError("pre-RoPE keys need channels j and j + D/2 of every head to hold one RoPE pair; "
+                         "this channel order does not (bfp-kv with pre_rope=True rearranges it)")
+    half = head_dim // 2
+    perm = torch.arange(head_dim).expand(num_heads, -1) if channel_perm is None else channel_perm.long().cpu()
+    pair, first = _pair_of(perm[:, :half], half, interleaved)
+    freq = inv_freq.float().cpu()[pair] * torch.where(first, 1.0, -1.0)
+    scale = torch.ones(num_heads, head_dim) if channel_scale is None else channel_scale.float().cpu()
+    return torch.stack([freq, scale[:, :half], scale[:, half:]], dim=1).contiguous()
+
+
+def rotate_keys_ref(k: torch.Tensor, positions: torch.Tensor, key_rope: torch.Tensor) -> torch.Tensor:
+    """Stored pre-RoPE keys k [N, H, D] at `positions` [N] -> rotated keys, float32 [N, H, D]: per slot j,
+    (lo, hi) = (k_j s_j, k_{j+D/2} s_{j+D/2}) becomes (lo cos - hi sin, hi cos + lo sin) at angle
+    position * freq_j, the rotation rope_ref gives the pair in the model's own layout."""
+    half = k.shape[-1] // 2
+    table = key_rope.to(k.device, torch.float32)
+    angles = positions.to(torch.float32)[:, None, None] * table[None, :, 0]
+    cos, sin = angles.cos(), angles.sin()
+    lo, hi = k[..., :half].float() * table[:, 1], k[..., half:].float() * table[:, 2]
+    return torch.cat((lo * cos - hi * sin, hi * cos + lo * sin), dim=-1)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,7 +25,8 @@ from fxforge.kernels import paged_attention as pa  # noqa: E402
 from fxforge.kernels import triton_support  # noqa: E402
 from fxforge.kernels.attention import attention_ref  # noqa: E402
 from fxforge.kernels.bfp import valid_format_names  # noqa: E402
-from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref  # noqa: E402
+from fxforge.kernels.kv_cache import allocate_kv_pair, kv_read_ref, kv_write_ref  # noqa: E402
+from fxforge.kernels.rope import key_rope_table, rope_ref, rotate_keys_ref  # noqa: E402
 
 INTERPRETER = triton_support.INTERPRETED
 needs_interpreter = pytest.mark.skipif(
@@ -201,6 +202,111 @@ def test_chunked_prefill_equals_whole_prompt(seed):
 
 
 # ----------------------------------------------------------------------------------------------
+# Pre-RoPE keys, rotated on read
+# ----------------------------------------------------------------------------------------------
+
+
+def random_key_rope(num_kv_heads, head_dim, gen):
+    """key_rope table of a random key-RoPE layout (pairs in random slots, either way round) with
+    random channel scales, for half-split RoPE with theta 10^4."""
+    half = head_dim // 2
+    perms = []
+    for _ in range(num_kv_heads):
+        slot_pair, swapped = torch.randperm(half, generator=gen), torch.rand(half, generator=gen) < 0.5
+        lo = torch.where(swapped, slot_pair + half, slot_pair)
+        perms.append(torch.cat([lo, (lo + half) % head_dim]))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, head_dim, 2).float() / head_dim))
+    scale = torch.rand(num_kv_heads, head_dim, generator=gen) + 0.5
+    return key_rope_table(inv_freq, False, torch.stack(perms), num_kv_heads, head_dim, scale)
+
+
+def rotated_reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, scale, window, key_rope):
+    """attention_ref over pre-RoPE keys. With bf16 queries the kernels' dots take the rotated keys in
+    bf16 (they are not exact in bf16, unlike decoded BFP values), so the oracle rounds them the same
+    way (to nearest on CUDA; the interpreter's cast truncates): rotated, rounded keys go into a
+    float32 cache that attention_ref reads without rotation."""
+    if q.dtype != torch.bfloat16:
+        return attention_ref(q.float(), *cache, page_table, query_start, seq_lens, k_format, v_format, scale,
+                             window, key_rope)
+    k_data, k_scale, v_data, v_scale = cache
+    page_size, head_dim = k_data.shape[1], q.shape[2]
+    rotated = torch.zeros(*k_data.shape[:3], head_dim)
+    for s, length in enumerate(seq_lens.tolist()):
+        pages = page_table[s, : (length + page_size - 1) // page_size].long()
+        keys = rotate_keys_ref(kv_read_ref(k_data, k_scale, pages, length, k_format, head_dim), torch.arange(length),
+                               key_rope)
+        keys = (keys.view(torch.int32) & -65536).view(torch.float32) if INTERPRETER else keys.bfloat16().float()
+        rotated.view(-1, *rotated.shape[2:])[(pages[:, None] * page_size + torch.arange(page_size)).flatten()[:length]] = keys
+    return attention_ref(q.float(), rotated, torch.empty(*k_data.shape[:3], 0, dtype=torch.uint8), v_data, v_scale,
+                         page_table, query_start, seq_lens, "float32", v_format, scale, window)
+
+
+def test_pre_rope_reference_is_attention_over_rotated_keys(seed):
+    """attention_ref with key_rope equals attention_ref over a cache holding rope_ref of the scaled
+    keys at their positions: rotation on read is the model's RoPE, at the right positions."""
+    gen = torch.Generator().manual_seed(seed)
+    fmt, d = "float32", 32
+    q, cache, page_table, query_start, seq_lens = prefill_inputs([(20, 11), (0, 9)], 2, 2, d, fmt, fmt, torch.float32,
+                                                                 8, seed)
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, d, 2).float() / d))
+    channel_scale = torch.rand(2, d, generator=gen) + 0.5
+    key_rope = key_rope_table(inv_freq, False, None, 2, d, channel_scale)
+    expected = attention_ref(q, *cache, page_table, query_start, seq_lens, fmt, fmt, 0.2, 0, key_rope)
+    flat = cache[0].view(-1, 2, d)
+    positions = torch.zeros(flat.shape[0], dtype=torch.int64)
+    for s, length in enumerate(seq_lens.tolist()):
+        slots = page_table[s, torch.arange(length) // 8].long() * 8 + torch.arange(length) % 8
+        positions[slots] = torch.arange(length)
+    post = rope_ref(flat * channel_scale, positions, inv_freq, False).view_as(cache[0])
+    baseline = attention_ref(q, post, *cache[1:], page_table, query_start, seq_lens, fmt, fmt, 0.2, 0)
+    assert_close(expected, baseline, torch.float32, "pre-RoPE reference", seed)
+    plain = attention_ref(q, *cache, page_table, query_start, seq_lens, fmt, fmt, 0.2, 0)
+    assert (plain - expected).abs().max() > 0.1, "key_rope changed nothing"
+
+
+# id: (k_format, v_format, g, Hkv, head_dim, q dtype, prefill window)
+PRE_ROPE_CASES = {
+    "bfp12_32-g3-d64": ("bfp12_32", "bfp12_32", 3, 2, 64, torch.float32, 0),
+    "bfp16_32-v_bf16-g4-d128-bf16q": ("bfp16_32", "bfloat16", 4, 1, 128, torch.bfloat16, 0),
+    "bfp14_16-g2-d32-window": ("bfp14_16", "float32", 2, 2, 32, torch.float32, 12),
+    "mxfp4_32-mha-d64-bf16q": ("mxfp4_32", "bfp16_32", 1, 2, 64, torch.bfloat16, 0),
+    "float32-g3-d32": ("float32", "float32", 3, 1, 32, torch.float32, 0),
+    "bfloat16-g2-d64-bf16q": ("bfloat16", "bfloat16", 2, 2, 64, torch.bfloat16, 0),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(PRE_ROPE_CASES), ids=list(PRE_ROPE_CASES))
+def test_pre_rope_keys_match_reference(case, seed):
+    """Decode (one and three splits) and chunked prefill over a cache of pre-RoPE keys."""
+    k_format, v_format, g, hkv, d, q_dtype, window = PRE_ROPE_CASES[case]
+    key_rope = random_key_rope(hkv, d, torch.Generator().manual_seed(seed))
+    q, cache, page_table, query_start, seq_lens = decode_inputs([17, 70, 1], g, hkv, d, k_format, v_format, q_dtype,
+                                                                16, seed)
+    expected = rotated_reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, 0,
+                                 key_rope)
+    for num_splits in (1, 3):
+        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5,
+                                        num_splits=num_splits, key_rope=key_rope)
+        assert_close(out, expected, q_dtype, f"pre-RoPE decode {case} num_splits={num_splits}", seed)
+    q, cache, page_table, query_start, seq_lens = prefill_inputs([(30, 21), (0, 17)], g, hkv, d, k_format, v_format,
+                                                                 q_dtype, 16, seed)
+    expected = rotated_reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window,
+                                 key_rope)
+    out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5,
+                                     window, key_rope=key_rope, block_m=32, block_n=32)
+    assert_close(out, expected, q_dtype, f"pre-RoPE prefill {case}", seed)
+
+
+@needs_interpreter
+def test_pre_rope_keys_need_a_power_of_two_head_dim():
+    q, cache, page_table, _, seq_lens = decode_inputs([5], 3, 1, 96, "bfp12_32", "bfp12_32", torch.float32, 16, 0)
+    with pytest.raises(ValueError, match="power-of-two head_dim"):
+        pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.1,
+                                  key_rope=torch.zeros(1, 3, 48))
+
+
+# ----------------------------------------------------------------------------------------------
 # The inline-PTX decode (CUDA only), run here through a small emulator of the instructions it uses
 # ----------------------------------------------------------------------------------------------
 
@@ -335,12 +441,14 @@ def test_auto_num_splits():
     (lambda a: a.update(seq_lens=a["seq_lens"][:1], page_table=a["page_table"][:1]), "sequences"),
     (lambda a: a.update(sliding_window=-1), "sliding_window"),
     (lambda a: a.update(num_splits=0), "num_splits"),
-], ids=["head_dim", "heads", "q_dtype", "format", "scale_shape", "page_table_dtype", "batch", "window", "splits"])
+    (lambda a: a.update(key_rope=torch.zeros(2, 3, 64)), "key_rope must be a contiguous float32"),
+], ids=["head_dim", "heads", "q_dtype", "format", "scale_shape", "page_table_dtype", "batch", "window", "splits",
+        "key_rope"])
 def test_decode_rejects_bad_inputs(mutation, words):
     q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 3, 2, 64, "bfp12_32", "bfp12_32", torch.float32, 16, 0)
     args = dict(q=q, k_data=cache[0], k_scale=cache[1], v_data=cache[2], v_scale=cache[3], page_table=page_table,
                 seq_lens=seq_lens, k_format="bfp12_32", v_format="bfp12_32", scale=0.125, sliding_window=0,
-                num_splits=None)
+                num_splits=None, key_rope=None)
     mutation(args)
     with pytest.raises(ValueError, match=words):
         pa.paged_decode_attention(**args)
@@ -414,6 +522,28 @@ class TestCUDA:
             out = pa.paged_prefill_attention(q_p, *cache_p, page_table_p, query_start_p, seq_lens_p, fmt, fmt,
                                              128**-0.5)
             assert_close(out, prefill_expected, torch.bfloat16, f"cuda prefill {fmt} asm={asm}", seed)
+
+    @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+    @pytest.mark.parametrize("fmt", ["bfp12_32", "bfp16_32", "mxfp4_32", "bfloat16"])
+    def test_pre_rope_keys_match_reference(self, fmt, q_dtype, seed):
+        """Pre-RoPE keys natively (the portable decode: the PTX one gives bf16, rotation needs float32)."""
+        key_rope = random_key_rope(8, 128, torch.Generator().manual_seed(seed))
+        on_cpu = lambda inputs: [[c.cpu() for c in t] if isinstance(t, list) else t.cpu() for t in inputs]  # noqa: E731
+        q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, q_dtype, 16,
+                                                                    seed, "cuda")
+        expected = rotated_reference(*on_cpu([q, cache, page_table, query_start, seq_lens]), fmt, fmt, 128**-0.5, 0,
+                                     key_rope)
+        for num_splits in (None, 1):
+            out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 128**-0.5,
+                                            num_splits=num_splits, key_rope=key_rope.cuda())
+            assert_close(out.cpu(), expected, q_dtype, f"cuda pre-RoPE decode {fmt} num_splits={num_splits}", seed)
+        q, cache, page_table, query_start, seq_lens = prefill_inputs([(0, 700), (1500, 300), (60, 513)], 4, 8, 128,
+                                                                     fmt, fmt, q_dtype, 16, seed, "cuda")
+        expected = rotated_reference(*on_cpu([q, cache, page_table, query_start, seq_lens]), fmt, fmt, 128**-0.5, 0,
+                                     key_rope)
+        out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, 128**-0.5,
+                                         key_rope=key_rope.cuda())
+        assert_close(out.cpu(), expected, q_dtype, f"cuda pre-RoPE prefill {fmt}", seed)
 
     def test_decode_in_a_cuda_graph(self, seed):
         """attention_triton captured once (decode batch, no host sync) and replayed after the

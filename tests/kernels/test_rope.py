@@ -14,7 +14,7 @@ from tests.kernels import checks
 from tests.kernels.interpreter import HAS_TRITON, fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import rope
-from fxforge.kernels.rope import rope_ref, rope_tables
+from fxforge.kernels.rope import is_key_rope_layout, key_rope_table, rope_ref, rope_tables, rotate_keys_ref
 
 INTERPRETER = is_interpreted(rope._rope_kernel)
 needs_interpreter = interpreter_mark(INTERPRETER)
@@ -99,6 +99,42 @@ def test_table_is_rebuilt_after_an_in_place_update():
     again = rope_tables(perm, True)
     assert not torch.equal(first, again), "a cached table survived an in-place update of the permutation"
     assert torch.equal((again[0] & 0xFFFF).long(), perm[0])
+
+
+def key_rope_layout(heads, head_dim, interleaved, gen):
+    """A random key-RoPE layout [H, D]: pairs in random slots, each either way round."""
+    half = head_dim // 2
+    perms = []
+    for _ in range(heads):
+        slot_pair = torch.randperm(half, generator=gen)
+        first, second = (2 * slot_pair, 2 * slot_pair + 1) if interleaved else (slot_pair, slot_pair + half)
+        swapped = torch.rand(half, generator=gen) < 0.5
+        perms.append(torch.cat([torch.where(swapped, second, first), torch.where(swapped, first, second)]))
+    return torch.stack(perms)
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "inter"])
+def test_rotated_keys_equal_rope_of_the_scaled_keys(interleaved, seed):
+    """Keys stored pre-RoPE in a key-RoPE layout, divided by per-channel scales, rotate on read to
+    exactly what rope_ref gives the scaled-back keys in that channel order."""
+    gen = torch.Generator().manual_seed(seed)
+    x, positions, inv_freq, _ = inputs((9, 3, 64), torch.float32, False, seed, max_position=131072)
+    perm = key_rope_layout(3, 64, interleaved, gen)
+    scale = torch.rand(3, 64, generator=gen) + 0.25
+    table = key_rope_table(inv_freq, interleaved, perm, 3, 64, scale)
+    assert table.shape == (3, 3, 32) and table.dtype == torch.float32
+    expected = rope_ref(x * scale, positions, inv_freq, interleaved, perm)
+    assert_close(rotate_keys_ref(x, positions, table), expected, "rotate_keys_ref", seed)
+
+
+def test_key_rope_layouts():
+    """The model's own order is a key-RoPE layout for half-split pairs only; other orders are refused."""
+    assert is_key_rope_layout(None, False, 32) and not is_key_rope_layout(None, True, 32)
+    mixed = torch.arange(32)[None].clone()
+    mixed[0, :2] = torch.tensor([1, 0])  # channels 0 and 1 swap: slot 0 holds channels 1 and 16
+    assert not is_key_rope_layout(mixed, False, 32)
+    with pytest.raises(ValueError, match="channels j and j \\+ D/2"):
+        key_rope_table(torch.ones(16), False, mixed, 1, 32)
 
 
 @pytest.mark.skipif(INTERPRETER or not HAS_TRITON or torch.cuda.is_available(), reason="CPU tensors can run here")
