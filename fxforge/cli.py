@@ -80,8 +80,38 @@ BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size al
 MetricOpt = typer.Option(None, "--ksort-metric", help="ksort: weight_norm or calibrated")
 
 
-def _options(kv_format, v_format, block, ksort_metric) -> dict:
-    return {"k_format": kv_format, "v_format": v_format, "block": block, "metric": ksort_metric}
+PassOptionOpt = typer.Option(None, "--option", help="KEY=VALUE for the passes that have option KEY (repeat it), "
+                             "e.g. --passes layer-tying --option unique_layers=10 --option rank=32")
+
+
+def _options(kv_format, v_format, block, ksort_metric, pass_options: list[str] | None = None) -> dict:
+    return {"k_format": kv_format, "v_format": v_format, "block": block, "metric": ksort_metric,
+            **_parse_pass_options(pass_options or [])}
+
+
+def _parse_pass_options(items: list[str]) -> dict:
+    """--option KEY=VALUE items -> {KEY: value}, the value read as JSON (3, 0.5, true) or else kept as text."""
+    values = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise FxforgeError(f"--option {item!r} is not KEY=VALUE")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return values
+
+
+def _check_pass_options(plist: list[dict], items: list[str] | None) -> None:
+    """Every --option must name an option of some pass in the list."""
+    from fxforge.passes.manager import registered_passes
+
+    registry = registered_passes()
+    fields = {f for p in plist if p["name"] in registry for f in registry[p["name"]].config_type.__dataclass_fields__}
+    unknown = sorted(set(_parse_pass_options(items or [])) - fields)
+    if unknown:
+        raise FxforgeError(f"--option {unknown}: no pass in {[p['name'] for p in plist]} has such an option")
 
 
 def _calib_texts(passes: list[dict], data: str) -> list[str] | None:
@@ -110,6 +140,7 @@ def compile_cmd(
     v_format: Optional[str] = VFormatOpt,
     block: Optional[int] = BlockOpt,
     ksort_metric: Optional[str] = MetricOpt,
+    option: Optional[list[str]] = PassOptionOpt,
     dtype: str = typer.Option("float32", help="weight dtype: float32, bfloat16, float16"),
     random_init: bool = typer.Option(False, help="random weights for a named shape (speed work only)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="measure perplexity after compiling"),
@@ -121,7 +152,8 @@ def compile_cmd(
     from fxforge.artifact import check_output_dir, save_artifact
     from fxforge.passes.manager import build_pipeline
 
-    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric))
+    plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric, option))
+    _check_pass_options(plist, option)
     build_pipeline(plist)  # reject bad pass lists before loading anything
     check_output_dir(output)  # before loading anything
     start = time.perf_counter()
@@ -204,6 +236,7 @@ def eval_cmd(
     v_format: Optional[str] = VFormatOpt,
     block: Optional[int] = BlockOpt,
     ksort_metric: Optional[str] = MetricOpt,
+    option: Optional[list[str]] = PassOptionOpt,
     data: str = typer.Option("gsm8k", help="gsm8k or a .txt/.jsonl path"),
     max_tokens: int = typer.Option(8192, help="tokens to score"),
     context: int = typer.Option(512, help="window length"),
@@ -212,9 +245,10 @@ def eval_cmd(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ):
     """Perplexity of MODEL (optionally after PASSES) on real text, with the original's on the same tokens."""
-    plist = pass_list(passes or "", _options(kv_format, v_format, block, ksort_metric))
+    plist = pass_list(passes or "", _options(kv_format, v_format, block, ksort_metric, option))
     from fxforge.passes.manager import build_pipeline
 
+    _check_pass_options(plist, option)
     build_pipeline(plist)
     base = _load(model, dtype, device=device)
     opt = _optimize(base, plist, data) if plist else base
@@ -625,6 +659,50 @@ def _analysis_model(model: str):
         with console.status(f"building {model} on the meta device"):
             return Model.from_state_dict(NAMED_SHAPES[model], None, device="meta", dtype=torch.bfloat16)
     return _load(model, "float32")
+
+
+@app.command("recover")
+@_guard
+def recover_cmd(
+    artifact: Path = typer.Argument(..., help="artifact to recover (compiled with a pass recovery trains: layer-tying)"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for the recovered artifact and its checkpoints"),
+    minutes: float = typer.Option(..., "--minutes", help="training time budget in minutes (a resumed run counts the earlier time)"),
+    device: str = typer.Option("auto", help="cuda, cpu or auto (cuda when available)"),
+    data: str = typer.Option("gsm8k", help="text: gsm8k or a .txt/.jsonl path (its calibration split trains, its evaluation split scores)"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps (even with time left)"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate (after a linear warm-up)"),
+    warmup_steps: int = typer.Option(10, help="warm-up steps"),
+    batch_size: int = typer.Option(8, help="windows per step"),
+    seq_len: int = typer.Option(256, help="tokens per training window"),
+    ce_weight: float = typer.Option(0.0, help="weight of next-token cross-entropy added to the KL"),
+    temperature: float = typer.Option(1.0, help="distillation temperature"),
+    samples: int = typer.Option(128, help="sequences the teacher samples on calibration prompts (0: none)"),
+    sample_tokens: int = typer.Option(128, help="tokens per sampled sequence (at most)"),
+    checkpoint_minutes: float = typer.Option(5.0, help="training minutes between checkpoints"),
+    eval_tokens: int = typer.Option(16384, help="evaluation tokens for the perplexities"),
+    eval_context: int = typer.Option(512, help="evaluation window length"),
+    seed: int = typer.Option(0, help="seed of sampling and data order"),
+):
+    """Distil ARTIFACT back towards the model it was compiled from (KL on logits), bounded by --minutes;
+    checkpoints as it goes, resumes when run again, prints the original's and the student's perplexity."""
+    from fxforge.recover import RecoverySettings, prepare, run
+
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    settings = RecoverySettings(minutes=minutes, max_steps=max_steps, lr=lr, warmup_steps=warmup_steps,
+                                batch_size=batch_size, seq_len=seq_len, temperature=temperature, ce_weight=ce_weight,
+                                samples=samples, sample_tokens=sample_tokens, checkpoint_minutes=checkpoint_minutes,
+                                seed=seed)
+    with console.status("loading the student and its teacher"):
+        recovery = prepare(artifact, output, settings, data, device, eval_tokens, eval_context)
+    try:
+        summary = run(recovery, console)
+    except KeyboardInterrupt:
+        console.print(f"interrupted: checkpoint written to {output}/recovery; run the same command to resume")
+        raise typer.Exit(130)
+    _print_summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
 
 def main() -> None:
