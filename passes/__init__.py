@@ -5,7 +5,10 @@ from fxforge.passes.manager import (PassConfig, PassContext, PassResult, build_p
 from fxforge.passes.ksort import KSort, KSortMetric  # noqa: E402  (registers "ksort")
 from fxforge.passes.bfp_kv import BFPKVCache  # noqa: E402  (registers "bfp-kv")
 from fxforge.passes.lower import Lower  # noqa: E402  (registers "lower")
+from fxforge.passes.kv_mix import KVMix  # noqa: E402  (registers "kv-mix")
+from fxforge.passes.presets import KV_PRESETS, kv_preset  # noqa: E402
 from fxforge.passes.layer_tying import LayerTying  # noqa: E402  (registers "layer-tying")
 
 __all__ = ["PassConfig", "PassContext", "PassResult", "register_pass", "registered_passes", "resolve",
-           "build_pipeline", "run_pipeline", "KSort", "KSortMetric", "BFPKVCache", "Lower", "LayerTying"]
+           "build_pipeline", "run_pipeline", "KSort", "KSortMetric", "BFPKVCache", "Lower", "LayerTying",
+           "KVMix", "KV_PRESETS", "kv_preset"]

@@ -8,7 +8,9 @@ already ran too; `ir.verify` runs between passes; a failure names the pass, its 
 passes before it. A pass declares the weights it rewrites (`rewrites=`, globs over parameter and
 buffer names): unless the run is in place, those tensors are cloned before it runs, every other
 tensor stays shared with the model the graph came from, and a pass that changes an undeclared
-shared tensor is stopped with an error naming it.
+shared tensor is stopped with an error naming it. A pass whose data-dependent choices live in the
+graph's structure rather than in its tensors (kv-mix's per-layer formats) returns a resolved config
+that states them (`PassResult.config`); that one is recorded, so replay needs no data.
 """
 
 from __future__ import annotations
@@ -54,7 +56,16 @@ class PassConfig:
             raise PassConfigError(f"invalid config for pass {pass_name(cls)!r}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in dataclasses.asdict(self).items()}
+        """JSON-ready values: enums by value, tuples as lists (as plan.json gives them back)."""
+        return {k: _plain(v) for k, v in dataclasses.asdict(self).items()}
+
+
+def _plain(value):
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    return value
 
 
 def _field_types(cls: type) -> dict[str, Any]:
@@ -92,6 +103,7 @@ class PassResult:
     gm: fx.GraphModule
     modified: bool
     report: dict[str, Any] = field(default_factory=dict)
+    config: PassConfig | None = None  # recorded instead of the given config (same type), e.g. with choices filled in
 
 
 @dataclass(frozen=True)
@@ -216,7 +228,12 @@ def check_pipeline(configs: list[PassConfig], spec) -> None:
 
 
 def record(config: PassConfig, result: PassResult, seconds: float) -> dict:
-    """One entry of a model's pass history, as plan.json stores it."""
+    """One entry of a model's pass history, as plan.json stores it (the resolved config if the pass gave one)."""
+    if result.config is not None:
+        if type(result.config) is not type(config):
+            raise PipelineError(f"pass {_BY_TYPE[type(config)].name!r} resolved its config to a "
+                                f"{type(result.config).__name__}; it must stay a {type(config).__name__}")
+        config = result.config
     return {"name": _BY_TYPE[type(config)].name, "version": config.VERSION, "config": config.to_dict(),
             "modified": result.modified, "report": result.report, "seconds": round(seconds, 3)}
 
