@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import EngineConfig
+from .loop_runner import DepthwiseRunner
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import SamplingParams, Sequence
@@ -82,6 +83,10 @@ class Engine:
     `num_decode_steps` K: when only decodes can run, one step() runs up to K decode steps with
     the sampled tokens fed back on the device and one host sync (a sequence that stops mid-window
     finishes at its end); 1 makes every step a single model step.
+
+    `loop_policy` for a layer-tied model: "lockstep" runs every token through all depths in one
+    step (the unrolled graph); "depthwise" runs the shared block stack once per step for rows at
+    every loop iteration (runtime/loop_runner.py).
     """
 
     def __init__(self, model, *, config: EngineConfig | None = None, **settings):
@@ -90,8 +95,9 @@ class Engine:
         elif settings:
             raise TypeError(f"Engine takes either config or settings by keyword, got both (config and {sorted(settings)})")
         self.model, self.config = model, config
-        self.scheduler = Scheduler(config, model.kv_bytes_per_token())
-        self.runner = ModelRunner(model, config)
+        depthwise = config.loop_policy == "depthwise"
+        self.runner = DepthwiseRunner(model, config) if depthwise else ModelRunner(model, config)
+        self.scheduler = Scheduler(config, model.kv_bytes_per_token(), self.runner.looped.loops if depthwise else 1)
         self.stats = EngineStats()
 
     # -- requests ---------------------------------------------------------------------------------

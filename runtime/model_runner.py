@@ -39,7 +39,7 @@ class ModelRunner:
         self.model, self.config = model, config
         self.device = model.device
         self.scratch_page = config.num_pages  # the reserved page for padded graph rows
-        self.kv_cache = model.new_kv_cache(config.num_pages + 1, config.page_size, self.device)
+        self.kv_cache = self._new_kv_cache()
         self.max_pages_per_seq = -(-config.max_model_len // config.page_size)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]] = {}
@@ -51,6 +51,9 @@ class ModelRunner:
                 self.graphs.clear()
                 self.graph_error = f"{type(exc).__name__}: {exc}".splitlines()[0]
                 torch.cuda.synchronize()
+
+    def _new_kv_cache(self) -> list[torch.Tensor]:
+        return self.model.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device)
 
     # -- one engine step --------------------------------------------------------------------------
     @torch.inference_mode()

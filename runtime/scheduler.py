@@ -22,6 +22,15 @@ the whole window the step falls back to the single-step policy above (which may 
 sequence that samples EOS or a stop token mid-window finishes at the window's end; the tokens it
 computed after that are dropped.
 
+Depth-wise batching (`loop_policy="depthwise"`, a layer-tied model of L loops over one shared
+stack): a chunk (a decode token or a prefill chunk) passes through the stack L times, one loop
+iteration per step, and rows at different iterations share each step's call of the stack. Every
+step first continues the chunks already inside the stack at their next iteration (they hold their
+pages), then fills the remaining budget with new chunks at iteration 0 by the policy above; a
+sequence has at most one chunk inside the stack, and it samples (or counts as computed) when that
+chunk leaves after iteration L-1. There are no decode windows in this mode. A preempted sequence
+leaves the stack with its chunk.
+
 Order: every running sequence arrived before every waiting one, and both lists are sorted by
 arrival (admission is FCFS from the front; victims are the youngest running and go back to the
 front), so "most recently arrived running" is simply the end of `running`.
@@ -33,6 +42,7 @@ deadlock. Per-step host work is linear in the number of running sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import operator
 from collections import deque
@@ -63,6 +73,8 @@ class ScheduledSeq:
     is_prefill: bool  # False: a one-token decode of the last sampled token
     sample: bool  # all of seq's tokens are computed after this step: sample its next token
     num_steps: int = 1  # decode window: steps whose tokens count (<= SchedulerOutput.num_steps)
+    loop: int = 0  # depth-wise batching: the loop iteration this step runs for the chunk
+    final_loop: bool = True  # the chunk leaves the loop stack after this step (always, outside depth-wise mode)
 
     @property
     def end_position(self) -> int:
@@ -119,8 +131,12 @@ class Scheduler:
     config (`pool`); `bytes_per_token` of KV only feeds the pool's memory accounting.
     """
 
-    def __init__(self, config: EngineConfig, bytes_per_token: int = 0):
+    def __init__(self, config: EngineConfig, bytes_per_token: int = 0, num_loops: int = 1):
+        if not isinstance(num_loops, int) or num_loops < 1:
+            raise ValueError(f"num_loops must be an int >= 1, got {num_loops!r}")
         self.config = config
+        self.loops = num_loops if config.loop_policy == "depthwise" else 1  # loop iterations a chunk takes
+        self.in_flight: dict[int, ScheduledSeq] = {}  # seq_id -> its chunk inside the loop stack
         self.pool = PagePool(config, bytes_per_token)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival, all older than any waiting sequence
@@ -174,6 +190,7 @@ class Scheduler:
         if seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
             self.pool.free(seq)
+            self.in_flight.pop(seq.seq_id, None)
         else:
             self.waiting.remove(seq)
         seq.finish("abort")
@@ -187,7 +204,7 @@ class Scheduler:
             self._pending = out
             return out
         out = SchedulerOutput()
-        budget = self.config.max_num_batched_tokens
+        budget = self._continue_loops(out, self.config.max_num_batched_tokens)
         budget, prefilling = self._schedule_decodes(out, budget)
         budget = self._schedule_running_prefills(out, budget, prefilling)
         if not out.preempted:
@@ -212,6 +229,10 @@ class Scheduler:
             seq = sched.seq
             if seq.is_finished:  # aborted after schedule()
                 continue
+            if not sched.final_loop:  # depth-wise: the chunk stays in the loop stack
+                self.in_flight[seq.seq_id] = sched
+                continue
+            self.in_flight.pop(seq.seq_id, None)
             if not sched.sample:  # a prefill chunk short of the last prompt token
                 seq.num_computed_tokens += sched.num_tokens
                 continue
@@ -263,7 +284,7 @@ class Scheduler:
     def _schedule_window(self) -> SchedulerOutput | None:
         """A decode window of up to num_decode_steps steps, or None for the single-step policy."""
         k_max, running = self.config.num_decode_steps, self.running
-        if k_max == 1 or not running or len(running) > self.config.max_num_batched_tokens:
+        if k_max == 1 or self.loops > 1 or not running or len(running) > self.config.max_num_batched_tokens:
             return None
         if self.waiting and len(running) < self.config.max_num_seqs:
             return None  # a waiting sequence may be admitted: its prefill goes first
@@ -285,17 +306,32 @@ class Scheduler:
         out.num_batched_tokens = len(running)
         return out
 
+    def _continue_loops(self, out: SchedulerOutput, budget: int) -> int:
+        """Depth-wise: every chunk inside the loop stack runs its next iteration (oldest first)."""
+        for seq in self.running:
+            chunk = self.in_flight.get(seq.seq_id)
+            if chunk is None:
+                continue
+            final = chunk.loop + 2 == self.loops
+            out.scheduled.append(dataclasses.replace(chunk, loop=chunk.loop + 1, final_loop=final,
+                                                     sample=final and chunk.end_position == seq.num_tokens))
+            budget -= chunk.num_tokens
+        return budget
+
     def _schedule_decodes(self, out: SchedulerOutput, budget: int) -> tuple[int, list[Sequence]]:
         """One token for each decoding sequence, oldest first; also list the running prefills."""
         prefilling = []
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if not seq.is_decoding:
+            if seq.seq_id in self.in_flight:
+                pass  # its chunk is inside the loop stack (continued above)
+            elif not seq.is_decoding:
                 prefilling.append(seq)
             elif self._make_room(seq, 1, out):
                 self.pool.allocate(seq, 1)
-                out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, is_prefill=False, sample=True))
+                out.scheduled.append(ScheduledSeq(seq, 1, seq.num_computed_tokens, is_prefill=False,
+                                                  sample=self.loops == 1, final_loop=self.loops == 1))
                 budget -= 1
             else:
                 break  # seq preempted itself: it was the last running sequence
@@ -316,6 +352,8 @@ class Scheduler:
         return True
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
+        if self.in_flight.pop(seq.seq_id, None) is not None:  # its chunk leaves the loop stack, unrun
+            out.scheduled = [s for s in out.scheduled if s.seq is not seq]
         self.pool.free(seq)
         seq.reset_for_recompute()
         self.waiting.appendleft(seq)
@@ -355,5 +393,6 @@ class Scheduler:
     def _schedule_prefill(self, seq: Sequence, num_tokens: int, out: SchedulerOutput) -> None:
         start = seq.num_computed_tokens
         self.pool.allocate(seq, num_tokens)
-        sample = start + num_tokens == seq.num_tokens
-        out.scheduled.append(ScheduledSeq(seq, num_tokens, start, is_prefill=True, sample=sample))
+        final = self.loops == 1
+        sample = final and start + num_tokens == seq.num_tokens
+        out.scheduled.append(ScheduledSeq(seq, num_tokens, start, is_prefill=True, sample=sample, final_loop=final))
