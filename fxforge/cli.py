@@ -705,6 +705,121 @@ def recover_cmd(
     _print_summary({k: v for k, v in summary.items() if not isinstance(v, dict)})
 
 
+def _ints_at_least(text: str, option: str, minimum: int) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise FxforgeError(f"{option} must be comma-separated integers >= {minimum}, got {text!r}")
+    return values
+
+
+@app.command("tying-study")
+@_guard
+def tying_study_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model with real weights (the teacher of every run)"),
+    random_init: bool = typer.Option(False, help="random weights: a smoke run of the code path, no quality claim"),
+    data: str = typer.Option("gsm8k", help="text: gsm8k or a .txt/.jsonl path (calibration split trains, evaluation split scores)"),
+    unique_layers: str = typer.Option("15,10", help="K values (comma-separated)"),
+    inits: str = typer.Option("stepwise,average", help="initialisations of the shared blocks"),
+    ranks: str = typer.Option("0,32,128", help="LoRA ranks (0 = pure tying)"),
+    train_seconds: float = typer.Option(24.0, help="recovery budget of every run, in seconds of training"),
+    max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    batch_size: int = typer.Option(8, help="windows per step"),
+    seq_len: int = typer.Option(256, help="tokens per training window"),
+    samples: int = typer.Option(128, help="sequences the original samples on calibration prompts"),
+    sample_tokens: int = typer.Option(128, help="tokens per sampled sequence (at most)"),
+    eval_tokens: int = typer.Option(16384, help="held-out tokens scored per run"),
+    eval_context: int = typer.Option(512, help="evaluation window length"),
+    device: str = typer.Option("auto", help="cuda, cpu or auto"),
+    json_out: Path = typer.Option(Path("tying_study.json"), "--json-out", help="results (JSON)"),
+    plot_out: Path = typer.Option(Path("tying_study.png"), "--plot", help="perplexity against unique parameters (PNG)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
+):
+    """The layer-tying quality study: tied / relaxed models vs layer dropping and zero-init LoRA at equal
+    unique parameters, before and after the same recovery budget, with a plot."""
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.data import load_texts
+    from fxforge.ir.tokenizer import token_windows
+    from fxforge.passes import LayerTying
+    from fxforge.passes.manager import check_pipeline
+    from fxforge.recover import RecoverySettings, training_text
+    from fxforge.tying_study import markdown, run_study, save, study_runs
+
+    for path, option in ((json_out, "--json-out"), (plot_out, "--plot"), (markdown_out, "--markdown-out")):
+        if path is not None:
+            check_output_file(path, option)
+    ks, rank_list = _ints_at_least(unique_layers, "--unique-layers", 1), _ints_at_least(ranks, "--ranks", 0)
+    init_list = [i.strip() for i in inits.split(",") if i.strip()]
+    settings = RecoverySettings(minutes=train_seconds / 60, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                                seq_len=seq_len, samples=samples, sample_tokens=sample_tokens)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    base = _load(model, "float32", random_init, device)
+    check_pipeline([LayerTying(unique_layers=k, init=i, rank=r) for k in ks for i in init_list for r in rank_list], base.spec)
+    runs = study_runs(base.spec, ks, init_list, rank_list)
+    console.print(f"{len(runs)} runs x {train_seconds:.0f} s of recovery (+ evaluation before and after each)")
+    start = time.perf_counter()
+    with console.status("training text: calibration split + samples of the original"):
+        text = training_text(base, data, settings)
+    windows = token_windows(base.tokenizer, load_texts(data, "eval"), eval_context, eval_tokens)
+    results = run_study(base, runs, text, windows, settings,
+                        progress=lambda row: console.print(f"{row['label']}: {row['perplexity_before']:.4g} -> "
+                                                           f"{row['perplexity_after']:.4f} ({row['total_seconds']} s)"))
+    results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                   random_init=random_init, seconds=round(time.perf_counter() - start, 1))
+    save(results, json_out, plot_out, markdown_out)
+    out.print(markdown(results))
+    out.print_json(json.dumps(results["targets"]))
+
+
+@bench_app.command("tying")
+@_guard
+def bench_tying_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model (real weights) or a named shape / path with --random-init"),
+    random_init: bool = typer.Option(False, help="random weights"),
+    unique_layers: int = typer.Option(10, help="K of the tied and relaxed models"),
+    rank: int = typer.Option(32, help="LoRA rank of the relaxed model"),
+    batches: str = typer.Option("64,256", help="max running sequences to run (comma-separated); 2x as many prompts"),
+    max_new_tokens: int = typer.Option(128, help="tokens generated per request (exactly)"),
+    prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
+    repeats: int = typer.Option(3, help="timed generations per row (the median is reported)"),
+    smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32): proves the code path, measures nothing"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """Tokens/s of the relaxed recursive model vs the original and the tied model without LoRA, under
+    lockstep (CUDA graphs / eager) and depth-wise batching, with bytes per token against the roofline."""
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.bench import chat_prompts, copy_bandwidth, random_prompts
+    from fxforge.tying_bench import run_bench
+
+    batch_list = _ints_at_least(batches, "--batches", 1)
+    if repeats < 1 or max_new_tokens < 1:
+        raise FxforgeError(f"--repeats and --max-new-tokens must be >= 1, got {repeats} and {max_new_tokens}")
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise FxforgeError("fxforge bench tying needs a CUDA device (use --smoke to exercise it on CPU)")
+    base = _load(model, "bfloat16" if cuda else "float32", random_init, "cuda" if cuda else "cpu")
+    count = 2 * max(batch_list)
+    prompts = random_prompts(count, prompt_len, base.spec.vocab_size) if prompt_len else chat_prompts(base, count)
+    results = run_bench(base, prompts, max_new_tokens, batch_list, unique_layers, rank, repeats,
+                        copy_bandwidth() if cuda else None, progress=lambda row: console.print(
+                            {k: v for k, v in row.items() if k != "all_seconds"}))
+    results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                   max_new_tokens=max_new_tokens, prompts=count)
+    _print_rows([{k: v for k, v in r.items() if k != "all_seconds"} for r in results["rows"]])
+    out.print_json(json.dumps(results["targets"]))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -190,6 +190,10 @@ def _teacher_samples(teacher: Model, docs: list[str], settings: RecoverySettings
     greedy = settings.sample_temperature == 0
     params = [SamplingParams(temperature=settings.sample_temperature, max_new_tokens=settings.sample_tokens,
                              seed=None if greedy else settings.seed * 1_000_003 + i) for i in range(len(prompts))]
+    if teacher.device.type == "cuda":  # sample through the Triton kernels (CUDA graphs, decode windows)
+        import fxforge
+
+        teacher = fxforge.optimize(teacher, passes=[{"name": "lower"}])
     engine = Engine(teacher, max_num_seqs=min(256, len(prompts)), max_model_len=_sample_len(teacher, settings))
     outputs = engine.generate(prompts, params, progress=progress)
     return [o.prompt_token_ids + o.token_ids for o in outputs]
@@ -245,6 +249,9 @@ class Trainer:
     def __init__(self, student: Student, teacher: Model, windows: torch.Tensor, settings: RecoverySettings):
         self.student, self.teacher, self.windows, self.settings = student, teacher, windows, settings
         self.params = student.trainable()
+        with torch.no_grad():
+            for param in self.params.values():  # own what is trained: never write storage shared copy-on-write
+                param.data = param.data.clone()
         for name, param in self.student.model.module.named_parameters():
             param.requires_grad_(name in self.params)
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=settings.lr, betas=(0.9, 0.95),
