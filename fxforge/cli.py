@@ -78,6 +78,28 @@ KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bf
 VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
 BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
 MetricOpt = typer.Option(None, "--ksort-metric", help="ksort: weight_norm or calibrated")
+KvPresetOpt = typer.Option(None, "--kv-preset", help="KV-cache preset (fxforge.passes.kv_preset): k4 = K at 4.25 "
+                           "bits/value, V unquantized; kv4 = K and V at 4.5 bits/value. Replaces the KV passes of the "
+                           "pipeline and calibrates on the calibration split of --data")
+
+
+def _with_kv_preset(plist: list[dict], preset: str | None, passes: str | None, *kv_options) -> list[dict]:
+    """The preset's passes first, then the --passes given (compile's default pipeline is replaced)."""
+    if preset is None:
+        return plist
+    from fxforge.passes import kv_preset
+    from fxforge.passes.manager import pass_name
+
+    configs = kv_preset(preset)
+    if any(option is not None for option in kv_options):
+        raise FxforgeError(f"--kv-preset {preset} sets the KV formats and channel methods itself; drop --kv-format, "
+                           "--v-format, --block and --ksort-metric")
+    names = {pass_name(type(c)) for c in configs}
+    others = plist if passes is not None else []
+    clash = sorted({p["name"] for p in others} & names)
+    if clash:
+        raise FxforgeError(f"--kv-preset {preset} already runs {sorted(names)}; remove {clash} from --passes")
+    return [{"name": pass_name(type(c)), **c.to_dict()} for c in configs] + others
 
 
 PassOptionOpt = typer.Option(None, "--option", help="KEY=VALUE for the passes that have option KEY (repeat it), "
@@ -115,7 +137,7 @@ def _check_pass_options(plist: list[dict], items: list[str] | None) -> None:
 
 
 def _calib_texts(passes: list[dict], data: str) -> list[str] | None:
-    if not any(p.get("metric") == "calibrated" for p in passes):
+    if not any(p.get("metric") == "calibrated" or p["name"] == "kv-mix" for p in passes):
         return None
     from fxforge.data import load_texts
 
@@ -140,6 +162,7 @@ def compile_cmd(
     v_format: Optional[str] = VFormatOpt,
     block: Optional[int] = BlockOpt,
     ksort_metric: Optional[str] = MetricOpt,
+    kv_preset: Optional[str] = KvPresetOpt,
     option: Optional[list[str]] = PassOptionOpt,
     dtype: str = typer.Option("float32", help="weight dtype: float32, bfloat16, float16"),
     random_init: bool = typer.Option(False, help="random weights for a named shape (speed work only)"),
@@ -153,6 +176,7 @@ def compile_cmd(
     from fxforge.passes.manager import build_pipeline
 
     plist = pass_list(passes, _options(kv_format, v_format, block, ksort_metric, option))
+    plist = _with_kv_preset(plist, kv_preset, passes, kv_format, v_format, block, ksort_metric)
     _check_pass_options(plist, option)
     build_pipeline(plist)  # reject bad pass lists before loading anything
     check_output_dir(output)  # before loading anything
@@ -236,6 +260,7 @@ def eval_cmd(
     v_format: Optional[str] = VFormatOpt,
     block: Optional[int] = BlockOpt,
     ksort_metric: Optional[str] = MetricOpt,
+    kv_preset: Optional[str] = KvPresetOpt,
     option: Optional[list[str]] = PassOptionOpt,
     data: str = typer.Option("gsm8k", help="gsm8k or a .txt/.jsonl path"),
     max_tokens: int = typer.Option(8192, help="tokens to score"),
@@ -246,6 +271,7 @@ def eval_cmd(
 ):
     """Perplexity of MODEL (optionally after PASSES) on real text, with the original's on the same tokens."""
     plist = pass_list(passes or "", _options(kv_format, v_format, block, ksort_metric, option))
+    plist = _with_kv_preset(plist, kv_preset, passes, kv_format, v_format, block, ksort_metric)
     from fxforge.passes.manager import build_pipeline
 
     _check_pass_options(plist, option)
@@ -382,20 +408,30 @@ def quality_table_cmd(
     context: int = typer.Option(512, help="window length"),
     calib_tokens: int = typer.Option(8192, help="calibration tokens for ksort calibrated"),
     blocks: str = typer.Option("16,32,64", help="BFP block sizes"),
-    orders: str = typer.Option("natural,weight_norm,calibrated", help="channel orders"),
+    methods: str = typer.Option("natural,weight_norm,calibrated", "--methods", "--orders",
+                                help="channel methods: natural, weight_norm, calibrated (order), scale, "
+                                     "calibrated+scale, pre_rope, pre_rope+scale, pre_rope+calibrated+scale"),
+    presets: str = typer.Option("", help="also score these KV presets (comma-separated: k4, kv4)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     search_steps: int = typer.Option(64, help="ksort calibrated: greedy swap steps per KV head"),
     settings: str = typer.Option("", help="only these KV settings (comma-separated labels, e.g. 'BFP12 K')"),
+    batch_size: int = typer.Option(16, help="evaluation windows per forward pass"),
     out_json: Path = typer.Option(Path("quality.json"), "--json-out", help="JSON results file"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
 ):
-    """KV-format quality table (perplexity per format, block and channel order) on GSM8K."""
-    from fxforge.quality import markdown, run_quality_table
+    """KV-format quality table (perplexity and KL per format, block and channel method; presets) on GSM8K."""
+    from fxforge.quality import markdown, run_quality_table, table_rows
 
+    block_list = tuple(_int_list(blocks, "--blocks"))
+    method_list = tuple(m.strip() for m in methods.split(",") if m.strip())
+    setting_list = tuple(s.strip() for s in settings.split(",")) if settings else None
+    preset_list = tuple(p.strip() for p in presets.split(",") if p.strip())
+    if batch_size < 1:
+        raise FxforgeError(f"--batch-size {batch_size} must be >= 1")
+    table_rows(block_list, method_list, setting_list, preset_list)  # bad names fail before loading anything
     m = _load(model, "float32", device=device)
-    results = run_quality_table(m, max_tokens, context, calib_tokens, tuple(int(b) for b in blocks.split(",")),
-                                tuple(orders.split(",")), out_json, console, search_steps,
-                                tuple(settings.split(",")) if settings else None)
+    results = run_quality_table(m, max_tokens, context, calib_tokens, block_list, method_list, out_json, console,
+                                search_steps, setting_list, preset_list, batch_size)
     table = markdown(results)
     if markdown_out:
         markdown_out.write_text(table)

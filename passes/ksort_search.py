@@ -74,12 +74,12 @@ def objective(p: Problem, perms: torch.Tensor, scales: torch.Tensor) -> torch.Te
 
 def search(p: Problem, permute: bool, scale: bool, steps: int, start_orders: dict[str, torch.Tensor]):
     """(perm [D], scale [D], report) for one KV head: scales, then the order, then the scales again
-    for that order, searched on a sample of the rows (2048 on CUDA, 1024 on CPU); the result is kept
+    for that order, searched on a sample of the rows (2048 on CUDA, 512 on CPU); the result is kept
     only if it beats the identity on all rows. `start_orders` are extra candidate orders (e.g. the
     paper's weight-norm one). report: objective of the identity and of the result, starting order."""
     device = p.x.device
     identity, ones = torch.arange(p.dim, device=device), torch.ones(p.dim, device=device)
-    rows = torch.linspace(0, p.x.shape[0] - 1, min(p.x.shape[0], 2048 if p.x.is_cuda else 1024), device=device).long()
+    rows = torch.linspace(0, p.x.shape[0] - 1, min(p.x.shape[0], 2048 if p.x.is_cuda else 512), device=device).long()
     sample = Problem(p.x[rows], p.cov, p.fmt, p.constraint, p.partner,
                      None if p.cos is None else p.cos[rows], None if p.sin is None else p.sin[rows])
     perm, scales, start = identity, ones, "identity"
@@ -132,13 +132,14 @@ def _initial_scales(p: Problem, perm: torch.Tensor) -> torch.Tensor:
 
 
 def _search_scales(p: Problem, perm: torch.Tensor, scales: torch.Tensor, steps: int) -> torch.Tensor:
-    """Coordinate descent on log-scales: each round scores every group times every step factor, then
-    applies every group's best improving factor at once, or only the single best if that is better."""
+    """Coordinate descent on log-scales: each round (steps / 16 of them, at least one) scores every
+    group times every step factor, then applies every group's best improving factor at once, or only
+    the single best if that is better."""
     groups = _groups(p)
     factors = torch.tensor(_SCALE_STEPS, device=scales.device)
     moves = (1 + groups[:, None, :] * (factors[None, :, None] - 1)).reshape(-1, p.dim)  # [G * F, D] multipliers
     current = float(objective(p, perm[None], scales[None])[0])
-    for _ in range(max(1, steps // 8)):
+    for _ in range(max(1, steps // 16)):
         trial = objective(p, perm.expand(moves.shape[0], -1), scales * moves).view(groups.shape[0], len(_SCALE_STEPS))
         best, which = trial.min(dim=1)
         improving = best < current
