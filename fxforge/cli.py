@@ -760,7 +760,7 @@ def tying_study_cmd(
     unique_layers: str = typer.Option("15,10", help="K values (comma-separated)"),
     inits: str = typer.Option("stepwise,average", help="initialisations of the shared blocks"),
     ranks: str = typer.Option("0,32,128", help="LoRA ranks (0 = pure tying)"),
-    train_seconds: float = typer.Option(24.0, help="recovery budget of every run, in seconds of training"),
+    train_seconds: float = typer.Option(15.0, help="recovery budget of every run, in seconds of training"),
     max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
     lr: float = typer.Option(1e-4, help="AdamW learning rate"),
     batch_size: int = typer.Option(8, help="windows per step"),
@@ -770,7 +770,8 @@ def tying_study_cmd(
     eval_tokens: int = typer.Option(16384, help="held-out tokens scored per run"),
     eval_context: int = typer.Option(512, help="evaluation window length"),
     device: str = typer.Option("auto", help="cuda, cpu or auto"),
-    json_out: Path = typer.Option(Path("tying_study.json"), "--json-out", help="results (JSON)"),
+    max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
+    json_out: Path = typer.Option(Path("tying_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
     plot_out: Path = typer.Option(Path("tying_study.png"), "--plot", help="perplexity against unique parameters (PNG)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
 ):
@@ -802,9 +803,14 @@ def tying_study_cmd(
     with console.status("training text: calibration split + samples of the original"):
         text = training_text(base, data, settings)
     windows = token_windows(base.tokenizer, load_texts(data, "eval"), eval_context, eval_tokens)
-    results = run_study(base, runs, text, windows, settings,
-                        progress=lambda row: console.print(f"{row['label']}: {row['perplexity_before']:.4g} -> "
-                                                           f"{row['perplexity_after']:.4f} ({row['total_seconds']} s)"))
+    def progress(partial: dict) -> None:
+        row = partial["runs"][-1]
+        console.print(f"{row['label']}: {row['perplexity_before']:.4g} -> {row['perplexity_after']:.4f} "
+                      f"({row['total_seconds']} s)")
+        json_out.write_text(json.dumps({**partial, "partial": True}, indent=2))
+
+    deadline = start + 60 * max_minutes if max_minutes else None
+    results = run_study(base, runs, text, windows, settings, progress, deadline)
     results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                    random_init=random_init, seconds=round(time.perf_counter() - start, 1))
     save(results, json_out, plot_out, markdown_out)

@@ -429,9 +429,24 @@ def evaluation_windows(recovery: Recovery) -> torch.Tensor:
 
 
 def perplexity_of(model: Model, windows: torch.Tensor) -> float:
+    """Perplexity over `windows`: through the dense training forward when the KV cache keeps the
+    model's dtype (the same logits as the paged forward, tests/ir/test_training.py, at SDPA speed),
+    else through the paged inference forward, so quantized caches count."""
     from fxforge.evaluate import perplexity
+    from fxforge.kernels.bfp import parse_kv_format
 
-    return perplexity(model, windows, show_progress=False).perplexity
+    dense = all(parse_kv_format(fmt).is_dense for pair in model.kv_formats() for fmt in pair)
+    return perplexity(_DenseScorer(model) if dense else model, windows, show_progress=False).perplexity
+
+
+@dataclass
+class _DenseScorer:
+    model: Model
+
+    @torch.no_grad()
+    def logits(self, input_ids) -> torch.Tensor:
+        ids = torch.as_tensor(input_ids, device=self.model.device)
+        return causal_logits(self.model.module, self.model.spec, ids).float()
 
 
 def run(recovery: Recovery, console=None, on_step=None) -> dict:

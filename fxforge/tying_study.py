@@ -1,7 +1,7 @@
 """The layer-tying quality study (issue 9): perplexity of tied / relaxed SmolLM2-135M against baselines
 at equal unique parameters and an equal recovery budget, before and after recovery.
 
-    fxforge tying-study --device cuda --json-out tying_study.json --plot tying_study.png
+    fxforge tying-study --device cuda --json-out tying_study.json --plot tying_study.png   # ~8 min on an H200 (estimate)
 
 Runs (each recovered for the same `train_seconds` by distillation from the original, on the same
 text, scored on the same held-out windows):
@@ -182,20 +182,25 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run_study(teacher: Model, runs: list[Run], text: TrainingText, windows: torch.Tensor, settings: RecoverySettings,
-              progress=None) -> dict:
-    """Every run, in order; `progress(row)` after each."""
-    rows = []
+              progress=None, deadline: float | None = None) -> dict:
+    """Every run, in order, until time.perf_counter() passes `deadline` (the runs not started are
+    listed as skipped); `progress(results so far)` after each run."""
+    results = {"model": teacher.spec.name or teacher.spec.family, "spec_layers": teacher.spec.num_layers,
+               "original_parameters": sum(p.numel() for p in teacher.module.parameters()),
+               "teacher_perplexity": perplexity_of(teacher, windows), "eval_tokens": int(windows[:, 1:].numel()),
+               "settings": dataclasses.asdict(settings), "text": text.description, "runs": [], "skipped": []}
     for run in runs:
-        rows.append(run_one(teacher, run, text, windows, settings))
+        if deadline is not None and time.perf_counter() > deadline:
+            results["skipped"].append(run.label)
+            continue
+        results["runs"].append(run_one(teacher, run, text, windows, settings))
+        results["targets"] = targets(results["runs"], teacher.spec)
         if progress is not None:
-            progress(rows[-1])
+            progress(results)
         if teacher.device.type == "cuda":
             torch.cuda.empty_cache()
-    return {"model": teacher.spec.name or teacher.spec.family, "spec_layers": teacher.spec.num_layers,
-            "original_parameters": sum(p.numel() for p in teacher.module.parameters()),
-            "teacher_perplexity": perplexity_of(teacher, windows), "eval_tokens": int(windows[:, 1:].numel()),
-            "settings": dataclasses.asdict(settings), "text": text.description, "runs": rows,
-            "targets": targets(rows, teacher.spec)}
+    results["targets"] = targets(results["runs"], teacher.spec)
+    return results
 
 
 def save(results: dict, json_out: Path, plot_out: Path, markdown_out: Path | None) -> None:

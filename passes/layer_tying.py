@@ -210,36 +210,37 @@ def _relax(gm: fx.GraphModule, plan: TyingPlan, config: LayerTying, originals: d
     energy = []
     for target in config.targets:
         module_name = PROJECTIONS[target].split(".")[1]
-        factors = [_factors(originals[(d, target)], gm.get_submodule(f"layers.{d}.{PROJECTIONS[target]}").weight,
-                            config, restoring, d) for d in relaxed]
+        shared = [gm.get_submodule(f"layers.{d}.{PROJECTIONS[target]}").weight for d in relaxed]
         stack = nn.Module()
-        stack.A = nn.Parameter(torch.stack([a for a, _, _ in factors]).contiguous())
-        stack.B = nn.Parameter(torch.stack([b for _, b, _ in factors]).contiguous())
+        a, b, kept = _stacked_factors([originals[(d, target)] for d in relaxed], shared, config, restoring, relaxed)
+        stack.A, stack.B = nn.Parameter(a), nn.Parameter(b)
         lora.add_module(module_name, stack)
-        energy += [e for _, _, e in factors]
+        energy += kept
     gm.add_module("lora", lora)
     _insert_lora_nodes(gm, plan, config, impl)
-    kept = [e for e in energy if e is not None]
     return {"lora_rank": config.rank, "lora_init": config.lora_init.value, "lora_targets": list(plan.lora_targets),
-            "relaxed_depths": len(relaxed),
-            **({"svd_energy_kept": round(sum(kept) / len(kept), 4)} if kept else {})}
+            "relaxed_depths": len(relaxed), **({"svd_energy_kept": round(sum(energy) / len(energy), 4)} if energy else {})}
 
 
-def _factors(original: torch.Tensor, shared: torch.Tensor, config: LayerTying, restoring: bool, depth: int):
-    """(A [r, in], B [out, r], fraction of ||W_d - W_shared||_F^2 the rank keeps, or None)."""
-    out_features, in_features = original.shape
-    r, dtype, device = config.rank, original.dtype, original.device
-    if restoring:
-        return torch.zeros(r, in_features, dtype=dtype, device=device), torch.zeros(out_features, r, dtype=dtype, device=device), None
-    if config.lora_init is LoRAInit.ZERO:
-        gen = torch.Generator().manual_seed(config.seed * 100_003 + depth)
-        a = torch.randn(r, in_features, generator=gen) / in_features ** 0.5
-        return a.to(dtype=dtype, device=device), torch.zeros(out_features, r, dtype=dtype, device=device), None
-    delta = original.detach().float() - shared.detach().float()
-    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
-    total = float((s * s).sum())
-    kept = float((s[:r] * s[:r]).sum()) / total if total > 0 else 1.0
-    return vh[:r].to(dtype).contiguous(), (u[:, :r] * s[:r]).to(dtype).contiguous(), kept
+def _stacked_factors(originals: list, shared: list, config: LayerTying, restoring: bool, depths: list[int]):
+    """(A [S, r, in], B [S, out, r], per depth the fraction of ||W_d - W_shared||_F^2 the rank keeps;
+    [] without an SVD) for the relaxed depths, their SVDs computed as one batch."""
+    (out_features, in_features), r = originals[0].shape, config.rank
+    like = dict(dtype=originals[0].dtype, device=originals[0].device)
+    zeros_b = torch.zeros(len(originals), out_features, r, **like)
+    if restoring:  # the saved weights overwrite the values
+        return torch.zeros(len(originals), r, in_features, **like), zeros_b, []
+    if config.lora_init is LoRAInit.ZERO:  # random A, zero B: the product starts at zero
+        gens = [torch.Generator().manual_seed(config.seed * 100_003 + d) for d in depths]
+        a = torch.stack([torch.randn(r, in_features, generator=g) for g in gens]) / in_features ** 0.5
+        return a.to(**like), zeros_b, []
+    delta = torch.stack([o.detach().float() - s.detach().float() for o, s in zip(originals, shared)])
+    u, sigma, vh = torch.linalg.svd(delta, full_matrices=False)
+    power = sigma * sigma
+    total = power.sum(dim=1)
+    kept = torch.where(total > 0, power[:, :r].sum(dim=1) / total.clamp_min(1e-30), torch.ones_like(total))
+    return (vh[:, :r].to(like["dtype"]).contiguous(), (u[:, :, :r] * sigma[:, None, :r]).to(like["dtype"]).contiguous(),
+            kept.tolist())
 
 
 def _insert_lora_nodes(gm: fx.GraphModule, plan: TyingPlan, config: LayerTying, impl: str) -> None:

@@ -172,3 +172,17 @@ def test_bad_options_and_another_runs_directory(tied, tmp_path):
     run(prepare(tied, tmp_path / "out", settings(max_steps=1), text, eval_tokens=32, eval_context=16))
     with pytest.raises(FxforgeError, match="holds a recovery of another run"):
         prepare(tied, tmp_path / "out", settings(lr=1e-3), text, eval_tokens=32, eval_context=16)
+
+
+def test_perplexity_counts_quantized_caches(tokens):
+    """Dense caches are scored through the dense forward (same numbers), quantized ones through the paged one."""
+    from fxforge.evaluate import perplexity
+    from fxforge.passes import BFPKVCache
+    from fxforge.recover import perplexity_of
+
+    model = tiny_model()
+    windows = torch.randint(0, 257, (3, 24), generator=torch.Generator().manual_seed(2))
+    assert perplexity_of(model, windows) == pytest.approx(perplexity(model, windows, show_progress=False).perplexity, rel=1e-5)
+    quantized = fxforge.optimize(model, passes=[BFPKVCache(k_format="bfp12", v_format="bfp12", block=16)])
+    assert perplexity_of(quantized, windows) == perplexity(quantized, windows, show_progress=False).perplexity
+    assert perplexity_of(quantized, windows) != pytest.approx(perplexity_of(model, windows), rel=1e-4)

@@ -89,3 +89,15 @@ def test_bench_cli_smoke(tmp_path):
 def test_bench_needs_cuda_or_smoke():
     result = runner.invoke(app, ["bench", "tying", "--batches", "64"])
     assert result.exit_code == 2 and "needs a CUDA device" in result.output
+
+
+def test_a_deadline_skips_the_runs_not_started():
+    from fxforge.recover import RecoverySettings, TrainingText
+    from fxforge.tying_study import run_study
+
+    teacher = deep_model()
+    windows = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    runs = study_runs(teacher.spec, (3,), ("stepwise",), (0,))
+    results = run_study(teacher, runs, TrainingText(windows, {}), windows, RecoverySettings(minutes=1, max_steps=1),
+                        deadline=0.0)
+    assert results["runs"] == [] and results["skipped"] == [r.label for r in runs]

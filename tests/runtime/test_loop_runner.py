@@ -176,3 +176,15 @@ def test_lockstep_ignores_loops():
     scheduler = Scheduler(dataclasses.replace(EngineConfig(num_pages=8, max_model_len=64)), num_loops=3)
     scheduler.add(Sequence([1, 2, 3]))
     assert [(s.final_loop, s.sample) for s in scheduler.schedule().scheduled] == [(True, True)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    def test_depthwise_on_the_triton_kernels_gives_the_lockstep_tokens(self, relaxed):
+        """Depth-wise steps through the Triton attention, KV write and segmented LoRA kernels (float32)."""
+        cuda = fxforge.optimize(relaxed, passes=[Lower(backend="triton")])
+        cuda.module.to("cuda")
+        lockstep = generate(engine(cuda, "lockstep", use_cuda_graphs=False), prompts())
+        assert generate(engine(cuda, "depthwise"), prompts()) == lockstep
+        assert lockstep == relaxed.generate(prompts(), max_new_tokens=MAX_NEW)
