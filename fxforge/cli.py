@@ -315,6 +315,7 @@ def run_cmd(
     seed: Optional[int] = typer.Option(None, help="seed for sampling"),
     max_num_seqs: int = typer.Option(256, help="largest decode batch"),
     decode_steps: int = typer.Option(8, help="decode steps per host sync when only decodes run (1 = off)"),
+    loop_policy: str = typer.Option("lockstep", help="layer-tied models: lockstep or depthwise (depth-wise batching)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="weight dtype when loading a non-artifact model"),
 ):
@@ -329,6 +330,8 @@ def run_cmd(
     texts = _read_prompts(prompts)
     if decode_steps < 1:
         raise FxforgeError(f"--decode-steps must be >= 1 (1 = one host sync per model step), got {decode_steps}")
+    if loop_policy not in ("lockstep", "depthwise"):
+        raise FxforgeError(f"--loop-policy must be lockstep or depthwise, got {loop_policy!r}")
     check_output_file(output, "--out")
     try:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -336,7 +339,10 @@ def run_cmd(
     except ValueError as exc:
         raise FxforgeError(str(exc)) from None
     m = _load(model, dtype, device=device)
-    engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps)
+    try:
+        engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps, loop_policy=loop_policy)
+    except ValueError as exc:  # depthwise on a model that is not tied with strategy cycle
+        raise FxforgeError(f"--loop-policy {loop_policy}: {exc}") from None
     with Progress(console=console) as progress:
         task = progress.add_task("generating", total=len(texts))
         results = engine.generate(texts, params, progress=lambda seq: progress.advance(task))

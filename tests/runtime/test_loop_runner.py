@@ -4,6 +4,7 @@ under chunked prefill, preemption and staggered arrivals; the depth-wise KV page
 exactly what depth j*K + b of the unrolled graph caches."""
 
 import dataclasses
+import json
 
 import pytest
 import torch
@@ -188,3 +189,26 @@ class TestCUDA:
         lockstep = generate(engine(cuda, "lockstep", use_cuda_graphs=False), prompts())
         assert generate(engine(cuda, "depthwise"), prompts()) == lockstep
         assert lockstep == relaxed.generate(prompts(), max_new_tokens=MAX_NEW)
+
+
+
+def test_cli_run_serves_a_tied_artifact_depthwise(tmp_path):
+    from typer.testing import CliRunner
+
+    from fxforge.cli import app
+    from tests.fxforge.test_recover import write_checkpoint
+
+    runner = CliRunner()
+    source = write_checkpoint(tmp_path / "hf")
+    for name, passes in (("tied", ["--passes", "layer-tying", "--option", "loops=2"]), ("plain", ["--passes", ""])):
+        done = runner.invoke(app, ["compile", str(source), "--random-init", *passes, "--no-eval", "-o", str(tmp_path / name)])
+        assert done.exit_code == 0, done.output
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"prompt": "Tom has 3 apples."}\n{"prompt": "How many?"}\n')
+    args = ["--prompts", str(prompts_file), "--max-new-tokens", "3", "--loop-policy", "depthwise"]
+    done = runner.invoke(app, ["run", str(tmp_path / "tied"), "--out", str(tmp_path / "r.jsonl"), *args])
+    assert done.exit_code == 0, done.output
+    assert [json.loads(line)["tokens"] for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [3, 3]
+    done = runner.invoke(app, ["run", str(tmp_path / "plain"), "--out", str(tmp_path / "plain.jsonl"), *args])
+    assert done.exit_code == 2 and "needs a layer-tied model" in done.output
+    assert not (tmp_path / "plain.jsonl").exists()
