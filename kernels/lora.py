@@ -12,6 +12,10 @@ Without `loop_starts` every row uses `slot` (the unrolled, one-depth-per-call fo
     shrink:  h[t] = x[t] @ A[s]^T                       [T, R] in float32
     expand:  y[t] = base[t] + h[t] @ B[s]^T             rounded once to base's dtype
 
+Two launches (shrink writes h, expand reads it) serve large batches; at decode sizes one fused
+launch recomputes each row tile's shrink per output tile instead, saving a launch per projection
+(two would double the kernels of a relaxed depth).
+
 The launch grid depends on shapes only (rows, ranks, output width, number of loops), never on how the
 rows spread over the loops: a program whose row tile lies past its loop's rows does nothing, so a
 CUDA graph captured for one batch composition replays any other of the same shape.
@@ -28,7 +32,9 @@ _MIN_DOT = 16  # tl.dot needs every dim >= 16
 _BLOCK_T = 16  # rows per program: decode batches are small per loop
 _BLOCK_K = 64  # reduction chunk of the shrink
 _BLOCK_N = 64  # output columns per expand program
-_MAX_BLOCK_R = 64  # ranks per program (larger ranks take several programs / chunks)
+_MAX_BLOCK_R = 64  # ranks per program of the two-launch path (larger ranks take several programs / chunks)
+FUSED_MAX_ROWS = 512  # the one-launch path recomputes each row's shrink once per column tile: decode sizes
+FUSED_MAX_RANK = 128  # ... and holds the row tile's whole shrink result in registers
 
 
 def loop_segments(loop_starts: torch.Tensor | None, num_rows: int) -> list[tuple[int, int]]:
@@ -95,15 +101,24 @@ def _lora_shrink_kernel(
     if tl.max(row_mask.to(tl.int32), axis=0) > 0:  # else the tile lies past this loop's rows
         ranks = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
         a_base = a_ptr + (slot + loop_stride * loop).to(tl.int64) * R * IN
-        acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
-        for k0 in range(0, IN, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < IN),
-                        other=0.0)
-            a = tl.load(a_base + ranks[None, :] * IN + ks[:, None], mask=(ranks[None, :] < R) & (ks[:, None] < IN),
-                        other=0.0)  # [BLOCK_K, BLOCK_R] = A[s]^T chunk
-            acc = dot_acc(x, a, acc, INPUT_PRECISION, UPCAST)
+        acc = _shrink(x_ptr, a_base, rows, row_mask, ranks, stride_x, IN, R, BLOCK_T, BLOCK_R, BLOCK_K, INPUT_PRECISION,
+                      UPCAST)
         tl.store(h_ptr + rows[:, None] * R + ranks[None, :], acc, mask=row_mask[:, None] & (ranks[None, :] < R))
+
+
+@jit
+def _shrink(x_ptr, a_base, rows, row_mask, ranks, stride_x, IN: tl.constexpr, R: tl.constexpr, BLOCK_T: tl.constexpr,
+            BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """x[rows] @ A[s][ranks]^T in float32: [BLOCK_T, BLOCK_R] (a_base points at A[s])."""
+    acc = tl.zeros((BLOCK_T, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, IN, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rows[:, None] * stride_x + ks[None, :], mask=row_mask[:, None] & (ks[None, :] < IN),
+                    other=0.0)
+        a = tl.load(a_base + ranks[None, :] * IN + ks[:, None], mask=(ranks[None, :] < R) & (ks[:, None] < IN),
+                    other=0.0)  # [BLOCK_K, BLOCK_R] = A[s]^T chunk
+        acc = dot_acc(x, a, acc, INPUT_PRECISION, UPCAST)
+    return acc
 
 
 @jit
@@ -139,6 +154,49 @@ def _lora_expand_kernel(
             b = tl.load(b_base + cols[None, :] * R + ranks[:, None], mask=col_mask[None, :] & (ranks[:, None] < R),
                         other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] = B[s]^T chunk
             acc = dot_acc(h, b, acc, INPUT_PRECISION, False)
+        mask = row_mask[:, None] & col_mask[None, :]
+        base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows[:, None] * OUT + cols[None, :], (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _lora_fused_kernel(
+    x_ptr,  # *fp32|bf16|fp16 [T, IN], unit stride along IN
+    a_ptr,  # *same [S, R, IN] contiguous
+    b_ptr,  # *same [S, OUT, R] contiguous
+    base_ptr,  # *fp32|bf16|fp16 [T, OUT], unit stride along OUT
+    out_ptr,  # *base dtype [T, OUT] out, contiguous
+    starts_ptr,  # *int32 [L+1] (read only when SEGMENTED)
+    num_rows,  # T
+    slot,  # adapter slot of loop 0
+    loop_stride,  # slot step from one loop to the next
+    stride_x,  # x row stride (elements)
+    stride_base,  # base row stride (elements)
+    IN: tl.constexpr,  # input width
+    OUT: tl.constexpr,  # output width
+    R: tl.constexpr,  # rank (<= BLOCK_R: the whole shrink result stays in registers)
+    BLOCK_T: tl.constexpr,  # rows per program
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_R: tl.constexpr,  # ranks, padded to a power of two
+    BLOCK_K: tl.constexpr,  # reduction chunk of the shrink
+    SEGMENTED: tl.constexpr,  # rows carry loop segments
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands
+    UPCAST: tl.constexpr,  # bf16 operands under the interpreter
+):
+    # Shrink and expand in one launch: each program recomputes its rows' shrink (R x IN per row, small
+    # next to the launch it saves at decode sizes) and expands it into its columns.
+    loop = tl.program_id(2)
+    rows, row_mask = _segment(starts_ptr, loop, num_rows, tl.program_id(0), BLOCK_T, SEGMENTED)
+    if tl.max(row_mask.to(tl.int32), axis=0) > 0:
+        s = (slot + loop_stride * loop).to(tl.int64)
+        ranks = tl.arange(0, BLOCK_R)
+        h = _shrink(x_ptr, a_ptr + s * R * IN, rows, row_mask, ranks, stride_x, IN, R, BLOCK_T, BLOCK_R, BLOCK_K,
+                    INPUT_PRECISION, UPCAST)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < OUT
+        b = tl.load(b_ptr + s * OUT * R + cols[None, :] * R + ranks[:, None],
+                    mask=col_mask[None, :] & (ranks[:, None] < R), other=0.0).to(tl.float32)
+        acc = dot_acc(h, b, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, False)
         mask = row_mask[:, None] & col_mask[None, :]
         base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * OUT + cols[None, :], (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
@@ -183,23 +241,31 @@ def _check(x, base, lora_a, lora_b, loop_starts, slot: int, loop_stride: int) ->
 
 
 def lora_triton(x: torch.Tensor, base: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
-                loop_starts: torch.Tensor | None, slot: int, loop_stride: int) -> torch.Tensor:
-    """Triton `lora_ref` (CUDA, or CPU under TRITON_INTERPRET=1): a shrink launch, then an expand launch
-    that adds the update to `base` and writes the result in base's dtype."""
+                loop_starts: torch.Tensor | None, slot: int, loop_stride: int, fused: bool | None = None) -> torch.Tensor:
+    """Triton `lora_ref` (CUDA, or CPU under TRITON_INTERPRET=1), writing base + the update in base's
+    dtype. `fused` (default: up to FUSED_MAX_ROWS rows and rank <= FUSED_MAX_RANK) runs shrink and
+    expand in one launch; otherwise a shrink launch writes h [T, R] and an expand launch reads it."""
     loops = _check(x, base, lora_a, lora_b, loop_starts, slot, loop_stride)
     rows, rank, out_width = x.shape[0], lora_a.shape[1], base.shape[1]
     out = torch.empty(base.shape, dtype=base.dtype, device=base.device)
     if rows == 0:
         return out
+    if fused is None:
+        fused = rows <= FUSED_MAX_ROWS and rank <= FUSED_MAX_RANK
+    starts = loop_starts if loop_starts is not None else out  # a pointer the kernels never read
+    common = dict(BLOCK_T=_BLOCK_T, SEGMENTED=loop_starts is not None, INPUT_PRECISION="ieee")
+    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    grid_n = (triton.cdiv(rows, _BLOCK_T), triton.cdiv(out_width, _BLOCK_N), loops)
+    if fused:
+        _lora_fused_kernel[grid_n](x, lora_a, lora_b, base, out, starts, rows, slot, loop_stride, x.stride(0),
+                                   base.stride(0), IN=x.shape[1], OUT=out_width, R=rank, BLOCK_N=_BLOCK_N,
+                                   BLOCK_R=max(_MIN_DOT, next_pow2(rank)), BLOCK_K=_BLOCK_K, UPCAST=upcast, **common)
+        return out
     h = torch.empty(rows, rank, dtype=torch.float32, device=x.device)
     block_r = min(_MAX_BLOCK_R, max(_MIN_DOT, next_pow2(rank)))
-    starts = loop_starts if loop_starts is not None else h  # a pointer the kernels never read
-    common = dict(BLOCK_T=_BLOCK_T, BLOCK_R=block_r, SEGMENTED=loop_starts is not None, INPUT_PRECISION="ieee")
-    row_tiles = triton.cdiv(rows, _BLOCK_T)
-    _lora_shrink_kernel[(row_tiles, triton.cdiv(rank, block_r), loops)](
-        x, lora_a, h, starts, rows, slot, loop_stride, x.stride(0), IN=x.shape[1], R=rank, BLOCK_K=_BLOCK_K,
-        UPCAST=INTERPRETED and x.dtype == torch.bfloat16, **common)
-    _lora_expand_kernel[(row_tiles, triton.cdiv(out_width, _BLOCK_N), loops)](
-        h, lora_b, base, out, starts, rows, slot, loop_stride, base.stride(0), OUT=out_width, R=rank,
-        BLOCK_N=_BLOCK_N, **common)
+    _lora_shrink_kernel[(grid_n[0], triton.cdiv(rank, block_r), loops)](
+        x, lora_a, h, starts, rows, slot, loop_stride, x.stride(0), IN=x.shape[1], R=rank, BLOCK_R=block_r,
+        BLOCK_K=_BLOCK_K, UPCAST=upcast, **common)
+    _lora_expand_kernel[grid_n](h, lora_b, base, out, starts, rows, slot, loop_stride, base.stride(0), OUT=out_width,
+                                R=rank, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, **common)
     return out

@@ -23,7 +23,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # float32: summation order; bf16/fp16: the result is rounded once, so one step of the dtype.
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (1e-2, 1.6e-2), torch.float16: (1e-3, 2e-3)}
 # (rows per loop, input width, output width, rank): loops with no rows, one row, tiles that are not
-# multiples of the blocks, ranks of 1 and past one rank block.
+# multiples of the blocks, ranks of 1 and past one rank block of the two-launch path.
 SHAPES = {
     "one_row": ((1,), 24, 17, 1),
     "loops_7_0_9": ((7, 0, 9), 100, 96, 5),
@@ -60,11 +60,15 @@ def inputs(shape, dtype, seed, device="cpu"):
 assert_close = functools.partial(checks.assert_close, tolerance=TOLERANCE)
 
 
-def check_against_reference(shape, dtype, seed, device):
+def check_against_reference(shape, dtype, seed, device, fused=None):
     x, base, lora_a, lora_b, starts = inputs(shape, dtype, seed, device)
     slot, stride = 1, 2  # loop j uses slot 1 + 2j
     expected = lora_ref(*(t.cpu() for t in (x, base, lora_a, lora_b, starts)), slot, stride)
-    assert_close(lora.lora_triton(x, base, lora_a, lora_b, starts, slot, stride), expected, "lora_triton", seed)
+    got = lora.lora_triton(x, base, lora_a, lora_b, starts, slot, stride, fused=fused)
+    assert_close(got, expected, f"lora_triton (fused={fused})", seed)
+
+
+PATHS = pytest.mark.parametrize("fused", [True, False], ids=["one_launch", "shrink_expand"])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,16 +105,18 @@ def test_reference_rejects_bounds_that_do_not_cover_the_rows(seed):
 
 
 @needs_interpreter
+@PATHS
 @pytest.mark.parametrize("shape, dtype", cases(every_dtype=False))
-def test_triton_matches_reference(shape, dtype, seed):
-    check_against_reference(shape, dtype, seed, "cpu")
+def test_triton_matches_reference(shape, dtype, seed, fused):
+    check_against_reference(shape, dtype, seed, "cpu", fused)
 
 
 @needs_interpreter
-def test_triton_without_segments(seed):
+@PATHS
+def test_triton_without_segments(seed, fused):
     x, base, lora_a, lora_b, _ = inputs(((19,), 40, 33, 7), torch.float32, seed)
-    assert_close(lora.lora_triton(x, base, lora_a, lora_b, None, 2, 0), lora_ref(x, base, lora_a, lora_b, None, 2, 0),
-                 "lora_triton (one slot)", seed)
+    assert_close(lora.lora_triton(x, base, lora_a, lora_b, None, 2, 0, fused=fused),
+                 lora_ref(x, base, lora_a, lora_b, None, 2, 0), "lora_triton (one slot)", seed)
 
 
 @needs_interpreter
@@ -149,21 +155,24 @@ test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k",
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCUDA:
+    @PATHS
     @pytest.mark.parametrize("shape, dtype", cases(every_dtype=True))
-    def test_matches_reference(self, shape, dtype, seed):
-        check_against_reference(shape, dtype, seed, "cuda")
+    def test_matches_reference(self, shape, dtype, seed, fused):
+        check_against_reference(shape, dtype, seed, "cuda", fused)
 
-    def test_smollm2_decode_shape(self, seed):
+    @PATHS
+    def test_smollm2_decode_shape(self, seed, fused):
         """A depth-wise decode call of SmolLM2's gate projection: 256 rows over 3 loops, rank 32."""
-        check_against_reference(((90, 100, 66), 576, 1536, 32), torch.bfloat16, seed, "cuda")
+        check_against_reference(((90, 100, 66), 576, 1536, 32), torch.bfloat16, seed, "cuda", fused)
 
-    def test_cuda_graph_replays_other_loop_splits(self, seed):
+    @PATHS
+    def test_cuda_graph_replays_other_loop_splits(self, seed, fused):
         """The grid depends on shapes only: a graph captured with one split serves another."""
         x, base, lora_a, lora_b, starts = inputs(((8, 8, 8), 64, 96, 16), torch.bfloat16, seed, "cuda")
-        lora.lora_triton(x, base, lora_a, lora_b, starts, 0, 1)  # compile outside the capture
+        lora.lora_triton(x, base, lora_a, lora_b, starts, 0, 1, fused=fused)  # compile outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = lora.lora_triton(x, base, lora_a, lora_b, starts, 0, 1)
+            out = lora.lora_triton(x, base, lora_a, lora_b, starts, 0, 1, fused=fused)
         starts.copy_(torch.tensor([0, 20, 20, 24], dtype=torch.int32))
         graph.replay()
         expected = lora_ref(*(t.cpu() for t in (x, base, lora_a, lora_b, starts)), 0, 1)
