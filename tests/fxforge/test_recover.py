@@ -186,3 +186,32 @@ def test_perplexity_counts_quantized_caches(tokens):
     quantized = fxforge.optimize(model, passes=[BFPKVCache(k_format="bfp12", v_format="bfp12", block=16)])
     assert perplexity_of(quantized, windows) == perplexity(quantized, windows, show_progress=False).perplexity
     assert perplexity_of(quantized, windows) != pytest.approx(perplexity_of(model, windows), rel=1e-4)
+
+
+@pytest.mark.usefixtures("example_passes")
+def test_another_pass_plugs_in_its_own_student_kind(monkeypatch):
+    """The extension point skip-decode uses: a pass names the student kind that trains its models
+    (here only the scaled o_proj, with the model's own training forward); the loop is unchanged."""
+    from fxforge.ir.training import causal_logits
+    from fxforge.recover import STUDENT_KINDS, Trainer
+
+    class OProjStudent:
+        def __init__(self, model):
+            self.model = model
+
+        def trainable(self):
+            return {"layers.0.attn.o_proj.weight": self.model.module.get_parameter("layers.0.attn.o_proj.weight")}
+
+        def logits(self, input_ids):
+            return causal_logits(self.model.module, self.model.spec, input_ids)
+
+    monkeypatch.setitem(STUDENT_KINDS, "test-scale-oproj", OProjStudent)
+    teacher = tiny_model()
+    student = student_for(fxforge.optimize(teacher, passes=[{"name": "test-scale-oproj", "factor": 3.0}]))
+    assert isinstance(student, OProjStudent)
+    before = {n: p.detach().clone() for n, p in student.model.module.named_parameters()}
+    windows = torch.randint(0, 257, (4, 12), generator=torch.Generator().manual_seed(1))
+    trainer = Trainer(student, teacher, windows, settings(max_steps=2, batch_size=2, lr=1e-2))
+    trainer.run()
+    changed = {n for n, p in student.model.module.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"layers.0.attn.o_proj.weight"} and trainer.state.step == 2
