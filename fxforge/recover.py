@@ -279,10 +279,13 @@ class Trainer:
         state.loss, state.kl = float(loss.detach()), float(kl.detach())
 
     def _autocast(self):
-        on_cuda = self.device.type == "cuda"
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=on_cuda) if on_cuda else torch.autocast("cpu", enabled=False)
+        """bf16 autocast on CUDA (fp32 master weights); full precision on CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
 
-    def run(self, on_step: Callable[["Trainer"], None] | None = None, on_checkpoint: Callable[["Trainer"], None] | None = None) -> None:
+    def run(self, on_step: Callable[["Trainer"], None] | None = None,
+            on_checkpoint: Callable[["Trainer"], None] | None = None) -> None:
         """Step until the time budget or max_steps is reached; checkpoint every checkpoint_minutes."""
         settings, state = self.settings, self.state
         budget, last_checkpoint = settings.minutes * 60, state.seconds

@@ -128,23 +128,26 @@ def targets(rows: list[dict], spec) -> dict:
     for r in rows:
         if r["method"] != "relaxed":
             continue
+        ppl = r["perplexity_after"]
         drop = by.get(("layer-drop", equal_drop(spec, r["layers"], r["rank"]), "-", 0))
         if drop:
-            versus_drop.append({"relaxed": r["label"], "layer_drop": drop["label"], "relaxed_ppl": r["perplexity_after"],
-                                "layer_drop_ppl": drop["perplexity_after"], "met": r["perplexity_after"] < drop["perplexity_after"]})
+            versus_drop.append({"relaxed": r["label"], "layer_drop": drop["label"], "relaxed_ppl": ppl,
+                                "layer_drop_ppl": drop["perplexity_after"], "met": ppl < drop["perplexity_after"]})
         zero = by.get(("zero-lora", r["layers"], r["init"], r["rank"]))
         if zero:
-            versus_zero.append({"svd": r["label"], "svd_ppl": r["perplexity_after"], "zero_ppl": zero["perplexity_after"],
-                                "met": r["perplexity_after"] < zero["perplexity_after"]})
+            versus_zero.append({"svd": r["label"], "svd_ppl": ppl, "zero_ppl": zero["perplexity_after"],
+                                "met": ppl < zero["perplexity_after"]})
     return {"relaxed_beats_layer_drop": {"met": all(p["met"] for p in versus_drop), "pairs": versus_drop},
             "svd_beats_zero_init": {"met": all(p["met"] for p in versus_zero), "pairs": versus_zero}}
 
 
 def markdown(results: dict) -> str:
     teacher = results["teacher_perplexity"]
-    lines = [f"| run | unique params | perplexity before | after {results['settings']['minutes'] * 60:.0f} s recovery | "
-             "Δ vs original |", "|---|---|---|---|---|",
-             f"| original ({results['spec_layers']} layers) | {_count(results['original_parameters'])} | {teacher:.3f} | – | – |"]
+    budget = results["settings"]["minutes"] * 60
+    lines = [f"| run | unique params | perplexity before | after {budget:.0f} s recovery | Δ vs original |",
+             "|---|---|---|---|---|",
+             f"| original ({results['spec_layers']} layers) | {_count(results['original_parameters'])} | {teacher:.3f} "
+             "| – | – |"]
     for r in results["runs"]:
         lines.append(f"| {r['label']} | {_count(r['unique_parameters'])} | {r['perplexity_before']:.4g} | "
                      f"{r['perplexity_after']:.3f} | {100 * (r['perplexity_after'] / teacher - 1):+.1f}% |")

@@ -89,7 +89,8 @@ def _attention(attn: nn.Module, spec: ModelSpec, x: torch.Tensor, positions: tor
     group = heads // kv_heads
     q, k, v = (t.transpose(1, 2) for t in (q, k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)))
     if spec.sliding_window:
-        visible = (positions[None, :] <= positions[:, None]) & (positions[None, :] > positions[:, None] - spec.sliding_window)
+        offset = positions[:, None] - positions[None, :]  # query minus key position
+        visible = (offset >= 0) & (offset < spec.sliding_window)
         o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, scale=dim ** -0.5)
     else:  # positions are 0..T-1: the causal mask, which lets SDPA pick its fused kernels
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=dim ** -0.5)

@@ -218,7 +218,8 @@ def _check(x, base, lora_a, lora_b, loop_starts, slot: int, loop_stride: int) ->
         raise ValueError(f"lora_triton: expected x [T, IN], base [T, OUT], lora_a [S, R, IN], lora_b [S, OUT, R], "
                          f"got {[(n, tuple(t.shape)) for n, t in tensors.items()]}")
     (t, width), (slots, rank, _) = x.shape, lora_a.shape
-    if base.shape[0] != t or tuple(lora_a.shape) != (slots, rank, width) or tuple(lora_b.shape) != (slots, base.shape[1], rank):
+    want_b = (slots, base.shape[1], rank)
+    if base.shape[0] != t or tuple(lora_a.shape) != (slots, rank, width) or tuple(lora_b.shape) != want_b:
         raise ValueError(f"lora_triton: shapes disagree: x {tuple(x.shape)}, base {tuple(base.shape)}, "
                          f"lora_a {tuple(lora_a.shape)}, lora_b {tuple(lora_b.shape)}")
     if x.stride(1) != 1 or base.stride(1) != 1 or not (lora_a.is_contiguous() and lora_b.is_contiguous()):

@@ -126,8 +126,9 @@ def layer_tying(gm: fx.GraphModule, config: LayerTying, ctx) -> PassResult:
     """Tie N layers into K shared blocks (one tensor each) and relax every tied depth with LoRA."""
     spec = spec_of(gm)
     if TYING_KEY in gm.meta or any(n.target is ROPE and n.args[4] is not None for n in gm.graph.nodes):
-        raise PassConfigError("layer-tying needs a graph whose layers are untied and in their own channel order; "
-                              "this one was already tied or K-sorted (run ksort after no layer-tying, and tie once)")
+        raise PassConfigError("layer-tying runs once, on untied layers in their own channel order: this graph is "
+                              "already tied or K-sorted (ksort and layer-tying do not combine: tied depths share "
+                              "W_q and W_k, K-sorted layers each reorder their own)")
     plan = _plan(config, spec)
     original_parameters = _count(gm)
     report = {"unique_layers": plan.unique_layers, "loops": max(map(plan.block_of_depth.count, range(plan.unique_layers))),
@@ -152,14 +153,15 @@ def _plan(config: LayerTying, spec) -> TyingPlan:
     sources = []
     for block in range(k):
         depths = [d for d, b in enumerate(blocks) if b == block]
-        sources.append(tuple(depths) if len(depths) == 1 or config.init is Init.AVERAGE else (_first_source(config, blocks, block, n, k),))
+        average = len(depths) == 1 or config.init is Init.AVERAGE  # a block used once is its own layer
+        sources.append(tuple(depths) if average else (_first_source(config, blocks, block, n),))
     relaxed = [d for d in range(n) if config.rank and blocks.count(blocks[d]) > 1]
     slots = tuple(relaxed.index(d) if d in relaxed else None for d in range(n))
     targets = tuple(PROJECTIONS[t].split(".")[1] for t in config.targets) if config.rank else ()
     return TyingPlan(config.strategy.value, blocks, tuple(sources), slots, config.rank, targets)
 
 
-def _first_source(config: LayerTying, blocks: tuple[int, ...], block: int, n: int, k: int) -> int:
+def _first_source(config: LayerTying, blocks: tuple[int, ...], block: int, n: int) -> int:
     """The original layer a stepwise / lower block starts from (middle-cycle: among the middle layers)."""
     shared = sorted({blocks[d] for d in range(n) if blocks.count(blocks[d]) > 1})
     first, last = (1, n - 2) if config.strategy is Strategy.MIDDLE_CYCLE else (0, n - 1)

@@ -30,3 +30,17 @@ def test_gradients_reach_shared_blocks_and_every_lora_slot(tokens):
     assert shared.grad is not None and shared.grad.abs().sum() > 0
     b_grad = opt.module.lora.down_proj.B.grad
     assert b_grad is not None and bool((b_grad.flatten(1).abs().sum(1) > 0).all()), "a depth's LoRA got no gradient"
+
+
+def test_sliding_window_equals_the_inference_forward(tokens):
+    import dataclasses
+
+    from fxforge.ir.model import Model
+    from tests.conftest import TINY_SPECS
+
+    model = Model.from_state_dict(dataclasses.replace(TINY_SPECS["llama-gqa"], family="mistral", sliding_window=5), None)
+    with torch.no_grad():
+        dense = causal_logits(model.module, model.spec, tokens)
+    torch.testing.assert_close(dense, model.logits(tokens), rtol=0, atol=2e-5)
+    full = Model.from_state_dict(TINY_SPECS["llama-gqa"], None)
+    assert not torch.allclose(full.logits(tokens), model.logits(tokens), atol=1e-3), "the window changed nothing"
