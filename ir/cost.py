@@ -13,6 +13,8 @@ Per node (T = tokens this step, R = logit rows = one per sequence, g = GQA group
                  (decode Op/B ~ g for 16-bit KV, higher for BFP KV); pre-RoPE keys add the
                  rotation of every K value read
   kv_write       0 FLOPs; k, v read + T rows written in the cache format
+  lora           per-depth LoRA of a tied graph: 2*rows*r*(in+out) + the add; the slot's A and B once
+                 + x read, base read, result written
   expert         tokens per active expert ~ T*k/E; FLOPs 3*2*T*k*H*I; bytes = weights of every expert
                  that receives tokens (all E when T*k >= E) + activations; Op/B ~ tokens per expert
   rope, norm, mlp_act (silu, gating mul), residual, router softmax/top-k: elementwise counts
@@ -40,7 +42,7 @@ from fxforge.ir.errors import FxforgeError
 from fxforge.ir.capture import META_KEY, meta
 from fxforge.ir.devices import DeviceSpec
 from fxforge.ir.modules import MLP, DecoderLayer, MoE, MoEExperts, RMSNorm
-from fxforge.ir.ops import ATTENTION, KV_WRITE, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, ROPE
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
 
@@ -183,6 +185,9 @@ def _node_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost | Non
         if isinstance(module, MoEExperts):
             return _expert_cost(node, module, step)
         return None
+    if node.op == "call_function" and node.target is LORA:
+        slots, rank, n_in = gm.get_parameter(node.args[2].target).shape
+        return _lora_cost(node, rank, n_in, gm.get_parameter(node.args[3].target).shape[1], step)
     if node.op == "call_function" and node.target is ATTENTION:
         return _attention_cost(node, step)
     if node.op == "call_function" and node.target is KV_WRITE:
@@ -190,6 +195,12 @@ def _node_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost | Non
     if node.op == "call_function" and node.target is ROPE:
         return _rope_cost(node, step)
     return _elementwise_cost(node, step)
+
+
+def _lora_cost(node, rank: int, n_in: int, n_out: int, step: _Step) -> NodeCost:
+    rows = step.tokens
+    flops = 2 * rows * rank * (n_in + n_out) + rows * n_out
+    return NodeCost.of(node, "lora", flops, step.act * (rank * (n_in + n_out) + rows * (n_in + 2 * n_out)))
 
 
 def _linear_cost(node, role, module: nn.Linear, rows: int, step: _Step) -> NodeCost:

@@ -244,3 +244,14 @@ def test_ksort_and_tying_do_not_mix():
     tied = fxforge.optimize(model, passes=[LayerTying(unique_layers=3)])
     with pytest.raises(PipelineError, match="ksort cannot run after layer-tying"):
         fxforge.optimize(tied, passes=[KSort(block=16)])
+
+
+def test_cost_model_counts_each_depths_lora():
+    from fxforge.ir.cost import BatchDesc, annotate_costs
+
+    opt = fxforge.optimize(deep_model(), passes=[LayerTying(unique_layers=2, rank=3, targets="q,down")])
+    costs = [c for c in annotate_costs(opt.module, opt.spec, BatchDesc("decode", 4, 64, "float32")) if c.role == "lora"]
+    rows, rank = 4, 3
+    q = (2 * rows * rank * (64 + 128) + rows * 128, 4 * (rank * (64 + 128) + rows * (64 + 2 * 128)))  # in 64, out 128
+    down = (2 * rows * rank * (96 + 64) + rows * 64, 4 * (rank * (96 + 64) + rows * (96 + 2 * 64)))  # in 96, out 64
+    assert sorted((c.flops, c.bytes) for c in costs) == sorted([q, down] * 6)
