@@ -93,7 +93,7 @@ def _lora_shrink_kernel(
     BLOCK_R: tl.constexpr,  # ranks per program
     BLOCK_K: tl.constexpr,  # reduction chunk
     SEGMENTED: tl.constexpr,  # rows carry loop segments (else all rows use `slot`)
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision ("ieee" for float32 x)
     UPCAST: tl.constexpr,  # bf16 operands under the interpreter (see triton_support.dot_acc)
 ):
     loop = tl.program_id(2)
@@ -138,7 +138,6 @@ def _lora_expand_kernel(
     BLOCK_N: tl.constexpr,  # output columns per program
     BLOCK_R: tl.constexpr,  # rank chunk
     SEGMENTED: tl.constexpr,  # rows carry loop segments
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision (float32 operands)
 ):
     loop = tl.program_id(2)
     rows, row_mask = _segment(starts_ptr, loop, num_rows, tl.program_id(0), BLOCK_T, SEGMENTED)
@@ -153,7 +152,7 @@ def _lora_expand_kernel(
                         other=0.0)
             b = tl.load(b_base + cols[None, :] * R + ranks[:, None], mask=col_mask[None, :] & (ranks[:, None] < R),
                         other=0.0).to(tl.float32)  # [BLOCK_R, BLOCK_N] = B[s]^T chunk
-            acc = dot_acc(h, b, acc, INPUT_PRECISION, False)
+            acc = dot_acc(h, b, acc, "ieee", False)  # h is float32: full-precision products
         mask = row_mask[:, None] & col_mask[None, :]
         base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * OUT + cols[None, :], (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
@@ -180,7 +179,7 @@ def _lora_fused_kernel(
     BLOCK_R: tl.constexpr,  # ranks, padded to a power of two
     BLOCK_K: tl.constexpr,  # reduction chunk of the shrink
     SEGMENTED: tl.constexpr,  # rows carry loop segments
-    INPUT_PRECISION: tl.constexpr,  # tl.dot precision for float32 operands
+    INPUT_PRECISION: tl.constexpr,  # tl.dot precision of the shrink ("ieee" for float32 x)
     UPCAST: tl.constexpr,  # bf16 operands under the interpreter
 ):
     # Shrink and expand in one launch: each program recomputes its rows' shrink (R x IN per row, small
@@ -196,7 +195,7 @@ def _lora_fused_kernel(
         col_mask = cols < OUT
         b = tl.load(b_ptr + s * OUT * R + cols[None, :] * R + ranks[:, None],
                     mask=col_mask[None, :] & (ranks[:, None] < R), other=0.0).to(tl.float32)
-        acc = dot_acc(h, b, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), INPUT_PRECISION, False)
+        acc = dot_acc(h, b, tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32), "ieee", False)  # h is float32
         mask = row_mask[:, None] & col_mask[None, :]
         base = tl.load(base_ptr + rows[:, None] * stride_base + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + rows[:, None] * OUT + cols[None, :], (base + acc).to(out_ptr.dtype.element_ty), mask=mask)
@@ -254,19 +253,21 @@ def lora_triton(x: torch.Tensor, base: torch.Tensor, lora_a: torch.Tensor, lora_
     if fused is None:
         fused = rows <= FUSED_MAX_ROWS and rank <= FUSED_MAX_RANK
     starts = loop_starts if loop_starts is not None else out  # a pointer the kernels never read
-    common = dict(BLOCK_T=_BLOCK_T, SEGMENTED=loop_starts is not None, INPUT_PRECISION="ieee")
-    upcast = INTERPRETED and x.dtype == torch.bfloat16
+    common = dict(BLOCK_T=_BLOCK_T, SEGMENTED=loop_starts is not None)
+    # the shrink's operands: float32 at full precision; 16-bit products are exact in its float32 sum
+    shrink = dict(INPUT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  UPCAST=INTERPRETED and x.dtype == torch.bfloat16)
     grid_n = (triton.cdiv(rows, _BLOCK_T), triton.cdiv(out_width, _BLOCK_N), loops)
     if fused:
         _lora_fused_kernel[grid_n](x, lora_a, lora_b, base, out, starts, rows, slot, loop_stride, x.stride(0),
                                    base.stride(0), IN=x.shape[1], OUT=out_width, R=rank, BLOCK_N=_BLOCK_N,
-                                   BLOCK_R=max(_MIN_DOT, next_pow2(rank)), BLOCK_K=_BLOCK_K, UPCAST=upcast, **common)
+                                   BLOCK_R=max(_MIN_DOT, next_pow2(rank)), BLOCK_K=_BLOCK_K, **shrink, **common)
         return out
     h = torch.empty(rows, rank, dtype=torch.float32, device=x.device)
     block_r = min(_MAX_BLOCK_R, max(_MIN_DOT, next_pow2(rank)))
     _lora_shrink_kernel[(grid_n[0], triton.cdiv(rank, block_r), loops)](
         x, lora_a, h, starts, rows, slot, loop_stride, x.stride(0), IN=x.shape[1], R=rank, BLOCK_R=block_r,
-        BLOCK_K=_BLOCK_K, UPCAST=upcast, **common)
+        BLOCK_K=_BLOCK_K, **shrink, **common)
     _lora_expand_kernel[grid_n](h, lora_b, base, out, starts, rows, slot, loop_stride, base.stride(0), OUT=out_width,
                                 R=rank, BLOCK_N=_BLOCK_N, BLOCK_R=block_r, **common)
     return out
