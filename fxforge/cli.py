@@ -766,7 +766,7 @@ def tying_study_cmd(
     unique_layers: str = typer.Option("15,10", help="K values (comma-separated)"),
     inits: str = typer.Option("stepwise,average", help="initialisations of the shared blocks"),
     ranks: str = typer.Option("0,32,128", help="LoRA ranks (0 = pure tying)"),
-    train_seconds: float = typer.Option(15.0, help="recovery budget of every run, in seconds of training"),
+    train_seconds: float = typer.Option(24.0, help="recovery budget of every run, in seconds of training"),
     max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
     lr: float = typer.Option(1e-4, help="AdamW learning rate"),
     batch_size: int = typer.Option(8, help="windows per step"),
@@ -777,6 +777,7 @@ def tying_study_cmd(
     eval_context: int = typer.Option(512, help="evaluation window length"),
     device: str = typer.Option("auto", help="cuda, cpu or auto"),
     max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
+    resume: Optional[Path] = typer.Option(None, help="an earlier study's JSON (with its .text.safetensors): keep its runs, run the rest"),
     json_out: Path = typer.Option(Path("tying_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
     plot_out: Path = typer.Option(Path("tying_study.png"), "--plot", help="perplexity against unique parameters (PNG)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
@@ -791,8 +792,9 @@ def tying_study_cmd(
     from fxforge.passes import LayerTying
     from fxforge.passes.manager import check_pipeline
     from fxforge.recover import RecoverySettings, training_text
-    from fxforge.tying_study import markdown, run_study, save, study_runs
+    from fxforge.tying_study import load_previous, markdown, run_study, save, save_text, study_runs
 
+    start = time.perf_counter()  # --max-minutes counts loading and the training text too
     for path, option in ((json_out, "--json-out"), (plot_out, "--plot"), (markdown_out, "--markdown-out")):
         if path is not None:
             check_output_file(path, option)
@@ -801,27 +803,34 @@ def tying_study_cmd(
     settings = RecoverySettings(minutes=train_seconds / 60, max_steps=max_steps, lr=lr, batch_size=batch_size,
                                 seq_len=seq_len, samples=samples, sample_tokens=sample_tokens)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    previous, text = load_previous(resume, settings) if resume is not None else (None, None)
     base = _load(model, "float32", random_init, device)
     check_pipeline([LayerTying(unique_layers=k, init=i, rank=r) for k in ks for i in init_list for r in rank_list], base.spec)
     runs = study_runs(base.spec, ks, init_list, rank_list)
     console.print(f"{len(runs)} runs x {train_seconds:.0f} s of recovery (+ evaluation before and after each)")
-    start = time.perf_counter()
-    with console.status("training text: calibration split + samples of the original"):
-        text = training_text(base, data, settings)
+    if text is None:
+        with console.status("training text: calibration split + samples of the original"):
+            text = training_text(base, data, settings)
+    save_text(text, json_out)
     windows = token_windows(base.tokenizer, load_texts(data, "eval"), eval_context, eval_tokens)
+    deadline = start + 60 * max_minutes if max_minutes else None
+    results = run_study(base, runs, text, windows, settings, _study_progress(json_out), deadline, previous)
+    results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                   random_init=random_init, seconds=round(time.perf_counter() - start, 1))
+    save(results, json_out, plot_out, markdown_out)
+    out.print(markdown(results))
+    out.print_json(json.dumps(results["targets"]))
+
+
+def _study_progress(json_out: Path):
+    """After each study run: one line, and the results so far rewritten (marked partial)."""
     def progress(partial: dict) -> None:
         row = partial["runs"][-1]
         console.print(f"{row['label']}: {row['perplexity_before']:.4g} -> {row['perplexity_after']:.4f} "
                       f"({row['total_seconds']} s)")
         json_out.write_text(json.dumps({**partial, "partial": True}, indent=2))
 
-    deadline = start + 60 * max_minutes if max_minutes else None
-    results = run_study(base, runs, text, windows, settings, progress, deadline)
-    results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
-                   random_init=random_init, seconds=round(time.perf_counter() - start, 1))
-    save(results, json_out, plot_out, markdown_out)
-    out.print(markdown(results))
-    out.print_json(json.dumps(results["targets"]))
+    return progress
 
 
 @bench_app.command("tying")

@@ -64,11 +64,16 @@ def _outside_layers(spec) -> int:
 
 
 def study_runs(spec, unique_layers=(15, 10), inits=("stepwise", "average"), ranks=(0, 32, 128)) -> list[Run]:
-    runs = [Run("relaxed", k, init, r) for k in unique_layers for init in inits for r in ranks]
+    """Per K: its layer-drop baselines, the relaxed runs, the zero-init ones (so a study cut short
+    still holds whole comparisons for the K values it reached)."""
     zero_init = "average" if "average" in inits else inits[0]
-    runs += [Run("zero-lora", k, zero_init, r) for k in unique_layers for r in ranks if r > 0]
-    drops = sorted({equal_drop(spec, k, r) for k in unique_layers for r in ranks}, reverse=True)
-    return runs + [Run("layer-drop", n) for n in drops]
+    runs: list[Run] = []
+    for k in unique_layers:
+        drops = [Run("layer-drop", equal_drop(spec, k, r)) for r in ranks]
+        runs += [d for i, d in enumerate(drops) if d not in runs and d not in drops[:i]]
+        runs += [Run("relaxed", k, init, r) for init in inits for r in ranks]
+        runs += [Run("zero-lora", k, zero_init, r) for r in ranks if r > 0]
+    return runs
 
 
 def equal_drop(spec, unique_layers: int, rank: int) -> int:
@@ -185,14 +190,20 @@ def plot(results: dict, path: Path) -> None:
 
 
 def run_study(teacher: Model, runs: list[Run], text: TrainingText, windows: torch.Tensor, settings: RecoverySettings,
-              progress=None, deadline: float | None = None) -> dict:
+              progress=None, deadline: float | None = None, previous: dict | None = None) -> dict:
     """Every run, in order, until time.perf_counter() passes `deadline` (the runs not started are
-    listed as skipped); `progress(results so far)` after each run."""
+    listed as skipped); `progress(results so far)` after each run. `previous` results (same settings
+    and text, see load_previous) are kept and their runs not repeated."""
     results = {"model": teacher.spec.name or teacher.spec.family, "spec_layers": teacher.spec.num_layers,
                "original_parameters": sum(p.numel() for p in teacher.module.parameters()),
                "teacher_perplexity": perplexity_of(teacher, windows), "eval_tokens": int(windows[:, 1:].numel()),
                "settings": dataclasses.asdict(settings), "text": text.description, "runs": [], "skipped": []}
+    if previous is not None:
+        results["runs"] = list(previous["runs"])
+    done = {r["label"] for r in results["runs"]}
     for run in runs:
+        if run.label in done:
+            continue
         if deadline is not None and time.perf_counter() > deadline:
             results["skipped"].append(run.label)
             continue
@@ -204,6 +215,35 @@ def run_study(teacher: Model, runs: list[Run], text: TrainingText, windows: torc
             torch.cuda.empty_cache()
     results["targets"] = targets(results["runs"], teacher.spec)
     return results
+
+
+TEXT_SUFFIX = ".text.safetensors"  # the training text of a study, next to its JSON, for --resume
+
+
+def save_text(text: TrainingText, json_out: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({"windows": text.windows.contiguous()}, str(json_out) + TEXT_SUFFIX,
+              metadata={"description": json.dumps(text.description)})
+
+
+def load_previous(path: Path, settings: RecoverySettings) -> tuple[dict, TrainingText]:
+    """The results of an earlier (possibly partial) study and its training text; FxforgeError unless
+    it ran with these settings (every run must get the same budget and text)."""
+    from safetensors import safe_open
+
+    from fxforge.errors import FxforgeError
+
+    try:
+        previous = json.loads(Path(path).read_text())
+        with safe_open(str(path) + TEXT_SUFFIX, framework="pt") as f:
+            text = TrainingText(f.get_tensor("windows"), json.loads(f.metadata()["description"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise FxforgeError(f"--resume {str(path)!r}: cannot read the earlier study and its {TEXT_SUFFIX} ({exc})") from None
+    if previous.get("settings") != dataclasses.asdict(settings):
+        raise FxforgeError(f"--resume {str(path)!r} ran with settings {previous.get('settings')}; this run's are "
+                           f"{dataclasses.asdict(settings)}: give the same options")
+    return previous, text
 
 
 def save(results: dict, json_out: Path, plot_out: Path, markdown_out: Path | None) -> None:

@@ -18,17 +18,26 @@ from tests.passes.test_layer_tying import deep_model
 runner = CliRunner()
 
 
-def test_study_cli_writes_table_json_and_plot(tmp_path):
-    source = write_checkpoint(tmp_path / "hf")
-    files = {"json": tmp_path / "study.json", "png": tmp_path / "study.png", "md": tmp_path / "study.md"}
-    result = runner.invoke(app, [
+def study(tmp_path, source, *extra):
+    return runner.invoke(app, [
         "tying-study", str(source), "--random-init", "--data", write_text(tmp_path / "text.txt"), "--unique-layers", "2",
-        "--inits", "stepwise", "--ranks", "0,4", "--train-seconds", "60", "--max-steps", "2", "--batch-size", "2",
-        "--seq-len", "16", "--samples", "2", "--sample-tokens", "6", "--eval-tokens", "48", "--eval-context", "16",
-        "--device", "cpu", "--json-out", str(files["json"]), "--plot", str(files["png"]), "--markdown-out", str(files["md"])])
+        "--inits", "stepwise", "--train-seconds", "60", "--max-steps", "2", "--batch-size", "2", "--seq-len", "16",
+        "--samples", "2", "--sample-tokens", "6", "--eval-tokens", "48", "--eval-context", "16", "--device", "cpu",
+        *extra])
+
+
+def test_study_cli_writes_table_json_and_plot_and_resumes(tmp_path):
+    source = write_checkpoint(tmp_path / "hf")
+    first = tmp_path / "first.json"
+    result = study(tmp_path, source, "--ranks", "0", "--json-out", str(first), "--plot", str(tmp_path / "first.png"))
     assert result.exit_code == 0, result.output
-    results = json.loads(files["json"].read_text())
-    assert {r["method"] for r in results["runs"]} == {"relaxed", "zero-lora", "layer-drop"}
+    files = {"json": tmp_path / "study.json", "png": tmp_path / "study.png", "md": tmp_path / "study.md"}
+    result = study(tmp_path, source, "--ranks", "0,4", "--resume", str(first), "--json-out", str(files["json"]),
+                   "--plot", str(files["png"]), "--markdown-out", str(files["md"]))
+    assert result.exit_code == 0, result.output
+    earlier, results = json.loads(first.read_text()), json.loads(files["json"].read_text())
+    assert results["runs"][:2] == earlier["runs"] and results["text"] == earlier["text"]  # kept, not rerun
+    assert {r["method"] for r in results["runs"]} == {"relaxed", "zero-lora", "layer-drop"} and not results["skipped"]
     assert all(r["steps"] == 2 and r["perplexity_after"] > 1 for r in results["runs"])
     spec = fxforge.load(str(source), random_init=True).spec
     for r in results["runs"]:
@@ -38,6 +47,9 @@ def test_study_cli_writes_table_json_and_plot(tmp_path):
     assert len(results["targets"]["relaxed_beats_layer_drop"]["pairs"]) == 2
     assert files["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert files["md"].read_text().count("\n| ") == len(results["runs"]) + 1  # + the original's row
+    other = study(tmp_path, source, "--ranks", "4", "--lr", "0.5", "--resume", str(first), "--json-out",
+                  str(tmp_path / "x.json"), "--plot", str(tmp_path / "x.png"))
+    assert other.exit_code == 2 and "give the same options" in other.output
 
 
 def test_layer_drop_baselines_match_the_relaxed_parameter_counts():
