@@ -194,7 +194,8 @@ def _teacher_samples(teacher: Model, docs: list[str], settings: RecoverySettings
         import fxforge
 
         teacher = fxforge.optimize(teacher, passes=[{"name": "lower"}])
-    engine = Engine(teacher, max_num_seqs=min(256, len(prompts)), max_model_len=_sample_len(teacher, settings))
+    seats, max_len = min(256, len(prompts)), _sample_len(teacher, settings)
+    engine = Engine(teacher, max_num_seqs=seats, max_model_len=max_len, num_pages=seats * -(-max_len // 16))
     outputs = engine.generate(prompts, params, progress=progress)
     return [o.prompt_token_ids + o.token_ids for o in outputs]
 

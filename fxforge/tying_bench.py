@@ -18,6 +18,7 @@ depths of its loop. Roofline % = those bytes at the measured copy bandwidth over
 
 from __future__ import annotations
 
+import gc
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -87,6 +88,7 @@ def time_generation(model, name: str, mode: str, prompts: list, max_new_tokens: 
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 16
     engine = Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
+                    num_pages=max_num_seqs * -(-max_len // 16),  # every running sequence at full length: no preemption
                     loop_policy="depthwise" if mode == "depthwise" else "lockstep",
                     num_decode_steps=8 if mode == "graphs" else 1, use_cuda_graphs=mode == "graphs" and _cuda(model))
     engine.generate(prompts[:max_num_seqs], SamplingParams(max_new_tokens=4, ignore_eos=True))
@@ -128,6 +130,9 @@ def run_bench(base, prompts: list, max_new_tokens: int, batches: list[int], uniq
                 rows.append(row.to_dict())
                 if progress is not None:
                     progress(rows[-1])
+                gc.collect()  # the finished engine's KV pool and CUDA graphs go before the next one's
+                if _cuda(model):
+                    torch.cuda.empty_cache()
     return {"rows": rows, "targets": serving_targets(rows, unique_layers, rank, batches)}
 
 
