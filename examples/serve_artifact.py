@@ -16,7 +16,7 @@ fxforge.optimize(fxforge.load("smollm2-135m"), passes=DEFAULT_PASSES).save(direc
 
 engine = fxforge.Engine(directory)  # loads the artifact: its passes replayed, its weights read back
 prompts = ["What is 7 * 6?", "Name a primary colour.", "What is the capital of France?"]
-for output in engine.stream(prompts, SamplingParams(max_new_tokens=24)):
+for output in engine.stream(prompts, SamplingParams(max_new_tokens=12)):
     print(f"[{output.request_id}] {prompts[output.request_id]!r} -> {output.text!r}", flush=True)
 stats = engine.stats
 print(f"{stats.generated_tokens} tokens in {stats.seconds:.1f}s ({stats.tokens_per_second:.1f} tokens/s)")

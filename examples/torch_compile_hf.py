@@ -4,7 +4,7 @@ is compiled by Inductor.
 
     python examples/torch_compile_hf.py
 
-The model has SmolLM2-135M's shape with random weights and 4 of its 30 layers, so Inductor's CPU
+The model has SmolLM2-135M's shape with random weights and 2 of its 30 layers, so Inductor's CPU
 compile stays short; on a GPU the ops run fxforge's Triton kernels.
 """
 
@@ -17,7 +17,7 @@ import fxforge  # registers backend="fxforge" (the torch_dynamo_backends entry p
 from fxforge.compile_backend import FxforgeBackend
 from fxforge.ir.importers.named import NAMED_SHAPES
 
-spec = dataclasses.replace(NAMED_SHAPES["smollm2-135m"], num_layers=4)
+spec = dataclasses.replace(NAMED_SHAPES["smollm2-135m"], num_layers=2)
 config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                      num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
                      num_key_value_heads=spec.num_kv_heads, rope_theta=spec.rope_theta, tie_word_embeddings=True)

@@ -1,7 +1,8 @@
 """Artifacts: a compiled model as a directory.
 
   plan.json            schema version, source model, spec, passes with configs and what each changed
-  weights.safetensors  every parameter and buffer of the rewritten graph; a tensor held under several
+  weights.safetensors  every parameter and buffer of the rewritten graph but runtime state (the MoE
+                       expert counts, see ir/modules.py RUNTIME_BUFFERS); a tensor held under several
                        names (tied embeddings, layer-tied blocks) is stored once under its first name,
                        the others recorded in the file's metadata (`fxforge_aliases`) and restored on load
   graph.py             the readable fx code of the rewritten forward
@@ -28,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from fxforge.errors import FxforgeError, OutputPathError
 from fxforge.ir.capture import capture
 from fxforge.ir.model import Model
+from fxforge.ir.modules import is_runtime_buffer
 from fxforge.ir.spec import ModelSpec
 
 SCHEMA_VERSION = 2  # 2: pass records carry their config version; the plan records kernel bindings
@@ -124,6 +126,8 @@ def unique_state(module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """({name: tensor} with every tensor once, {alias: stored name}) over module's state dict."""
     tensors, aliases, first = {}, {}, {}
     for name, value in module.state_dict(keep_vars=True).items():
+        if is_runtime_buffer(name):
+            continue
         if id(value) in first:
             aliases[name] = first[id(value)]
             continue
@@ -185,6 +189,7 @@ def load_artifact(directory, device: str | torch.device = "cpu") -> Model:
     gm, _ = run_pipeline(capture(skeleton.module), configs, PassContext(model=skeleton, restoring=True))
     tensors, aliases = _read_weights(path / WEIGHTS, spec, device)
     missing, unexpected = gm.load_state_dict(tensors, strict=False)
+    missing = [name for name in missing if not is_runtime_buffer(name)]
     if missing or unexpected:
         raise FxforgeError(f"artifact {str(path)!r} weights do not match its plan: missing {missing[:5]}, "
                            f"unexpected {unexpected[:5]}")

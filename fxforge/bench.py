@@ -2,7 +2,14 @@
 
 Every request generates exactly `max_new_tokens` tokens on both sides (fxforge ignore_eos, HF
 min_new_tokens), so tokens/s compare like for like. HF runs at its best settings: bf16, batched,
-`cache_implementation="static"` (which compiles the decode step), warmed up at the same shapes.
+`cache_implementation="static"` (which compiles the decode step), warmed up at the same shapes; where
+the static cache fails for a model (an MoE block transformers cannot compile), its dynamic cache, and
+the result says which ran and why (`run_hf_best`). HF MoE models keep transformers' default experts
+implementation (grouped GEMMs in transformers 5), recorded with the run.
+
+The roofline counts the bytes a run must read at least: every weight once per forward pass, except
+that an MoE layer reads only the experts its tokens were routed to in that pass (the runner's
+`expert_passes`), plus the KV of every useful row's context.
 """
 
 from __future__ import annotations
@@ -57,12 +64,28 @@ def weight_bytes(model) -> int:
     return total
 
 
+def expert_weight_bytes(model) -> int:
+    """Bytes of every MoE expert's weights (0 for a dense model)."""
+    return sum(p.numel() * p.element_size() for name, p in model.module.named_parameters()
+               if name.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down"))
+
+
+def roofline_bytes(model, stats, expert_passes=None) -> int:
+    """The bytes a run must read at least: every weight once per forward pass, for an MoE model only
+    the experts routed to (expert_passes [MoE layers, E]: passes in which each expert got tokens),
+    plus the KV of every useful row's context (the engine's stats)."""
+    weights = stats.forward_passes * weight_bytes(model)
+    if expert_passes is not None:
+        experts = expert_weight_bytes(model)
+        weights += int(expert_passes.sum()) * experts // expert_passes.numel() - stats.forward_passes * experts
+    return weights + stats.kv_tokens_read * model.kv_bytes_per_token()
+
+
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
                 name: str, warmup: bool = True, num_decode_steps: int = 8,
                 max_num_batched_tokens: int = 8192, repeats: int = 3) -> E2EResult:
-    """Timed offline generation: the median of `repeats` timed runs after a warm-up. Roofline = the
-    bytes every forward pass must read (weights, plus the KV of every useful row's context) at the
-    copy bandwidth, over the wall time."""
+    """Timed offline generation: the median of `repeats` timed runs after a warm-up. Roofline =
+    roofline_bytes of the last timed run at the copy bandwidth, over the median wall time."""
     from fxforge.runtime.engine import Engine
     from fxforge.runtime.sequence import SamplingParams
 
@@ -72,9 +95,11 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
                     max_num_batched_tokens=max(max_num_batched_tokens, max_len), num_decode_steps=num_decode_steps)
     if warmup:
         engine.generate(prompts[: min(len(prompts), max_num_seqs)], SamplingParams(max_new_tokens=8, ignore_eos=True))
-    times = []
+    times, expert_passes = [], engine.runner.expert_passes
     for _ in range(repeats):
         engine.stats = type(engine.stats)()
+        if expert_passes is not None:
+            expert_passes.zero_()
         torch.cuda.synchronize()
         start = time.perf_counter()
         outputs = engine.generate(prompts, params)
@@ -83,10 +108,9 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     seconds = statistics.median(times)
     stats = engine.stats
     tokens = sum(len(o.token_ids) for o in outputs)
-    roofline = None
-    if bandwidth:
-        ideal = (stats.forward_passes * weight_bytes(model) + stats.kv_tokens_read * model.kv_bytes_per_token())
-        roofline = 100 * ideal / bandwidth / seconds
+    ideal = roofline_bytes(model, stats, expert_passes)
+    roofline = 100 * ideal / bandwidth / seconds if bandwidth else None
+    routed = _routed_fraction(stats, expert_passes)
     busy, profiled_seconds = _gpu_busy_pct(engine, prompts, params)  # the timed workload again, profiled
     result = E2EResult(name, tokens, seconds, stats.steps, roofline, busy)
     result.profiled_seconds = profiled_seconds
@@ -97,7 +121,21 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     result.max_num_batched_tokens = engine.scheduler.config.max_num_batched_tokens
     result.cuda_graphs = bool(engine.runner.graphs)
     result.graph_error = engine.runner.graph_error
+    result.roofline_bytes = ideal
+    result.routed_expert_fraction = routed
     return result
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _routed_fraction(stats, expert_passes) -> float | None:
+    """Of all (pass, layer, expert) triples of a run, the share whose expert got tokens (MoE only)."""
+    if expert_passes is None or not stats.forward_passes:
+        return None
+    return int(expert_passes.sum()) / (stats.forward_passes * expert_passes.numel())
 
 
 def _gpu_busy_pct(engine, prompts, params) -> tuple[float, float]:
@@ -122,9 +160,9 @@ def _gpu_busy_pct(engine, prompts, params) -> tuple[float, float]:
 
 
 def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
-           name: str = "hf-static", repeats: int = 3) -> E2EResult:
-    """HF generate, static cache, batches of batch_size left-padded to one global prompt length;
-    the median of `repeats` timed passes over all batches, after a warm-up."""
+           name: str = "hf-static", repeats: int = 3, cache: str = "static") -> E2EResult:
+    """HF generate with its `cache` ("static" or "dynamic"), batches of batch_size left-padded to one
+    global prompt length; the median of `repeats` timed passes over all batches, after a warm-up."""
     width = max(len(p) for p in prompts)
     device = next(hf_model.parameters()).device
 
@@ -137,7 +175,7 @@ def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: 
         return ids.to(device), mask.to(device)
 
     kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
-                  cache_implementation="static", pad_token_id=pad_id)
+                  cache_implementation=cache, pad_token_id=pad_id)
     batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
     batches = [b for b in batches if len(b) == batch_size]  # one static shape
     ids, mask = batch(batches[0])
@@ -145,17 +183,37 @@ def run_hf(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: 
         hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        _sync(device)
         start, tokens = time.perf_counter(), 0
         for rows in batches:
             ids, mask = batch(rows)
             out = hf_model.generate(input_ids=ids, attention_mask=mask, **kwargs)
             tokens += (out.shape[1] - width) * out.shape[0]
-        torch.cuda.synchronize()
+        _sync(device)
         times.append(time.perf_counter() - start)
     result = E2EResult(name, tokens, statistics.median(times))
     result.all_seconds = times
+    result.cache = cache
+    result.experts_implementation = getattr(hf_model.config, "_experts_implementation", None) if _is_moe(hf_model) else None
     return result
+
+
+def run_hf_best(hf_model, prompts: list[list[int]], max_new_tokens: int, batch_size: int, pad_id: int,
+                repeats: int = 3) -> E2EResult:
+    """run_hf with the static cache, or, where that fails for this model, with the dynamic cache; the
+    result's name and `cache` say which ran, `static_cache_error` why the static one did not."""
+    try:
+        return run_hf(hf_model, prompts, max_new_tokens, batch_size, pad_id, f"hf-static-b{batch_size}", repeats)
+    except Exception as exc:  # whatever transformers raises when it cannot compile or run this model's static cache
+        error = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    result = run_hf(hf_model, prompts, max_new_tokens, batch_size, pad_id, f"hf-dynamic-b{batch_size}", repeats,
+                    cache="dynamic")
+    result.static_cache_error = error
+    return result
+
+
+def _is_moe(hf_model) -> bool:
+    return bool(getattr(hf_model.config, "num_local_experts", 0) or getattr(hf_model.config, "num_experts", 0))
 
 
 def chat_prompts(model, n: int) -> list[list[int]]:
@@ -173,18 +231,34 @@ def random_prompts(n: int, length: int, vocab: int, seed: int = 0) -> list[list[
     return torch.randint(0, vocab, (n, length), generator=gen).tolist()
 
 
-def hf_from_spec(spec, dtype=torch.bfloat16, device="cuda"):
-    """A random-init transformers Llama model of the same shape (speed peer for named shapes)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+def hf_config_from_spec(spec):
+    """The transformers config of a named shape: Mixtral or Qwen3-MoE for those families, else Llama
+    (dense families differ from Llama in nothing that changes speed)."""
+    import transformers
 
-    config = LlamaConfig(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size,
-                         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
-                         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads,
-                         head_dim=spec.head_dim, rope_theta=spec.rope_theta, rms_norm_eps=spec.rms_norm_eps,
-                         max_position_embeddings=spec.max_position_embeddings,
-                         tie_word_embeddings=spec.tie_word_embeddings)
+    common = dict(vocab_size=spec.vocab_size, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+                  num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_kv_heads, head_dim=spec.head_dim,
+                  rope_theta=spec.rope_theta, rms_norm_eps=spec.rms_norm_eps,
+                  max_position_embeddings=spec.max_position_embeddings, tie_word_embeddings=spec.tie_word_embeddings)
+    if spec.family == "mixtral":
+        return transformers.MixtralConfig(**common, intermediate_size=spec.moe_intermediate_size,
+                                          num_local_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+                                          sliding_window=spec.sliding_window or None)
+    if spec.family == "qwen3_moe":
+        return transformers.Qwen3MoeConfig(**common, intermediate_size=spec.intermediate_size,
+                                           moe_intermediate_size=spec.moe_intermediate_size, num_experts=spec.num_experts,
+                                           num_experts_per_tok=spec.num_experts_per_tok,
+                                           norm_topk_prob=spec.norm_topk_prob)
+    return transformers.LlamaConfig(**common, intermediate_size=spec.intermediate_size)
+
+
+def hf_from_spec(spec, dtype=torch.bfloat16, device="cuda"):
+    """A random-init transformers model of the same shape (speed peer for named shapes), made in
+    `dtype` on `device` directly (Mixtral-8x7B in float32 would not fit an H200)."""
+    from transformers import AutoModelForCausalLM
+
     with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype)
+        model = AutoModelForCausalLM.from_config(hf_config_from_spec(spec), dtype=dtype)
     return model.eval()
 
 

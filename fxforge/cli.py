@@ -500,12 +500,13 @@ def bench_e2e_cmd(
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
-    """Offline generation throughput: fxforge engine vs HF transformers generate, one run."""
+    """Offline generation throughput: fxforge engine vs HF transformers generate, one run. MoE shapes run
+    too (e.g. mixtral-8x7b --random-init --prompt-len 1024): their roofline counts the experts routed to."""
     import gc
 
     import torch
 
-    from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf
+    from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf_best
 
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     if repeats < 1:
@@ -543,7 +544,7 @@ def bench_e2e_cmd(
         torch.cuda.empty_cache()
         hf = _hf_peer(peer_spec, peer_path, random_init)
         for b in [int(x) for x in hf_batch.split(",") if x]:
-            run = run_hf(hf, prompts, max_new_tokens, b, pad_id=pad_id, name=f"hf-static-b{b}", repeats=repeats)
+            run = run_hf_best(hf, prompts, max_new_tokens, b, pad_id=pad_id, repeats=repeats)
             results["runs"].append(run.to_dict())
             console.print(run.to_dict())
     best_hf = max((r["tokens_per_second"] for r in results["runs"] if r["name"].startswith("hf")), default=None)
@@ -554,6 +555,36 @@ def bench_e2e_cmd(
     out.print_json(json.dumps(results["checks"]))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("moe")
+@_guard
+def bench_moe_cmd(
+    shapes: str = typer.Option("mixtral-8x7b,qwen3-30b-a3b", help="MoE layer shapes (comma-separated)"),
+    tokens: str = typer.Option("1,8,64,256,2048", help="tokens per step (comma-separated)"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """One MoE layer: the fused Triton kernels (CUDA-graph replay) vs the eager per-expert loop, bf16, per
+    shape and tokens per step; bandwidth over the experts routed to, TFLOP/s against a matmul measured
+    in the same run (GPU)."""
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.kernels.moe_bench import SHAPES, bench_moe, results_document
+
+    names = [name.strip() for name in shapes.split(",") if name.strip()]
+    unknown = [name for name in names if name not in SHAPES]
+    if unknown or not names:
+        raise FxforgeError(f"--shapes {shapes!r}: unknown {unknown}; known MoE shapes: {sorted(SHAPES)}")
+    counts = _int_list(tokens, "--tokens")
+    if json_out:
+        check_output_file(json_out, "--json-out")
+    if not torch.cuda.is_available():
+        raise FxforgeError("fxforge bench moe needs a CUDA device")
+    rows = bench_moe([SHAPES[name] for name in names], tuple(counts))
+    _print_rows([{k: v for k, v in row.items() if k != "config"} for row in rows])
+    if json_out:
+        json_out.write_text(json.dumps(results_document(rows), indent=1))
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -655,9 +686,9 @@ def bench_compile_cmd(
     rows = []
     for name in names:
         spec = NAMED_SHAPES[name]
-        if smoke:
+        if smoke:  # tiny widths, but the model's own head_dim: the rows that BFP blocks must divide
             spec = dataclasses.replace(spec, num_layers=1, hidden_size=64, intermediate_size=128, num_heads=4,
-                                       num_kv_heads=2, head_dim=16, vocab_size=512)
+                                       num_kv_heads=2, vocab_size=512)
         rows += bench_model(name, spec, chosen, option_values, (batch, length), batches, context, repeats,
                             _dtype(dtype), device, progress=lambda row: console.print(row))
     results = [dataclasses.asdict(r) for r in rows]

@@ -18,17 +18,17 @@ Options (validated like pass configs; an unknown key is an error naming the vali
                                      Triton kernels, CPU tensors the references)
 
 What each compiled graph got is counted on the backend object (`FxforgeBackend.counts`) and in
-torch._dynamo.utils.counters["fxforge"]. Registration: `import fxforge` registers "fxforge" with
-Dynamo, and the `torch_dynamo_backends` entry point lets Dynamo find it without the import.
+torch._dynamo.utils.counters["fxforge"]. Inductor's on-disk caches are bypassed for these graphs (a cache
+hit would skip the pass and its counts), so each process compiles them afresh. Registration: `import fxforge`
+registers "fxforge" with Dynamo, and the `torch_dynamo_backends` entry point lets Dynamo find it without the
+import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import hashlib
 import importlib.util
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -172,21 +172,7 @@ class FxforgeGraphPass(CustomGraphPass):
         self.backend.record(Replacer(options, options.impl(), self.inputs)(graph))
 
     def uuid(self):
-        # KSort orders come from the weights' values, which Inductor's graph cache key does not see: no
-        # cache key then (such graphs are compiled every time).
-        if self.backend.options.ksort or self.backend.options.ksort_v:
-            return None
-        return _uuid(self.backend.options)
-
-
-def _uuid(options: BackendOptions) -> str:
-    """Changes with the options and with the code of the pass and its ops."""
-    import fxforge.compile_ops
-    import fxforge.compile_patterns
-
-    digest = hashlib.sha256(json.dumps(options.to_dict(), sort_keys=True).encode())
-    digest.update(options.impl().encode())
-    for module in (fxforge.compile_ops, fxforge.compile_patterns):
-        with open(module.__file__, "rb") as f:
-            digest.update(f.read())
-    return digest.hexdigest()
+        # No cache key, so Inductor's FX graph and AOTAutograd caches are bypassed for these graphs: a cache hit
+        # skips this pass, which would leave `counts` empty, and KSort orders come from the weights' values,
+        # which the cache key does not see. fxforge graphs are compiled every time.
+        return None

@@ -34,9 +34,10 @@ from typing import Callable, Optional, Sequence
 import torch
 import torch.fx as fx
 
-from fxforge.compile_ops import ROTARY, SDPA
+from fxforge.compile_ops import NATIVE, ROTARY, SDPA
 from fxforge.ir import ops
-from fxforge.ir.errors import FxforgeError
+from fxforge.ir.errors import FxforgeError, PassConfigError
+from fxforge.kernels.bfp import parse_kv_format
 
 aten, prims = torch.ops.aten, torch.ops.prims
 RMSNORM, SWIGLU = ops.RMSNORM.default, ops.SWIGLU.default
@@ -246,6 +247,17 @@ def weight_norm_order(weight: torch.Tensor, head_dim: int) -> torch.Tensor:
     return norms.argsort(dim=-1, descending=True, stable=True)
 
 
+def _check_head_dim(option: str, fmt: str, tensor: fx.Node, attention: fx.Node) -> None:
+    """PassConfigError unless rows of `tensor` (K or V of `attention`) split into whole blocks of `fmt`."""
+    if fmt == NATIVE:
+        return
+    try:
+        parse_kv_format(fmt).check_head_dim(int(_val(tensor).shape[-1]))
+    except ValueError as exc:
+        raise PassConfigError(f"backend 'fxforge': option {option}={fmt!r} cannot quantize {tensor.name}, an input "
+                              f"of attention {attention.name}: {exc}") from None
+
+
 # -- the pass ------------------------------------------------------------------------------------------
 
 class Replacer:
@@ -291,6 +303,9 @@ class Replacer:
             return None
         target, args = found
         q, k, v = args[:3]
+        for option, fmt, tensor in (("k_format", self.options.k_format_name, k),
+                                    ("v_format", self.options.v_format_name, v)):
+            _check_head_dim(option, fmt, tensor, node)
         k_perm = self._order(graph, node, k) if self.options.ksort else None
         v_perm = self._order(graph, node, v) if self.options.ksort_v else None
         return target, (*args, k_perm, v_perm, self.impl)

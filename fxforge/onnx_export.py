@@ -13,12 +13,13 @@ torch.onnx.export(dynamo=True) maps each fxforge op to a node of the custom doma
 version DOMAIN_VERSION, schemas registered with onnx): RoPE, RMSNorm, SiluMul, KVWrite, PagedAttention. A node
 keeps the op's arguments as attributes (formats, eps, scale, ...), so a runtime that knows the domain
 can run its own kernel; for every other runtime each node's overload names a model-local ONNX function
-whose body is the op in standard ONNX ops (fxforge/onnx_forms.py, exported by torch), so ONNX Runtime
-runs the model with no extension.
+whose body is the op in standard ONNX ops (fxforge/onnx_forms.py builds one per overload: attributes,
+dtypes and static dims), so ONNX Runtime (1.30 and later) runs the model with no extension.
 
-Passes with an ONNX form: ksort, bfp-kv (dense and BFP formats) and lower (binding is a runtime
-matter; the fused ops export as RMSNorm / SiluMul). A model that ran any other pass, uses MXFP4, or has
-MoE layers is refused before anything is written, naming what has no ONNX form.
+Passes with an ONNX form: ksort, bfp-kv (dense and BFP formats, keys cached after RoPE) and lower
+(binding is a runtime matter; the fused ops export as RMSNorm / SiluMul). A model that ran any other
+pass, uses MXFP4, caches keys before RoPE or has MoE layers is refused before anything is written,
+naming what has no ONNX form.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import copy
 import operator
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,6 +45,7 @@ ONNX_PASSES = ("ksort", "bfp-kv", "lower")  # passes whose result has an ONNX fo
 CACHE_NAMES = ("k_data", "k_scale", "v_data", "v_scale")
 RUNTIME_INPUTS = ("input_ids", "positions", "slot_mapping", "page_table", "query_start", "seq_lens", "logits_indices")
 OPSET = 18
+IR_VERSION = 10  # the first with function overloads
 
 
 @torch.library.custom_op("fxforge::kv_write_functional", mutates_args=())
@@ -76,6 +77,8 @@ def check_exportable(model) -> None:
         reasons.append(f"KV format(s) {formats} (ONNX forms exist for bfp12/14/16 and dense formats)")
     if model.spec.is_moe:
         reasons.append(f"the MoE layers of {model.spec.family} (data-dependent expert routing)")
+    if any(r["name"] == "bfp-kv" and r.get("config", {}).get("pre_rope") for r in getattr(model, "passes", [])):
+        reasons.append("bfp-kv with pre_rope=True (PagedAttention's body reads rotated keys)")
     if reasons:
         raise FxforgeError(f"cannot export {model.spec.name or model.spec.family} to ONNX: no ONNX form for "
                            + "; ".join(reasons))
@@ -151,13 +154,22 @@ def register_domain() -> None:
                                            type_constraints=constraints, attributes=attributes))
 
 
-def variant(op_type: str, attributes: dict, shapes: list) -> str:
-    """The overload naming one body of an op: its attributes and its inputs' static dims decide the body
-    (a body is exported with every dim but the dynamic ones of _DYNAMIC_DIMS fixed)."""
+# dims that differ between calls of one exported model (tokens, sequences, pages): a body does not fix them
+_DYNAMIC_DIMS = {"x": (0,), "positions": (0,), "gate": (0,), "up": (0,), "k": (0,), "v": (0,), "q": (0,),
+                 "slot_mapping": (0,), "k_data": (0,), "k_scale": (0,), "v_data": (0,), "v_scale": (0,),
+                 "page_table": (0, 1), "query_start": (0,), "seq_lens": (0,)}
+
+
+def variant(op_type: str, attributes: dict, inputs: list) -> str:
+    """The overload naming one body of an op: its attributes, its inputs' dtypes and static dims decide the
+    body (fxforge/onnx_forms.py builds it with them fixed). `inputs` are tensors, or the exporter's values."""
     import hashlib
 
-    static = tuple(tuple(None if d in _DYNAMIC_DIMS.get(name, ()) else int(size) for d, size in enumerate(shape))
-                   for name, shape in zip(_INPUTS[op_type], shapes))
+    from fxforge.onnx_forms import onnx_dtype
+
+    static = tuple((onnx_dtype(x.dtype) if isinstance(x.dtype, torch.dtype) else int(x.dtype),
+                    tuple(None if d in _DYNAMIC_DIMS.get(name, ()) else int(size) for d, size in enumerate(x.shape)))
+                   for name, x in zip(_INPUTS[op_type], inputs))
     text = repr((op_type, sorted(attributes.items()), static))
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
@@ -198,7 +210,7 @@ def _translations() -> dict:
     def translation(target):
         def translate(*args):
             op_type, inputs, attributes, impl = _call(target, args)
-            overload = variant(op_type, attributes, [list(x.shape) for x in inputs])
+            overload = variant(op_type, attributes, inputs)
             return getattr(opset, op_type)(*inputs, **attributes, impl=impl, variant=overload)
 
         return translate
@@ -216,67 +228,9 @@ class _Recorder(fx.Interpreter):
     def call_function(self, target, args, kwargs):
         if _overload_of(target) in _ATTRIBUTE_ARGS:
             op_type, inputs, attributes, _ = _call(target, args)
-            key = variant(op_type, attributes, [list(x.shape) for x in inputs])
+            key = variant(op_type, attributes, inputs)
             self.examples.setdefault(key, (op_type, inputs, attributes))
         return super().call_function(target, args, kwargs)
-
-
-# -- bodies: each variant's export form, exported by torch, as an ONNX function ---------------------------
-
-_DYNAMIC_DIMS = {"x": (0,), "positions": (0,), "gate": (0,), "up": (0,), "k": (0,), "v": (0,), "q": (0,),
-                 "slot_mapping": (0,), "k_data": (0,), "k_scale": (0,), "v_data": (0,), "v_scale": (0,),
-                 "page_table": (0, 1), "query_start": (0,), "seq_lens": (0,)}
-
-
-class _Form(torch.nn.Module):
-    def __init__(self, op_type: str, attributes: dict):
-        super().__init__()
-        self.op_type, self.attributes = op_type, attributes
-
-    def forward(self, *inputs):
-        from fxforge import onnx_forms
-        from fxforge.kernels.norm import rmsnorm_ref
-        from fxforge.kernels.rope import rope_ref
-        from fxforge.kernels.swiglu import swiglu_ref
-
-        a = self.attributes
-        if self.op_type == "RoPE":
-            return rope_ref(*inputs[:3], bool(a["interleaved"]), inputs[3] if len(inputs) > 3 else None)
-        if self.op_type == "RMSNorm":
-            return rmsnorm_ref(*inputs, a["eps"])
-        if self.op_type == "SiluMul":
-            return swiglu_ref(*inputs)
-        if self.op_type == "KVWrite":
-            return onnx_forms.kv_write(*inputs, a["k_format"], a["v_format"])
-        return onnx_forms.attention(*inputs, a["k_format"], a["v_format"], a["scale"], a["sliding_window"])
-
-
-def _body(op_type: str, inputs: list, attributes: dict, overload: str):
-    """The FunctionProto of one variant: its export form exported by torch, initializers as Constants."""
-    import onnx
-    from onnx import helper
-
-    names = _INPUTS[op_type][:len(inputs)]
-    dynamic = tuple({d: torch.export.Dim.AUTO for d in _DYNAMIC_DIMS.get(name, ())} for name in names)
-    program = torch.onnx.export(_Form(op_type, attributes).eval(), tuple(inputs), dynamo=True, dynamic_shapes=(dynamic,),
-                                input_names=names, output_names=_OUTPUTS[op_type], opset_version=OPSET, optimize=False,
-                                verbose=False)
-    graph = program.model_proto.graph
-    nodes = [helper.make_node("Constant", [], [init.name], value=init) for init in graph.initializer]
-    nodes += list(graph.node)
-    outputs = []
-    for out in graph.output:  # an output that is an input as is needs a node of its own
-        if out.name in names:
-            nodes.append(helper.make_node("Identity", [out.name], [out.name + "_out"]))
-            outputs.append(out.name + "_out")
-        else:
-            outputs.append(out.name)
-    opsets = [o for o in program.model_proto.opset_import if o.domain != DOMAIN]
-    function = helper.make_function(DOMAIN, op_type, names, outputs, nodes, opsets,
-                                    attributes=[*_ATTRIBUTES[op_type], "impl"])
-    function.overload = overload
-    assert not program.model_proto.functions, "export forms are expected to inline everything"
-    return function, onnx
 
 
 # -- the model ----------------------------------------------------------------------------------------------
@@ -300,9 +254,11 @@ def to_onnx(model):
     """The ModelProto of `model`'s runtime-shaped forward (see the module docstring)."""
     import onnx
 
+    from fxforge import onnx_forms
+
     check_exportable(model)
     register_domain()
-    functional = functional_graph(_captured(model))
+    functional = functional_graph(_captured(model)).eval()
     batch, cache = example_batch(model)
     recorder = _Recorder(functional)
     with torch.no_grad():
@@ -325,8 +281,9 @@ def to_onnx(model):
             del node.attribute[:]
             node.attribute.extend(keep)
     for key, (op_type, inputs, attributes) in recorder.examples.items():
-        function, _ = _body(op_type, inputs, attributes, key)
-        proto.functions.append(function)
+        formal = _INPUTS[op_type][:len(inputs)]
+        proto.functions.append(onnx_forms.function(DOMAIN, op_type, formal, inputs, attributes,
+                                                   [*_ATTRIBUTES[op_type], "impl"], key, OPSET))
     # the exporter leaves custom-op outputs untyped (it cannot infer them); ORT infers them from the bodies
     inputs = {v.name: v for v in proto.graph.input}
     for out in proto.graph.output:  # an updated cache tensor has its input's type and shape
@@ -335,7 +292,7 @@ def to_onnx(model):
     typed = [v for v in proto.graph.value_info if v.type.HasField("tensor_type")]
     del proto.graph.value_info[:]
     proto.graph.value_info.extend(typed)
-    proto.ir_version = max(proto.ir_version, 10)  # function overloads
+    proto.ir_version = max(proto.ir_version, IR_VERSION)
     onnx.checker.check_model(proto)
     return proto
 

@@ -1,8 +1,8 @@
 """fx capture of the canonical decoder, with typed metadata on every node.
 
-`capture(module)` traces a DecoderLM with torch.fx.symbolic_trace semantics (nn.Linear, RMSNorm and
-the MoE experts stay leaf modules; the custom ops stay opaque) and annotates each node with
-`node.meta["fxforge"] = NodeMeta(role, layer, heads)`.
+`capture(module)` traces a DecoderLM with torch.fx.symbolic_trace semantics (nn.Linear and RMSNorm
+stay leaf modules; the custom ops, the MoE experts' fxforge::moe among them, stay opaque) and
+annotates each node with `node.meta["fxforge"] = NodeMeta(role, layer, heads)`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch.fx as fx
 from torch import nn
 
-from fxforge.ir.modules import DecoderLM, MoEExperts, RMSNorm
+from fxforge.ir.modules import DecoderLM, RMSNorm
 from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, LORA, ROPE
 from fxforge.ir.spec import ModelSpec
 
@@ -25,7 +25,7 @@ _MODULE_ROLES = {
     "embed": "embed", "lm_head": "lm_head", "norm": "norm", "attn_norm": "norm", "mlp_norm": "norm",
     "attn.q_proj": "q_proj", "attn.k_proj": "k_proj", "attn.v_proj": "v_proj", "attn.o_proj": "o_proj",
     "attn.q_norm": "norm", "attn.k_norm": "norm", "mlp.gate_proj": "mlp_gate", "mlp.up_proj": "mlp_up",
-    "mlp.down_proj": "mlp_down", "mlp.router": "router", "mlp.experts": "expert",
+    "mlp.down_proj": "mlp_down", "mlp.router": "router",
 }
 _LAYER_RE = re.compile(r"^layers\.(\d+)(?:\.|$)")
 
@@ -50,7 +50,7 @@ class NodeMeta:
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (RMSNorm, MoEExperts)) or super().is_leaf_module(m, qualname)
+        return isinstance(m, RMSNorm) or super().is_leaf_module(m, qualname)
 
 
 def capture(module: DecoderLM) -> fx.GraphModule:

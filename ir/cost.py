@@ -34,6 +34,7 @@ import operator
 from dataclasses import asdict, dataclass
 from typing import Callable, Iterable, NamedTuple
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
@@ -41,8 +42,8 @@ from torch import nn
 from fxforge.ir.errors import FxforgeError
 from fxforge.ir.capture import META_KEY, meta
 from fxforge.ir.devices import DeviceSpec
-from fxforge.ir.modules import MLP, DecoderLayer, MoE, MoEExperts, RMSNorm
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, ROPE
+from fxforge.ir.modules import MLP, DecoderLayer, MoE, RMSNorm
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
 
@@ -182,9 +183,9 @@ def _node_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost | Non
             return _linear_cost(node, role, module, rows, step)
         if isinstance(module, RMSNorm):
             return _norm_cost(node, module, step)
-        if isinstance(module, MoEExperts):
-            return _expert_cost(node, module, step)
         return None
+    if node.op == "call_function" and node.target is MOE:
+        return _expert_cost(node, gm.get_parameter(node.args[1].target).shape, step)
     if node.op == "call_function" and node.target is LORA:
         slots, rank, n_in = gm.get_parameter(node.args[2].target).shape
         return _lora_cost(node, rank, n_in, gm.get_parameter(node.args[3].target).shape[1], step)
@@ -224,8 +225,8 @@ def _norm_cost(node, module: RMSNorm, step: _Step) -> NodeCost:
     return NodeCost.of(node, "norm", 4 * elements, step.act * (2 * elements + module.weight.numel()))
 
 
-def _expert_cost(node, module: MoEExperts, step: _Step) -> NodeCost:
-    num_experts, inter, hidden = module.w_gate.shape
+def _expert_cost(node, w_gate_shape: torch.Size, step: _Step) -> NodeCost:
+    num_experts, inter, hidden = w_gate_shape
     routed = step.tokens * step.spec.num_experts_per_tok  # (token, expert) pairs
     active = min(num_experts, routed)  # experts that receive at least one token, on average
     flops = 3 * 2 * routed * hidden * inter

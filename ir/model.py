@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxforge.ir.modules import TENSORS_PER_LAYER, DecoderLM
+from fxforge.ir.modules import EXPERT_COUNTS, TENSORS_PER_LAYER, DecoderLM
 from fxforge.ir.ops import REFERENCE, bindings
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
@@ -82,11 +82,13 @@ class Model:
         """Build the canonical module; state_dict=None gives a seeded random init (speed work only)."""
         with torch.device("meta"):
             module = DecoderLM(spec)
-        module = module.to_empty(device=device).to(dtype)
+        module = module.to(dtype).to_empty(device=device)  # in dtype at once: Mixtral in float32 outgrows an H200
         if spec.tie_word_embeddings:  # materialising from meta unties shared parameters
             module.lm_head.weight = module.embed.weight
         for layer in module.layers:
             layer.attn.inv_freq = spec.rope_inv_freq().to(device)
+            if spec.is_moe:
+                layer.mlp.experts.expert_counts.zero_()
         if state_dict is None:
             _random_init(module, seed)
         else:
@@ -113,7 +115,15 @@ class Model:
         """{custom op: impl} of this model (ir/ops.py); an eager canonical module runs the references."""
         if isinstance(self.module, fx.GraphModule):
             return bindings(self.module)
-        return {"rope": REFERENCE, "kv_write": REFERENCE, "attention": REFERENCE}
+        ops = ("rope", "kv_write", "attention", "moe") if self.spec.is_moe else ("rope", "kv_write", "attention")
+        return dict.fromkeys(ops, REFERENCE)
+
+    def expert_counts(self) -> torch.Tensor | None:
+        """int32 [MoE layers, E] on the model's device: the (token, slot) pairs the last forward pass (or
+        CUDA-graph replay) routed to each expert of each layer, rows that pad a graph batch included;
+        None for a dense model. Reading it does not sync the host."""
+        counts = [b for name, b in self.module.named_buffers() if name.rsplit(".", 1)[-1] == EXPERT_COUNTS]
+        return torch.stack(counts) if counts else None
 
     def kv_bytes_per_token(self) -> int:
         """Real bytes of KV storage per token over all layers (data + shared exponents)."""

@@ -12,6 +12,8 @@ Parameter names (the canonical state dict every importer produces):
   layers.{i}.attn.{q,k}_norm.weight (qk_norm), layers.{i}.attn.inv_freq (buffer)
   dense:  layers.{i}.mlp.{gate,up,down}_proj.weight
   MoE:    layers.{i}.mlp.router.weight [E, H], layers.{i}.mlp.experts.w_gate / w_up [E, I, H], w_down [E, H, I]
+Runtime state (RUNTIME_BUFFERS: in no artifact, each model its own, see ir/sharing.py):
+  MoE:    layers.{i}.mlp.experts.expert_counts int32 [E], the pairs routed to each expert by the last forward
 """
 
 from __future__ import annotations
@@ -20,10 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxforge.ir.ops import ATTENTION, KV_WRITE, REFERENCE, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, MOE, REFERENCE, ROPE
 from fxforge.ir.spec import ModelSpec
 
 TENSORS_PER_LAYER = 4  # k_data, k_scale, v_data, v_scale
+EXPERT_COUNTS = "expert_counts"
+# Buffers that hold a model's runtime state, not weights (known by name: fx's GraphModule re-registers
+# every buffer as persistent): no artifact stores them, every optimised copy gets its own, passes never own them.
+RUNTIME_BUFFERS = frozenset({EXPERT_COUNTS})
+
+
+def is_runtime_buffer(name: str) -> bool:
+    """True for the qualified name of a runtime-state buffer (RUNTIME_BUFFERS)."""
+    return name.rsplit(".", 1)[-1] in RUNTIME_BUFFERS
 
 
 class RMSNorm(nn.Module):
@@ -87,25 +98,23 @@ class MLP(nn.Module):
 
 
 class MoEExperts(nn.Module):
-    """E SwiGLU experts with stacked weights; a leaf of the fx graph (role `expert`)."""
+    """E SwiGLU experts with stacked weights, run by one fxforge::moe node (role `expert`).
+
+    The op fills `expert_counts` (int32 [E]) with each forward's routing, on the device: a buffer at a
+    fixed address, so a CUDA-graph replay refreshes it too; the runtime reads it (Model.expert_counts)."""
 
     def __init__(self, num_experts: int, hidden: int, intermediate: int):
         super().__init__()
         self.w_gate = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.w_up = nn.Parameter(torch.empty(num_experts, intermediate, hidden))
         self.w_down = nn.Parameter(torch.empty(num_experts, hidden, intermediate))
+        self.register_buffer(EXPERT_COUNTS, torch.zeros(num_experts, dtype=torch.int32), persistent=False)
         for w in (self.w_gate, self.w_up, self.w_down):
             nn.init.normal_(w, std=0.02)
 
     def forward(self, x, expert_ids, expert_weights):
         """x [T, H], expert_ids / expert_weights [T, k] -> sum_k w * expert_k(x)."""
-        out = torch.zeros_like(x)
-        for e in expert_ids.unique().tolist():
-            token, slot = (expert_ids == e).nonzero(as_tuple=True)
-            xe = x[token]
-            ye = F.linear(F.silu(F.linear(xe, self.w_gate[e])) * F.linear(xe, self.w_up[e]), self.w_down[e])
-            out.index_add_(0, token, ye * expert_weights[token, slot, None])
-        return out
+        return MOE(x, self.w_gate, self.w_up, self.w_down, expert_weights, expert_ids, self.expert_counts, REFERENCE)
 
 
 class MoE(nn.Module):

@@ -1,6 +1,6 @@
-"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention, the two
-that lowering introduces, fxforge::rmsnorm and fxforge::swiglu, and fxforge::lora, the per-depth LoRA
-of a layer-tied graph.
+"""The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention,
+fxforge::moe (the experts of an MoE block), the two that lowering introduces, fxforge::rmsnorm and
+fxforge::swiglu, and fxforge::lora, the per-depth LoRA of a layer-tied graph.
 
 They are opaque to torch.fx so passes can find them by target, and each has a fake implementation
 so graphs that contain them survive torch.compile / torch.export.
@@ -26,6 +26,7 @@ import torch.fx as fx
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.kv_cache import kv_write_pair_ref
 from fxforge.kernels.lora import lora_ref
+from fxforge.kernels.moe import fused_moe_ref
 from fxforge.kernels.triton_support import can_launch
 from fxforge.kernels.norm import rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
@@ -37,14 +38,16 @@ IMPLS = (REFERENCE, TRITON)
 
 # op name -> its reference (same signature as the op, without `impl`)
 REFERENCES: dict[str, Callable] = {"rope": rope_ref, "kv_write": kv_write_pair_ref, "attention": attention_ref,
-                                   "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref, "lora": lora_ref}
+                                   "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref, "lora": lora_ref,
+                                   "moe": fused_moe_ref}
 # op name -> (kernel module, launcher) imported on first use, so the IR loads without triton
 _TRITON_LAUNCHERS = {"rope": ("fxforge.kernels.rope", "rope_triton"),
                      "kv_write": ("fxforge.kernels.kv_cache", "kv_write_triton"),
                      "attention": ("fxforge.kernels.paged_attention", "attention_triton"),
                      "rmsnorm": ("fxforge.kernels.norm", "rmsnorm_triton"),
                      "swiglu": ("fxforge.kernels.swiglu", "swiglu_triton"),
-                     "lora": ("fxforge.kernels.lora", "lora_triton")}
+                     "lora": ("fxforge.kernels.lora", "lora_triton"),
+                     "moe": ("fxforge.kernels.moe", "fused_moe")}
 
 
 def triton_launcher(op_name: str) -> Callable:
@@ -143,16 +146,31 @@ def _lora_fake(x, base, lora_a, lora_b, loop_starts, slot, loop_stride, impl):
     return torch.empty_like(base)
 
 
+@torch.library.custom_op("fxforge::moe", mutates_args=("expert_counts",))
+def moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, weights: torch.Tensor,
+        expert_ids: torch.Tensor, expert_counts: torch.Tensor, impl: str) -> torch.Tensor:
+    """sum over the k slots of weights * expert(x) (SwiGLU experts stacked [E, ...]); expert_counts, int32 [E],
+    is overwritten with the (token, slot) pairs routed to each expert: it stays on the device (the
+    triton binding never syncs the host, so a CUDA graph captures the op, counts included)."""
+    return implementation("moe", impl, x)(x, w_gate, w_up, w_down, weights, expert_ids, expert_counts=expert_counts)
+
+
+@moe.register_fake
+def _moe_fake(x, w_gate, w_up, w_down, weights, expert_ids, expert_counts, impl):
+    return torch.empty_like(x)
+
+
 ROPE = torch.ops.fxforge.rope
 KV_WRITE = torch.ops.fxforge.kv_write
 ATTENTION = torch.ops.fxforge.attention
 RMSNORM = torch.ops.fxforge.rmsnorm
 SWIGLU = torch.ops.fxforge.swiglu
 LORA = torch.ops.fxforge.lora
+MOE = torch.ops.fxforge.moe
 OP_NAMES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "rmsnorm", SWIGLU: "swiglu",
-            LORA: "lora"}
+            LORA: "lora", MOE: "moe"}
 CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act",
-                   LORA: "lora"}
+                   LORA: "lora", MOE: "expert"}
 
 
 def bindings(gm: fx.GraphModule) -> dict[str, str]:

@@ -7,7 +7,8 @@ where it was; tied parameters stay tied.) Before a pass runs, the pass manager c
 that pass declares it rewrites (`own`); `TensorGuard` then checks after each pass that no storage
 still shared with the original was written (a strided sample of its values: writes through `.data`
 bypass version counters), so a pass that forgot to declare a rewrite fails loudly instead of
-silently corrupting the model it was given.
+silently corrupting the model it was given. Runtime-state buffers (ir/modules.py RUNTIME_BUFFERS,
+written by every forward pass) are not shared: each copy gets its own, and no pass owns or guards them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.capture import META_KEY
+from fxforge.ir.modules import is_runtime_buffer
 
 
 def share(gm: fx.GraphModule) -> fx.GraphModule:
@@ -45,7 +47,8 @@ def _module_copy(module: nn.Module, aliases: dict[int, nn.Parameter]) -> nn.Modu
     """A new module object (and new children) whose parameters alias the originals' storage."""
     new = copy.copy(module)
     new._parameters = {key: _alias(p, aliases) for key, p in module._parameters.items()}
-    new._buffers = dict(module._buffers)
+    new._buffers = {key: torch.zeros_like(b) if b is not None and is_runtime_buffer(key) else b
+                    for key, b in module._buffers.items()}
     new._modules = {name: _module_copy(child, aliases) for name, child in module._modules.items()}
     return new
 
@@ -60,11 +63,12 @@ def _alias(param: nn.Parameter | None, aliases: dict[int, nn.Parameter]) -> nn.P
 
 
 def _tensors(module: nn.Module):
-    """(qualified name, owning module, key, tensor) for every parameter and buffer, tied ones once per place."""
+    """(qualified name, owning module, key, tensor) for every parameter and buffer but runtime state, tied
+    ones once per place."""
     for prefix, owner in module.named_modules(remove_duplicate=False):
         for store in (owner._parameters, owner._buffers):
             for key, tensor in store.items():
-                if tensor is not None:
+                if tensor is not None and not (store is owner._buffers and is_runtime_buffer(key)):
                     yield (f"{prefix}.{key}" if prefix else key), owner, store, key, tensor
 
 

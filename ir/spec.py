@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 SPEC_VERSION = 1
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen3_moe")
 
 
 @dataclass(frozen=True)
@@ -33,10 +33,10 @@ class ModelSpec:
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
     qk_norm: bool = False  # RMSNorm over head_dim on q and k before RoPE (Qwen3)
     sliding_window: int = 0  # 0: full causal attention
-    num_experts: int = 0  # 0: dense SwiGLU MLP; >0: Mixtral-style MoE block
+    num_experts: int = 0  # 0: dense SwiGLU MLP; >0: Mixtral-style MoE block in every layer
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
-    norm_topk_prob: bool = True  # renormalise the top-k router weights (Mixtral: True)
+    norm_topk_prob: bool = True  # renormalise the top-k router weights (Mixtral: True; Qwen3-MoE: its config's)
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     name: str = ""

@@ -20,6 +20,7 @@ from torch import nn
 
 from fxforge.ir.recursive import tying_plan
 from fxforge.ir.spec import ModelSpec
+from fxforge.kernels.moe import fused_moe_ref, moe_route
 from fxforge.kernels.norm import rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
 
@@ -46,10 +47,20 @@ def decoder_layer(module: nn.Module, spec: ModelSpec, depth: int, x: torch.Tenso
     x = x + _attention(layer.attn, spec, _norm(layer.attn_norm, x, spec), positions, lora)
     h = _norm(layer.mlp_norm, x, spec)
     if spec.is_moe:
-        return x + layer.mlp(h.reshape(-1, h.shape[-1])).view_as(h)
+        return x + _moe(layer.mlp, spec, h)
     mlp = layer.mlp
     gate, up = _linear(mlp.gate_proj, h, lora.get("gate_proj")), _linear(mlp.up_proj, h, lora.get("up_proj"))
     return x + _linear(mlp.down_proj, F.silu(gate) * up, lora.get("down_proj"))
+
+
+def _moe(mlp: nn.Module, spec: ModelSpec, h: torch.Tensor) -> torch.Tensor:
+    """The MoE block in differentiable torch (its fxforge::moe op has no autograd): MoE.forward's routing,
+    then the experts' float32 reference, reading the weights by their canonical names."""
+    flat = h.reshape(-1, h.shape[-1])
+    weights, expert_ids = moe_route(mlp.router(flat), spec.num_experts_per_tok, spec.norm_topk_prob)
+    experts = mlp.get_submodule("experts")
+    out = fused_moe_ref(flat, experts.w_gate, experts.w_up, experts.w_down, weights.to(flat.dtype), expert_ids)
+    return out.view_as(h)
 
 
 def _lora_of(module: nn.Module, depth: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from collections import Counter
 
+import torch
 import torch.fx as fx
 
 from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
 from fxforge.ir.recursive import tying_plan
 from fxforge.kernels.bfp import parse_kv_format
 
@@ -50,7 +51,7 @@ def verify(gm: fx.GraphModule) -> None:
                 want = 1  # keys are rotated inside attention: only q's rope remains
             if counts[(role, layer)] != want:
                 problems.append(f"layer {layer} has {counts[(role, layer)]} {role} nodes, expected {want}")
-    problems += _check_order(gm) + _check_tying(gm)
+    problems += _check_order(gm) + _check_tying(gm) + _check_experts(gm)
     if problems:
         raise IRVerificationError("IR contract broken:\n  " + "\n  ".join(problems))
 
@@ -82,6 +83,23 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
             except ValueError as exc:
                 out.append(f"node {node.name}: {exc}")
     return out
+
+
+def _check_experts(gm: fx.GraphModule) -> list[str]:
+    """An MoE model runs one fxforge::moe per layer (a dense one none), each filling an int32 [E] buffer."""
+    spec, out = spec_of(gm), []
+    layers: Counter = Counter()
+    for node in gm.graph.nodes:
+        if node.target is not MOE or META_KEY not in node.meta:
+            continue
+        layers[meta(node).layer] += 1
+        counts = node.args[6]
+        value = gm.get_buffer(counts.target) if isinstance(counts, fx.Node) and counts.op == "get_attr" else None
+        if value is None or value.dtype != torch.int32 or tuple(value.shape) != (spec.num_experts,):
+            out.append(f"moe node {node.name}: expert_counts must be an int32 [{spec.num_experts}] buffer, got {counts}")
+    want = 1 if spec.is_moe else 0
+    return out + [f"layer {layer} has {layers[layer]} moe nodes, expected {want}"
+                  for layer in range(spec.num_layers) if layers[layer] != want]
 
 
 def _pre_rope_layers(gm: fx.GraphModule) -> set[int]:

@@ -17,6 +17,8 @@ one (token, slot) of the routing, numbered p = token * top_k + slot. The steps:
   4. down: y = h @ w_down[e]^T in float32, times the pair's routing weight, written to row p of a
      float32 [T*k, H] buffer.
   5. out = the sum of that buffer over the k slots, in slot order, rounded once to x's dtype.
+The pairs each expert received (step 2's counts) can land in a caller's int32 [E] buffer
+(`expert_counts=`): the canonical MoE block keeps one per layer for the runtime.
 
 Why a [T, k, H] buffer and a sum rather than float32 atomic adds into [T, H]: every row is written by
 exactly one program, so the result is deterministic (the same bits on every run and every CUDA-graph
@@ -46,8 +48,8 @@ import torch.nn.functional as F
 from fxforge.kernels.triton_support import INTERPRETED, can_launch, check_launchable, dot_acc, jit, next_pow2, tl, triton
 
 __all__ = [
-    "moe_route", "MoEAlignment", "padded_size", "moe_align", "moe_align_ref", "GemmTiles", "MoEConfig",
-    "default_config", "pick_config", "tuned_configs", "config_path", "shape_key", "CONFIG_DIR",
+    "moe_route", "MoEAlignment", "padded_size", "expert_counts_ref", "moe_align", "moe_align_ref", "GemmTiles",
+    "MoEConfig", "default_config", "pick_config", "tuned_configs", "config_path", "shape_key", "CONFIG_DIR",
     "moe_gate_up_swiglu", "moe_down", "fused_moe", "fused_moe_ref", "moe_experts",
 ]
 
@@ -100,13 +102,19 @@ def padded_size(num_pairs: int, num_experts: int, block_m: int) -> int:
     return -(-bound // block_m) * block_m
 
 
+def expert_counts_ref(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """int64 [E]: the (token, slot) pairs routed to each expert, by scatter-add (no host sync)."""
+    pair_experts = expert_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=pair_experts.device)
+    return counts.scatter_add_(0, pair_experts, torch.ones_like(pair_experts))
+
+
 def moe_align_ref(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
     """Torch alignment (any device, no host sync): counts by scatter-add, segment starts by cumsum,
     the pairs' order by a stable sort, tile owners by searchsorted over the segment ends."""
     pair_experts = expert_ids.reshape(-1).long()
     num_pairs, device = pair_experts.numel(), pair_experts.device
-    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
-    counts.scatter_add_(0, pair_experts, torch.ones_like(pair_experts))
+    counts = expert_counts_ref(pair_experts, num_experts)
     padded = (counts + block_m - 1) // block_m * block_m
     padded_ends = padded.cumsum(0)
     order = torch.sort(pair_experts, stable=True).indices  # by expert, by pair id within an expert
@@ -193,14 +201,20 @@ def _place_pairs_kernel(
         tl.store(tile_experts_ptr + tiles, tl.where(tile_start < total, owner, -1), mask=tiles < num_tiles)
 
 
-def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAlignment:
+def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int,
+              counts_out: torch.Tensor | None = None) -> MoEAlignment:
     """expert_ids [T, k] -> MoEAlignment, on the device, without a host sync.
 
     Where Triton can launch: per-chunk expert counts, their cumsum over chunks (torch), then every
     chunk's pairs placed in parallel; three launches at any size (the torch path takes a dozen, a
-    sort among them). moe_align_ref otherwise. Both give the same tensors, bit for bit."""
+    sort among them). moe_align_ref otherwise. Both give the same tensors, bit for bit.
+    counts_out: an int32 [E] tensor to hold expert_counts (written in place: a buffer a CUDA graph
+    captured keeps its address); None allocates one."""
     if not can_launch(expert_ids):
-        return moe_align_ref(expert_ids, num_experts, block_m)
+        alignment = moe_align_ref(expert_ids, num_experts, block_m)
+        if counts_out is None:
+            return alignment
+        return alignment._replace(expert_counts=counts_out.copy_(alignment.expert_counts))
     num_pairs, device = expert_ids.numel(), expert_ids.device
     size, e_pad = padded_size(num_pairs, num_experts, block_m), next_pow2(num_experts)
     chunk_size = max(16, _ALIGN_CELLS // e_pad)
@@ -212,7 +226,7 @@ def moe_align(expert_ids: torch.Tensor, num_experts: int, block_m: int) -> MoEAl
     sorted_pairs = torch.empty(size, dtype=torch.int32, device=device)
     tile_experts = torch.empty(size // block_m, dtype=torch.int32, device=device)
     num_padded = torch.empty(1, dtype=torch.int32, device=device)
-    counts = torch.empty(num_experts, dtype=torch.int32, device=device)
+    counts = torch.empty(num_experts, dtype=torch.int32, device=device) if counts_out is None else counts_out
     _place_pairs_kernel[(num_chunks,)](pair_experts, chunk_counts.cumsum(0, dtype=torch.int32), sorted_pairs,
                                        tile_experts, num_padded, counts, num_pairs, size, num_experts, BLOCK_M=block_m,
                                        E_PAD=e_pad, CHUNK=chunk_size, num_warps=4)
@@ -521,31 +535,46 @@ def _check_inputs(fn: str, x, w_gate, w_up, w_down, weights, expert_ids) -> None
             raise ValueError(f"{fn}: {name} is on {t.device}, x on {x.device}; put them on one device")
 
 
+def _check_counts(fn: str, expert_counts: torch.Tensor | None, num_experts: int, device: torch.device) -> None:
+    if expert_counts is not None and (expert_counts.shape != (num_experts,) or expert_counts.dtype != torch.int32
+                                      or expert_counts.device != device or not expert_counts.is_contiguous()):
+        raise ValueError(f"{fn}: expert_counts must be a contiguous int32 [E={num_experts}] tensor on {device}, got "
+                         f"{expert_counts.dtype} {tuple(expert_counts.shape)} on {expert_counts.device}")
+
+
 def fused_moe(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-              weights: torch.Tensor, expert_ids: torch.Tensor, config: MoEConfig | None = None) -> torch.Tensor:
+              weights: torch.Tensor, expert_ids: torch.Tensor, config: MoEConfig | None = None,
+              expert_counts: torch.Tensor | None = None) -> torch.Tensor:
     """Triton `fused_moe_ref` (CUDA, or CPU under TRITON_INTERPRET=1): x [T, H] -> [T, H] in x's dtype.
 
     The alignment, both grouped GEMMs and the slot sum, with no host sync (CUDA-graph capturable).
-    config: the launch config; None picks the tuned one for this device and shape (pick_config)."""
+    config: the launch config; None picks the tuned one for this device and shape (pick_config).
+    expert_counts: int32 [E], overwritten with the pairs routed to each expert (the alignment writes
+    it directly: no extra launch)."""
     check_launchable("fused_moe", "x", x, "fused_moe_ref")
     _check_inputs("fused_moe", x, w_gate, w_up, w_down, weights, expert_ids)
     num_experts, intermediate, hidden = w_gate.shape
+    _check_counts("fused_moe", expert_counts, num_experts, x.device)
     top_k = expert_ids.shape[1]
     if config is None:
         config = pick_config(num_experts, intermediate, hidden, top_k, x.shape[0], x.dtype, x.device)
-    alignment = moe_align(expert_ids, num_experts, config.block_m)
+    alignment = moe_align(expert_ids, num_experts, config.block_m, expert_counts)
     h = moe_gate_up_swiglu(x, w_gate, w_up, alignment, top_k, config.gate_up)
     return moe_down(h, w_down, weights, alignment, config.down).sum(dim=1).to(x.dtype)
 
 
 def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                  weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+                  weights: torch.Tensor, expert_ids: torch.Tensor, expert_counts: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Float32 reference (the CPU path): x [T, H], routing [T, k] -> sum_k weight * expert(x) [T, H].
 
     A loop over experts (reading which tokens each got syncs a GPU; this is the CPU path): both GEMMs
     in float32, h rounded to x's dtype, each pair's weighted output kept per slot, the slots summed in
-    order and rounded once to x's dtype."""
+    order and rounded once to x's dtype. expert_counts: as fused_moe's."""
     _check_inputs("fused_moe_ref", x, w_gate, w_up, w_down, weights, expert_ids)
+    _check_counts("fused_moe_ref", expert_counts, w_gate.shape[0], x.device)
+    if expert_counts is not None:
+        expert_counts.copy_(expert_counts_ref(expert_ids, w_gate.shape[0]))
     per_slot = torch.zeros(*expert_ids.shape, x.shape[1], dtype=torch.float32, device=x.device)
     for expert in range(w_gate.shape[0]):
         token, slot = (expert_ids == expert).nonzero(as_tuple=True)
@@ -556,7 +585,8 @@ def fused_moe_ref(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_d
 
 
 def moe_experts(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
-                weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+                weights: torch.Tensor, expert_ids: torch.Tensor, expert_counts: torch.Tensor | None = None
+                ) -> torch.Tensor:
     """sum_k weights * expert_k(x): fused_moe where a Triton kernel can run on x, fused_moe_ref otherwise."""
     impl = fused_moe if can_launch(x) else fused_moe_ref
-    return impl(x, w_gate, w_up, w_down, weights, expert_ids)
+    return impl(x, w_gate, w_up, w_down, weights, expert_ids, expert_counts=expert_counts)

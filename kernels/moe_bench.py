@@ -1,10 +1,11 @@
 """Fused-MoE benchmark on the GPU: fused_moe vs the eager per-expert loop of the canonical MoE block.
 
     python -m fxforge.kernels.moe_bench --json-out PATH [--shapes mixtral-8x7b qwen3-30b-a3b] [--tokens 1 8 64]
+    fxforge bench moe --json-out PATH [--shapes mixtral-8x7b,qwen3-30b-a3b] [--tokens 1,8,64]   (the same)
 
 For each shape and tokens per step: random bf16 expert weights, activations and router logits, routed
 by moe_route; fused_moe (launch config as pick_config gives it) is checked against fused_moe_ref, then
-it and the eager loop (ir.modules.MoEExperts's algorithm, reimplemented here) are timed. Timing:
+it and the eager loop (what ir.modules.MoEExperts ran before fxforge::moe, reimplemented here) are timed. Timing:
 triton.testing.do_bench, median, warm-up excluded; do_bench zeroes a 256 MB buffer before every timed
 call, so each call starts with a cold L2. fused_moe is replayed from a CUDA graph (it never syncs the
 host, so it captures; the Python launch cost stays out); the eager loop cannot be captured (it reads
@@ -42,8 +43,8 @@ TOKENS = (1, 8, 64, 256, 2048)
 
 
 def eager_moe(x, w_gate, w_up, w_down, weights, expert_ids):
-    """The canonical block's per-expert loop (MoEExperts.forward, reimplemented: kernels import no IR):
-    a host sync per call, to learn which experts got tokens."""
+    """The canonical block's per-expert loop before fxforge::moe (MoEExperts.forward then; kernels import
+    no IR): a host sync per call, to learn which experts got tokens."""
     out = torch.zeros_like(x)
     for expert in expert_ids.unique().tolist():
         token, slot = (expert_ids == expert).nonzero(as_tuple=True)
@@ -144,6 +145,12 @@ def bench_moe(shapes=tuple(SHAPES.values()), tokens=TOKENS, seed: int = 0) -> li
     return rows
 
 
+def results_document(rows: list[dict]) -> dict:
+    """The JSON file's content: the rows and what they ran on."""
+    return dict(version=1, device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=__import__("triton").__version__, rows=rows)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json-out", required=True, help="where to write the rows as JSON")
@@ -152,8 +159,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     rows = bench_moe([SHAPES[name] for name in args.shapes], tuple(args.tokens))
     with open(args.json_out, "w") as f:
-        json.dump(dict(version=1, device=torch.cuda.get_device_name(), torch=torch.__version__,
-                       triton=__import__("triton").__version__, rows=rows), f, indent=1)
+        json.dump(results_document(rows), f, indent=1)
 
 
 if __name__ == "__main__":

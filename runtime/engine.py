@@ -27,13 +27,14 @@ def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> 
     """The EngineConfig for `model`: `settings` are EngineConfig fields; the model decides those left
     out (or None): max_model_len = min(its max positions, 4096); num_pages = what
     `gpu_memory_fraction` of free GPU memory holds, or on CPU enough for max_num_seqs full sequences
-    up to 65,536 positions; use_cuda_graphs = on CUDA with the attention bound to Triton;
+    up to 65,536 positions; use_cuda_graphs = on CUDA with the attention (and MoE experts) bound to Triton;
     eos_token_id = the spec's first EOS id."""
     settings = {k: v for k, v in settings.items() if not (k in _MODEL_DEFAULTS and v is None)}
     spec = model.spec
     settings.setdefault("max_model_len", min(spec.max_position_embeddings, 4096))
-    settings.setdefault("use_cuda_graphs",
-                        model.device.type == "cuda" and model.kernel_bindings().get("attention") == "triton")
+    bound = model.kernel_bindings()  # the torch references sync the host (MoE) or are slow to replay
+    settings.setdefault("use_cuda_graphs", model.device.type == "cuda" and bound.get("attention") == "triton"
+                        and bound.get("moe", "triton") == "triton")
     settings.setdefault("eos_token_id", spec.eos_token_ids[0] if spec.eos_token_ids else None)
     config = EngineConfig(**settings)
     if "num_pages" not in settings:

@@ -11,7 +11,11 @@ device, so the host only enqueues work and syncs once, to read the window's toke
 taken its last step (its `num_steps`) stays where it is and writes to the scratch page.
 
 Sampling happens here, on the device, with one generator per seeded sequence: made from
-`SamplingParams.seed` on the sequence's first sample, dropped when the engine `release`s it."""
+`SamplingParams.seed` on the sequence's first sample, dropped when the engine `release`s it.
+
+MoE models: after every model step (eager or replayed) `expert_passes` [MoE layers, E] counts, on
+the device, the steps in which each expert received tokens (from Model.expert_counts, which the
+fxforge::moe ops fill), so the experts' weights a run had to read are known without a host sync."""
 
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ class ModelRunner:
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, BatchInputs, torch.Tensor]] = {}
         self.graph_error: str | None = None  # why decode runs eagerly although graphs were asked for
+        counts = model.expert_counts()
+        self.expert_passes = None if counts is None else torch.zeros(counts.shape, dtype=torch.int64, device=self.device)
         if config.use_cuda_graphs:
             try:
                 self._capture_graphs()
@@ -130,8 +136,16 @@ class ModelRunner:
         batch, _ = self.prepare(out)
         is_decode = out.num_prefill == 0 and all(s.sample for s in out.scheduled)
         if self.graphs and is_decode and len(out.scheduled) <= max(self.graphs):
-            return self._replay(batch, len(out.scheduled))
-        return self.model.forward(batch, self.kv_cache)
+            logits = self._replay(batch, len(out.scheduled))
+        else:
+            logits = self.model.forward(batch, self.kv_cache)
+        self._tally_experts()
+        return logits
+
+    def _tally_experts(self) -> None:
+        """Count the experts the last model step routed tokens to (device ops only)."""
+        if self.expert_passes is not None:
+            self.expert_passes += self.model.expert_counts() > 0
 
     def _run_window(self, out: SchedulerOutput, sample_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
         """Run a decode window of out.num_steps steps, `sample_fn` picking each step's tokens on the
@@ -153,6 +167,7 @@ class ModelRunner:
                 logits = logits_out[:n]
             else:
                 logits = self.model.forward(batch, self.kv_cache)
+            self._tally_experts()
             tokens = sample_fn(logits)
             produced.append(tokens)
             if i + 1 < k:

@@ -1,9 +1,11 @@
 """Hugging Face checkpoints (a directory, or an in-memory PreTrainedModel) -> ModelSpec + canonical weights.
 
 Reads config.json and *.safetensors directly (transformers is not needed for a directory); an
-in-memory model brings its own config and state dict. Both the transformers 4 layout of Mixtral
-experts (`block_sparse_moe.experts.N.w1/w2/w3`) and the fused transformers 5 one
-(`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) are accepted.
+in-memory model brings its own config and state dict. Both the transformers 4 layouts of experts
+(Mixtral `block_sparse_moe.experts.N.w1/w2/w3`, Qwen3-MoE `mlp.experts.N.gate_proj/up_proj/down_proj`)
+and the fused transformers 5 one (`mlp.experts.gate_up_proj` [E, 2I, H], `down_proj` [E, H, I]) are
+accepted. MoE models must route every layer through experts, with no shared expert: the canonical
+block has one form.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 _MODEL_TYPES = {family: arch for arch, family in SUPPORTED_ARCHITECTURES.items()}
 
@@ -58,7 +61,7 @@ def spec_from_hf_config(config, architecture: str | None = None, name: str = "")
         # llama / qwen3 attention_bias also puts a bias on o_proj, which the canonical decoder lacks
         raise _unsupported(f"{arch} with attention_bias=True")
     heads, hidden = cfg["num_attention_heads"], cfg["hidden_size"]
-    num_experts = cfg.get("num_local_experts", 0) if family == "mixtral" else 0
+    num_experts, moe_intermediate = _experts(cfg, family, arch)
     theta, scaling = _rope(cfg, arch)
     eos = cfg.get("eos_token_id")
     return ModelSpec(
@@ -76,15 +79,37 @@ def spec_from_hf_config(config, architecture: str | None = None, name: str = "")
         max_position_embeddings=cfg.get("max_position_embeddings", 8192),
         tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
         attention_bias=family == "qwen2",
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         sliding_window=_sliding_window(cfg, family, arch),
         num_experts=num_experts,
         num_experts_per_tok=cfg.get("num_experts_per_tok", 0) if num_experts else 0,
-        moe_intermediate_size=cfg["intermediate_size"] if num_experts else 0,
+        moe_intermediate_size=moe_intermediate,
+        norm_topk_prob=bool(cfg.get("norm_topk_prob", False)) if family == "qwen3_moe" else True,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=tuple(eos if isinstance(eos, list) else [] if eos is None else [eos]),
         name=name or cfg.get("_name_or_path", ""),
     )
+
+
+def _experts(cfg: dict, family: str, arch: str) -> tuple[int, int]:
+    """(experts, expert intermediate size); (0, 0) for a dense family. Refuses what the canonical MoE
+    block cannot express: dense MLP layers among MoE ones, shared experts."""
+    if family == "mixtral":
+        return cfg.get("num_local_experts", 0), cfg["intermediate_size"]
+    if family != "qwen3_moe":
+        return 0, 0
+    num_experts = cfg.get("num_experts") or cfg.get("num_local_experts") or 0  # transformers 4 / 5 name
+    dense_layers = [i for i in range(cfg["num_hidden_layers"]) if i in (cfg.get("mlp_only_layers") or [])
+                    or (i + 1) % cfg.get("decoder_sparse_step", 1)]
+    if not num_experts or dense_layers:
+        raise _unsupported(f"{arch} with dense MLP layers {dense_layers or 'everywhere'} (num_experts={num_experts}, "
+                           f"decoder_sparse_step={cfg.get('decoder_sparse_step', 1)}, mlp_only_layers="
+                           f"{cfg.get('mlp_only_layers')}); the canonical decoder's layers are all MoE or all dense")
+    shared = {k: cfg[k] for k in ("shared_expert_intermediate_size", "num_shared_experts", "n_shared_experts")
+              if cfg.get(k)}
+    if shared:
+        raise _unsupported(f"{arch} with a shared expert ({shared}); the canonical MoE block has routed experts only")
+    return num_experts, cfg["moe_intermediate_size"]
 
 
 def _rope(cfg: dict, arch: str) -> tuple[float, dict | None]:
@@ -106,7 +131,7 @@ def _sliding_window(cfg: dict, family: str, arch: str) -> int:
     window = cfg.get("sliding_window")
     if family in ("mistral", "mixtral"):
         return int(window or 0)
-    if family not in ("qwen2", "qwen3") or not cfg.get("use_sliding_window") or not window:
+    if family not in ("qwen2", "qwen3", "qwen3_moe") or not cfg.get("use_sliding_window") or not window:
         return 0
     layers = cfg.get("layer_types") or ["sliding_attention" if i >= cfg.get("max_window_layers", 0)
                                         else "full_attention" for i in range(cfg["num_hidden_layers"])]
@@ -128,8 +153,10 @@ _LAYER_NAMES = {
 }
 _LAYER = re.compile(r"(?:model\.)?layers\.(\d+)\.(.+)")
 _PROJ = re.compile(r"(self_attn|mlp)\.([qkvo]_proj|gate_proj|up_proj|down_proj)\.(weight|bias)")
-_OLD_EXPERT = re.compile(r"block_sparse_moe\.experts\.(\d+)\.(w1|w2|w3)\.weight")
-_OLD_EXPERT_NAMES = {"w1": "w_gate", "w3": "w_up", "w2": "w_down"}
+# transformers 4 per-expert weights: Mixtral's block_sparse_moe w1/w3/w2, Qwen3-MoE's mlp gate/up/down_proj
+_OLD_EXPERT = re.compile(r"(?:block_sparse_moe|mlp)\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.weight")
+_OLD_EXPERT_NAMES = {"w1": "w_gate", "w3": "w_up", "w2": "w_down", "gate_proj": "w_gate", "up_proj": "w_up",
+                     "down_proj": "w_down"}
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq")
 
 

@@ -24,6 +24,13 @@ NAMED_SHAPES: dict[str, ModelSpec] = {
         num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-5, rope_theta=1e6,
         max_position_embeddings=32768, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=14336,
         bos_token_id=1, eos_token_ids=(2,), name="mixtral-8x7b"),
+    # Qwen3-30B-A3B's config.json: 48 layers of 128 fine-grained experts (top-8, renormalised), no shared expert
+    "qwen3-30b-a3b": ModelSpec(
+        family="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_layers=48,
+        num_heads=32, num_kv_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=40960, qk_norm=True, num_experts=128, num_experts_per_tok=8,
+        moe_intermediate_size=768, norm_topk_prob=True, bos_token_id=151643, eos_token_ids=(151645, 151643),
+        name="qwen3-30b-a3b"),
     "qwen2.5-0.5b": ModelSpec(
         family="qwen2", vocab_size=151936, hidden_size=896, intermediate_size=4864, num_layers=24,
         num_heads=14, num_kv_heads=2, head_dim=64, rms_norm_eps=1e-6, rope_theta=1e6,

@@ -54,6 +54,9 @@ def test_bad_bench_and_run_options_fail_before_any_work(tmp_path):
     _fails_cleanly(["bench", "e2e", "--decode-steps", "16,0"], "--decode-steps must be comma-separated integers >= 1")
     _fails_cleanly(["bench", "e2e", "--max-num-seqs", "lots"], "--max-num-seqs must be comma-separated integers >= 1")
     _fails_cleanly(["bench", "e2e", "--repeats", "0"], "--repeats must be >= 1")
+    _fails_cleanly(["bench", "moe", "--shapes", "mixtral-8x7b,gpt-moe"],
+                   "--shapes 'mixtral-8x7b,gpt-moe': unknown ['gpt-moe']; known MoE shapes: ['mixtral-8x7b', 'qwen3-30b-a3b']")
+    _fails_cleanly(["bench", "moe", "--tokens", "1,0"], "--tokens must be comma-separated integers >= 1")
     prompts = tmp_path / "p.txt"
     prompts.write_text("hi\n")
     _fails_cleanly(["run", "llama-3-8b", "--prompts", str(prompts), "--decode-steps", "0", "--out",
@@ -119,7 +122,7 @@ def test_roofline_plot_names_the_roles_of_the_table():
 
 def test_help_everywhere():
     for command in ([], ["compile"], ["eval"], ["analyze"], ["generate"], ["run"], ["quality-table"], ["bench", "e2e"],
-                    ["bench", "attention"]):
+                    ["bench", "attention"], ["bench", "moe"]):
         result = runner.invoke(app, command + ["--help"])
         assert result.exit_code == 0 and "Usage" in result.output, command
 

@@ -18,7 +18,7 @@ from fxforge.passes import BFPKVCache, KSort
 
 transformers = pytest.importorskip("transformers")
 
-SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+SMALL = dict(vocab_size=300, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.1)
 FAMILIES = {
     "llama": lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL)),
@@ -43,10 +43,9 @@ def hf_model(family: str):
 
 @pytest.fixture(autouse=True)
 def fresh_compiles():
-    """Every test compiles for real: Inductor's graph cache would skip the pass (and its counts)."""
+    """Every test starts from Dynamo's empty state (no compiled frames, no recompile counts)."""
     torch._dynamo.reset()
-    with torch._inductor.config.patch(fx_graph_cache=False):
-        yield
+    yield
     torch._dynamo.reset()
 
 
@@ -100,6 +99,36 @@ def test_bfp_kv_with_ksort_equals_the_passes():
     assert (out - sorted_bfp).abs().max() < 1e-4
     assert (sorted_bfp - natural_bfp).abs().max() > 1e-2
     assert (out - base.logits(tokens)).abs().max() > 1e-2
+
+
+def norm_and_mlp(x, norm_weight, gate_weight, up_weight):
+    """An HF-style RMSNorm then SwiGLU MLP."""
+    xf = x.float()
+    normed = norm_weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype)
+    return torch.nn.functional.silu(normed @ gate_weight) * (normed @ up_weight)
+
+
+def test_warm_inductor_caches_still_run_the_pass():
+    """The second compile of the same graph would be a cache hit of Inductor's FX graph / AOTAutograd caches,
+    which returns the compiled code without running the pass (replaced ops uncounted): the backend bypasses them."""
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(5, 16, generator=gen), torch.rand(16, generator=gen) + 0.5, torch.randn(16, 24, generator=gen),
+            torch.randn(16, 24, generator=gen))
+    with torch._inductor.config.patch(fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            backend = FxforgeBackend()
+            out = torch.compile(norm_and_mlp, backend=backend)(*args)
+            assert dict(backend.counts) == {"rmsnorm": 1, "swiglu": 1}
+            torch.testing.assert_close(out, norm_and_mlp(*args))
+
+
+def test_block_that_does_not_divide_head_dim_fails_the_compile_naming_it():
+    q = torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(0))
+    compiled = torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True),
+                             backend=FxforgeBackend({"k_format": "bfp16"}))
+    with pytest.raises(Exception, match=r"k_format='bfp16_32' cannot quantize .*head_dim=16 is not a multiple of block=32"):
+        compiled(q, q, q)
 
 
 def test_graph_with_nothing_recognised_compiles_as_inductor():

@@ -30,7 +30,7 @@ def test_roofline(tmp_path):
 
 def test_torch_compile_hf():
     out = run_example("torch_compile_hf.py")
-    assert "replaced: {'rmsnorm': 9, 'swiglu': 4, 'rope': 8, 'attention': 4}" in out
+    assert "replaced: {'rmsnorm': 5, 'swiglu': 2, 'rope': 4, 'attention': 2}" in out
 
 
 @pytest.mark.slow
@@ -47,6 +47,9 @@ def test_serve_artifact(tmp_path):
 
 @pytest.mark.slow
 def test_export_onnx(tmp_path):
+    """ONNX Runtime's greedy tokens are fxforge's. With BFP16 K and V the two agree up to a few roundings
+    flipped by last-bit differences of their float32 GEMMs, which move SmolLM2's logits by up to ~0.2; the
+    example's 8 greedy steps have top-2 logit margins of 0.89 or more."""
     lines = run_example("export_onnx.py", str(tmp_path)).splitlines()
     ort_line, ours_line = lines[-2], lines[-1]
     assert ort_line.removeprefix("ONNX Runtime:").strip() == ours_line.removeprefix("fxforge:").strip()

@@ -40,6 +40,12 @@ TINY_HF = {
     "qwen3-qknorm": lambda: transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON, head_dim=32)),
     "mixtral-moe": lambda: transformers.MixtralForCausalLM(
         transformers.MixtralConfig(**{**COMMON, "num_hidden_layers": 2}, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen3-moe": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **{**COMMON, "num_hidden_layers": 2}, head_dim=32, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48,
+        norm_topk_prob=True)),
+    "qwen3-moe-raw-topk": lambda: transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        **{**COMMON, "num_hidden_layers": 2}, head_dim=32, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+        norm_topk_prob=False)),
 }
 
 
@@ -86,7 +92,8 @@ def test_tiny_hf_model_logprobs_match(kind, record_property):
     ("llama-rope-llama3", {"rope_scaling": None}),
     ("mistral-sliding", {"sliding_window": 0}),
     ("llama-tied", {"tie_word_embeddings": False}),
-], ids=["rope-layout", "llama3-scaling", "sliding-window", "tied-head"])
+    ("qwen3-moe-raw-topk", {"norm_topk_prob": True}),
+], ids=["rope-layout", "llama3-scaling", "sliding-window", "tied-head", "moe-renormalisation"])
 def test_equivalence_check_is_sensitive(kind, wrong):
     """The 1e-3 bound is meaningful: getting one spec fact wrong moves the log-probs far past it."""
     hf = tiny_hf_model(kind)

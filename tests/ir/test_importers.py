@@ -160,7 +160,7 @@ def test_tiny_gguf_dtype_and_tokenizer(tmp_path):
 # -- HF directories and configs ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["llama-tied", "qwen3-qknorm", "mixtral-moe"])
+@pytest.mark.parametrize("kind", ["llama-tied", "qwen3-qknorm", "mixtral-moe", "qwen3-moe"])
 def test_hf_directory_round_trip(tmp_path, kind):
     hf = tiny_hf_model(kind)
     hf.save_pretrained(tmp_path)
@@ -206,6 +206,50 @@ def test_mixtral_transformers4_expert_layout_equals_fused():
         assert torch.equal(converted[k], fused[k]), k
 
 
+def test_qwen3_moe_transformers4_expert_layout_equals_fused():
+    hf = tiny_hf_model("qwen3-moe")
+    spec = spec_from_hf_config(hf.config, "Qwen3MoeForCausalLM")
+    fused = canonical_state_dict(hf.state_dict(), spec)
+    legacy = {}
+    for name, t in hf.state_dict().items():
+        base = name.rsplit(".", 1)[0]
+        if name.endswith("mlp.experts.gate_up_proj"):
+            for e, (gate, up) in enumerate(zip(*t.chunk(2, dim=1))):
+                legacy[f"{base}.{e}.gate_proj.weight"], legacy[f"{base}.{e}.up_proj.weight"] = gate, up
+        elif name.endswith("mlp.experts.down_proj"):
+            legacy.update({f"{base}.{e}.down_proj.weight": down for e, down in enumerate(t)})
+        else:
+            legacy[name] = t
+    converted = canonical_state_dict(legacy, spec)
+    assert converted.keys() == fused.keys()
+    for k in fused:
+        assert torch.equal(converted[k], fused[k]), k
+
+
+def test_qwen3_moe_spec_from_a_transformers4_config_json():
+    """transformers 4 names the expert count `num_experts`; norm_topk_prob comes from the config."""
+    hf = tiny_hf_model("qwen3-moe-raw-topk")
+    d = hf.config.to_dict()
+    d["num_experts"] = d.pop("num_local_experts")
+    d["architectures"] = ["Qwen3MoeForCausalLM"]
+    spec = spec_from_hf_config(d)
+    assert spec == spec_from_hf_config(hf.config, "Qwen3MoeForCausalLM")
+    assert (spec.family, spec.qk_norm, spec.num_experts, spec.num_experts_per_tok, spec.moe_intermediate_size,
+            spec.norm_topk_prob) == ("qwen3_moe", True, 8, 2, 48, False)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"decoder_sparse_step": 2}, "dense MLP layers \\[0\\] .*decoder_sparse_step=2"),
+    ({"mlp_only_layers": [1]}, "dense MLP layers \\[1\\] .*mlp_only_layers=\\[1\\]"),
+    ({"num_local_experts": 0}, "dense MLP layers everywhere"),
+    ({"shared_expert_intermediate_size": 64}, "a shared expert \\(\\{'shared_expert_intermediate_size': 64\\}\\)"),
+], ids=["sparse-step", "mlp-only-layers", "no-experts", "shared-expert"])
+def test_qwen3_moe_the_canonical_block_cannot_express_is_refused(change, message):
+    config = {**tiny_hf_model("qwen3-moe").config.to_dict(), **change}
+    with pytest.raises(UnsupportedArchitectureError, match=f"Qwen3MoeForCausalLM with {message}"):
+        spec_from_hf_config(config, "Qwen3MoeForCausalLM")
+
+
 def test_spec_from_config_json_transformers4_style():
     """A config.json written by transformers 4 (rope_theta / rope_scaling at top level) gives the same spec."""
     v5 = tiny_hf_model("llama-rope-llama3").config
@@ -242,7 +286,7 @@ def test_spec_families_and_flags():
 
 
 @pytest.mark.parametrize("name, params", [("smollm2-135m", 134.5e6), ("llama-3-8b", 8.03e9),
-                                          ("mixtral-8x7b", 46.7e9), ("qwen2.5-0.5b", 494e6)])
+                                          ("mixtral-8x7b", 46.7e9), ("qwen3-30b-a3b", 30.5e9), ("qwen2.5-0.5b", 494e6)])
 def test_named_shapes_have_the_published_sizes(name, params):
     model = load(name, random_init=True, device="meta")
     assert model.spec is NAMED_SHAPES[name]

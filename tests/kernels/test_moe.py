@@ -26,6 +26,7 @@ from fxforge.ir.modules import MoE, MoEExperts
 from fxforge.kernels import moe
 from fxforge.kernels.moe import (CONFIG_DIR, GemmTiles, MoEConfig, default_config, fused_moe_ref, moe_align_ref,
                                  moe_route, padded_size, shape_key, tuned_configs)
+from fxforge.kernels.moe_bench import eager_moe
 
 INTERPRETER = is_interpreted(moe._gate_up_swiglu_kernel)
 needs_interpreter = interpreter_mark(INTERPRETER)
@@ -192,15 +193,16 @@ def test_align_reference_invariants(tokens, experts, top_k, kind, block_m, seed)
     check_alignment(moe_align_ref(expert_ids, experts, block_m), expert_ids, experts, block_m)
 
 
-def test_reference_equals_the_moe_experts_module(seed):
-    """In float32, fused_moe_ref computes what the canonical MoEExperts computes (only the order of
-    the sum over slots differs)."""
+def test_reference_equals_the_per_expert_loop(seed):
+    """In float32, fused_moe_ref computes what the canonical MoEExperts computed before fxforge::moe,
+    a loop over the experts that got tokens (moe_bench.eager_moe; only the order of the sum over
+    slots differs)."""
     torch.manual_seed(seed)
     experts = MoEExperts(6, 48, 80)
     x = torch.randn(31, 48)
     weights, expert_ids = moe_route(torch.randn(31, 6), 2, renormalize=True)
     with torch.no_grad():
-        expected = experts(x, expert_ids.long(), weights)
+        expected = eager_moe(x, experts.w_gate, experts.w_up, experts.w_down, weights, expert_ids.long())
         actual = fused_moe_ref(x, experts.w_gate, experts.w_up, experts.w_down, weights, expert_ids)
     torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-7, msg=lambda m: f"seed {seed}: {m}")
 
@@ -224,6 +226,30 @@ def bad_inputs() -> list:
         "w_down_device": ({"w_down": torch.zeros(e, h, i, device="meta")}, "w_down is on meta, x on cpu"),
     }
     return [pytest.param({**good, **change}, message, id=name) for name, (change, message) in bad.items()]
+
+
+def test_reference_fills_expert_counts(seed):
+    """The counts buffer ends up holding the pairs per expert (whatever it held before), the output is
+    the same as without it."""
+    case = CASES["t40_idle_expert"]
+    args = inputs(case, torch.float32, seed)
+    counts = torch.full((case.experts,), 7, dtype=torch.int32)
+    out = fused_moe_ref(*args, expert_counts=counts)
+    expected = torch.bincount(args[5].reshape(-1), minlength=case.experts)
+    assert counts.tolist() == expected.tolist() and counts[0] == 0, f"seed {seed}: {counts.tolist()}"
+    assert torch.equal(out, fused_moe_ref(*args))
+
+
+@pytest.mark.parametrize("counts, got", [
+    (torch.zeros(4, dtype=torch.int64), "torch.int64 \\(4,\\)"),
+    (torch.zeros(5, dtype=torch.int32), "torch.int32 \\(5,\\)"),
+    (torch.zeros(8, dtype=torch.int32)[::2], "torch.int32 \\(4,\\)"),  # right dtype and length, strided
+], ids=["int64", "wrong_length", "strided"])
+def test_bad_expert_counts_buffer_is_refused(counts, got):
+    args = inputs(CASES["t1_e4_k2"], torch.float32, 0)
+    message = f"fused_moe_ref: expert_counts must be a contiguous int32 \\[E=4\\] tensor on cpu, got {got} on cpu"
+    with pytest.raises(ValueError, match=message):
+        fused_moe_ref(*args, expert_counts=counts)
 
 
 @pytest.mark.parametrize("args, message", bad_inputs())
@@ -361,6 +387,18 @@ def test_triton_launcher_rejects_bad_inputs(args, message):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case_id", ["t40_idle_expert", "t24_h56_block_m32"])
+def test_triton_fills_expert_counts(case_id, seed):
+    """The alignment writes the counts straight into the caller's buffer: the same values as the reference's."""
+    case = CASES[case_id]
+    args = inputs(case, torch.float32, seed)
+    counts, expected = (torch.full((case.experts,), -1, dtype=torch.int32) for _ in range(2))
+    assert_close(moe.fused_moe(*args, config=case.config, expert_counts=counts),
+                 fused_moe_ref(*args, expert_counts=expected), "fused_moe with counts", seed)
+    assert counts.tolist() == expected.tolist(), f"seed {seed}: {counts.tolist()} vs {expected.tolist()}"
+
+
+@needs_interpreter
 def test_triton_moe_experts_runs_the_kernel(seed, monkeypatch):
     spy = checks.Spy(moe.fused_moe)
     monkeypatch.setattr(moe, "fused_moe", spy)
@@ -414,14 +452,16 @@ class TestCUDA:
     @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
     def test_cuda_graph_replays_new_routing(self, dtype, seed):
         """Routing and experts captured once; replays with other router logits (first all tokens to
-        one expert, then random) give the eager result bit for bit and match the reference."""
+        one expert, then random) give the eager result bit for bit and match the reference, and
+        refresh the expert counts buffer."""
         case = Case(37, 64, 96, 8, 2, "random", None)
         x, w_gate, w_up, w_down, _, _ = inputs(case, dtype, seed, "cuda")
         gen = torch.Generator(device="cuda").manual_seed(seed)
         logits = torch.randn(case.tokens, case.experts, device="cuda", generator=gen)
+        counts = torch.zeros(case.experts, dtype=torch.int32, device="cuda")
 
         def layer():
-            return moe.fused_moe(x, w_gate, w_up, w_down, *moe_route(logits, case.top_k, True))
+            return moe.fused_moe(x, w_gate, w_up, w_down, *moe_route(logits, case.top_k, True), expert_counts=counts)
 
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -435,11 +475,13 @@ class TestCUDA:
         skewed[:, 3] += 100.0
         for new_logits in (skewed, torch.randn(case.tokens, case.experts, device="cuda", generator=gen)):
             logits.copy_(new_logits)
+            counts.fill_(-1)
             graph.replay()
+            weights, expert_ids = moe_route(new_logits, case.top_k, True)
+            assert counts.tolist() == torch.bincount(expert_ids.reshape(-1).long(), minlength=case.experts).tolist()
             eager = layer()
             mismatch = int((out != eager).sum())
             assert mismatch == 0, f"replay vs eager: {mismatch} of {out.numel()} differ, seed {seed}"
-            weights, expert_ids = moe_route(new_logits, case.top_k, True)
             expected = fused_moe_ref(x.cpu(), w_gate.cpu(), w_up.cpu(), w_down.cpu(), weights.cpu(), expert_ids.cpu())
             assert_close(out, expected, "fused_moe replayed", seed)
 

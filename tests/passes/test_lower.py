@@ -22,7 +22,7 @@ OPS = ("rope", "kv_write", "attention", "rmsnorm", "swiglu")
 
 def expected_counts(spec) -> tuple[int, int]:
     """(rmsnorm nodes, swiglu nodes): 2 per layer + the final norm (+2 per layer with QK-norm);
-    one SwiGLU per dense MLP (MoE experts stay one leaf)."""
+    one SwiGLU per dense MLP (MoE experts run as one fxforge::moe op)."""
     norms = 2 * spec.num_layers + 1 + (2 * spec.num_layers if spec.qk_norm else 0)
     return norms, 0 if spec.is_moe else spec.num_layers
 
