@@ -195,7 +195,7 @@ def test_batch_desc_normalises_dtype_and_counts_tokens():
 # -- devices ------------------------------------------------------------------------------------
 
 def test_builtin_devices():
-    assert load_device_spec("h100") is H100 and set(DEVICES) == {"h100", "logic-pim"}
+    assert load_device_spec("h100") is H100 and {"h100", "logic-pim"} <= set(DEVICES)
     assert LOGIC_PIM.peak("bfloat16") == pytest.approx(5 * 21.3e12)
     assert LOGIC_PIM.ridge("bfloat16") == pytest.approx(8)
     assert LOGIC_PIM.mem_bandwidth == pytest.approx(4 * H100.mem_bandwidth, rel=0.02)
