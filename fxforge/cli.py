@@ -483,14 +483,26 @@ def _print_rows(rows: list[dict]) -> None:
     out.print(table)
 
 
+LONG_CONTEXT = dict(model="llama-3-8b", prompt_len=8192, max_new_tokens=256)  # issue 14 item 3
+
+
 @bench_app.command("e2e")
 @_guard
 def bench_e2e_cmd(
-    model: str = typer.Argument(DEFAULT_MODEL, help="model (real weights) or named shape with --random-init"),
-    num_prompts: int = typer.Option(512, "--prompts", help="requests"),
-    max_new_tokens: int = typer.Option(256, help="tokens generated per request (exactly)"),
-    prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
-    kv: str = typer.Option("bfloat16,bfp16", help="fxforge KV formats to run (K and V)"),
+    model: Optional[str] = typer.Argument(None, help="model (real weights) or named shape with --random-init "
+                                          f"(default {DEFAULT_MODEL}; llama-3-8b for --workload long-context)"),
+    num_prompts: Optional[int] = typer.Option(None, "--prompts", help="requests (default 512; long-context: as many "
+                                              "as the most compact format's KV memory holds)"),
+    max_new_tokens: Optional[int] = typer.Option(None, help="tokens generated per request, exactly (default 256)"),
+    prompt_len: Optional[int] = typer.Option(None, help="random prompts of this length (default 0: GSM8K chat "
+                                             "prompts; long-context: 8192)"),
+    workload: str = typer.Option("default", help="default, or long-context: Llama-3-8B shape (random weights), "
+                                 "8k-token prompts, 256 new tokens, every format in the same KV memory, no HF peer"),
+    kv_memory_gb: Optional[float] = typer.Option(None, "--kv-memory-gb", help="fixed-KV-memory mode: every format "
+                                                 "gets this many GiB of KV pages and runs as many sequences as fit "
+                                                 "at full length (replaces --max-num-seqs; long-context default 60)"),
+    kv: str = typer.Option("bfloat16,bfp16", help="fxforge KV formats to run, comma-separated: one format for K "
+                           "and V, or K/V (e.g. bfp12/bfp16)"),
     max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
     decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
     max_batched_tokens: int = typer.Option(32768, help="fxforge token budget of one step (prefill chunk size)"),
@@ -498,43 +510,89 @@ def bench_e2e_cmd(
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
+    smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32, no HF peer, no checks): proves the "
+                               "code path, measures nothing"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Offline generation throughput: fxforge engine vs HF transformers generate, one run. MoE shapes run
-    too (e.g. mixtral-8x7b --random-init --prompt-len 1024): their roofline counts the experts routed to."""
+    too (e.g. mixtral-8x7b --random-init --prompt-len 1024): their roofline counts the experts routed to.
+    Every row carries its FLOPs, weight and KV bytes and the roofline: the sum over passes of
+    max(FLOPs / matmul peak, bytes / copy bandwidth), both measured in this run."""
     import gc
 
     import torch
 
-    from fxforge.bench import chat_prompts, copy_bandwidth, greedy_agreement, random_prompts, run_fxforge, run_hf_best
+    from fxforge.artifact import check_output_file
+    from fxforge.bench import (chat_prompts, copy_bandwidth, greedy_agreement, matmul_peak, random_prompts,
+                               run_fxforge, run_hf_best, seats_in_kv_memory)
 
+    long_context = _e2e_workload(workload)
+    model = model or (LONG_CONTEXT["model"] if long_context else DEFAULT_MODEL)
+    max_new_tokens = max_new_tokens if max_new_tokens is not None else 256
+    prompt_len = prompt_len if prompt_len is not None else (LONG_CONTEXT["prompt_len"] if long_context else 0)
+    if long_context:
+        random_init, hf_batch, check = True, "", False
+        kv_memory_gb = 60.0 if kv_memory_gb is None else kv_memory_gb
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
-    if repeats < 1:
-        raise FxforgeError(f"--repeats must be >= 1, got {repeats}")
-    if not torch.cuda.is_available():
-        raise FxforgeError("fxforge bench e2e needs a CUDA device")
-    base = _load(model, "bfloat16", random_init=random_init, device="cuda")
+    formats = _kv_pairs(kv)
+    if repeats < 1 or max_new_tokens < 1 or prompt_len < 0 or (num_prompts is not None and num_prompts < 1):
+        raise FxforgeError(f"--repeats, --max-new-tokens, --prompts must be >= 1 and --prompt-len >= 0, got "
+                           f"{repeats}, {max_new_tokens}, {num_prompts}, {prompt_len}")
+    if kv_memory_gb is not None and not kv_memory_gb > 0:
+        raise FxforgeError(f"--kv-memory-gb must be > 0, got {kv_memory_gb}")
+    if kv_memory_gb is not None and not prompt_len:
+        raise FxforgeError("--kv-memory-gb needs --prompt-len (random prompts of one length: every sequence's "
+                           "full length must be known to count the sequences that fit)")
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise FxforgeError("fxforge bench e2e needs a CUDA device (use --smoke to exercise it on CPU)")
+    if not cuda:
+        hf_batch, check = "", False
+    device = "cuda" if cuda else "cpu"
+    base = _load(model, "bfloat16" if cuda else "float32", random_init=random_init, device=device)
+    bandwidth, peak = copy_bandwidth(device), matmul_peak(device)
+    import fxforge
+
+    optimized = {name: fxforge.optimize(base, passes=passes + [{"name": "lower", "backend": "triton"}])
+                 for name, passes in formats}
+    kv_bytes = int(kv_memory_gb * (1 << 30)) if kv_memory_gb is not None else None
+    full_len = prompt_len + max_new_tokens + 16  # run_fxforge's max_model_len
+    fits = ({name: seats_in_kv_memory(opt, kv_bytes, full_len) for name, opt in optimized.items()}
+            if kv_bytes is not None else {})
+    for name, (pages, seats) in fits.items():
+        if seats < 1:
+            raise FxforgeError(f"--kv-memory-gb {kv_memory_gb}: not one sequence of {prompt_len + max_new_tokens} "
+                               f"tokens fits in format {name} ({pages} pages); give more memory or shorter prompts")
+    if num_prompts is None:
+        num_prompts = max(s for _, s in fits.values()) if long_context else 512
     prompts = (random_prompts(num_prompts, prompt_len, base.spec.vocab_size) if prompt_len
                else chat_prompts(base, num_prompts))
-    bandwidth = copy_bandwidth()
-    results = {"model": model, "prompts": num_prompts, "max_new_tokens": max_new_tokens,
-               "copy_bandwidth_GBps": bandwidth / 1e9, "runs": [], "checks": {}}
+    results = {"model": model, "workload": workload, "prompts": num_prompts, "prompt_len": prompt_len,
+               "max_new_tokens": max_new_tokens, "device": torch.cuda.get_device_name() if cuda else "cpu",
+               "copy_bandwidth_GBps": bandwidth / 1e9, "matmul_peak_tflops": peak / 1e12,
+               "kv_memory_gb": kv_memory_gb, "runs": [], "checks": {}}
     if check and not random_init:
         results["checks"]["triton_vs_reference_ppl"] = _ppl_check(base)
-    for fmt in [f for f in kv.split(",") if f]:
-        passes = [] if fmt == "bfloat16" else [{"name": "bfp-kv", "k_format": fmt, "v_format": fmt}]
-        import fxforge
-
-        opt = fxforge.optimize(base, passes=passes + [{"name": "lower", "backend": "triton"}])
-        for seats in seat_limits:
+    for fmt in list(optimized):
+        opt = optimized.pop(fmt)
+        pages, seats = fits.get(fmt, (None, None))
+        for limit in [seats] if seats else seat_limits:
             for k in windows:
-                run = run_fxforge(opt, prompts, max_new_tokens, seats, bandwidth, f"fxforge-{fmt}-s{seats}-k{k}",
-                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens, repeats=repeats)
-                results["runs"].append(run.to_dict())
-                console.print(run.to_dict())
+                run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth, f"fxforge-{fmt}-s{limit}-k{k}",
+                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens, repeats=repeats,
+                                  peak_flops=peak, num_pages=pages)
+                row = run.to_dict()
+                row.update(kv_format=fmt, seats_that_fit=seats)
+                results["runs"].append(row)
+                console.print(row)
                 gc.collect()
-                torch.cuda.empty_cache()
+                if cuda:
+                    torch.cuda.empty_cache()
         del opt
+    if kv_bytes is not None:
+        results["fixed_kv_memory"] = _fixed_kv_summary(results["runs"])
     if check and not random_init:
         results["checks"]["greedy_vs_reference_forward"] = greedy_agreement(base, prompts[:16])
     if hf_batch:
@@ -551,10 +609,59 @@ def bench_e2e_cmd(
     for r in results["runs"]:
         if best_hf and r["name"].startswith("fxforge"):
             r["speedup_vs_best_hf"] = r["tokens_per_second"] / best_hf
-    _print_rows([{k: v for k, v in r.items() if k != "steps"} for r in results["runs"]])
-    out.print_json(json.dumps(results["checks"]))
+    _print_rows([{k: v for k, v in r.items() if k in E2E_COLUMNS} for r in results["runs"]])
+    out.print_json(json.dumps({**results["checks"], **({"fixed_kv_memory": results["fixed_kv_memory"]}
+                                                       if kv_bytes is not None else {})}))
     if json_out:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+E2E_COLUMNS = ("name", "tokens", "seconds", "tokens_per_second", "roofline_pct", "roofline_bytes_only_pct",
+               "gpu_busy_pct", "forward_passes", "max_scheduled_seqs", "preemptions", "speedup_vs_best_hf")
+
+
+def _e2e_workload(workload: str) -> bool:
+    """True for the long-context workload; an unknown name is an error."""
+    if workload not in ("default", "long-context"):
+        raise FxforgeError(f"--workload {workload!r} is not valid; expected default or long-context")
+    return workload == "long-context"
+
+
+def _kv_pairs(text: str) -> list[tuple[str, list[dict]]]:
+    """--kv "bfloat16,bfp16,bfp12/bfp16" -> [(name, bfp-kv pass list)]; formats checked by name."""
+    from fxforge.kernels.formats import parse_kv_format
+
+    pairs = []
+    for item in [x.strip() for x in text.split(",") if x.strip()]:
+        k_format, _, v_format = item.partition("/")
+        v_format = v_format or k_format
+        try:
+            k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
+        except ValueError as exc:
+            raise FxforgeError(f"--kv {text!r}: {exc}") from None
+        if k_fmt.name == v_fmt.name == "bfloat16":
+            pairs.append((item, []))
+        else:
+            pairs.append((item, [{"name": "bfp-kv", "k_format": k_format, "v_format": v_format}]))
+    if not pairs:
+        raise FxforgeError(f"--kv {text!r} names no format; e.g. bfloat16,bfp16,bfp12/bfp16")
+    return pairs
+
+
+def _fixed_kv_summary(runs: list[dict]) -> dict:
+    """Per KV format in the fixed-KV-memory mode: sequences that fit, most scheduled at once,
+    tokens/s, and both against the bfloat16 row (if one ran)."""
+    rows = {r["kv_format"]: r for r in runs if r.get("seats_that_fit")}
+    base = rows.get("bfloat16")
+    summary = {}
+    for fmt, r in rows.items():
+        entry = {"seats_that_fit": r["seats_that_fit"], "max_scheduled_seqs": r["max_scheduled_seqs"],
+                 "tokens_per_second": r["tokens_per_second"], "kv_pool_bytes": r["kv_pool_bytes"]}
+        if base is not None:
+            entry["seats_vs_bfloat16"] = r["seats_that_fit"] / base["seats_that_fit"]
+            entry["tokens_per_second_vs_bfloat16"] = r["tokens_per_second"] / base["tokens_per_second"]
+        summary[fmt] = entry
+    return summary
 
 
 @bench_app.command("moe")

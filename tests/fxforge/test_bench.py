@@ -1,20 +1,26 @@
 """fxforge/bench.py on CPU: the MoE roofline counts only the experts routed to, the HF peer of a named
 shape is the same architecture, the HF run falls back from the static to the dynamic cache and says
-so, and `fxforge bench moe` refuses to start without CUDA."""
+so, and `fxforge bench moe` refuses to start without CUDA. Honest accounting (issue 14): the counts
+are the timed run's only, the roofline is the sum over passes of max(FLOPs / peak, bytes / bandwidth)
+with its FLOPs and bytes in every row; the fixed-KV-memory and long-context modes of `bench e2e`
+run on CPU (--smoke) with a tiny model."""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 import torch
 from typer.testing import CliRunner
 
-from fxforge.bench import expert_weight_bytes, hf_from_spec, roofline_bytes, run_hf_best, weight_bytes
+from fxforge.bench import (FlopModel, expert_weight_bytes, hf_from_spec, roofline, roofline_bytes, run_fxforge,
+                           run_hf_best, seats_in_kv_memory, weight_bytes)
 from fxforge.cli import app
 from fxforge.ir.importers.hf import spec_from_hf_config
 from fxforge.ir.importers.named import NAMED_SHAPES
-from fxforge.runtime.engine import EngineStats
+from fxforge.runtime.engine import Engine, EngineStats
+from fxforge.runtime.sequence import SamplingParams
 from tests.conftest import TINY_SPECS, tiny_model
 
 transformers = pytest.importorskip("transformers")
@@ -77,3 +83,127 @@ def test_bench_moe_needs_cuda():
         pytest.skip("this machine has CUDA")
     result = CliRunner().invoke(app, ["bench", "moe", "--tokens", "1"])
     assert result.exit_code == 2 and "error: fxforge bench moe needs a CUDA device" in result.output
+
+
+def linear_params(model) -> int:
+    """Weights of every q/k/v/o and MLP projection (the model's body matmuls)."""
+    return sum(p.numel() for name, p in model.module.named_parameters() if name.startswith("layers.") and p.dim() == 2)
+
+
+def test_flop_model_counts_every_matmul_weight_and_attention_pair():
+    model = tiny_model("llama-mqa-tied")  # tied: the LM head is the embedding, a matmul per logit row
+    spec = model.spec
+    flops = FlopModel.of(model)
+    assert flops.row_flops == 2 * linear_params(model)
+    assert flops.logit_row_flops == 2 * spec.vocab_size * spec.hidden_size
+    assert flops.pair_flops == 4 * spec.num_heads * spec.head_dim * spec.num_layers
+    assert flops.keys_seen(0, 7) == 28 and flops.keys_seen(7, 1) == 8 and flops.keys_seen(3, 2) == 4 + 5
+    assert dataclasses.replace(flops, sliding_window=4).keys_seen(0, 7) == 1 + 2 + 3 + 4 + 4 + 4 + 4
+    moe = tiny_model("mixtral-moe")
+    experts = sum(p.numel() for n, p in moe.module.named_parameters() if n.rsplit(".", 1)[-1] in ("w_gate", "w_up", "w_down"))
+    dense = sum(p.numel() for n, p in moe.module.named_parameters() if n.startswith("layers.") and p.dim() == 2)
+    assert FlopModel.of(moe).row_flops == 2 * dense + 2 * experts * 2 // 4  # top-2 of 4 experts
+
+
+def test_roofline_is_the_sum_over_passes_of_the_slower_ceiling():
+    model = tiny_model("llama-gqa")
+    flops = FlopModel(row_flops=10, logit_row_flops=100, pair_flops=1)
+    weights, kv = weight_bytes(model), model.kv_bytes_per_token()
+    prefill, decode = (64, 1, 2080, 64), (1, 1, 65, 65)  # a compute-heavy pass and a bytes-heavy one
+    peak, bandwidth = 1000.0, float(weights)  # prefill: 2820 FLOPs = 2.82 s > 1 + 64 kv rows / weights
+    costs = roofline(model, [prefill, decode], flops, peak, bandwidth)
+    prefill_s = max((64 * 10 + 100 + 2080) / peak, (weights + 64 * kv) / bandwidth)
+    decode_s = max((10 + 100 + 65) / peak, (weights + 65 * kv) / bandwidth)
+    assert prefill_s == 2.82 and decode_s == (weights + 65 * kv) / weights  # one pass per side of the ridge
+    assert costs["roofline_seconds"] == pytest.approx(prefill_s + decode_s)
+    assert costs["flops"] == 64 * 10 + 100 + 2080 + 10 + 100 + 65
+    assert (costs["weight_bytes"], costs["kv_bytes"]) == (2 * weights, (64 + 65) * kv)
+
+
+def test_run_counts_the_timed_run_only_and_records_its_flops_and_bytes():
+    model = tiny_model("llama-gqa")
+    prompts = [[(7 * i + j) % 200 + 1 for j in range(7)] for i in range(3)]
+    result = run_fxforge(model, prompts, 4, max_num_seqs=2, bandwidth=1e9, name="tiny", warmup=True,
+                         num_decode_steps=2, repeats=2, peak_flops=1e9)
+    once = Engine(model, max_num_seqs=2, max_model_len=7 + 4 + 16, num_decode_steps=2)
+    once.generate(prompts, SamplingParams(max_new_tokens=4, ignore_eos=True))
+    assert (result.forward_passes, result.steps) == (once.stats.forward_passes, once.stats.steps)
+    assert result.profiled_seconds > 0 and result.gpu_busy_pct is None  # the re-run happened, counted nowhere
+    assert result.kv_bytes == once.stats.kv_tokens_read * model.kv_bytes_per_token()
+    assert result.weight_bytes == once.stats.forward_passes * weight_bytes(model)
+    flops = FlopModel.of(model)
+    rows, logit_rows = 3 * 7 + 3 * 3, 3 * 4  # prompts once, then the 3 fed-back tokens; a logit row per token
+    pairs = 3 * (28 + 8 + 9 + 10)  # causal prefill of 7, then decodes at positions 7, 8, 9
+    assert result.flops == rows * flops.row_flops + logit_rows * flops.logit_row_flops + pairs * flops.pair_flops
+    assert result.roofline_pct == pytest.approx(100 * result.roofline_seconds / result.seconds)
+    assert result.roofline_seconds >= max(result.flops / 1e9, (result.weight_bytes + result.kv_bytes) / 1e9)
+    assert result.max_scheduled_seqs == 2 and result.preemptions == 0
+
+
+def test_seats_in_kv_memory_follow_the_format_bytes():
+    model = tiny_model("llama-gqa")
+    import fxforge
+
+    packed = fxforge.optimize(model, passes=[{"name": "bfp-kv", "k_format": "bfp12", "v_format": "bfp16"}])
+    memory = 100 * 16 * model.kv_bytes_per_token()  # 100 pages of the float32 cache
+    assert seats_in_kv_memory(model, memory, 40) == (100, 100 // 3)  # 40 tokens: 3 pages of 16
+    pages, seats = seats_in_kv_memory(packed, memory, 40)
+    assert pages == memory // (16 * packed.kv_bytes_per_token()) and seats == pages // 3
+    assert packed.kv_bytes_per_token() < model.kv_bytes_per_token() / 4  # 4.25 + 8.25 bits vs 32 + 32
+
+
+def write_tiny_checkpoint(folder):
+    """A tiny HF checkpoint (random weights) whose head_dim of 32 BFP blocks divide."""
+    from tests.fxforge.test_recover import write_checkpoint
+
+    write_checkpoint(folder, num_layers=2)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_size=64, num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_long_context_fixed_kv_memory_smoke(tmp_path):
+    source = write_tiny_checkpoint(tmp_path / "hf")
+    out = tmp_path / "e2e.json"
+    kv_gib = 64 * 16 * 512 / (1 << 30)  # 64 pages of the float32 cache (2 layers x 256 B a token)
+    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--workload", "long-context", "--smoke",
+                                      "--prompt-len", "20", "--max-new-tokens", "3", "--kv", "bfloat16,bfp12/bfp16",
+                                      "--kv-memory-gb", str(kv_gib), "--decode-steps", "2", "--repeats", "1",
+                                      "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(out.read_text())
+    runs = {r["kv_format"]: r for r in results["runs"]}
+    assert sorted(runs) == ["bfloat16", "bfp12/bfp16"] and results["workload"] == "long-context"
+    assert runs["bfloat16"]["seats_that_fit"] == 64 // 3  # 20 + 3 + 16 tokens: 3 pages each
+    packed = runs["bfp12/bfp16"]
+    assert packed["seats_that_fit"] == (64 * 16 * 512 // packed["kv_bytes_per_token"]) // 16 // 3
+    assert results["prompts"] == packed["seats_that_fit"]  # as many sequences as the densest format holds
+    for r in runs.values():
+        assert r["kv_pool_bytes"] <= 64 * 16 * 512 and r["preemptions"] == 0
+        assert r["max_scheduled_seqs"] == min(r["seats_that_fit"], results["prompts"])
+        assert r["tokens"] == 3 * results["prompts"] and r["flops"] > 0 and r["weight_bytes"] > 0 and r["kv_bytes"] > 0
+    summary = results["fixed_kv_memory"]["bfp12/bfp16"]
+    assert summary["seats_vs_bfloat16"] == packed["seats_that_fit"] / runs["bfloat16"]["seats_that_fit"] > 2.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt-len", "0", "--kv-memory-gb", "1"], "--kv-memory-gb needs --prompt-len"),
+    (["--kv-memory-gb", "-1", "--prompt-len", "8"], "--kv-memory-gb must be > 0"),
+    (["--workload", "huge"], "--workload 'huge' is not valid"),
+    (["--kv", "bfp13"], "--kv 'bfp13': unknown KV format"),
+    (["--kv-memory-gb", "1e-9", "--prompt-len", "8", "--smoke"], "not one sequence of 264 tokens fits"),
+], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits"])
+def test_bench_e2e_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
+    source = write_tiny_checkpoint(tmp_path / "hf")
+    out = tmp_path / "e2e.json"
+    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--random-init", "--json-out", str(out), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not out.exists()
+
+
+def test_bench_e2e_needs_cuda_or_smoke(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    result = CliRunner().invoke(app, ["bench", "e2e", "--prompts", "1"])
+    assert result.exit_code == 2 and "needs a CUDA device (use --smoke" in result.output
