@@ -90,7 +90,9 @@ def _host_memory_bytes() -> float:
         return 16e9  # sysconf missing (not Linux): a placeholder, stated in the notes
 
 
-def _steps(settings: CalibrationSettings, gpu: bool) -> list[tuple[str, str]]:
+def calibration_steps(settings: CalibrationSettings) -> list[tuple[str, str]]:
+    """(where, what) of every measurement calibrate makes with these settings on this machine."""
+    gpu = settings.gpu and torch.cuda.is_available()
     steps = [("cpu", "copy"), ("cpu", "float32"), ("cpu", "bfloat16")]
     if gpu:
         steps += [("gpu", "copy"), ("gpu", "bfloat16"), ("gpu", "float16"), ("gpu", "float32"),
@@ -100,13 +102,14 @@ def _steps(settings: CalibrationSettings, gpu: bool) -> list[tuple[str, str]]:
 
 def calibrate(settings: CalibrationSettings = CalibrationSettings(),
               progress: Callable[[str], None] | None = None) -> System:
-    """Measure the CPU (and the GPU and its host link when CUDA is available and settings.gpu)."""
+    """Measure the CPU (and the GPU and its host link when CUDA is available and settings.gpu);
+    progress(step name) after each measurement."""
     gpu = settings.gpu and torch.cuda.is_available()
     results: dict[tuple[str, str], float] = {}
-    for where, what in _steps(settings, gpu):
+    for where, what in calibration_steps(settings):
+        results[(where, what)] = _measure(where, what, settings)
         if progress is not None:
             progress(f"{where} {what}")
-        results[(where, what)] = _measure(where, what, settings)
     cpu = DeviceSpec(
         name=f"{settings.prefix}-cpu", kind="cpu",
         peak_flops={"float32": results[("cpu", "float32")], "bfloat16": results[("cpu", "bfloat16")],
@@ -151,4 +154,4 @@ def _measure(where: str, what: str, settings: CalibrationSettings) -> float:
     return seconds if what == "latency" else host.numel() * 4 / seconds
 
 
-__all__ = ["CalibrationSettings", "calibrate", "median_seconds"]
+__all__ = ["CalibrationSettings", "calibrate", "calibration_steps", "median_seconds"]

@@ -137,7 +137,8 @@ def _check_pass_options(plist: list[dict], items: list[str] | None) -> None:
 
 
 def _calib_texts(passes: list[dict], data: str) -> list[str] | None:
-    if not any(p.get("metric") == "calibrated" or p["name"] == "kv-mix" for p in passes):
+    if not any(p.get("metric") == "calibrated" or p["name"] == "kv-mix" or p.get("experts") == "measured"
+               for p in passes):
         return None
     from fxforge.data import load_texts
 
@@ -192,7 +193,8 @@ def compile_cmd(
         result = _perplexities(opt, original, data, max_tokens, context, opt is not original)
         summary.update(result)
         extra = _eval_markdown(result)
-    save_artifact(opt, output, extra)
+    extra_placement, write_plot = _placement_extras(opt)
+    save_artifact(opt, output, extra + extra_placement, write_plot)
     summary["seconds"] = round(time.perf_counter() - start, 1)
     _print_summary(summary)
 
@@ -1013,6 +1015,136 @@ def bench_tying_cmd(
     out.print_json(json.dumps(results["targets"]))
     if json_out is not None:
         json_out.write_text(json.dumps(results, indent=2))
+
+
+# -- issue 12: Op/B placement, device calibration, the Duplex study, expert offload ----------------
+
+def _placement_extras(model) -> tuple[str, object]:
+    """report.md section and a writer of placement.png for an artifact whose passes include opb-placement."""
+    records = [r for r in getattr(model, "passes", []) if r["name"] == "opb-placement"]
+    if not records:
+        return "", None
+    from fxforge.passes.opb_placement import placement_markdown, plot_placement
+
+    plan = records[-1]["report"]
+    return placement_markdown(plan, "placement.png"), lambda staging: plot_placement(plan, staging / "placement.png")
+
+
+@app.command("calibrate-device")
+@_guard
+def calibrate_device_cmd(
+    output: Path = typer.Option(..., "-o", "--output", help="system file to write (devices + links, JSON)"),
+    reps: int = typer.Option(5, help="timed runs per measurement (the median is kept)"),
+    warmup: int = typer.Option(2, help="untimed runs before them"),
+    quick: bool = typer.Option(False, "--quick", help="tiny buffers: proves the code path, measures little"),
+    gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="measure the GPU and its host link when CUDA is available"),
+    prefix: str = typer.Option("local", help="device names: PREFIX-gpu, PREFIX-cpu"),
+):
+    """Measure this machine (CPU and GPU copy bandwidth, matmul peaks, host-to-device link) into a device file
+    that opb-placement, analyze and the benches read."""
+    import torch
+    from rich.progress import Progress
+
+    from fxforge.artifact import check_output_file
+    from fxforge.calibrate import CalibrationSettings, calibrate, calibration_steps
+
+    settings = CalibrationSettings(reps=reps, warmup=warmup, quick=quick, prefix=prefix, gpu=gpu)
+    target = check_output_file(output, "-o")
+    if gpu and not torch.cuda.is_available():
+        console.print("no CUDA device: the GPU and host-link measurements are skipped")
+    with Progress(console=console) as progress:
+        task = progress.add_task("calibrating", total=len(calibration_steps(settings)))
+        system = calibrate(settings, lambda step: progress.update(task, advance=1, description=step))
+    system.save(target)
+    rows = [{"device": d.name, "kind": d.kind, "bandwidth_GBps": d.mem_bandwidth / 1e9,
+             **{f"{k}_TFLOPs": v / 1e12 for k, v in d.peak_flops.items()}} for d in system.devices.values()]
+    _print_rows(rows)
+    for link in system.links:
+        console.print(f"link {link.name}: {link.bandwidth / 1e9:.1f} GB/s, {link.latency_s * 1e6:.1f} us ({link.notes})")
+    console.print(f"wrote {target}")
+
+
+def _placement_config(devices, links, phase, batch, context, prefill_tokens, dtype, experts, skew, memory_budget_gb):
+    from fxforge.passes.manager import resolve
+
+    return resolve({"name": "opb-placement", "devices": devices, "links": links, "phase": phase, "batch": batch,
+                    "context": context, "prefill_tokens": prefill_tokens, "dtype": _dtype(dtype).__repr__()
+                    .removeprefix("torch."), "experts": experts, "skew": skew, "memory_budget_gb": memory_budget_gb})
+
+
+@app.command("place")
+@_guard
+def place_cmd(
+    model: str = typer.Argument(..., help="model: named shapes use their config (no weights), else loaded"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for plan.json, report.md, placement.png"),
+    devices: str = typer.Option("h200,logic-pim", help="devices: built-in names (h100, h200, logic-pim, host-cpu), "
+                                "device or system JSON files (calibrate-device), comma-separated"),
+    links: str = typer.Option("", help="extra links A:B=TEMPLATE or A:B=GBPS[/LATENCY_US], comma-separated"),
+    phase: str = typer.Option("decode", help="prefill, decode or mixed"),
+    batch: int = typer.Option(64, help="sequences in the step"),
+    context: int = typer.Option(4096, help="context length"),
+    prefill_tokens: int = typer.Option(0, help="mixed: prefill tokens in the step"),
+    dtype: str = typer.Option("bfloat16", help="weights and activations"),
+    experts: str = typer.Option("uniform", help="expert token distribution: uniform, skewed or measured "
+                                "(routing on the calibration split of --data; loads the weights)"),
+    skew: float = typer.Option(1.0, help="skewed: Zipf exponent of the experts' routing shares"),
+    memory_budget_gb: float = typer.Option(0.0, "--memory-budget-gb", help="weights + KV the compute side may "
+                                           "hold (0: its memory); experts beyond it live on the memory side"),
+    data: str = typer.Option("gsm8k", help="calibration text for --experts measured"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan's summary as JSON"),
+):
+    """Place MODEL's ops on DEVICES for a workload (the opb-placement pass on the model's graph) and write the
+    plan, a report and the Op/B-vs-ridge plot; nothing is compiled."""
+    import shutil
+    import tempfile
+
+    from fxforge.artifact import check_output_dir
+    from fxforge.ir.importers.named import NAMED_SHAPES
+    from fxforge.passes.manager import PassContext
+    from fxforge.passes.opb_placement import memory_plan, opb_placement, placement_markdown, plot_placement
+
+    config = _placement_config(devices, links, phase, batch, context, prefill_tokens, dtype, experts, skew,
+                               memory_budget_gb)
+    target = check_output_dir(output)
+    if target.exists() and any(target.iterdir()):
+        raise FxforgeError(f"-o {str(target)!r} is not empty; choose a new or empty directory")
+    measured = config.experts.value == "measured"
+    if model in NAMED_SHAPES and not measured:
+        memory_plan(config, NAMED_SHAPES[model])  # before building anything
+    m = _analysis_model(model) if not measured else _load(model, "float32")
+    memory_plan(config, m.spec)
+    from fxforge.ir.capture import capture
+
+    gm = capture(m.module)
+    calib = None
+    if measured:
+        from fxforge.data import load_texts
+
+        calib = load_texts(data, split="calib")
+    with console.status("placing"):
+        result = opb_placement(gm, config, PassContext(model=m, calib=calib))
+    plan = result.report
+    config_out = (result.config or config).to_dict()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (staging / "plan.json").write_text(json.dumps({"kind": "opb-placement", "model": model, "config": config_out,
+                                                       "plan": plan}, indent=1, default=str))
+        (staging / "report.md").write_text(f"# Op/B placement: {model}\n" + placement_markdown(plan, "placement.png"))
+        plot_placement(plan, staging / "placement.png")
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = {k: plan[k] for k in ("predicted_step_s", "per_device_s", "transfer_s", "single_device_s",
+                                    "speedup_vs_best_single_device")}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(placement_markdown(plan))
+        console.print(f"wrote {target}/plan.json, report.md, placement.png")
 
 
 def main() -> None:

@@ -1,0 +1,77 @@
+"""The issue-12 commands: place, compile --passes opb-placement, calibrate-device; bad input is one
+`error:` line, exit code 2, nothing written."""
+
+import json
+from pathlib import Path
+
+import fxforge
+from typer.testing import CliRunner
+
+from fxforge.cli import app
+from fxforge.ir.devices import load_system
+from tests.conftest import tiny_model
+
+runner = CliRunner()
+
+
+def _ok(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _fails_cleanly(args, message, written=None):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and message in result.output, result.output
+    if written is not None:
+        assert not Path(written).exists(), f"a failed command left {written} behind"
+
+
+def test_place_named_shape_writes_plan_report_and_plot(tmp_path):
+    out = tmp_path / "place"
+    _ok(["place", "mixtral-8x7b", "-o", str(out), "--devices", "h200,logic-pim", "--batch", "64", "--context", "4096"])
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["kind"] == "opb-placement" and plan["config"]["devices"] == ["h200", "logic-pim"]
+    body = plan["plan"]
+    assert body["predicted_step_s"] < min(body["single_device_s"].values())
+    assert body["placement"]["attention"]["devices"] == {"logic-pim": 32}
+    assert "threshold" in (out / "report.md").read_text()
+    assert (out / "placement.png").stat().st_size > 1000
+
+
+def test_compile_with_placement_and_calibrated_device(tmp_path):
+    source = tmp_path / "tiny"
+    fxforge.optimize(tiny_model("mixtral-moe"), passes=[]).save(source)
+    device_file = tmp_path / "dev.json"
+    _ok(["calibrate-device", "-o", str(device_file), "--quick", "--no-gpu", "--reps", "2", "--warmup", "1"])
+    system = load_system([str(device_file)])
+    assert list(system.devices) == ["local-cpu"] and "GPU parts skipped" in system.devices["local-cpu"].notes
+    out = tmp_path / "art"
+    _ok(["compile", str(source), "-o", str(out), "--no-eval", "--passes", "opb-placement",
+         "--option", f"devices=h200,{device_file}", "--option", "batch=8", "--option", "context=64"])
+    report = (out / "report.md").read_text()
+    assert "## Op/B placement (modelled)" in report and "local-cpu" in report
+    assert (out / "placement.png").stat().st_size > 1000
+    record = json.loads((out / "plan.json").read_text())["passes"][0]
+    assert record["name"] == "opb-placement" and record["report"]["expert_rules"]["0"]["memory_side"] == "local-cpu"
+
+
+def test_bad_input_fails_before_any_work(tmp_path):
+    out = tmp_path / "out"
+    _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--devices", "h200,a100"], "'a100' is neither a built-in",
+                   out)
+    _fails_cleanly(["compile", "smollm2-135m", "-o", str(out), "--no-eval", "--passes", "opb-placement",
+                    "--option", "devices=h100,a100"], "'a100' is neither a built-in", out)
+    bad = tmp_path / "gpu.json"
+    bad.write_text(json.dumps({"name": "x", "peak_flops": {"bfloat16": 1e12}, "mem_bandwidth": 1e12}))
+    _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--devices", f"h200,{bad}"],
+                   "missing keys ['memory_bytes']", out)
+    _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--devices", "h100,logic-pim", "--batch", "64"],
+                   "cannot be held", out)
+    _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--devices", "h200,host-cpu", "--memory-budget-gb", "2"],
+                   "too small even for the dense part", out)
+    _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--experts", "zipf"], "expected one of", out)
+    _fails_cleanly(["calibrate-device", "-o", str(tmp_path)], "is a directory")
+    _fails_cleanly(["calibrate-device", "-o", str(tmp_path / "d.json"), "--reps", "0"], "--reps", tmp_path / "d.json")
