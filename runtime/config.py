@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOOP_POLICIES = ("lockstep", "depthwise")
+SKIP_POLICIES = ("bucket", "mask", "full")
 
 
 def _is_int(value) -> bool:
@@ -33,6 +34,7 @@ class EngineConfig:
     eos_token_id: int | None = None  # the token that ends generation (unless SamplingParams.ignore_eos)
     chat: bool = True  # text prompts go through the model's chat template
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
+    skip_policy: str = "bucket"  # skip-decode models: "bucket", "mask" (runtime/skip_runner.py) or "full" (every layer)
 
     def __post_init__(self):
         for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2),
@@ -45,6 +47,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.loop_policy not in LOOP_POLICIES:
             raise ValueError(f"EngineConfig.loop_policy must be one of {LOOP_POLICIES}, got {self.loop_policy!r}")
+        if self.skip_policy not in SKIP_POLICIES:
+            raise ValueError(f"EngineConfig.skip_policy must be one of {SKIP_POLICIES}, got {self.skip_policy!r}")
         if self.eos_token_id is not None and (not _is_int(self.eos_token_id) or self.eos_token_id < 0):
             raise ValueError(f"EngineConfig.eos_token_id must be None or an int >= 0, got {self.eos_token_id!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len - 1:

@@ -13,11 +13,14 @@ from dataclasses import dataclass
 
 import torch
 
+from fxforge.ir.skip import skip_schedule
+
 from .config import EngineConfig
 from .loop_runner import DepthwiseRunner
 from .model_runner import ModelRunner
 from .scheduler import Scheduler, SchedulerOutput
 from .sequence import SamplingParams, Sequence
+from .skip_runner import SkipRunner
 
 # Settings whose None means "the model's default", as Engine's keywords always took them.
 _MODEL_DEFAULTS = ("max_model_len", "num_pages", "use_cuda_graphs")
@@ -88,6 +91,10 @@ class Engine:
     `loop_policy` for a layer-tied model: "lockstep" runs every token through all depths in one
     step (the unrolled graph); "depthwise" runs the shared block stack once per step for rows at
     every loop iteration (runtime/loop_runner.py).
+
+    `skip_policy` for a model compiled with skip-decode: "bucket" (rows grouped by depth, one depth
+    per group, CUDA graphs per depth) or "mask" (per-row layer masks in one call), both in
+    runtime/skip_runner.py; "full" ignores the schedule and runs every layer.
     """
 
     def __init__(self, model, *, config: EngineConfig | None = None, **settings):
@@ -97,7 +104,12 @@ class Engine:
             raise TypeError(f"Engine takes either config or settings by keyword, got both (config and {sorted(settings)})")
         self.model, self.config = model, config
         depthwise = config.loop_policy == "depthwise"
-        self.runner = DepthwiseRunner(model, config) if depthwise else ModelRunner(model, config)
+        skipping = skip_schedule(model) is not None and config.skip_policy != "full"
+        if depthwise and skipping:
+            raise ValueError("a skip-decode model cannot be served depth-wise (one pass of a shared block stack per "
+                             "step cannot skip depths); use loop_policy='lockstep' or skip_policy='full'")
+        runner = DepthwiseRunner if depthwise else SkipRunner if skipping else ModelRunner
+        self.runner = runner(model, config)
         self.scheduler = Scheduler(config, model.kv_bytes_per_token(), self.runner.looped.loops if depthwise else 1)
         self.stats = EngineStats()
 

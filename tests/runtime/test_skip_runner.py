@@ -1,0 +1,107 @@
+"""runtime/skip_runner.py: both SkipDecode policies give the reference decoder's tokens (ir/skip.py
+skip_greedy) under continuous batching (mixed prompt lengths, staggered arrivals so rows sit at
+different generated positions, decode windows, preemption and recompute), full depth equals the
+model, the KV accounting, and bad combinations."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import fxforge
+from fxforge.ir.model import Model
+from fxforge.ir.skip import skip_greedy
+from fxforge.passes import SkipDecode
+from fxforge.runtime.config import EngineConfig
+from fxforge.runtime.engine import Engine
+from fxforge.runtime.sequence import SamplingParams
+from fxforge.runtime.skip_runner import SkipRunner
+from tests.conftest import TINY_SPECS
+
+SPEC = dataclasses.replace(TINY_SPECS["llama-gqa"], num_layers=5, eos_token_ids=())
+LENGTHS = (3, 9, 17, 5, 12)
+NEW_TOKENS = (14, 9, 11, 16, 6)
+
+
+@pytest.fixture(scope="module")
+def skipped():
+    model = Model.from_state_dict(SPEC, None, seed=1)
+    return fxforge.optimize(model, passes=[SkipDecode(min_layers=1, max_layers=4, warmup_layers=1, span=8)])
+
+
+@pytest.fixture(scope="module")
+def reference(skipped):
+    tokens = [skip_greedy(skipped, [p], n)[0] for p, n in zip(prompts(), NEW_TOKENS)]
+    assert tokens != [skipped.generate([p], n)[0] for p, n in zip(prompts(), NEW_TOKENS)]  # skipping shows
+    return tokens
+
+
+def prompts() -> list[list[int]]:
+    gen = torch.Generator().manual_seed(4)
+    return [torch.randint(0, SPEC.vocab_size, (n,), generator=gen).tolist() for n in LENGTHS]
+
+
+def staggered(engine: Engine) -> list[list[int]]:
+    """Two requests first, the others arriving while they decode (rows at different t share steps)."""
+    seqs = {}
+    for i in (0, 1):
+        seqs[i] = engine.add_request(prompts()[i], SamplingParams(max_new_tokens=NEW_TOKENS[i]))
+    for step in range(60):
+        if step in (2, 5, 6):
+            i = {2: 2, 5: 3, 6: 4}[step]
+            seqs[i] = engine.add_request(prompts()[i], SamplingParams(max_new_tokens=NEW_TOKENS[i]))
+        if not engine.scheduler.has_unfinished() and len(seqs) == 5:
+            break
+        engine.step()
+    return [seqs[i].output_token_ids for i in range(5)]
+
+
+@pytest.mark.parametrize("decode_steps", [1, 4], ids=["single-step", "window-4"])
+@pytest.mark.parametrize("policy", ["bucket", "mask"])
+def test_policies_give_the_reference_tokens(skipped, reference, policy, decode_steps):
+    engine = Engine(skipped, config=EngineConfig(num_pages=64, page_size=4, max_model_len=64, max_num_seqs=8,
+                                                 max_num_batched_tokens=16, num_decode_steps=decode_steps,
+                                                 skip_policy=policy))
+    assert isinstance(engine.runner, SkipRunner)
+    assert staggered(engine) == reference
+    assert 0 < engine.runner.kv_saving() < 1  # skipped layers left reserved slots unwritten
+
+
+@pytest.mark.parametrize("policy", ["bucket", "mask"])
+def test_preemption_recomputes_at_each_tokens_depth(skipped, reference, policy):
+    """A pool too small for every sequence: preempted sequences recompute prompt and generated tokens in
+    one chunk, each token at its own depth, and still give the reference tokens."""
+    engine = Engine(skipped, config=EngineConfig(num_pages=10, page_size=4, max_model_len=40, max_num_seqs=5,
+                                                 max_num_batched_tokens=64, num_decode_steps=1, skip_policy=policy))
+    outputs = engine.generate(prompts(), [SamplingParams(max_new_tokens=n) for n in NEW_TOKENS])
+    assert engine.stats.preemptions > 0
+    assert [o.token_ids for o in outputs] == reference
+
+
+def test_full_depth_schedule_equals_the_model():
+    model = Model.from_state_dict(SPEC, None, seed=2)
+    full = fxforge.optimize(model, passes=[SkipDecode(min_layers=5, warmup_layers=0)])
+    params = [SamplingParams(max_new_tokens=n) for n in NEW_TOKENS]
+    config = EngineConfig(num_pages=64, page_size=4, max_model_len=64, max_num_batched_tokens=16, num_decode_steps=3)
+    expected = [o.token_ids for o in Engine(model, config=config).generate(prompts(), params)]
+    for policy in ("bucket", "mask"):
+        engine = Engine(full, config=dataclasses.replace(config, skip_policy=policy))
+        assert [o.token_ids for o in engine.generate(prompts(), params)] == expected
+        assert engine.runner.kv_saving() == 0
+
+
+def test_full_policy_ignores_the_schedule(skipped):
+    config = EngineConfig(num_pages=64, page_size=4, max_model_len=64, skip_policy="full")
+    engine = Engine(skipped, config=config)
+    assert type(engine.runner).__name__ == "ModelRunner"
+    tokens = engine.generate(prompts()[:2], SamplingParams(max_new_tokens=6))
+    assert [t.token_ids for t in tokens] == skipped.generate(prompts()[:2], 6)
+
+
+def test_bad_settings(skipped):
+    with pytest.raises(ValueError, match="skip_policy must be one of"):
+        EngineConfig(skip_policy="exit")
+    with pytest.raises(ValueError, match="cannot be served depth-wise"):
+        Engine(skipped, config=EngineConfig(num_pages=8, loop_policy="depthwise"))
+    with pytest.raises(ValueError, match="needs a model compiled with the skip-decode pass"):
+        SkipRunner(Model.from_state_dict(SPEC, None), EngineConfig(num_pages=8))
