@@ -1147,6 +1147,54 @@ def place_cmd(
         console.print(f"wrote {target}/plan.json, report.md, placement.png")
 
 
+@app.command("duplex-study")
+@_guard
+def duplex_study_cmd(
+    models: str = typer.Option("mixtral-8x7b,llama-3-70b-like", help="model shapes (comma-separated)"),
+    batches: str = typer.Option("16,32,64,128,256", help="decode batches under continuous batching"),
+    lengths: str = typer.Option("1024/1024,2048/512", help="prompt/generated lengths (LIN/LOUT, comma-separated)"),
+    top_ks: str = typer.Option("1,2,4", help="top-k values of the experts' Op/B table"),
+    opb_batches: str = typer.Option("1,4,16,64,256,1024", help="batches of the Op/B table"),
+    smoke: bool = typer.Option(False, "--smoke", help="one layer per model, two batches: proves the code path"),
+    json_out: Path = typer.Option(Path("duplex_study.json"), "--json-out", help="results (JSON)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the tables here"),
+    plot: Path = typer.Option(Path("duplex_opb.png"), "--plot", help="Op/B against batch (PNG)"),
+):
+    """The Duplex paper's analysis on fxforge's cost model (a model, not a measurement): Op/B of MoE experts and
+    GQA attention against batch and top-k, and modelled throughput of xPU + Logic-PIM against the xPU alone."""
+    from rich.progress import Progress
+
+    from fxforge.artifact import check_output_file
+    from fxforge.duplex import StudySettings, markdown, plot_opb, run_study
+
+    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
+    try:
+        pairs = tuple(tuple(int(x) for x in item.split("/")) for item in lengths.split(",") if item.strip())
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise FxforgeError(f"--lengths must be LIN/LOUT pairs such as 1024/1024,2048/512, got {lengths!r}")
+    settings = StudySettings(models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                             batches=tuple(_int_list(batches, "--batches")), lengths=pairs,
+                             top_ks=tuple(_int_list(top_ks, "--top-ks")),
+                             opb_batches=tuple(_int_list(opb_batches, "--opb-batches")))
+    if smoke:
+        settings = StudySettings(models=settings.models, batches=settings.batches[:2], lengths=settings.lengths[:1],
+                                 top_ks=settings.top_ks, opb_batches=settings.opb_batches[:2], num_layers=1)
+    total = len(settings.models) * len(settings.batches) * len(settings.lengths)
+    with Progress(console=console) as progress:
+        task = progress.add_task("duplex study", total=total)
+        results = run_study(settings, lambda what: progress.update(task, advance=1, description=what))
+    table = markdown(results)
+    json_out.write_text(json.dumps(results, indent=1))
+    plot_opb(results, plot)
+    if markdown_out is not None:
+        markdown_out.write_text(table)
+    out.print(table)
+
+
 def main() -> None:
     sys.exit(app())
 

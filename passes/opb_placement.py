@@ -53,7 +53,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxforge.ir.capture import META_KEY, meta, spec_of
+from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
 from fxforge.ir.cost import COST_KEY, INDEX_BYTES, BatchDesc, annotate_costs
 from fxforge.ir.devices import DeviceSpec, System, load_system
 from fxforge.ir.errors import FxforgeError, PassConfigError
@@ -85,7 +85,9 @@ class OpBPlacement(PassConfig):
     Workload: phase, batch, context, prefill_tokens (mixed), dtype; experts: uniform, skewed (skew =
     Zipf exponent) or measured (calib_tokens of calibration text, windows of calib_context; fills
     expert_shares, one routing share per expert per MoE layer). memory_budget_gb: weights + KV the
-    compute side may hold (0: its memory). max_states: DP frontier cap."""
+    compute side may hold (0: its memory). memory_side_roles: the roles a unit needs to run off the
+    compute side (empty: any; Duplex's mapping: attention), experts excepted (their rule decides).
+    max_states: DP frontier cap."""
 
     devices: tuple[str, ...] = ("h100", "logic-pim")
     links: tuple[str, ...] = ()
@@ -100,11 +102,12 @@ class OpBPlacement(PassConfig):
     calib_context: int = 256
     expert_shares: tuple[tuple[float, ...], ...] = ()
     memory_budget_gb: float = 0.0
+    memory_side_roles: tuple[str, ...] = ()
     max_states: int = 4096
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("devices", "links"):
+        for name in ("devices", "links", "memory_side_roles"):
             value = getattr(self, name)
             value = tuple(v.strip() for v in value.split(",") if v.strip()) if isinstance(value, str) else tuple(value)
             object.__setattr__(self, name, value)
@@ -113,6 +116,9 @@ class OpBPlacement(PassConfig):
         self.workload()  # batch, context, dtype
         for device in self.system().devices.values():
             device.peak(self.workload().dtype)
+        unknown = sorted(set(self.memory_side_roles) - set(ROLES))
+        if unknown:
+            raise ValueError(f"memory_side_roles: unknown roles {unknown}; roles are {list(ROLES)}")
         for name in ("calib_tokens", "calib_context", "max_states"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -160,9 +166,10 @@ def weight_bytes(spec: ModelSpec, act: int) -> tuple[float, float]:
     return float(dense * act), float(3 * h * spec.moe_intermediate_size * act if spec.is_moe else 0)
 
 
-def memory_plan(config: OpBPlacement, spec: ModelSpec) -> MemoryPlan:
-    """The compute side's share of the model; PassConfigError when the dense part or the whole model does not fit."""
-    batch, system = config.workload(), config.system()
+def memory_plan(config: OpBPlacement, spec: ModelSpec, system: System | None = None) -> MemoryPlan:
+    """The compute side's share of the model (on `system`, default the config's devices); PassConfigError when
+    the dense part or the whole model does not fit."""
+    batch, system = config.workload(), system or config.system()
     compute = compute_side(system, batch.dtype)
     act = batch.dtype_bytes
     dense, expert = weight_bytes(spec, act)
@@ -545,10 +552,12 @@ class ExpertCoster:
 
 
 def unit_times(units: list[Unit], node_unit: dict[fx.Node, int], gm: fx.GraphModule, batch: BatchDesc,
-               system: System, experts: ExpertCoster, counts: dict[int, list[int]]) -> None:
-    """Fill every unit's times (per device) and inputs (bytes read from other units)."""
+               system: System, experts: ExpertCoster, counts: dict[int, list[int]], roles: tuple[str, ...] = ()) -> None:
+    """Fill every unit's times (per device; inf off the compute side for a unit with none of `roles`,
+    when given) and inputs (bytes read from other units)."""
     spec, memo = spec_of(gm), {}
     for unit in units:
+        movable = not roles or any(META_KEY in n.meta and meta(n).role in roles for n in unit.nodes)
         for node in unit.nodes:
             for source in node.all_input_nodes:
                 v = node_unit.get(source)
@@ -561,6 +570,8 @@ def unit_times(units: list[Unit], node_unit: dict[fx.Node, int], gm: fx.GraphMod
                 unit.times[name] = sum(s for _, s in experts.choices(layer_counts, name))
                 unit.times[name] += sum(device.time_s(n.meta[COST_KEY].flops, n.meta[COST_KEY].bytes, batch.dtype)
                                         for n in unit.nodes if n.target is not MOE and COST_KEY in n.meta)
+            elif name != experts.compute and not movable:
+                unit.times[name] = math.inf
             else:
                 unit.times[name] = sum(device.time_s(n.meta[COST_KEY].flops, n.meta[COST_KEY].bytes, batch.dtype)
                                        for n in unit.nodes if COST_KEY in n.meta)
@@ -616,17 +627,18 @@ def _replace(config: OpBPlacement, **changes) -> OpBPlacement:
 
 
 def place(gm: fx.GraphModule, config: OpBPlacement, system: System | None = None) -> dict:
-    """Annotate costs, place every unit, write node notes and gm.meta[PLAN_KEY]; returns the plan (JSON-able)."""
+    """Annotate costs, place every unit, write node notes and gm.meta[PLAN_KEY]; returns the plan (JSON-able).
+    `system` replaces the config's devices and links (devices built in code, e.g. scaled ones)."""
     spec, batch = spec_of(gm), config.workload()
     system = system or config.system()
-    memory = memory_plan(config, spec)
+    memory = memory_plan(config, spec, system)
     annotate_costs(gm, spec, batch)
     units, node_unit = build_units(gm)
     experts = ExpertCoster(spec, batch, system, memory)
     pairs = batch.num_tokens * spec.num_experts_per_tok
     shares = distribution_shares(config, spec) if spec.is_moe else []
     counts = {layer: expert_token_counts(s, pairs, batch.num_tokens) for layer, s in enumerate(shares)}
-    unit_times(units, node_unit, gm, batch, system, experts, counts)
+    unit_times(units, node_unit, gm, batch, system, experts, counts, config.memory_side_roles)
     solution = solve(units, system, config.max_states)
     plan = _plan(gm, units, solution, system, batch, experts, counts, memory, config)
     gm.meta[PLAN_KEY] = plan
@@ -694,8 +706,10 @@ def _plan(gm, units, solution, system, batch, experts, counts, memory, config) -
 
 
 def _single_device_times(units: list[Unit], system: System) -> dict[str, float]:
-    """Step time with every unit on one device (experts still under the rule, anchored there)."""
-    return {name: sum(u.times[name] for u in units) for name in system.devices}
+    """Step time with every unit on one device (experts still under the rule, anchored there); a device
+    that cannot run some unit is left out."""
+    times = {name: sum(u.times[name] for u in units) for name in system.devices}
+    return {name: t for name, t in times.items() if not math.isinf(t)}
 
 
 def _role_summary(ops: list[dict]) -> dict[str, dict]:

@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 
 import fxforge
+import pytest
 from typer.testing import CliRunner
 
 from fxforge.cli import app
@@ -75,3 +76,23 @@ def test_bad_input_fails_before_any_work(tmp_path):
     _fails_cleanly(["place", "mixtral-8x7b", "-o", str(out), "--experts", "zipf"], "expected one of", out)
     _fails_cleanly(["calibrate-device", "-o", str(tmp_path)], "is a directory")
     _fails_cleanly(["calibrate-device", "-o", str(tmp_path / "d.json"), "--reps", "0"], "--reps", tmp_path / "d.json")
+
+
+def test_duplex_study_smoke_reproduces_the_op_per_byte_facts(tmp_path):
+    """Experts: Op/B ~ tokens per expert = batch * k / E; GQA decode attention: Op/B ~ g; the throughput
+    table compares xPU + Logic-PIM with the xPU alone (a model result)."""
+    files = [tmp_path / name for name in ("d.json", "d.md", "d.png")]
+    _ok(["duplex-study", "--smoke", "--models", "mixtral-8x7b", "--batches", "16", "--lengths", "1024/1024",
+         "--opb-batches", "64,256", "--top-ks", "1,2", "--json-out", str(files[0]), "--markdown-out", str(files[1]),
+         "--plot", str(files[2])])
+    results = json.loads(files[0].read_text())
+    assert results["model_only"] and results["paper"]["speedup_up_to"] == 2.67
+    row = {r["batch"]: r for r in results["opb"]}
+    assert row[64]["expert_opb_top2"] == pytest.approx(64 * 2 / 8, rel=0.02)
+    assert row[256]["expert_opb_top1"] == pytest.approx(256 / 8, rel=0.02)
+    assert row[64]["attention_opb"] == pytest.approx(4, rel=0.01)
+    (line,) = results["throughput"]
+    assert line["speedup_any_op"] > 1 and line["duplex_overlap_tokens_per_s"] >= line["duplex_tokens_per_s"]
+    assert "Model result" in files[1].read_text() and files[2].stat().st_size > 1000
+    _fails_cleanly(["duplex-study", "--models", "gpt-5", "--json-out", str(tmp_path / "x.json")], "unknown ['gpt-5']")
+    _fails_cleanly(["duplex-study", "--lengths", "1024", "--json-out", str(tmp_path / "x.json")], "LIN/LOUT")
