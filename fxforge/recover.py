@@ -73,8 +73,21 @@ class LayersStudent:
         return causal_logits(self.model.module, self.model.spec, input_ids)
 
 
+@dataclass
+class SkipStudent(LayersStudent):
+    """A skip-decode model: the decoder layers (and a tied graph's LoRA) trained under the schedule. Each
+    window's first quarter is its prompt (full depth); every later position runs the depth of its
+    generated position (ir/skip.py skip_causal_logits), so the student learns to predict with the
+    layers it will run when serving."""
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from fxforge.ir.skip import skip_causal_logits, skip_schedule
+
+        return skip_causal_logits(self.model.module, self.model.spec, skip_schedule(self.model), input_ids)
+
+
 # pass name -> the student kind that recovers a model that ran it
-STUDENT_KINDS: dict[str, Callable[[Model], Student]] = {"layer-tying": LayersStudent}
+STUDENT_KINDS: dict[str, Callable[[Model], Student]] = {"layer-tying": LayersStudent, "skip-decode": SkipStudent}
 
 
 def student_for(model: Model) -> Student:
@@ -399,7 +412,7 @@ def prepare(artifact, output, settings: RecoverySettings, data: str = "gsm8k", d
     artifact = Path(artifact)
     if not (artifact / PLAN).is_file():
         raise FxforgeError(f"{str(artifact)!r} is not an fxforge artifact directory (no {PLAN}); recover trains "
-                           "an artifact made by `fxforge compile ... --passes layer-tying`")
+                           "an artifact made by `fxforge compile ... --passes layer-tying` (or skip-decode)")
     output = check_output_dir(output)
     if output == artifact.resolve():
         raise FxforgeError("the output directory must differ from the artifact being recovered")
@@ -443,6 +456,25 @@ def perplexity_of(model: Model, windows: torch.Tensor) -> float:
     return perplexity(_DenseScorer(model) if dense else model, windows, show_progress=False).perplexity
 
 
+def student_perplexity(student: Student, windows: torch.Tensor) -> float:
+    """Perplexity of the student as it trains: a skip-decode student teacher-forced under its schedule,
+    any other through perplexity_of."""
+    from fxforge.evaluate import perplexity
+
+    if isinstance(student, SkipStudent):
+        return perplexity(_StudentScorer(student), windows, show_progress=False).perplexity
+    return perplexity_of(student.model, windows)
+
+
+@dataclass
+class _StudentScorer:
+    student: Student
+
+    @torch.no_grad()
+    def logits(self, input_ids) -> torch.Tensor:
+        return self.student.logits(torch.as_tensor(input_ids, device=self.student.model.device)).float()
+
+
 @dataclass
 class _DenseScorer:
     model: Model
@@ -484,7 +516,7 @@ def _initial_state(recovery: Recovery, text: TrainingText, windows: torch.Tensor
     return {"artifact": str(recovery.artifact.resolve()), "settings": recovery.settings.fixed(), "data": recovery.data,
             "data_seconds": round(data_seconds, 1), "text": text.description,
             "before": {"teacher_perplexity": perplexity_of(recovery.teacher, windows),
-                       "student_perplexity": perplexity_of(recovery.student.model, windows)}}
+                       "student_perplexity": student_perplexity(recovery.student, windows)}}
 
 
 def _first_checkpoint(staging: Path, text: TrainingText) -> None:
@@ -512,7 +544,7 @@ def _train(trainer: Trainer, console, on_step, save) -> None:
 
 
 def _finish(recovery: Recovery, trainer: Trainer, state: dict, text: TrainingText, windows: torch.Tensor) -> dict:
-    after = perplexity_of(recovery.student.model, windows)
+    after = student_perplexity(recovery.student, windows)
     loop = trainer.state
     summary = {"artifact": str(recovery.artifact), "output": str(recovery.output), "student": type(recovery.student).__name__,
                "teacher_source": recovery.teacher.source.get("source"), "text": text.description,

@@ -287,3 +287,32 @@ def skip_greedy(model, prompts: list[list[int]], max_new_tokens: int, page_size:
                 break
         outputs.append(out)
     return outputs
+
+
+def training_prompt_len(length: int) -> int:
+    """Where a training window's "prompt" ends: its first quarter runs at full depth, every later position
+    p at the depth of generated position p - length // 4."""
+    return max(1, length // 4)
+
+
+def skip_causal_logits(module, spec, schedule: SkipSchedule, input_ids: torch.Tensor,
+                       prompt_len: int | None = None) -> torch.Tensor:
+    """Differentiable forward under the schedule: input_ids [B, T] whose first prompt_len positions are the
+    prompt (full depth) -> logits [B, T, V]. Layer l runs on the positions whose depth includes it, a
+    prefix of the window since depths fall, so causal attention over that prefix reads exactly the KV
+    the inference forward keeps; later positions carry their hidden state past it."""
+    from fxforge.ir.training import decoder_layer, head
+
+    length = input_ids.shape[1]
+    prompt_len = training_prompt_len(length) if prompt_len is None else prompt_len
+    positions = torch.arange(length, device=input_ids.device)
+    depths = schedule.token_depths(np.arange(length), prompt_len)
+    x = module.get_submodule("embed")(input_ids)
+    for layer in range(spec.num_layers):
+        runs = np.logical_or(layer < schedule.warmup, layer >= schedule.warmup + spec.num_layers - depths)
+        end = int(np.flatnonzero(runs)[-1]) + 1 if runs.any() else 0
+        if end == length:
+            x = decoder_layer(module, spec, layer, x, positions)
+        elif end:
+            x = torch.cat([decoder_layer(module, spec, layer, x[:, :end], positions[:end]), x[:, end:]], dim=1)
+    return head(module, spec, x)

@@ -197,3 +197,20 @@ def test_lowered_and_tied_graphs_split():
     for passes in ([Lower(backend="torch")], [LayerTying(unique_layers=3, rank=4)]):
         opt = fxforge.optimize(deep_model(), passes=passes + [SkipDecode(min_layers=6, warmup_layers=0)])
         assert skip_greedy(opt, ids, 6) == opt.generate(ids, 6)
+
+
+def test_training_forward_equals_the_served_depths():
+    """The differentiable forward under the schedule (recovery's student) equals the inference forward
+    teacher-forced with each token at its depth (prompt at full depth)."""
+    from fxforge.ir.skip import skip_causal_logits
+
+    opt = fxforge.optimize(deep_model(), passes=[SkipDecode(min_layers=1, max_layers=5, warmup_layers=1, span=6)])
+    ids = torch.randint(0, SPEC.vocab_size, (2, 20), generator=torch.Generator().manual_seed(9))
+    trained = skip_causal_logits(opt.module, SPEC, skip_schedule(opt), ids, prompt_len=7)
+    skip = SkipModel(opt)
+    for row in range(2):
+        batch = build_batch([ids[row].tolist()], [0], [[0, 1]], 16, "cpu", all_logits=True)
+        depths = skip_schedule(opt).token_depths(np.arange(20), 7)
+        served = skip.forward(batch, opt.new_kv_cache(2), depths, np.array([0]), np.array([20]))
+        torch.testing.assert_close(trained[row], served, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(trained, opt.logits(ids), atol=1e-3)  # the schedule did skip layers
