@@ -846,7 +846,7 @@ def _analysis_model(model: str):
 @app.command("recover")
 @_guard
 def recover_cmd(
-    artifact: Path = typer.Argument(..., help="artifact to recover (compiled with a pass recovery trains: layer-tying)"),
+    artifact: Path = typer.Argument(..., help="artifact to recover (compiled with a pass recovery trains: layer-tying, skip-decode)"),
     output: Path = typer.Option(..., "-o", "--output", help="directory for the recovered artifact and its checkpoints"),
     minutes: float = typer.Option(..., "--minutes", help="training time budget in minutes (a resumed run counts the earlier time)"),
     device: str = typer.Option("auto", help="cuda, cpu or auto (cuda when available)"),
@@ -1009,6 +1009,144 @@ def bench_tying_cmd(
     results = run_bench(base, prompts, max_new_tokens, batch_list, unique_layers, rank, repeats,
                         copy_bandwidth() if cuda else None, progress=lambda row: console.print(
                             {k: v for k, v in row.items() if k != "all_seconds"}))
+    results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                   max_new_tokens=max_new_tokens, prompts=count)
+    _print_rows([{k: v for k, v in r.items() if k != "all_seconds"} for r in results["rows"]])
+    out.print_json(json.dumps(results["targets"]))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+# -- issue 10: SkipDecode study and serving benchmark ------------------------------------------------
+
+@app.command("skip-study")
+@_guard
+def skip_study_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model with real weights (the full model and teacher)"),
+    random_init: bool = typer.Option(False, help="random weights: a smoke run of the code path, no quality claim"),
+    data: str = typer.Option("gsm8k", help="text: gsm8k or a .txt/.jsonl path (calibration split trains, evaluation split scores)"),
+    speedups: str = typer.Option("1.5,2,3", help="target layer speed-ups (N / average active layers)"),
+    warmup_layers: int = typer.Option(1, help="layers every skip-decode token runs before the top a(t)"),
+    decay: str = typer.Option("linear", help="skip-decode decay: linear or step"),
+    prompts: int = typer.Option(200, help="held-out GSM8K questions generated greedily per model"),
+    max_new_tokens: int = typer.Option(128, help="tokens per generation (also the schedule's span)"),
+    train_seconds: float = typer.Option(60.0, help="training budget of every run, in seconds"),
+    max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
+    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    batch_size: int = typer.Option(8, help="windows per step"),
+    seq_len: int = typer.Option(256, help="tokens per training window"),
+    samples: int = typer.Option(128, help="sequences the original samples on calibration prompts"),
+    sample_tokens: int = typer.Option(128, help="tokens per sampled sequence (at most)"),
+    eval_tokens: int = typer.Option(16384, help="held-out tokens scored per run"),
+    eval_context: int = typer.Option(512, help="evaluation window length"),
+    device: str = typer.Option("auto", help="cuda, cpu or auto"),
+    max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
+    json_out: Path = typer.Option(Path("skip_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
+):
+    """The SkipDecode quality study: schedules at target speed-ups vs static early exit at the same average
+    depth, before and after the same training budget (perplexity; exact match and token agreement with the
+    full model's greedy output)."""
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.data import load_texts
+    from fxforge.ir.tokenizer import token_windows
+    from fxforge.passes import SkipDecode
+    from fxforge.passes.manager import check_pipeline
+    from fxforge.recover import RecoverySettings, training_text
+    from fxforge.skip_study import StudyOptions, markdown, run_study, save
+
+    start = time.perf_counter()
+    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out")):
+        if path is not None:
+            check_output_file(path, option)
+    targets = _floats_at_least(speedups, "--speedups", 1.0)
+    if prompts < 1 or max_new_tokens < 1:
+        raise FxforgeError(f"--prompts and --max-new-tokens must be >= 1, got {prompts} and {max_new_tokens}")
+    options = StudyOptions(tuple(targets), warmup_layers, decay, prompts, max_new_tokens)
+    settings = RecoverySettings(minutes=train_seconds / 60, max_steps=max_steps, lr=lr, batch_size=batch_size,
+                                seq_len=seq_len, samples=samples, sample_tokens=sample_tokens)
+    configs = [SkipDecode.from_dict({"target_speedup": s, "warmup_layers": warmup_layers, "decay": decay,
+                                     "span": max_new_tokens}) for s in targets]
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    base = _load(model, "float32", random_init, device)
+    check_pipeline(configs, base.spec)
+    console.print(f"{2 * len(targets)} runs x {train_seconds:.0f} s of training (+ perplexity and {prompts} "
+                  "generations before and after each)")
+    with console.status("training text: calibration split + samples of the original"):
+        text = training_text(base, data, settings)
+    windows = token_windows(base.tokenizer, load_texts(data, "eval"), eval_context, eval_tokens)
+    deadline = start + 60 * max_minutes if max_minutes else None
+    results = run_study(base, text, windows, data, settings, options, _skip_study_progress(json_out), deadline)
+    results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
+                   random_init=random_init, seconds=round(time.perf_counter() - start, 1))
+    save(results, json_out, markdown_out)
+    out.print(markdown(results))
+    out.print_json(json.dumps(results["targets"]))
+
+
+def _floats_at_least(text: str, option: str, minimum: float) -> list[float]:
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < minimum:
+        raise FxforgeError(f"{option} must be comma-separated numbers >= {minimum}, got {text!r}")
+    return values
+
+
+def _skip_study_progress(json_out: Path):
+    def progress(partial: dict) -> None:
+        row = partial["runs"][-1]
+        console.print(f"{row['method']} {row['target_speedup']}x: perplexity {row['before']['perplexity']:.4g} -> "
+                      f"{row['after']['perplexity']:.4f}, token agreement {row['before']['token_agreement']:.3f} -> "
+                      f"{row['after']['token_agreement']:.3f} ({row['total_seconds']} s)")
+        json_out.write_text(json.dumps({**partial, "partial": True}, indent=2))
+
+    return progress
+
+
+@bench_app.command("skip-decode")
+@_guard
+def bench_skip_decode_cmd(
+    model: str = typer.Argument(DEFAULT_MODEL, help="model (real weights) or a named shape / path with --random-init"),
+    random_init: bool = typer.Option(False, help="random weights"),
+    speedups: str = typer.Option("1.5,2,3", help="target layer speed-ups of the skip-decode models"),
+    warmup_layers: int = typer.Option(1, help="warm-up layers of the schedules"),
+    batches: str = typer.Option("64,256", help="max running sequences to run (comma-separated); 2x as many prompts"),
+    max_new_tokens: int = typer.Option(128, help="tokens generated per request (exactly; the schedules' span)"),
+    prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
+    repeats: int = typer.Option(3, help="timed generations per row (the median is reported)"),
+    smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32): proves the code path, measures nothing"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """Decode tokens/s of SkipDecode (policies bucket and mask) against the full model in the same run, and
+    against the layer ratio N / average active layers."""
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.bench import chat_prompts, random_prompts
+    from fxforge.passes import SkipDecode
+    from fxforge.passes.manager import check_pipeline
+    from fxforge.skip_bench import run_bench
+
+    batch_list = _ints_at_least(batches, "--batches", 1)
+    targets = _floats_at_least(speedups, "--speedups", 1.0)
+    if repeats < 1 or max_new_tokens < 1:
+        raise FxforgeError(f"--repeats and --max-new-tokens must be >= 1, got {repeats} and {max_new_tokens}")
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise FxforgeError("fxforge bench skip-decode needs a CUDA device (use --smoke to exercise it on CPU)")
+    base = _load(model, "bfloat16" if cuda else "float32", random_init, "cuda" if cuda else "cpu")
+    check_pipeline([SkipDecode.from_dict({"target_speedup": s, "warmup_layers": warmup_layers, "span": max_new_tokens})
+                    for s in targets], base.spec)
+    count = 2 * max(batch_list)
+    prompt_ids = random_prompts(count, prompt_len, base.spec.vocab_size) if prompt_len else chat_prompts(base, count)
+    results = run_bench(base, prompt_ids, max_new_tokens, batch_list, targets, warmup_layers, repeats,
+                        progress=lambda row: console.print({k: v for k, v in row.items() if k != "all_seconds"}))
     results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    max_new_tokens=max_new_tokens, prompts=count)
     _print_rows([{k: v for k, v in r.items() if k != "all_seconds"} for r in results["rows"]])

@@ -59,3 +59,52 @@ def test_recover_trains_under_the_schedule_and_resumes(skipped, workdir):
     kl = [kd_loss(SkipStudent(m).logits(ids), causal_logits(teacher.module, teacher.spec, ids), ids, settings())[1]
           for m in (before, after)]
     assert kl[1] < kl[0]  # distilled towards the full model under the schedule
+
+
+def test_skip_study_smoke(skipped, workdir):
+    """The whole study on the tiny checkpoint (random weights): both methods at two speed-ups, before and
+    after a few training steps, perplexity and agreement with the full model's greedy outputs."""
+    text = write_text(workdir / "study.txt")
+    json_out, md_out = workdir / "study.json", workdir / "study.md"
+    result = runner.invoke(app, ["skip-study", str(workdir / "hf"), "--random-init", "--data", text, "--device", "cpu",
+                                 "--speedups", "1.5,2", "--warmup-layers", "0", "--prompts", "3", "--max-new-tokens", "6", "--max-steps", "2",
+                                 "--train-seconds", "30", "--batch-size", "2", "--seq-len", "16", "--samples", "2",
+                                 "--sample-tokens", "8", "--eval-tokens", "64", "--eval-context", "32", "--json-out",
+                                 str(json_out), "--markdown-out", str(md_out)])
+    assert result.exit_code == 0, result.output
+    results = json.loads(json_out.read_text())
+    runs = {(r["method"], r["target_speedup"]): r for r in results["runs"]}
+    assert set(runs) == {(m, s) for m in ("skip-decode", "static-exit") for s in (1.5, 2.0)}
+    for (method, speedup), run in runs.items():
+        assert run["steps"] == 2 and run["layer_speedup"] == pytest.approx(speedup, rel=0.35)
+        for when in ("before", "after"):
+            assert run[when]["perplexity"] > 1 and 0 <= run[when]["token_agreement"] <= 1
+    assert runs[("static-exit", 2.0)]["layers"] == 2 and runs[("skip-decode", 2.0)]["mean_depth"] == pytest.approx(2)
+    assert "met" in results["targets"]["skip_beats_static_exit"] and "| 2.0x | skip-decode |" in md_out.read_text()
+
+
+def test_bench_skip_decode_smoke(workdir):
+    json_out = workdir / "bench.json"
+    result = runner.invoke(app, ["bench", "skip-decode", str(workdir / "hf"), "--random-init", "--smoke", "--speedups",
+                                 "2", "--batches", "2", "--max-new-tokens", "6", "--prompt-len", "5", "--repeats", "1",
+                                 "--json-out", str(json_out)])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(json_out.read_text())["rows"]
+    assert [(r["model"], r["policy"]) for r in rows] == [("full", "full"), ("skip 2.0x", "bucket"), ("skip 2.0x", "mask")]
+    assert all(r["tokens"] == 4 * 6 and r["decode_tokens_per_second"] > 0 for r in rows)
+    assert rows[1]["layer_ratio"] > 1 and 0 < rows[1]["kv_saving"] < 1
+
+
+@pytest.mark.parametrize("args,message", [
+    (["skip-study", "--speedups", "0.5"], "--speedups must be comma-separated numbers >= 1.0"),
+    (["skip-study", "--decay", "cubic", "--random-init"], "expected one of"),
+    (["bench", "skip-decode", "--speedups", "x"], "--speedups must be"),
+    (["bench", "skip-decode", "--smoke", "--random-init", "--warmup-layers", "9"], "warmup_layers=9"),
+])
+def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
+    json_out = workdir / "never.json"
+    args = [args[0], *(args[1:2] if args[0] == "bench" else []), str(workdir / "hf"),
+            *args[2 if args[0] == "bench" else 1:], "--json-out", str(json_out)]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not json_out.exists()
