@@ -17,6 +17,20 @@ the page table, the next tile's page ids loaded one iteration ahead, K and V loa
 and writes a partial (max, sum, acc) to a float32 workspace; `_decode_reduce_kernel` merges the
 slices. With one slice the first kernel writes the output itself.
 
+Decode, "blocks" kernel (issue 14; `DecodeConfig.kernel`, picked per device and shape from
+kernels/configs/paged_decode_<device>.json, else "tiles", the kernel above; FXFORGE_DECODE_KERNEL
+forces one): the same grid, split-K and online softmax, but each shared exponent is applied once per
+(key, block) instead of once per value. A tile is loaded block-major as it is stored ([blocks, keys,
+bytes of a block] and [blocks, keys] scale bytes), its codes become exact unscaled floats (the same
+decoders at scale 1), and the dots are batched over blocks: q . k = sum_b 2^e_kb * (codes_kb @ q_b^T),
+the float32 partials scaled by the power of two (exact) and summed; P @ V = sum over keys of
+(p * 2^e_vb) codes_vb, the V scale folded into P per block (bf16(p * 2^e) = bf16(p) * 2^e while it
+is a normal number, so the result is the reference's up to summation order). With `prefetch` the next
+tile's bytes are loaded into registers before this tile's math (the page ids two tiles ahead), so a
+program keeps a tile's loads in flight while it computes. Dense formats run as one block of scale 1;
+4-bit codes need >= 16 values per phase (blocks >= 32); pre-RoPE keys stay on "tiles" (the rotation
+mixes channels of different blocks).
+
 Prefill (any batch, chunked): grid (query tiles of all sequences, Hkv). A tile holds BLOCK_M rows
 = BLOCK_M // g query tokens x their g heads (GQA packing: K/V tiles are decoded once per KV head),
 and loops over the keys it can see: earlier chunks and the causal part of its own chunk, all read
@@ -49,8 +63,14 @@ as even and odd columns; in each, columns i and i + D/4 hold channels 2i and 2i 
 
 from __future__ import annotations
 
+import functools
+import json
 import math
 import os
+import re
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -58,11 +78,16 @@ from fxforge.kernels.bfp import decode_e2m1, pow2
 from fxforge.kernels.formats import KVFormat, parse_kv_format
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
-__all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits"]
+__all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
+           "DECODE_KERNELS", "blocks_kernel_supports", "default_decode_config", "pick_decode_config",
+           "decode_config_path", "tuned_decode_configs", "decode_config_key"]
 
 # On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
 # bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
 _ASM_DECODE = os.environ.get("FXFORGE_ATTENTION_ASM", "1") != "0"
+# FXFORGE_DECODE_KERNEL=tiles|blocks forces one decode kernel wherever it applies (benchmarks: old vs new)
+_FORCED_KERNEL = os.environ.get("FXFORGE_DECODE_KERNEL") or None
+CONFIG_DIR = Path(os.environ.get("FXFORGE_DECODE_CONFIG_DIR") or Path(__file__).parent / "configs")
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
 _MAX_SPLITS = 256
@@ -550,6 +575,264 @@ def _decode_reduce_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Decode, block-scaled ("blocks" kernel): each shared exponent applied once per block, not per value
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
+def _block_columns(NB_PAD: tl.constexpr, BW: tl.constexpr, BLOCK: tl.constexpr, PHASES: tl.constexpr):
+    # ([NB_PAD, 1, 1] block index, [NB_PAD, 1, BW] head column of value i of phase 0 in block b):
+    # value i of phase ph of block b is column b * BLOCK + PHASES * i + ph
+    blocks = tl.arange(0, NB_PAD)[:, None, None]
+    return blocks, blocks * BLOCK + tl.arange(0, BW)[None, None, :] * PHASES
+
+
+@jit
+def _load_raw_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, ROWS: tl.constexpr, D: tl.constexpr,
+                     NB: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr, BITS: tl.constexpr,
+                     PACKED: tl.constexpr):
+    # A tile of K or V rows as stored, block-major: packed formats give ([NB_PAD, ROWS, bytes of a
+    # block] uint8, [NB_PAD, ROWS] scale bytes), dense ones ([1, ROWS, BLOCK] values, zeros) with
+    # BLOCK the padded head_dim. Masked rows, padding blocks and columns >= D read as zeros.
+    blocks = tl.arange(0, NB_PAD)
+    if PACKED:
+        mask = row_mask[None, :] & (blocks[:, None] < NB)
+        raw = tl.load(data_ptr + data_rows[None, :, None] + blocks[:, None, None] * (BLOCK * BITS // 8)
+                      + tl.arange(0, BLOCK * BITS // 8)[None, None, :], mask=mask[:, :, None], other=0)
+        scale = tl.load(scale_ptr + scale_rows[None, :] + blocks[:, None], mask=mask, other=0)
+    else:
+        cols = tl.arange(0, BLOCK)[None, None, :]
+        raw = tl.load(data_ptr + data_rows[None, :, None] + cols, mask=row_mask[None, :, None] & (cols < D),
+                      other=0.0)
+        scale = tl.zeros([NB_PAD, ROWS], tl.uint8)
+    return raw, scale
+
+
+@jit
+def _load_paged_blocks(data_ptr, scale_ptr, stride_data_page, stride_data_slot, stride_data_head, stride_scale_page,
+                       stride_scale_slot, stride_scale_head, page, slot, kv_head, row_mask, ROWS: tl.constexpr,
+                       D: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                       BITS: tl.constexpr, PACKED: tl.constexpr):
+    # the tokens' rows of one KV head, as _load_raw_blocks returns them
+    data_rows = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
+    scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
+    return _load_raw_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, ROWS, D, NB, NB_PAD, BLOCK, BITS,
+                            PACKED)
+
+
+@jit
+def _block_codes(raw, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr,
+                 OUT_DTYPE: tl.constexpr):
+    # Raw bytes -> the codes as exact floats in OUT_DTYPE, no scale applied: (phase 0, phase 1)
+    # [NB_PAD, ROWS, BW]; 4-bit codes come as even and odd columns of each block, the others as one
+    # tile (returned twice). The decoders of _load_kv_tile at scale 1 (scale byte 127): exact.
+    if not PACKED:
+        even = raw.to(OUT_DTYPE)
+        odd = even
+    elif BITS == 4:
+        if ASM:  # _BFP4_PTX operands at scale 1: bf16x2 (1, 1) and (-136, -136)
+            even, odd = _bfp4_to_bf16_asm(raw, tl.full(raw.shape, 0x3F803F80, tl.int32),
+                                          tl.full(raw.shape, -1022835960, tl.int32))
+        else:
+            codes = raw.to(tl.int32)
+            if MXFP4:
+                even = decode_e2m1(codes & 15)
+                odd = decode_e2m1(codes >> 4)
+            else:
+                even = _magic_float(codes & 15, 4) - 8388616.0  # - (2^23 + 8): the code, exactly
+                odd = _magic_float(codes >> 4, 4) - 8388616.0
+        even = even.to(OUT_DTYPE)
+        odd = odd.to(OUT_DTYPE)
+    else:
+        if ASM:  # _BFP8_PTX operands at scale 1: float32 1.0 and -(2^23 + 128)
+            even = _bfp8_to_bf16_asm(raw, tl.full(raw.shape, 0x3F800000, tl.int32),
+                                     tl.full(raw.shape, -889192320, tl.int32))
+        else:
+            even = _magic_float(raw.to(tl.int32), 8) - 8388736.0
+        even = even.to(OUT_DTYPE)
+        odd = even
+    return even, odd
+
+
+@jit
+def _load_query_blocks(q_row_ptrs, row_ok, D: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
+                       BLOCK: tl.constexpr, PHASES: tl.constexpr, BW: tl.constexpr, DTYPE: tl.constexpr):
+    # q's G_PAD head rows (q_row_ptrs: each row's first value) cut like the K tile's blocks, transposed
+    # for codes [NB_PAD, ROWS, BW] @ q^T: (phase 0, phase 1) [NB_PAD, BW, G_PAD], zeros outside
+    blocks, cols = _block_columns(NB_PAD, BW, BLOCK, PHASES)
+    cols = tl.permute(cols, (0, 2, 1))  # [NB_PAD, BW, 1]
+    mask = row_ok[None, None, :] & (blocks < NB) & (cols < D)
+    ptrs = q_row_ptrs[None, None, :] + cols
+    first = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+    second = first
+    if PHASES == 2:
+        second = tl.load(ptrs + 1, mask=mask, other=0.0).to(DTYPE)
+    return first, second
+
+
+@jit
+def _block_scores(k_raw, k_scale, q0, q1, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.constexpr,
+                  ASM: tl.constexpr, PHASES: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                  UPCAST: tl.constexpr):
+    # q . k [ROWS, G_PAD] = sum over blocks b of 2^(scale byte - 127) * (codes_b @ q_b^T): one dot per
+    # block (a batched dot), its float32 result scaled once per (key, block), exactly (a power of two)
+    k0, k1 = _block_codes(k_raw, BITS, MXFP4, PACKED, ASM, DOT_DTYPE)
+    part = _dot(k0, q0, None, INPUT_PRECISION, UPCAST)  # [NB_PAD, ROWS, G_PAD]
+    if PHASES == 2:
+        part = _dot(k1, q1, part, INPUT_PRECISION, UPCAST)
+    if PACKED:
+        part = part * pow2(k_scale.to(tl.int32))[:, :, None]
+    return tl.sum(part, 0)
+
+
+@jit
+def _block_values(p, v_raw, v_scale, acc0, acc1, alpha, BITS: tl.constexpr, MXFP4: tl.constexpr,
+                  PACKED: tl.constexpr, ASM: tl.constexpr, PHASES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                  INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # acc_b [NB_PAD, G_PAD, BW] * alpha + (p^T scaled by block b's scale of each key) @ codes_b: the V
+    # scales folded into P per tile, so the codes enter the dot unscaled (exact while p * scale is a
+    # normal number in DOT_DTYPE, where it equals rounding p first)
+    v0, v1 = _block_codes(v_raw, BITS, MXFP4, PACKED, ASM, DOT_DTYPE)
+    p_t = tl.trans(p)[None, :, :]  # [1, G_PAD, ROWS]
+    if PACKED:
+        p_t = p_t * pow2(v_scale.to(tl.int32))[:, None, :]
+    p_t = p_t.to(DOT_DTYPE)
+    rescale = alpha[None, :, None]
+    acc0 = _dot(p_t, v0, acc0 * rescale, INPUT_PRECISION, UPCAST)
+    if PHASES == 2:
+        acc1 = _dot(p_t, v1, acc1 * rescale, INPUT_PRECISION, UPCAST)
+    return acc0, acc1
+
+
+@jit
+def _store_decode_blocks(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
+                         acc0, acc1, m_i, l_i, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+                         NB_PAD: tl.constexpr, BLOCK: tl.constexpr, PHASES: tl.constexpr, BW: tl.constexpr,
+                         SPLIT: tl.constexpr):
+    # _store_decode_slice for accumulators held per V block, acc0 / acc1 [NB_PAD, G_PAD, BW]
+    blocks, cols = _block_columns(NB_PAD, BW, BLOCK, PHASES)
+    mask = row_ok[None, :, None] & (blocks < NB) & (cols < D)
+    if SPLIT:
+        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
+        ptrs = ws_acc_ptr + ws_row[None, :, None] * D + cols
+        tl.store(ptrs, acc0, mask=mask)
+        if PHASES == 2:
+            tl.store(ptrs + 1, acc1, mask=mask)
+        tl.store(ws_ml_ptr + ws_row * 2, m_i, mask=row_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_i, mask=row_ok)
+    else:
+        inv_l = (1.0 / tl.where(l_i > 0, l_i, 1.0))[None, :, None]  # an empty context gives zeros
+        ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads[None, :, None] * stride_oh + cols
+        tl.store(ptrs, (acc0 * inv_l).to(out_ptr.dtype.element_ty), mask=mask)
+        if PHASES == 2:
+            tl.store(ptrs + 1, (acc1 * inv_l).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _paged_decode_blocks_kernel(
+    q_ptr,  # *fp32|bf16|fp16 [B, Hq, D]: one query per sequence (last dim contiguous)
+    stride_qb, stride_qh,  # q strides (elements)
+    k_data_ptr, k_scale_ptr,  # K cache: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
+    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (elements; last dim contiguous)
+    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes; 0 for dense formats)
+    v_data_ptr, v_scale_ptr,  # V cache, same layout as K (its own format)
+    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
+    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
+    page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
+    stride_pt,  # page_table row stride
+    seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
+    out_ptr,  # *q.dtype [B, Hq, D]: written when SPLIT is False
+    stride_ob, stride_oh,  # out strides
+    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (SPLIT)
+    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial running max (log2 domain) and sum
+    num_splits,  # context slices per sequence (grid axis 1)
+    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
+    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    G: tl.constexpr,  # query heads per KV head
+    G_PAD: tl.constexpr,  # max(16, next power of two >= G): N of the score dots, M of the value dots
+    D: tl.constexpr,  # head_dim
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # tokens per iteration (BLOCK_N / PAGE_SIZE pages)
+    SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
+    PREFETCH: tl.constexpr,  # True: the next tile's bytes are loaded into registers before this one's math
+    K_BITS: tl.constexpr, K_MXFP4: tl.constexpr, K_PACKED: tl.constexpr, K_ASM: tl.constexpr,  # K format
+    K_BLOCK: tl.constexpr,  # values per K scale (dense: the padded head_dim, one "block")
+    K_NB: tl.constexpr, K_NB_PAD: tl.constexpr,  # K blocks per row, and that padded to a power of two
+    K_PHASES: tl.constexpr, K_BW: tl.constexpr,  # 2: 4-bit codes as even / odd columns; K_BLOCK // K_PHASES
+    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_PACKED: tl.constexpr, V_ASM: tl.constexpr,  # V format
+    V_BLOCK: tl.constexpr, V_NB: tl.constexpr, V_NB_PAD: tl.constexpr, V_PHASES: tl.constexpr,  # as for K
+    V_BW: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
+    INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    rows = tl.arange(0, G_PAD)
+    q_heads = kv_head * G + rows
+    row_ok = rows < G
+    q0, q1 = _load_query_blocks(q_ptr + seq.to(tl.int64) * stride_qb + q_heads * stride_qh, row_ok, D, K_NB,
+                                K_NB_PAD, K_BLOCK, K_PHASES, K_BW, DOT_DTYPE)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+
+    m_i = tl.full([G_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([G_PAD], tl.float32)
+    acc0 = tl.zeros([V_NB_PAD, G_PAD, V_BW], tl.float32)  # output per V block (even columns if V_PHASES == 2)
+    acc1 = tl.zeros([V_NB_PAD, G_PAD, V_BW], tl.float32)  # odd columns (V_PHASES == 2)
+    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
+    tokens = lo + tl.arange(0, BLOCK_N)
+    page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
+    if PREFETCH:  # the first tile's bytes, and the second tile's page ids
+        k_raw, k_sc = _load_paged_blocks(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                         stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                         kv_head, tokens < hi, BLOCK_N, D, K_NB, K_NB_PAD, K_BLOCK, K_BITS, K_PACKED)
+        v_raw, v_sc = _load_paged_blocks(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                         stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                         kv_head, tokens < hi, BLOCK_N, D, V_NB, V_NB_PAD, V_BLOCK, V_BITS, V_PACKED)
+        page = _load_page_ids(page_row, tokens + BLOCK_N, tokens + BLOCK_N < hi, PAGE_SIZE)
+    for n0 in range(lo, hi, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        live = tokens < hi
+        ahead = tokens + BLOCK_N
+        if PREFETCH:
+            # the next tile's bytes go in flight (masked off past the slice) before this tile's math;
+            # `page` holds the next tile's page ids, and the one after that is looked up now
+            next_k_raw, next_k_sc = _load_paged_blocks(
+                k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head, stride_ks_page,
+                stride_ks_slot, stride_ks_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, BLOCK_N, D, K_NB,
+                K_NB_PAD, K_BLOCK, K_BITS, K_PACKED)
+            next_v_raw, next_v_sc = _load_paged_blocks(
+                v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
+                stride_vs_slot, stride_vs_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, BLOCK_N, D, V_NB,
+                V_NB_PAD, V_BLOCK, V_BITS, V_PACKED)
+            page = _load_page_ids(page_row, ahead + BLOCK_N, ahead + BLOCK_N < hi, PAGE_SIZE)
+        else:
+            next_page = _load_page_ids(page_row, ahead, ahead < hi, PAGE_SIZE)
+            k_raw, k_sc = _load_paged_blocks(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                             stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                             kv_head, live, BLOCK_N, D, K_NB, K_NB_PAD, K_BLOCK, K_BITS, K_PACKED)
+            v_raw, v_sc = _load_paged_blocks(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                             stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                             kv_head, live, BLOCK_N, D, V_NB, V_NB_PAD, V_BLOCK, V_BITS, V_PACKED)
+            page = next_page
+        scores = _block_scores(k_raw, k_sc, q0, q1, K_BITS, K_MXFP4, K_PACKED, K_ASM, K_PHASES, DOT_DTYPE,
+                               INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
+        scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
+        # every tile holds a live token, so the running max is finite
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
+        acc0, acc1 = _block_values(p, v_raw, v_sc, acc0, acc1, alpha, V_BITS, V_MXFP4, V_PACKED, V_ASM, V_PHASES,
+                                   DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT)
+        if PREFETCH:
+            k_raw, k_sc, v_raw, v_sc = next_k_raw, next_k_sc, next_v_raw, next_v_sc
+
+    _store_decode_blocks(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
+                         acc0, acc1, m_i, l_i, G, D, V_NB, V_NB_PAD, V_BLOCK, V_PHASES, V_BW, SPLIT)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prefill: causal, variable length, chunked
 # ----------------------------------------------------------------------------------------------
 
@@ -683,14 +966,123 @@ def _sm_count(device: torch.device) -> int:
     return _SM_COUNTS[index]
 
 
-def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = _DEFAULT_SMS) -> int:
-    """Context slices per sequence for decode: about 8 programs per SM (several waves, so the last,
-    partial wave costs little), each slice at least _MIN_TOKENS_PER_SPLIT tokens long.
-    `max_context` is an upper bound on the visible context."""
+def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = _DEFAULT_SMS,
+                    programs_per_sm: int = 8) -> int:
+    """Context slices per sequence for decode: about `programs_per_sm` programs per SM (several
+    waves, so the last, partial wave costs little), each slice at least _MIN_TOKENS_PER_SPLIT tokens
+    long. `max_context` is an upper bound on the visible context."""
     programs = max(1, batch * num_kv_heads)
-    wanted = math.ceil(8 * num_sms / programs)
+    wanted = math.ceil(programs_per_sm * num_sms / programs)
     longest = max(1, max_context // _MIN_TOKENS_PER_SPLIT)
     return max(1, min(wanted, longest, _MAX_SPLITS))
+
+
+# ----------------------------------------------------------------------------------------------
+# Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
+# ----------------------------------------------------------------------------------------------
+
+DECODE_KERNELS = ("tiles", "blocks")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
+    scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
+    batched per-block dots, scales applied per block; prefetch: the next tile's bytes in registers).
+    block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
+
+    VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
+
+    kernel: str = "tiles"
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 2
+    prefetch: bool = True
+    programs_per_sm: int = 8
+
+    def __post_init__(self):
+        if self.kernel not in DECODE_KERNELS:
+            raise ValueError(f"DecodeConfig: kernel={self.kernel!r} must be one of {DECODE_KERNELS}")
+        if not isinstance(self.block_n, int) or self.block_n < _MIN_DOT or self.block_n & (self.block_n - 1):
+            raise ValueError(f"DecodeConfig: block_n={self.block_n!r} must be a power of two >= {_MIN_DOT}")
+        if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
+            raise ValueError(f"DecodeConfig: num_warps={self.num_warps} must be a power of two <= 16, num_stages="
+                             f"{self.num_stages} and programs_per_sm={self.programs_per_sm} >= 1")
+        if not isinstance(self.prefetch, bool):
+            raise ValueError(f"DecodeConfig: prefetch must be a bool, got {self.prefetch!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "DecodeConfig":
+        """The inverse of to_dict; unknown keys are an error, missing ones take the defaults."""
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"DecodeConfig: unknown keys {sorted(unknown)}; expected {[f.name for f in fields(cls)]}")
+        return cls(**data)
+
+
+def blocks_kernel_supports(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, pre_rope: bool = False) -> bool:
+    """Whether the "blocks" kernel runs these formats: post-RoPE keys (a rotation mixes channels of
+    different blocks), and per format dense, or 4/8-bit BFP or MXFP4 whose block holds >= 16 values
+    per phase (4-bit codes come as two phases: blocks of >= 32)."""
+    def fits(fmt: KVFormat) -> bool:
+        if fmt.is_dense:
+            return True
+        return fmt.mantissa_bits in (4, 8) and fmt.block // (2 if fmt.mantissa_bits == 4 else 1) >= _MIN_DOT
+    return not pre_rope and fits(k_fmt) and fits(v_fmt) and head_dim >= 1
+
+
+def default_decode_config(k_fmt: KVFormat, v_fmt: KVFormat) -> DecodeConfig:
+    """The config without a tuned one: the "tiles" kernel, 64 tokens per iteration, 4 warps, 2 stages,
+    8 programs per SM (the settings measured before issue 14); the tuner decides where "blocks" wins."""
+    return DecodeConfig()
+
+
+def decode_config_key(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype) -> str:
+    """Key of one decode shape in a config file."""
+    return f"K={k_fmt.name},V={v_fmt.name},D={head_dim},G={group},dtype={str(dtype).removeprefix('torch.')}"
+
+
+def decode_config_path(device_name: str, directory: Path | None = None) -> Path:
+    """kernels/configs/paged_decode_<device name, non-alphanumerics as _>.json (FXFORGE_DECODE_CONFIG_DIR
+    replaces the folder)."""
+    name = re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_")
+    return Path(directory or CONFIG_DIR) / f"paged_decode_{name}.json"
+
+
+@functools.cache
+def tuned_decode_configs(device_name: str, directory: Path | None = None) -> dict[str, DecodeConfig]:
+    """{decode_config_key: DecodeConfig} from the device's config file ({} without one); read once."""
+    path = decode_config_path(device_name, directory)
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("version") != DecodeConfig.VERSION:
+        raise ValueError(f"{path}: version {data.get('version')!r}, this fxforge reads version "
+                         f"{DecodeConfig.VERSION}; rerun python -m fxforge.kernels.attention_bench --tune")
+    return {key: DecodeConfig.from_dict(entry["config"]) for key, entry in data["shapes"].items()}
+
+
+@functools.cache
+def _device_name(device: torch.device) -> str:
+    return torch.cuda.get_device_name(device)
+
+
+def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
+                       device: torch.device, pre_rope: bool = False) -> DecodeConfig:
+    """The tuned config of this CUDA device and shape, else default_decode_config; FXFORGE_DECODE_KERNEL
+    overrides the kernel. "blocks" falls back to "tiles" where it does not apply (blocks_kernel_supports)."""
+    config = None
+    if device.type == "cuda":
+        config = tuned_decode_configs(_device_name(device)).get(decode_config_key(k_fmt, v_fmt, head_dim, group,
+                                                                                  dtype))
+    config = config or default_decode_config(k_fmt, v_fmt)
+    kernel = _FORCED_KERNEL or config.kernel
+    if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, head_dim, pre_rope):
+        kernel = "tiles"
+    return config if kernel == config.kernel else DecodeConfig(**{**config.to_dict(), "kernel": kernel})
 
 
 def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
@@ -828,14 +1220,8 @@ def _cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt) -> list:
             v_data, v_scale_arg, *_cache_strides(v_data, v_scale, v_fmt)]
 
 
-def _decode_num_splits(num_splits: int | None, batch: int, num_kv_heads: int, page_table: torch.Tensor,
-                       page_size: int, sliding_window: int, device: torch.device) -> int:
-    """num_splits, checked; None picks it from the page table's capacity (no read of seq_lens)."""
-    if num_splits is None:
-        capacity = page_table.shape[1] * page_size
-        if sliding_window > 0:
-            capacity = min(capacity, sliding_window)
-        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(device))
+def _check_num_splits(num_splits) -> int:
+    """num_splits, checked."""
     if not isinstance(num_splits, int) or isinstance(num_splits, bool) or not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"paged_decode_attention: num_splits must be an int in [1, {_MAX_SPLITS}], got {num_splits!r}")
     return num_splits
@@ -852,7 +1238,8 @@ def paged_decode_attention(
     q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
     page_table: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
     sliding_window: int = 0, num_splits: int | None = None, *, key_rope: torch.Tensor | None = None,
-    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    kernel: str | None = None, block_n: int | None = None, num_warps: int | None = None,
+    num_stages: int | None = None, prefetch: bool | None = None,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q [B, Hq, D], the last token of each) over its paged
     context: out [B, Hq, D] in q's dtype, = attention_ref with query_start = arange(B + 1)
@@ -860,8 +1247,9 @@ def paged_decode_attention(
 
     num_splits: context slices per sequence (flash-decoding); None picks it from B * Hkv, the SM
     count and the page table's capacity (page_table.shape[1] * page_size, min sliding_window), so it
-    never reads seq_lens back to the host (CUDA-graph safe). block_n / num_warps / num_stages are
-    tuning knobs (block_n: tokens per iteration, a power of two >= 16).
+    never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles" or "blocks", see
+    DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps, num_stages and
+    prefetch override the launch config (pick_decode_config: tuned per device, or the default).
     """
     k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
                                  seq_lens, k_format, v_format, scale, sliding_window, key_rope)
@@ -869,34 +1257,86 @@ def paged_decode_attention(
     if page_table.shape[0] != batch:
         raise ValueError(f"paged_decode_attention: q has {batch} sequences (one query each), but seq_lens / "
                          f"page_table have {page_table.shape[0]}")
-    if block_n < _MIN_DOT or block_n & (block_n - 1):
-        raise ValueError(f"paged_decode_attention: block_n must be a power of two >= 16, got {block_n}")
     page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
-    num_splits = _decode_num_splits(num_splits, batch, num_kv_heads, page_table, page_size, sliding_window, q.device)
+    group = num_q_heads // num_kv_heads
+    config = _decode_launch_config(k_fmt, v_fmt, q, group, key_rope is not None, kernel, block_n, num_warps,
+                                   num_stages, prefetch)
+    if num_splits is None:
+        capacity = page_table.shape[1] * page_size
+        if sliding_window > 0:
+            capacity = min(capacity, sliding_window)
+        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device), config.programs_per_sm)
+    num_splits = _check_num_splits(num_splits)
 
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    group = num_q_heads // num_kv_heads
     d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))  # 4-bit formats split it in two halves
     split = num_splits > 1
     ws_acc, ws_ml = _decode_workspace(q, num_splits) if split else (out, out)  # (out: not written)
-    _paged_decode_kernel[(num_kv_heads, num_splits, batch)](
-        q, q.stride(0), q.stride(1),
-        *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
-        page_table, page_table.stride(0), seq_lens, q if key_rope is None else key_rope,  # (q: not read)
-        out, out.stride(0), out.stride(1),
-        ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
-        G=group, G_PAD=max(_MIN_DOT, next_pow2(group)), D=head_dim, D_PAD=d_pad, PAGE_SIZE=page_size,
-        BLOCK_N=block_n, SPLIT=split, **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), num_warps=num_warps,
-        num_stages=num_stages,
-    )
+    common = dict(G=group, G_PAD=max(_MIN_DOT, next_pow2(group)), D=head_dim, PAGE_SIZE=page_size,
+                  BLOCK_N=config.block_n, SPLIT=split, num_warps=config.num_warps, num_stages=config.num_stages)
+    grid = (num_kv_heads, num_splits, batch)
+    if config.kernel == "blocks":
+        dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
+        _paged_decode_blocks_kernel[grid](
+            q, q.stride(0), q.stride(1),
+            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+            page_table, page_table.stride(0), seq_lens,
+            out, out.stride(0), out.stride(1),
+            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+            PREFETCH=config.prefetch, **_blocks_format_meta(k_fmt, "K", head_dim, dot_dtype, q.device),
+            **_blocks_format_meta(v_fmt, "V", head_dim, dot_dtype, q.device), DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision, UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16, **common,
+        )
+    else:
+        _paged_decode_kernel[grid](
+            q, q.stride(0), q.stride(1),
+            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+            page_table, page_table.stride(0), seq_lens, q if key_rope is None else key_rope,  # (q: not read)
+            out, out.stride(0), out.stride(1),
+            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+            D_PAD=d_pad, **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), **common,
+        )
     if split:
         _decode_reduce_kernel[(num_q_heads, batch)](
             ws_acc, ws_ml, out, out.stride(0), out.stride(1), num_splits,
             D=head_dim, D_PAD=d_pad, SPLITS_PAD=next_pow2(num_splits), num_warps=4,
         )
     return out
+
+
+def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, group: int, pre_rope: bool,
+                          kernel: str | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
+                          prefetch: bool | None) -> DecodeConfig:
+    """pick_decode_config with the caller's overrides; an explicit kernel="blocks" that cannot run
+    these formats is an error (the picked one falls back to "tiles")."""
+    config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope)
+    if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, q.shape[2], pre_rope):
+        raise ValueError(f"paged_decode_attention: kernel='blocks' runs dense, 4/8-bit BFP and MXFP4 caches with "
+                         f">= 16 values per block phase and post-RoPE keys; got K {k_fmt.name}, V {v_fmt.name}"
+                         f"{', pre-RoPE keys' if pre_rope else ''}; use kernel='tiles'")
+    overrides = dict(kernel=kernel, block_n=block_n, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
+    overrides = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return DecodeConfig(**{**config.to_dict(), **overrides}) if overrides else config
+    except ValueError as exc:
+        raise ValueError(f"paged_decode_attention: {exc}") from None
+
+
+def _blocks_format_meta(fmt: KVFormat, prefix: str, head_dim: int, dot_dtype, device: torch.device) -> dict:
+    """Constexprs of one cache format for _paged_decode_blocks_kernel."""
+    if fmt.is_dense:
+        block = max(2 * _MIN_DOT, next_pow2(head_dim))
+        meta = dict(BITS=torch.finfo(fmt.storage_dtype()).bits, MXFP4=False, PACKED=False, ASM=False, BLOCK=block,
+                    NB=1, NB_PAD=1, PHASES=1, BW=block)
+    else:
+        bits, phases = fmt.mantissa_bits, 2 if fmt.mantissa_bits == 4 else 1
+        asm = _ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
+        meta = dict(BITS=bits, MXFP4=fmt.kind == "mxfp4", PACKED=True, ASM=asm, BLOCK=fmt.block,
+                    NB=head_dim // fmt.block, NB_PAD=next_pow2(head_dim // fmt.block), PHASES=phases,
+                    BW=fmt.block // phases)
+    return {f"{prefix}_{name}": value for name, value in meta.items()}
 
 
 def _query_tiles(query_start: torch.Tensor, num_tokens: int, tokens_per_tile: int) -> tuple[torch.Tensor, torch.Tensor]:
