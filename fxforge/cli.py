@@ -318,6 +318,7 @@ def run_cmd(
     max_num_seqs: int = typer.Option(256, help="largest decode batch"),
     decode_steps: int = typer.Option(8, help="decode steps per host sync when only decodes run (1 = off)"),
     loop_policy: str = typer.Option("lockstep", help="layer-tied models: lockstep or depthwise (depth-wise batching)"),
+    skip_policy: str = typer.Option("bucket", help="skip-decode models: bucket, mask or full (ignore the schedule)"),
     device: str = typer.Option("cpu", help="cpu or cuda"),
     dtype: str = typer.Option("float32", help="weight dtype when loading a non-artifact model"),
 ):
@@ -334,6 +335,8 @@ def run_cmd(
         raise FxforgeError(f"--decode-steps must be >= 1 (1 = one host sync per model step), got {decode_steps}")
     if loop_policy not in ("lockstep", "depthwise"):
         raise FxforgeError(f"--loop-policy must be lockstep or depthwise, got {loop_policy!r}")
+    if skip_policy not in ("bucket", "mask", "full"):
+        raise FxforgeError(f"--skip-policy must be bucket, mask or full, got {skip_policy!r}")
     check_output_file(output, "--out")
     try:
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
@@ -342,8 +345,9 @@ def run_cmd(
         raise FxforgeError(str(exc)) from None
     m = _load(model, dtype, device=device)
     try:
-        engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps, loop_policy=loop_policy)
-    except ValueError as exc:  # depthwise on a model that is not tied with strategy cycle
+        engine = Engine(m, max_num_seqs=max_num_seqs, num_decode_steps=decode_steps, loop_policy=loop_policy,
+                        skip_policy=skip_policy)
+    except ValueError as exc:  # depthwise on a model that is not tied with strategy cycle (or that skips layers)
         raise FxforgeError(f"--loop-policy {loop_policy}: {exc}") from None
     with Progress(console=console) as progress:
         task = progress.add_task("generating", total=len(texts))

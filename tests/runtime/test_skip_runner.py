@@ -105,3 +105,50 @@ def test_bad_settings(skipped):
         Engine(skipped, config=EngineConfig(num_pages=8, loop_policy="depthwise"))
     with pytest.raises(ValueError, match="needs a model compiled with the skip-decode pass"):
         SkipRunner(Model.from_state_dict(SPEC, None), EngineConfig(num_pages=8))
+
+
+def test_cli_run_serves_a_skip_decode_artifact(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from fxforge.cli import app
+    from tests.fxforge.test_recover import write_checkpoint
+
+    runner = CliRunner()
+    source = write_checkpoint(tmp_path / "hf")
+    done = runner.invoke(app, ["compile", str(source), "--random-init", "--passes", "skip-decode", "--option",
+                               "target_speedup=2", "--option", "warmup_layers=0", "--no-eval", "-o", str(tmp_path / "s")])
+    assert done.exit_code == 0, done.output
+    prompts_file = tmp_path / "p.jsonl"
+    prompts_file.write_text('{"prompt": "Tom has 3 apples."}\n{"prompt": "How many?"}\n')
+    lines = {}
+    for policy in ("bucket", "mask"):
+        args = ["run", str(tmp_path / "s"), "--prompts", str(prompts_file), "--out", str(tmp_path / f"{policy}.jsonl"),
+                "--max-new-tokens", "5", "--skip-policy", policy]
+        done = runner.invoke(app, args)
+        assert done.exit_code == 0, done.output
+        lines[policy] = [json.loads(line)["output"] for line in (tmp_path / f"{policy}.jsonl").read_text().splitlines()]
+    assert lines["bucket"] == lines["mask"] and len(lines["bucket"]) == 2
+    done = runner.invoke(app, ["run", str(tmp_path / "s"), "--prompts", str(prompts_file), "--out",
+                               str(tmp_path / "x.jsonl"), "--skip-policy", "exit"])
+    assert done.exit_code == 2 and "--skip-policy must be" in done.output and not (tmp_path / "x.jsonl").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class TestCUDA:
+    def test_depth_graphs_on_the_triton_kernels_give_the_reference_tokens(self, skipped, reference):
+        """Bucket policy replaying one CUDA graph per (depth, batch bucket) on the Triton kernels (float32),
+        and mask policy on the same kernels, against the CPU reference decoder."""
+        from fxforge.passes import Lower
+
+        cuda = fxforge.optimize(skipped, passes=[Lower(backend="triton")])
+        cuda.module.to("cuda")
+        for policy, graphs in (("bucket", True), ("mask", False)):
+            engine = Engine(cuda, config=EngineConfig(num_pages=64, page_size=4, max_model_len=64, max_num_seqs=8,
+                                                      max_num_batched_tokens=16, num_decode_steps=4,
+                                                      skip_policy=policy, use_cuda_graphs=graphs))
+            assert staggered(engine) == reference, policy
+            if graphs:
+                assert engine.runner.depth_graphs and engine.runner.graph_error is None
