@@ -463,15 +463,24 @@ def bench_attention_cmd(
     kv_heads: int = typer.Option(8, help="KV heads"),
     head_dim: int = typer.Option(128, help="head dim"),
     contexts: str = typer.Option("1024,4096,16384", help="context lengths"),
-    formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats"),
+    formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats (K/V pairs as bfp12_32/bfp16_32)"),
+    kernels: str = typer.Option("tiles,blocks", help="our decode kernels to time, each in the same run: tiles "
+                                "(per-value scales, the pre-issue-14 kernel), blocks (per-block scales)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
-    """Paged decode attention (our Triton kernel per KV format) vs SDPA over bf16 KV."""
+    """Paged decode attention (our Triton kernels per KV format) vs SDPA over bf16 KV."""
+    import torch
+
     from fxforge.kernels.attention_bench import bench_decode
 
+    kernel_list = [k.strip() for k in kernels.split(",") if k.strip()]
+    if not kernel_list or set(kernel_list) - {"tiles", "blocks"}:
+        raise FxforgeError(f"--kernels {kernels!r} is not valid; expected a comma-separated subset of tiles,blocks")
+    if not torch.cuda.is_available():
+        raise FxforgeError("fxforge bench attention needs a CUDA device")
     rows = bench_decode(batch, q_heads, kv_heads, head_dim, tuple(int(c) for c in contexts.split(",")),
-                        tuple(formats.split(",")))
-    _print_rows(rows)
+                        tuple(formats.split(",")), kernels=tuple(kernel_list))
+    _print_rows([{k: v for k, v in row.items() if k != "sdpa_all_us"} for row in rows])
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2))
 

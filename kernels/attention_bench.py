@@ -1,6 +1,6 @@
-"""Decode-attention benchmark: our paged kernel per KV format vs torch SDPA over dense bf16 K/V.
+"""Decode-attention benchmark: our paged kernels per KV format vs torch SDPA over dense bf16 K/V.
 
-    python -m fxforge.kernels.attention_bench out.json [--sweep]
+    python -m fxforge.kernels.attention_bench out.json [--kernels tiles,blocks] [--sweep] [--tune DIR]
 
 For each context length it builds a random bf16 K/V cache (B sequences, pages scattered through a
 random permutation), stores it in each format (kernels.bfp.quantize on the GPU), checks our decode
@@ -11,7 +11,11 @@ Python launch cost stays out); do_bench zeroes a 256 MB buffer before every time
 call starts with a cold L2, and inputs smaller than 2x L2 are also rotated among copies.
 Bandwidth: bytes read (K+V pages of the visible tokens incl. scale bytes, + q) + written (out);
 the ceiling is a device-to-device copy (bytes read + written / time).
---sweep also times a few (num_splits, block_n, num_warps, num_stages) variants of our kernel.
+Each of our decode kernels runs in the same run ("tiles": values scaled per value; "blocks": scales
+per block, see kernels/paged_attention.py), so old and new compare on the same inputs and baseline.
+--sweep also times a few launch variants of each kernel at context 4096 (SWEEP); --tune DIR then
+writes the fastest config per (K, V, head_dim, group, bf16) shape to DIR/paged_decode_<device>.json,
+the file paged_decode_attention reads at launch (entries of other shapes in an existing file kept).
 """
 
 from __future__ import annotations
@@ -20,19 +24,28 @@ import argparse
 import itertools
 import json
 import math
+from pathlib import Path
 
 import torch
 
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
-from fxforge.kernels.paged_attention import paged_decode_attention
+from fxforge.kernels.paged_attention import (DecodeConfig, auto_num_splits, blocks_kernel_supports,
+                                             decode_config_key, decode_config_path, paged_decode_attention)
 
-# kernel variants timed by --sweep: tile shapes with the automatic split count, split counts, and the
-# portable Triton decode instead of the inline PTX (asm=False)
-SWEEP = ([dict(block_n=n, num_warps=w, num_stages=st)
-          for n, w, st in ((64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3))]
-         + [dict(num_splits=s) for s in (1, 2, 4, 8)] + [dict(asm=False)])
+# launch variants timed by --sweep, per kernel: tile shapes, warps, stages, the register prefetch
+# (blocks), the split-K target (programs per SM, with the automatic split count), and the portable
+# Triton decode instead of the inline PTX (asm=False)
+SWEEP = {
+    "tiles": ([dict(block_n=n, num_warps=w, num_stages=st)
+               for n, w, st in ((64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3))]
+              + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
+    "blocks": ([dict(block_n=n, num_warps=w, num_stages=st, prefetch=pf)
+                for n, w, st, pf in ((64, 4, 1, True), (128, 4, 1, True), (128, 8, 1, True), (256, 8, 1, True),
+                                     (64, 4, 2, False), (128, 4, 2, False), (128, 8, 3, False))]
+               + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
+}
 
 
 def _do_bench(fn) -> float:
@@ -78,17 +91,18 @@ def _copies_needed(nbytes: int) -> int:
     return 1 if nbytes >= 2 * l2 else min(8, math.ceil(2 * l2 / max(nbytes, 1)))
 
 
-def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt: str, page_size: int, generator: torch.Generator):
+def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt, page_size: int, generator: torch.Generator):
     """k, v [B, ctx, Hkv, D] -> ([k_data, k_scale, v_data, v_scale], page_table [B, pages]) with the
-    pages of all sequences scattered through a random permutation."""
+    pages of all sequences scattered through a random permutation; fmt: one format or (K, V)."""
+    k_format, v_format = (fmt, fmt) if isinstance(fmt, str) else fmt
     batch, ctx, hkv, d = k.shape
     pages_per_seq = -(-ctx // page_size)
     pad = pages_per_seq * page_size - ctx
     perm = torch.randperm(batch * pages_per_seq, generator=generator, device=k.device)
     tensors = []
-    for x in (k, v):
+    for x, name in ((k, k_format), (v, v_format)):
         x = torch.nn.functional.pad(x, (0, 0, 0, 0, 0, pad)).reshape(batch * pages_per_seq, page_size, hkv, d)
-        data, scale = quantize(x, parse_kv_format(fmt))
+        data, scale = quantize(x, parse_kv_format(name))
         for part in (data, scale):
             paged = torch.empty_like(part)
             paged[perm] = part
@@ -129,10 +143,11 @@ def _sdpa_variants(q4, kv_copies, group):
 
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
-                 seed: int = 0) -> list[dict]:
-    """One row per (format, context): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
-    pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). With sweep, extra rows
-    (config != "default") time the SWEEP variants of our kernel."""
+                 seed: int = 0, kernels=("tiles", "blocks")) -> list[dict]:
+    """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
+    pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
+    (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
+    each kernel at context 4096. "blocks" rows are left out for formats it does not run."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -150,52 +165,105 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                       for name, fns in _sdpa_variants(q[:, :, None, :], kv_copies, hq // hkv).items()}
         del dense, kv_copies
         base_name = min(sdpa_times, key=sdpa_times.get)
-        base_us = sdpa_times[base_name]
+        base = dict(sdpa_us=round(sdpa_times[base_name], 2), sdpa_variant=base_name,
+                    sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()})
 
         for fmt_name in formats:
-            fmt = parse_kv_format(fmt_name)
-            cache, page_table = paged_cache(k, v, fmt_name, page_size, gen)
+            k_name, _, v_name = fmt_name.partition("/")
+            v_name = v_name or k_name
+            k_fmt, v_fmt = parse_kv_format(k_name), parse_kv_format(v_name)
+            cache, page_table = paged_cache(k, v, (k_name, v_name), page_size, gen)
             query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
-            out = paged_decode_attention(q, *cache, page_table, seq_lens, fmt_name, fmt_name, scale)
-            ref = attention_ref(q, *cache, page_table, query_start, seq_lens, fmt_name, fmt_name, scale, 0)
-            max_diff = (out.float() - ref.float()).abs().max().item()
-            nbytes = batch * ctx * hkv * 2 * fmt.bytes_per_row(d) + 2 * q.numel() * q.element_size()
+            ref = attention_ref(q, *cache, page_table, query_start, seq_lens, k_name, v_name, scale, 0)
+            nbytes = batch * ctx * hkv * (k_fmt.bytes_per_row(d) + v_fmt.bytes_per_row(d)) + 2 * q.numel() * 2
             copies = [cache] + [[t.clone() for t in cache] for _ in range(_copies_needed(nbytes) - 1)]
-            configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP] if sweep and ctx == 4096 else [])
-            for config_name, config in configs:
-                kwargs = {key: val for key, val in config.items() if key != "asm"}
-                fns = [lambda c=c, kwargs=kwargs: paged_decode_attention(q, *c, page_table, seq_lens, fmt_name,
-                                                                         fmt_name, scale, **kwargs)
-                       for c in copies]
-                default_asm = paged_attention._ASM_DECODE
-                paged_attention._ASM_DECODE = config.get("asm", default_asm)  # read when the graphs are captured
-                try:
-                    time_us = _time_rotating(fns)
-                finally:
-                    paged_attention._ASM_DECODE = default_asm
-                bw = nbytes / (time_us * 1e-6) / 1e9
-                rows.append(dict(format=fmt_name, context=ctx, config=config_name, time_us=round(time_us, 2),
-                                 speedup_vs_sdpa=round(base_us / time_us, 3), sdpa_us=round(base_us, 2),
-                                 sdpa_variant=base_name, bytes_read=nbytes, effective_bw_GBps=round(bw, 1),
-                                 pct_of_copy_bw=round(100 * bw / copy_bw, 1), max_abs_diff=max_diff,
-                                 copy_bw_GBps=round(copy_bw, 1), batch=batch, hq=hq, hkv=hkv, d=d,
-                                 page_size=page_size, sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()}))
-                print(f"{fmt_name:>10} ctx {ctx:>6} {config_name:<60} {time_us:9.1f} us  x{base_us / time_us:5.2f} "
-                      f"vs SDPA ({base_name} {base_us:.1f} us)  {bw:7.0f} GB/s ({100 * bw / copy_bw:4.1f}% of copy)  "
-                      f"max|diff| {max_diff:.2e}", flush=True)
+            for kernel in kernels:
+                if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, d):
+                    continue
+                configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
+                                               if sweep and ctx == 4096 else [])
+                for config_name, config in configs:
+                    time_us, max_diff = _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref,
+                                                     kernel, config, ctx, page_size)
+                    bw = nbytes / (time_us * 1e-6) / 1e9
+                    row = dict(format=fmt_name, context=ctx, kernel=kernel, config=config_name,
+                               time_us=round(time_us, 2), speedup_vs_sdpa=round(base["sdpa_us"] / time_us, 3),
+                               bytes_read=nbytes, effective_bw_GBps=round(bw, 1),
+                               pct_of_copy_bw=round(100 * bw / copy_bw, 1), max_abs_diff=max_diff,
+                               copy_bw_GBps=round(copy_bw, 1), batch=batch, hq=hq, hkv=hkv, d=d, page_size=page_size,
+                               **base)
+                    rows.append(row)
+                    print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} {time_us:9.1f} us  "
+                          f"x{row['speedup_vs_sdpa']:5.2f} vs SDPA ({base_name} {base['sdpa_us']:.1f} us)  "
+                          f"{bw:7.0f} GB/s ({row['pct_of_copy_bw']:4.1f}% of copy)  max|diff| {max_diff:.2e}",
+                          flush=True)
             del cache, copies
         del k, v
         torch.cuda.empty_cache()
     return rows
 
 
+def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, kernel, config, ctx, page_size):
+    """(median µs over CUDA-graph replays rotating the cache copies, max |out - ref|) of one kernel and
+    launch variant (config: paged_decode_attention keywords, plus asm and programs_per_sm)."""
+    kwargs = {key: val for key, val in config.items() if key not in ("asm", "programs_per_sm")}
+    if "programs_per_sm" in config:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+        kwargs["num_splits"] = auto_num_splits(q.shape[0], copies[0][0].shape[2], page_table.shape[1] * page_size,
+                                               sms, config["programs_per_sm"])
+    default_asm = paged_attention._ASM_DECODE
+    paged_attention._ASM_DECODE = config.get("asm", default_asm)  # read when the kernels are launched
+    try:
+        out = paged_decode_attention(q, *copies[0], page_table, seq_lens, k_name, v_name, scale, kernel=kernel,
+                                     **kwargs)
+        max_diff = (out.float() - ref.float()).abs().max().item()
+        fns = [lambda c=c: paged_decode_attention(q, *c, page_table, seq_lens, k_name, v_name, scale, kernel=kernel,
+                                                  **kwargs) for c in copies]
+        return _time_rotating(fns), max_diff
+    finally:
+        paged_attention._ASM_DECODE = default_asm
+
+
+def tuned_entries(rows: list[dict]) -> dict:
+    """{decode_config_key: {"config", "time_us", "default_time_us"}}: per format, the fastest row at
+    context 4096 among every kernel and variant timed (the "tiles" default is the baseline)."""
+    entries = {}
+    for fmt_name in dict.fromkeys(r["format"] for r in rows):
+        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096]
+        if not timed:
+            continue
+        best = min(timed, key=lambda r: r["time_us"])
+        default = next(r for r in timed if r["kernel"] == "tiles" and r["config"] == "default")
+        variant = {} if best["config"] == "default" else json.loads(best["config"])
+        if "asm" in variant:  # the portable decode is a process-wide switch, not a launch config
+            continue
+        config = DecodeConfig(kernel=best["kernel"], **variant)
+        k_name, _, v_name = fmt_name.partition("/")
+        key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
+                                best["hq"] // best["hkv"], torch.bfloat16)
+        entries[key] = {"config": config.to_dict(), "time_us": best["time_us"], "default_time_us": default["time_us"]}
+    return entries
+
+
+def write_tuned(rows: list[dict], directory: Path) -> Path:
+    """Merge tuned_entries(rows) into directory/paged_decode_<device>.json (version 1); its path."""
+    device = torch.cuda.get_device_name()
+    path = decode_config_path(device, directory)
+    data = json.loads(path.read_text()) if path.is_file() else {"shapes": {}}
+    data.update(version=DecodeConfig.VERSION, device=device, torch=torch.__version__,
+                triton=__import__("triton").__version__)
+    data["shapes"].update(tuned_entries(rows))
+    path.write_text(json.dumps(data, indent=1))
+    return path
+
+
 def _print_table(rows: list[dict]) -> None:
-    print(f"\n{'format':>10} {'ctx':>6} {'time_us':>9} {'sdpa_us':>9} {'speedup':>8} {'GB/s':>7} {'%copy':>6} "
-          f"{'max|diff|':>9}  sdpa variant")
+    print(f"\n{'format':>18} {'ctx':>6} {'kernel':>6} {'time_us':>9} {'sdpa_us':>9} {'speedup':>8} {'GB/s':>7} "
+          f"{'%copy':>6} {'max|diff|':>9}  sdpa variant")
     for r in rows:
         if r["config"] != "default":
             continue
-        print(f"{r['format']:>10} {r['context']:>6} {r['time_us']:>9.1f} {r['sdpa_us']:>9.1f} "
+        print(f"{r['format']:>18} {r['context']:>6} {r['kernel']:>6} {r['time_us']:>9.1f} {r['sdpa_us']:>9.1f} "
               f"{r['speedup_vs_sdpa']:>8.2f} {r['effective_bw_GBps']:>7.0f} {r['pct_of_copy_bw']:>6.1f} "
               f"{r['max_abs_diff']:>9.2e}  {r['sdpa_variant']}")
     best = {}
@@ -204,26 +272,34 @@ def _print_table(rows: list[dict]) -> None:
         if key not in best or r["time_us"] < best[key]["time_us"]:
             best[key] = r
     if any(r["config"] != "default" for r in rows):
-        print("\nfastest config per (format, context):")
+        print("\nfastest kernel and config per (format, context):")
         for (fmt, ctx), r in best.items():
-            print(f"{fmt:>10} {ctx:>6} {r['time_us']:>9.1f} us x{r['speedup_vs_sdpa']:.2f} "
-                  f"{r['pct_of_copy_bw']:.1f}% copy  {r['config']}")
+            print(f"{fmt:>18} {ctx:>6} {r['time_us']:>9.1f} us x{r['speedup_vs_sdpa']:.2f} "
+                  f"{r['pct_of_copy_bw']:.1f}% copy  {r['kernel']} {r['config']}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json_path", help="where to write the rows as JSON")
     parser.add_argument("--sweep", action="store_true", help="also time kernel variants at context 4096")
+    parser.add_argument("--tune", type=Path, default=None, metavar="DIR",
+                        help="with --sweep: write the fastest config per format to DIR/paged_decode_<device>.json")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--formats", nargs="+", default=["bfp12_32", "bfp16_32", "bfloat16"])
+    parser.add_argument("--kernels", nargs="+", default=["tiles", "blocks"], choices=["tiles", "blocks"])
     args = parser.parse_args()
+    if args.tune is not None and not (args.sweep and 4096 in args.contexts and "tiles" in args.kernels):
+        parser.error("--tune needs --sweep, context 4096 and the tiles kernel (its default is the baseline)")
     torch.cuda.set_device(0)
     props = torch.cuda.get_device_properties(0)
-    rows = bench_decode(contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep)
+    rows = bench_decode(contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
+                        kernels=tuple(args.kernels))
     _print_table(rows)
     with open(args.json_path, "w") as f:
         json.dump(dict(version=1, device=props.name, torch=torch.__version__,
                        triton=__import__("triton").__version__, rows=rows), f, indent=1)
+    if args.tune is not None:
+        print(f"tuned configs: {write_tuned(rows, args.tune)}")
 
 
 if __name__ == "__main__":

@@ -207,3 +207,11 @@ def test_bench_e2e_needs_cuda_or_smoke(tmp_path):
         pytest.skip("this machine has CUDA")
     result = CliRunner().invoke(app, ["bench", "e2e", "--prompts", "1"])
     assert result.exit_code == 2 and "needs a CUDA device (use --smoke" in result.output
+
+
+def test_bench_attention_checks_kernels_and_cuda():
+    result = CliRunner().invoke(app, ["bench", "attention", "--kernels", "tiles,fast"])
+    assert result.exit_code == 2 and "--kernels 'tiles,fast' is not valid" in result.output
+    if not torch.cuda.is_available():
+        result = CliRunner().invoke(app, ["bench", "attention", "--kernels", "blocks"])
+        assert result.exit_code == 2 and "needs a CUDA device" in result.output

@@ -229,6 +229,28 @@ def test_decode_config_pick_tuned_file_and_fallbacks(tmp_path, monkeypatch):
         assert picked.kernel == "tiles", (k_format, pre_rope)
 
 
+def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
+    """attention_bench.tuned_entries: the fastest row at 4k context per format (any kernel, any
+    variant) becomes the config; the tiles default is the baseline; portable-decode rows are not configs."""
+    from fxforge.kernels.attention_bench import tuned_entries
+
+    def row(fmt, kernel, config, time_us, context=4096):
+        return dict(format=fmt, context=context, kernel=kernel, config=config, time_us=time_us, d=128, hq=32, hkv=8)
+
+    variant = '{"block_n": 128, "num_warps": 8, "num_stages": 1, "prefetch": true}'
+    rows = [row("bfp12_32", "tiles", "default", 300.0), row("bfp12_32", "blocks", "default", 200.0),
+            row("bfp12_32", "blocks", variant, 150.0), row("bfp12_32", "blocks", "default", 10.0, context=1024),
+            row("bfloat16", "tiles", "default", 260.0), row("bfloat16", "tiles", '{"asm": false}', 250.0),
+            row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0)]
+    entries = tuned_entries(rows)
+    key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
+    tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1)
+    assert entries[key] == {"config": tuned.to_dict(), "time_us": 150.0, "default_time_us": 300.0}
+    assert "K=bfloat16,V=bfloat16,D=128,G=4,dtype=bfloat16" not in entries  # its fastest was asm=False
+    mixed = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"]
+    assert mixed["config"] == pa.DecodeConfig().to_dict() and mixed["time_us"] == 280.0
+
+
 @needs_interpreter
 def test_blocks_kernel_refuses_formats_it_cannot_run():
     q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 3, 2, 64, "bfp14_32", "bfp14_32", torch.float32, 16, 0)
