@@ -22,6 +22,7 @@ figure earlier runs reported.
 from __future__ import annotations
 
 import dataclasses
+import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -278,6 +279,7 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     result.graph_error = engine.runner.graph_error
     result.roofline_bytes = ideal
     result.routed_expert_fraction = routed
+    result.decode_kernel = os.environ.get("FXFORGE_DECODE_KERNEL") or "config"  # forced, or the launch config's
     result.copy_bandwidth_GBps = bandwidth / 1e9 if bandwidth else None
     result.matmul_peak_tflops = peak_flops / 1e12 if peak_flops else None
     result.__dict__.update(costs)

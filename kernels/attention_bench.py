@@ -287,12 +287,15 @@ def main() -> None:
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--formats", nargs="+", default=["bfp12_32", "bfp16_32", "bfloat16"])
     parser.add_argument("--kernels", nargs="+", default=["tiles", "blocks"], choices=["tiles", "blocks"])
+    parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
+                        help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
     args = parser.parse_args()
     if args.tune is not None and not (args.sweep and 4096 in args.contexts and "tiles" in args.kernels):
         parser.error("--tune needs --sweep, context 4096 and the tiles kernel (its default is the baseline)")
     torch.cuda.set_device(0)
     props = torch.cuda.get_device_properties(0)
-    rows = bench_decode(contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
+    batch, hq, hkv, d = args.shape
+    rows = bench_decode(batch, hq, hkv, d, contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
                         kernels=tuple(args.kernels))
     _print_table(rows)
     with open(args.json_path, "w") as f:
