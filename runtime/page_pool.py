@@ -6,6 +6,10 @@ are those of the `EngineConfig` it is given. A page holds `page_size` consecutiv
 sequence; slot `page_id * page_size + offset` is where the runner writes position
 `page_index * page_size + offset`. Reference counts let several sequences share full pages of a
 common prefix (`fork`); a page returns to the free list when its last owner lets go.
+
+A page id indexes the same page of every layer's cache tensor, so a page holds its positions' KV
+for all layers: layers a skip-decode sequence no longer runs keep their slots of its pages (what a
+per-layer pool would free is counted by runtime/skip_runner.py, `SkipRunner.kv_saving`).
 """
 
 from __future__ import annotations
