@@ -1586,6 +1586,318 @@ def bench_offload_cmd(
         json_out.write_text(json.dumps(results, indent=2))
 
 
+# -- issue 12: Op/B placement, device calibration, the Duplex study, expert offload ----------------
+
+def _placement_extras(model) -> tuple[str, object]:
+    """report.md section and a writer of placement.png for an artifact whose passes include opb-placement."""
+    records = [r for r in getattr(model, "passes", []) if r["name"] == "opb-placement"]
+    if not records:
+        return "", None
+    from fxforge.passes.opb_placement import placement_markdown, plot_placement
+
+    plan = records[-1]["report"]
+    return placement_markdown(plan, "placement.png"), lambda staging: plot_placement(plan, staging / "placement.png")
+
+
+@app.command("calibrate-device")
+@_guard
+def calibrate_device_cmd(
+    output: Path = typer.Option(..., "-o", "--output", help="system file to write (devices + links, JSON)"),
+    reps: int = typer.Option(5, help="timed runs per measurement (the median is kept)"),
+    warmup: int = typer.Option(2, help="untimed runs before them"),
+    quick: bool = typer.Option(False, "--quick", help="tiny buffers: proves the code path, measures little"),
+    gpu: bool = typer.Option(True, "--gpu/--no-gpu", help="measure the GPU and its host link when CUDA is available"),
+    prefix: str = typer.Option("local", help="device names: PREFIX-gpu, PREFIX-cpu"),
+):
+    """Measure this machine (CPU and GPU copy bandwidth, matmul peaks, host-to-device link) into a device file
+    that opb-placement, analyze and the benches read."""
+    import torch
+    from rich.progress import Progress
+
+    from fxforge.artifact import check_output_file
+    from fxforge.calibrate import CalibrationSettings, calibrate, calibration_steps
+
+    settings = CalibrationSettings(reps=reps, warmup=warmup, quick=quick, prefix=prefix, gpu=gpu)
+    target = check_output_file(output, "-o")
+    if gpu and not torch.cuda.is_available():
+        console.print("no CUDA device: the GPU and host-link measurements are skipped")
+    with Progress(console=console) as progress:
+        task = progress.add_task("calibrating", total=len(calibration_steps(settings)))
+        system = calibrate(settings, lambda step: progress.update(task, advance=1, description=step))
+    system.save(target)
+    rows = [{"device": d.name, "kind": d.kind, "bandwidth_GBps": d.mem_bandwidth / 1e9,
+             **{f"{k}_TFLOPs": v / 1e12 for k, v in d.peak_flops.items()}} for d in system.devices.values()]
+    _print_rows(rows)
+    for link in system.links:
+        console.print(f"link {link.name}: {link.bandwidth / 1e9:.1f} GB/s, {link.latency_s * 1e6:.1f} us ({link.notes})")
+    console.print(f"wrote {target}")
+
+
+def _placement_config(devices, links, phase, batch, context, prefill_tokens, dtype, experts, skew, memory_budget_gb):
+    from fxforge.passes.manager import resolve
+
+    return resolve({"name": "opb-placement", "devices": devices, "links": links, "phase": phase, "batch": batch,
+                    "context": context, "prefill_tokens": prefill_tokens, "dtype": _dtype(dtype).__repr__()
+                    .removeprefix("torch."), "experts": experts, "skew": skew, "memory_budget_gb": memory_budget_gb})
+
+
+@app.command("place")
+@_guard
+def place_cmd(
+    model: str = typer.Argument(..., help="model: named shapes use their config (no weights), else loaded"),
+    output: Path = typer.Option(..., "-o", "--output", help="directory for plan.json, report.md, placement.png"),
+    devices: str = typer.Option("h200,logic-pim", help="devices: built-in names (h100, h200, logic-pim, host-cpu), "
+                                "device or system JSON files (calibrate-device), comma-separated"),
+    links: str = typer.Option("", help="extra links A:B=TEMPLATE or A:B=GBPS[/LATENCY_US], comma-separated"),
+    phase: str = typer.Option("decode", help="prefill, decode or mixed"),
+    batch: int = typer.Option(64, help="sequences in the step"),
+    context: int = typer.Option(4096, help="context length"),
+    prefill_tokens: int = typer.Option(0, help="mixed: prefill tokens in the step"),
+    dtype: str = typer.Option("bfloat16", help="weights and activations"),
+    experts: str = typer.Option("uniform", help="expert token distribution: uniform, skewed or measured "
+                                "(routing on the calibration split of --data; loads the weights)"),
+    skew: float = typer.Option(1.0, help="skewed: Zipf exponent of the experts' routing shares"),
+    memory_budget_gb: float = typer.Option(0.0, "--memory-budget-gb", help="weights + KV the compute side may "
+                                           "hold (0: its memory); experts beyond it live on the memory side"),
+    data: str = typer.Option("gsm8k", help="calibration text for --experts measured"),
+    as_json: bool = typer.Option(False, "--json", help="print the plan's summary as JSON"),
+):
+    """Place MODEL's ops on DEVICES for a workload (the opb-placement pass on the model's graph) and write the
+    plan, a report and the Op/B-vs-ridge plot; nothing is compiled."""
+    import shutil
+    import tempfile
+
+    from fxforge.artifact import check_output_dir
+    from fxforge.ir.importers.named import NAMED_SHAPES
+    from fxforge.passes.manager import PassContext
+    from fxforge.passes.opb_placement import memory_plan, opb_placement, placement_markdown, plot_placement
+
+    config = _placement_config(devices, links, phase, batch, context, prefill_tokens, dtype, experts, skew,
+                               memory_budget_gb)
+    target = check_output_dir(output)
+    if target.exists() and any(target.iterdir()):
+        raise FxforgeError(f"-o {str(target)!r} is not empty; choose a new or empty directory")
+    measured = config.experts.value == "measured"
+    if model in NAMED_SHAPES and not measured:
+        memory_plan(config, NAMED_SHAPES[model])  # before building anything
+    m = _analysis_model(model) if not measured else _load(model, "float32")
+    memory_plan(config, m.spec)
+    from fxforge.ir.capture import capture
+
+    gm = capture(m.module)
+    calib = None
+    if measured:
+        from fxforge.data import load_texts
+
+        calib = load_texts(data, split="calib")
+    with console.status("placing"):
+        result = opb_placement(gm, config, PassContext(model=m, calib=calib))
+    plan = result.report
+    config_out = (result.config or config).to_dict()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        (staging / "plan.json").write_text(json.dumps({"kind": "opb-placement", "model": model, "config": config_out,
+                                                       "plan": plan}, indent=1, default=str))
+        (staging / "report.md").write_text(f"# Op/B placement: {model}\n" + placement_markdown(plan, "placement.png"))
+        plot_placement(plan, staging / "placement.png")
+        if target.exists():
+            target.rmdir()
+        staging.rename(target)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    summary = {k: plan[k] for k in ("predicted_step_s", "per_device_s", "transfer_s", "single_device_s",
+                                    "speedup_vs_best_single_device")}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(placement_markdown(plan))
+        console.print(f"wrote {target}/plan.json, report.md, placement.png")
+
+
+@app.command("duplex-study")
+@_guard
+def duplex_study_cmd(
+    models: str = typer.Option("mixtral-8x7b,llama-3-70b-like", help="model shapes (comma-separated)"),
+    batches: str = typer.Option("16,32,64,128,256", help="decode batches under continuous batching"),
+    lengths: str = typer.Option("1024/1024,2048/512", help="prompt/generated lengths (LIN/LOUT, comma-separated)"),
+    top_ks: str = typer.Option("1,2,4", help="top-k values of the experts' Op/B table"),
+    opb_batches: str = typer.Option("1,4,16,64,256,1024", help="batches of the Op/B table"),
+    smoke: bool = typer.Option(False, "--smoke", help="one layer per model, two batches: proves the code path"),
+    json_out: Path = typer.Option(Path("duplex_study.json"), "--json-out", help="results (JSON)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the tables here"),
+    plot: Path = typer.Option(Path("duplex_opb.png"), "--plot", help="Op/B against batch (PNG)"),
+):
+    """The Duplex paper's analysis on fxforge's cost model (a model, not a measurement): Op/B of MoE experts and
+    GQA attention against batch and top-k, and modelled throughput of xPU + Logic-PIM against the xPU alone."""
+    from rich.progress import Progress
+
+    from fxforge.artifact import check_output_file
+    from fxforge.duplex import StudySettings, markdown, plot_opb, run_study
+
+    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out"), (plot, "--plot")):
+        if path is not None:
+            check_output_file(path, option)
+    try:
+        pairs = tuple(tuple(int(x) for x in item.split("/")) for item in lengths.split(",") if item.strip())
+    except ValueError:
+        pairs = ()
+    if not pairs or any(len(p) != 2 for p in pairs):
+        raise FxforgeError(f"--lengths must be LIN/LOUT pairs such as 1024/1024,2048/512, got {lengths!r}")
+    settings = StudySettings(models=tuple(m.strip() for m in models.split(",") if m.strip()),
+                             batches=tuple(_int_list(batches, "--batches")), lengths=pairs,
+                             top_ks=tuple(_int_list(top_ks, "--top-ks")),
+                             opb_batches=tuple(_int_list(opb_batches, "--opb-batches")))
+    if smoke:
+        settings = StudySettings(models=settings.models, batches=settings.batches[:2], lengths=settings.lengths[:1],
+                                 top_ks=settings.top_ks, opb_batches=settings.opb_batches[:2], num_layers=1)
+    total = len(settings.models) * len(settings.batches) * len(settings.lengths)
+    with Progress(console=console) as progress:
+        task = progress.add_task("duplex study", total=total)
+        results = run_study(settings, lambda what: progress.update(task, advance=1, description=what))
+    table = markdown(results)
+    json_out.write_text(json.dumps(results, indent=1))
+    plot_opb(results, plot)
+    if markdown_out is not None:
+        markdown_out.write_text(table)
+    out.print(table)
+
+
+@bench_app.command("offload")
+@_guard
+def bench_offload_cmd(
+    model: str = typer.Argument("mixtral-8x7b", help="a named MoE shape (random weights)"),
+    gpu_memory_gb: Optional[float] = typer.Option(None, "--gpu-memory-gb", help="GPU memory for the model's weights "
+                                                  "(dense part first); default: keeps half of the experts off the GPU"),
+    batches: str = typer.Option("1,8,64", help="decode batches"),
+    repeats: int = typer.Option(5, help="timed steps per row (the median is reported)"),
+    layers: int = typer.Option(0, help="MoE layers to run (0: the model's)"),
+    devices: str = typer.Option("h200,host-cpu", help="the cost model's GPU, CPU and link: built-in names or a "
+                                "calibrate-device file"),
+    math: str = typer.Option("exact", help="exact (float32, as fused_moe_ref) or native (the weights' dtype)"),
+    smoke: bool = typer.Option(False, "--smoke", help="tiny widths, CPU allowed: proves the code path"),
+    json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
+):
+    """Offloaded MoE experts: tokens/s of the placement rule vs always copying weights vs always computing on the
+    CPU, with the cost model's predicted step time next to the measured one."""
+    import dataclasses
+
+    import torch
+
+    from fxforge.artifact import check_output_file
+    from fxforge.ir.devices import load_system
+    from fxforge.ir.importers.named import NAMED_SHAPES
+    from fxforge.offload_bench import OffloadBench, costs_from, half_budget_gb, run_bench
+    from fxforge.passes.opb_placement import weight_bytes
+    from fxforge.runtime.expert_offload import resident_experts
+
+    spec = NAMED_SHAPES.get(model)
+    if spec is None or not spec.is_moe:
+        moe = sorted(name for name, s in NAMED_SHAPES.items() if s.is_moe)
+        raise FxforgeError(f"{model!r} is not a named MoE shape; choose one of {moe}")
+    if math not in ("exact", "native"):
+        raise FxforgeError(f"--math must be exact or native, got {math!r}")
+    batch_list = _int_list(batches, "--batches")
+    if repeats < 1 or layers < 0:
+        raise FxforgeError(f"--repeats must be >= 1 and --layers >= 0, got {repeats} and {layers}")
+    if json_out is not None:
+        check_output_file(json_out, "--json-out")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise FxforgeError("fxforge bench offload needs a CUDA device (use --smoke to exercise it on CPU)")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if smoke:
+        spec = dataclasses.replace(spec, hidden_size=64, moe_intermediate_size=96, intermediate_size=96, num_layers=2,
+                                   num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+    act = torch.finfo(dtype).bits // 8
+    budget = gpu_memory_gb if gpu_memory_gb is not None else half_budget_gb(spec, act)
+    dense, expert = weight_bytes(spec, act)
+    resident_experts(budget * 1e9, dense, expert, spec.num_layers, spec.num_experts)  # too small: fails here
+    costs = costs_from(load_system(d.strip() for d in devices.split(",") if d.strip()),
+                       str(dtype).removeprefix("torch."), math == "exact")
+    bench = OffloadBench(spec, budget, tuple(batch_list), repeats, layers, math == "exact")
+    results = run_bench(bench, costs, torch.device("cuda" if cuda else "cpu"), dtype, progress=console.print)
+    results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
+                   gpu_memory_gb=budget, smoke=smoke, math=math)
+    _print_rows(results["rows"])
+    out.print_json(json.dumps(results["targets"]))
+    if json_out is not None:
+        json_out.write_text(json.dumps(results, indent=2))
+
+
+@bench_app.command("costmodel")
+@_guard
+def bench_costmodel_cmd(
+    models: str = typer.Option("llama-3-8b,mixtral-8x7b", help="named shapes, one layer each (random weights)"),
+    device: str = typer.Option("h200", help="the device spec the predictions use: a built-in name or a device / "
+                               "calibrate-device file (its GPU on CUDA, its CPU otherwise)"),
+    batches: str = typer.Option("1,4,16,64,256,1024,2048", help="decode batches"),
+    context: int = typer.Option(4096, help="decode context (cut for large batches to bound the KV cache)"),
+    prefill: str = typer.Option("1x512,4x1024,8x2048", help="prefill steps: SEQUENCESxTOKENS, comma-separated"),
+    repeats: int = typer.Option(5, help="timed forwards per workload (the median per node)"),
+    smoke: bool = typer.Option(False, "--smoke", help="tiny widths, CPU allowed: proves the code path"),
+    json_out: Path = typer.Option(Path("costmodel.json"), "--json-out", help="results (JSON)"),
+    markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the error table here"),
+):
+    """The cost model against measured node times (attention decode / prefill, projections, experts) over
+    batches 1..2048, with per-class achieved fractions of peak calibrated to the measurements."""
+    import dataclasses
+
+    import torch
+
+    import fxforge
+    from fxforge.artifact import check_output_file
+    from fxforge.costmodel_bench import CostBench, markdown, one_layer, run_bench
+    from fxforge.ir.devices import load_system
+    from fxforge.ir.importers.named import NAMED_SHAPES
+    from fxforge.ir.model import Model
+
+    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out")):
+        if path is not None:
+            check_output_file(path, option)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    unknown = [m for m in names if m not in NAMED_SHAPES]
+    if unknown or not names:
+        raise FxforgeError(f"--models: unknown {unknown}; named shapes: {', '.join(NAMED_SHAPES)}")
+    try:
+        steps = tuple(tuple(int(x) for x in item.lower().split("x")) for item in prefill.split(",") if item.strip())
+    except ValueError:
+        steps = ((0,),)
+    if any(len(st) != 2 or min(st) < 1 for st in steps):
+        raise FxforgeError(f"--prefill must be SEQUENCESxTOKENS items such as 4x1024, got {prefill!r}")
+    if repeats < 1 or context < 1:
+        raise FxforgeError(f"--repeats and --context must be >= 1, got {repeats} and {context}")
+    cuda = torch.cuda.is_available()
+    if not cuda and not smoke:
+        raise FxforgeError("fxforge bench costmodel needs a CUDA device (use --smoke with a calibrate-device file)")
+    system = load_system([device])
+    kind = "xpu" if cuda else "cpu"
+    spec_device = next((d for d in system.devices.values() if d.kind == kind), None)
+    if spec_device is None:
+        raise FxforgeError(f"--device {device!r} has no {kind} device; on this machine the predictions need one "
+                           "(fxforge calibrate-device writes it)")
+    bench = CostBench(decode_batches=tuple(_int_list(batches, "--batches")), context=context, prefill=steps,
+                      repeats=repeats)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    built = []
+    for name in names:
+        spec = one_layer(NAMED_SHAPES[name])
+        if smoke:
+            spec = dataclasses.replace(spec, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
+                                       num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+        model = Model.from_state_dict(spec, None, dtype=dtype, device="cuda" if cuda else "cpu")
+        built.append(fxforge.optimize(model, passes=[{"name": "lower", "backend": "triton"}]) if cuda else model)
+    results = run_bench(built, bench, spec_device, progress=console.print)
+    results.update(torch=torch.__version__, gpu=torch.cuda.get_device_name() if cuda else None, smoke=smoke)
+    table = markdown(results)
+    json_out.write_text(json.dumps(results, indent=1))
+    if markdown_out is not None:
+        markdown_out.write_text(table)
+    out.print(table)
+    out.print_json(json.dumps(results["targets"]))
+
+
 def main() -> None:
     sys.exit(app())
 

@@ -96,3 +96,22 @@ def test_duplex_study_smoke_reproduces_the_op_per_byte_facts(tmp_path):
     assert "Model result" in files[1].read_text() and files[2].stat().st_size > 1000
     _fails_cleanly(["duplex-study", "--models", "gpt-5", "--json-out", str(tmp_path / "x.json")], "unknown ['gpt-5']")
     _fails_cleanly(["duplex-study", "--lengths", "1024", "--json-out", str(tmp_path / "x.json")], "LIN/LOUT")
+
+
+def test_bench_costmodel_smoke(tmp_path):
+    """On CPU with a calibrate-device spec (tiny widths): every class is measured and predicted, and the
+    calibration (whose grid holds the uncalibrated point f = 1, no overhead) never raises a class's median error."""
+    device_file = tmp_path / "dev.json"
+    _ok(["calibrate-device", "-o", str(device_file), "--quick", "--no-gpu", "--reps", "1", "--warmup", "0"])
+    out = tmp_path / "cm.json"
+    _ok(["bench", "costmodel", "--smoke", "--models", "mixtral-8x7b", "--device", str(device_file), "--batches", "1,16",
+         "--context", "64", "--prefill", "1x32", "--repeats", "1", "--json-out", str(out)])
+    results = json.loads(out.read_text())
+    assert set(results["factors"]) == {"attention_decode", "attention_prefill", "projection", "expert"}
+    for kind, after in results["errors_after"].items():
+        assert after["median_abs_pct"] <= results["errors_before"][kind]["median_abs_pct"] + 1e-9, kind
+    assert all(r["measured_s"] > 0 and r["predicted_s"] > 0 for r in results["rows"])
+    _fails_cleanly(["bench", "costmodel", "--smoke", "--models", "gpt-5", "--json-out", str(tmp_path / "x.json")],
+                   "unknown ['gpt-5']")
+    _fails_cleanly(["bench", "costmodel", "--smoke", "--device", "h200", "--json-out", str(tmp_path / "x.json")],
+                   "has no cpu device")
