@@ -177,27 +177,30 @@ class SkipModel:
         return self.layers[layer](hidden, batch.positions, batch.slot_mapping, batch.page_table, batch.query_start,
                                   batch.seq_lens, *kv_cache[base:base + 4])
 
-    def forward_depth(self, batch, kv_cache: list[torch.Tensor], depth: int) -> torch.Tensor:
-        """Every token of `batch` runs `depth` layers (schedule.layers_at_depth) -> logits of logits_indices."""
+    def forward_depth(self, batch, kv_cache: list[torch.Tensor], depth: int, layer_batches=None) -> torch.Tensor:
+        """Every token of `batch` runs `depth` layers (schedule.layers_at_depth) -> logits of logits_indices.
+        `layer_batches[l]`, if given, is the batch layer l reads (its own slots and page table)."""
         layers = self.schedule.layers_at_depth(depth) if self.schedule else range(self.spec.num_layers)
         hidden = self.embed(batch.input_ids)
         for layer in layers:
-            hidden = self._layer(layer, hidden, batch, kv_cache)
+            hidden = self._layer(layer, hidden, layer_batches[layer] if layer_batches else batch, kv_cache)
         return self.head(hidden, batch.logits_indices)
 
     def forward(self, batch, kv_cache: list[torch.Tensor], token_depths: np.ndarray, chunk_starts: np.ndarray,
-                chunk_lens: np.ndarray) -> torch.Tensor:
+                chunk_lens: np.ndarray, layer_batches=None) -> torch.Tensor:
         """Per-token depths (host array [T]) over chunks of chunk_lens tokens after chunk_starts cached ones
         (host arrays [S]). A layer runs on the tokens whose depth includes it, with the batch metadata of
-        just those rows; the others keep their hidden state and write no KV there."""
+        just those rows; the others keep their hidden state and write no KV there. `layer_batches` as in
+        forward_depth."""
         hidden = self.embed(batch.input_ids)
         everyone = np.arange(len(token_depths))
         for layer in range(self.spec.num_layers):
             runs = self._runs(layer, token_depths)
+            own = layer_batches[layer] if layer_batches else batch
             if runs.all():
-                hidden = self._layer(layer, hidden, batch, kv_cache)
+                hidden = self._layer(layer, hidden, own, kv_cache)
             elif runs.any():
-                rows, sub = self._sub_batch(layer, batch, runs, everyone, chunk_starts, chunk_lens)
+                rows, sub = self._sub_batch(layer, own, runs, everyone, chunk_starts, chunk_lens)
                 hidden = hidden.index_copy(0, rows, self._layer(layer, hidden.index_select(0, rows), sub, kv_cache))
         return self.head(hidden, batch.logits_indices)
 

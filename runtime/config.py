@@ -35,6 +35,7 @@ class EngineConfig:
     chat: bool = True  # text prompts go through the model's chat template
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
     skip_policy: str = "bucket"  # skip-decode models: "bucket", "mask" (runtime/skip_runner.py) or "full" (every layer)
+    skip_kv_fraction: float = 1.0  # skip-decode models: pages of each skippable layer group, as a share of num_pages
 
     def __post_init__(self):
         for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2),
@@ -49,6 +50,9 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.loop_policy must be one of {LOOP_POLICIES}, got {self.loop_policy!r}")
         if self.skip_policy not in SKIP_POLICIES:
             raise ValueError(f"EngineConfig.skip_policy must be one of {SKIP_POLICIES}, got {self.skip_policy!r}")
+        fraction = self.skip_kv_fraction
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise ValueError(f"EngineConfig.skip_kv_fraction must be a number in (0, 1], got {fraction!r}")
         if self.eos_token_id is not None and (not _is_int(self.eos_token_id) or self.eos_token_id < 0):
             raise ValueError(f"EngineConfig.eos_token_id must be None or an int >= 0, got {self.eos_token_id!r}")
         if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len - 1:

@@ -110,7 +110,8 @@ class Engine:
                              "step cannot skip depths); use loop_policy='lockstep' or skip_policy='full'")
         runner = DepthwiseRunner if depthwise else SkipRunner if skipping else ModelRunner
         self.runner = runner(model, config)
-        self.scheduler = Scheduler(config, model.kv_bytes_per_token(), self.runner.looped.loops if depthwise else 1)
+        self.scheduler = Scheduler(config, model.kv_bytes_per_token(), self.runner.looped.loops if depthwise else 1,
+                                   pool=self.runner.pool if skipping else None)
         self.stats = EngineStats()
 
     # -- requests ---------------------------------------------------------------------------------

@@ -8,8 +8,8 @@ sequence; slot `page_id * page_size + offset` is where the runner writes positio
 common prefix (`fork`); a page returns to the free list when its last owner lets go.
 
 A page id indexes the same page of every layer's cache tensor, so a page holds its positions' KV
-for all layers: layers a skip-decode sequence no longer runs keep their slots of its pages (what a
-per-layer pool would free is counted by runtime/skip_runner.py, `SkipRunner.kv_saving`).
+for all layers. A skip-decode model's pool (runtime/skip_pages.py LayeredPagePool) adds pages per
+group of skippable layers, held only for the positions those layers run.
 """
 
 from __future__ import annotations
@@ -69,6 +69,15 @@ class PagePool:
 
     def can_allocate(self, seq: Sequence, num_new_tokens: int) -> bool:
         return self.num_pages_needed(seq, num_new_tokens) <= len(self._free_pages)
+
+    def can_allocate_all(self, requests: list[tuple[Sequence, int]]) -> bool:
+        """Whether every (sequence, new tokens) request fits at once (a decode window's pages)."""
+        return sum(self.num_pages_needed(seq, n) for seq, n in requests) <= len(self._free_pages)
+
+    def fits(self, seq: Sequence, max_slots: int) -> bool:
+        """Whether `seq` at `max_slots` cached positions fits in the whole pool (the scheduler admits no
+        request that could never run)."""
+        return self.pages_for(max_slots) <= self.num_pages
 
     def max_new_tokens(self, seq: Sequence) -> int:
         """The most new tokens `seq` could be given now: its free slots plus every free page."""

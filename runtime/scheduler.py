@@ -131,13 +131,14 @@ class Scheduler:
     config (`pool`); `bytes_per_token` of KV only feeds the pool's memory accounting.
     """
 
-    def __init__(self, config: EngineConfig, bytes_per_token: int = 0, num_loops: int = 1):
+    def __init__(self, config: EngineConfig, bytes_per_token: int = 0, num_loops: int = 1,
+                 pool: PagePool | None = None):
         if not isinstance(num_loops, int) or num_loops < 1:
             raise ValueError(f"num_loops must be an int >= 1, got {num_loops!r}")
         self.config = config
         self.loops = num_loops if config.loop_policy == "depthwise" else 1  # loop iterations a chunk takes
         self.in_flight: dict[int, ScheduledSeq] = {}  # seq_id -> its chunk inside the loop stack
-        self.pool = PagePool(config, bytes_per_token)
+        self.pool = PagePool(config, bytes_per_token) if pool is None else pool  # a skip-decode model's: per layer group
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # sorted by arrival, all older than any waiting sequence
         self.num_preemptions = 0
@@ -172,7 +173,7 @@ class Scheduler:
         # KV of the final token is never computed, so the longest sequence needs one slot less.
         max_slots = min(num_prompt + seq.sampling_params.max_new_tokens, max_len) - 1
         pool = self.pool
-        if pool.pages_for(max_slots) > pool.num_pages:
+        if not pool.fits(seq, max_slots):
             raise ValueError(
                 f"sequence {seq.seq_id} ({num_prompt} prompt tokens, up to {max_slots + 1} tokens in all) can need "
                 f"{pool.pages_for(max_slots)} KV pages but the pool has {pool.num_pages} pages of {pool.page_size}; "
@@ -296,7 +297,7 @@ class Scheduler:
             left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
             steps.append(max(1, min(k_max, left)))
         k = max(steps)
-        if k == 1 or sum(pool.num_pages_needed(s, n) for s, n in zip(running, steps)) > pool.num_free_pages:
+        if k == 1 or not pool.can_allocate_all(list(zip(running, steps))):
             return None
         out = SchedulerOutput(num_steps=k)
         for seq, n in zip(running, steps):

@@ -18,15 +18,19 @@ are fed back on the device, and the host syncs once per window; a row past its l
 its last position into the scratch page. Both policies give the reference decoder's tokens
 (ir/skip.py skip_greedy) under the same schedule.
 
-KV accounting: a page holds page_size positions of every layer (one page id indexes every layer's
-cache tensor), so pages for layers a sequence stops running stay allocated. The runner counts, per
-layer, the KV slots tokens wrote (`kv_slots_written`) against the slots their pages reserve for it
-(`kv_slots_reserved`); `kv_saving()` is the fraction of KV memory a per-layer page pool would free.
+KV pages per layer group (runtime/skip_pages.py): the runner's `pool`, which the engine gives the
+scheduler, holds the always-run layers' pages plus, per group of skippable layers, pages only for
+the positions those layers run (prompt + the first T generated tokens); each layer's cache tensor
+has its group's pool size (+1 scratch page), `EngineConfig.skip_kv_fraction` of the main pool's.
+Each layer reads and writes through its group's page table and slots. `kv_memory_saving()` is the
+share of KV bytes the layered cache saves against one pool of every layer; `kv_saving()` counts, per
+layer, the KV slots tokens wrote against the slots a shared pool would reserve for them.
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,10 +39,12 @@ import torch
 
 from fxforge.ir.model import BatchInputs
 from fxforge.ir.skip import SkipModel
+from fxforge.kernels.kv_cache import allocate_kv_pair
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
 from .scheduler import RunnerOutput, SchedulerOutput
+from .skip_pages import LayeredPagePool, layer_groups
 
 
 @dataclass
@@ -61,11 +67,36 @@ class SkipRunner(ModelRunner):
         if self.skip.schedule is None:
             raise ValueError("skip-decode serving needs a model compiled with the skip-decode pass")
         self.depth_graphs: dict[tuple[int, int], tuple] = {}
+        schedule, layers = self.skip.schedule, model.spec.num_layers
+        groups = layer_groups(layers, schedule.warmup, schedule.top_layers, config.num_pages, config.skip_kv_fraction)
+        self.pool = LayeredPagePool(config, model.kv_bytes_per_token(), groups)
+        self.group_of_layer = [None] * layers  # None: an always-run layer (the main pool's pages)
+        for index, group in enumerate(groups):
+            for layer in group.layers:
+                self.group_of_layer[layer] = index
         super().__init__(model, config)
         self.use_graphs = config.use_cuda_graphs and self.device.type == "cuda"
         layers = model.spec.num_layers
         self.kv_slots_written = np.zeros(layers, dtype=np.int64)  # per layer: KV slots tokens wrote
         self.kv_slots_reserved = 0  # per layer: slots of every token that got KV (all layers share pages)
+
+    def _new_kv_cache(self) -> list[torch.Tensor]:
+        """Each layer's cache sized to its pool: the main pool's pages, or its group's (+1 scratch page)."""
+        spec, cache = self.model.spec, []
+        for layer, (k_format, v_format) in enumerate(self.model.kv_formats()):
+            cache += allocate_kv_pair(self._scratch(layer) + 1, self.config.page_size, spec.num_kv_heads,
+                                      spec.head_dim, k_format, v_format, self.device)
+        return cache
+
+    def _scratch(self, layer: int) -> int:
+        """The scratch page of a layer's cache: the page after its pool's."""
+        group = self.group_of_layer[layer]
+        return self.config.num_pages if group is None else self.pool.groups[group].num_pages
+
+    def kv_memory_saving(self) -> float:
+        """Share of KV cache bytes the per-group pools save against every layer holding the main pool's pages."""
+        pages = [self._scratch(layer) + 1 for layer in range(len(self.group_of_layer))]
+        return 1.0 - sum(pages) / (len(pages) * (self.config.num_pages + 1))
 
     def _capture_graphs(self) -> None:
         """Nothing up front: graphs are captured per (depth, batch bucket) when a decode group first needs one."""
@@ -139,66 +170,91 @@ class SkipRunner(ModelRunner):
     # -- running a set of rows ---------------------------------------------------------------------------
     def _run(self, out: SchedulerOutput, rows: _Rows, fed_back: torch.Tensor | None, depth: int | None) -> torch.Tensor:
         """Logits of rows' sampling entries: at one `depth` for all (graph replay when it can), or per token."""
-        batch = self._inputs(out, rows, fed_back)
+        batch, groups = self._inputs(out, rows, fed_back)
+        layer_batches = [batch if g is None else groups[g] for g in self.group_of_layer]
         if depth is None:
-            return self.skip.forward(batch, self.kv_cache, rows.depths, rows.starts, rows.counts)
+            return self.skip.forward(batch, self.kv_cache, rows.depths, rows.starts, rows.counts, layer_batches)
         decode = bool((rows.counts == 1).all() and rows.sample.all())
         n = len(rows.index)
         if self.use_graphs and decode and n <= self._buckets()[-1]:
             try:
-                return self._replay_depth(batch, n, depth)
+                return self._replay_depth(batch, groups, n, depth)
             except RuntimeError as exc:  # an op that syncs with the host cannot be captured: run eagerly
                 self.use_graphs, self.graph_error = False, f"{type(exc).__name__}: {exc}".splitlines()[0]
                 torch.cuda.synchronize()
-        return self.skip.forward_depth(batch, self.kv_cache, depth)
+        return self.skip.forward_depth(batch, self.kv_cache, depth, layer_batches)
 
-    def _inputs(self, out: SchedulerOutput, rows: _Rows, fed_back: torch.Tensor | None) -> BatchInputs:
-        """Flat inputs of `rows` (a step's entries or a group of them); window steps read their ids from
-        `fed_back` (the last step's tokens, one per entry of out.scheduled)."""
+    def _inputs(self, out: SchedulerOutput, rows: _Rows, fed_back: torch.Tensor | None):
+        """Flat inputs of `rows` (a step's entries or a group of them), and per layer group the same with
+        that group's slots and page table; window steps read their ids from `fed_back` (the last step's
+        tokens, one per entry of out.scheduled)."""
         scheduled, n = out.scheduled, len(rows.index)
+        seqs = [scheduled[e].seq for e in rows.index]
         query_start = np.concatenate([[0], np.cumsum(rows.counts)])
         seq_index = np.repeat(np.arange(n), rows.counts)
         positions = np.arange(query_start[-1]) - query_start[:-1][seq_index] + rows.starts[seq_index]
-        width = max(len(scheduled[e].seq.page_ids) for e in rows.index)
-        table = np.zeros((n, width), dtype=np.int64)
-        for row, entry in enumerate(rows.index):
-            table[row, :len(scheduled[entry].seq.page_ids)] = scheduled[entry].seq.page_ids
-        ps = self.config.page_size
-        slots = table[seq_index, positions // ps] * ps + positions % ps
-        slots = np.where(np.repeat(rows.scratch, rows.counts), self.scratch_page * ps, slots)
+        scratch_rows = np.repeat(rows.scratch, rows.counts)
         to = self._to_device
+        table, slots = self._paged([s.page_ids for s in seqs], positions, seq_index, scratch_rows, self.scratch_page)
         if fed_back is None:
-            ids = to(np.concatenate([scheduled[e].seq.token_slice(s, s + c) for e, s, c in
-                                     zip(rows.index, rows.starts, rows.counts)]))
+            ids = to(np.concatenate([s.token_slice(a, a + c) for s, a, c in zip(seqs, rows.starts, rows.counts)]))
         else:
             ids = fed_back.index_select(0, to(rows.index))
         logits_indices = (query_start[1:] - 1)[rows.sample]
-        return BatchInputs(ids, to(positions), to(slots), to(table, torch.int32), to(query_start, torch.int32),
-                           to(rows.starts + rows.counts, torch.int32), to(logits_indices))
+        batch = BatchInputs(ids, to(positions), to(slots), to(table, torch.int32), to(query_start, torch.int32),
+                            to(rows.starts + rows.counts, torch.int32), to(logits_indices))
+        prompts = np.fromiter((s.num_prompt_tokens for s in seqs), dtype=np.int64, count=n)[seq_index]
+        groups = []
+        for index, group in enumerate(self.pool.groups):
+            beyond = scratch_rows | (positions >= prompts + group.horizon)  # no KV of this group there
+            pages = [self.pool.group_pages(s, index) for s in seqs]
+            table, slots = self._paged(pages, positions, seq_index, beyond, group.num_pages)
+            groups.append(dataclasses.replace(batch, slot_mapping=to(slots), page_table=to(table, torch.int32)))
+        return batch, groups
+
+    def _paged(self, page_lists: list[list[int]], positions: np.ndarray, seq_index: np.ndarray, scratch: np.ndarray,
+               scratch_page: int) -> tuple[np.ndarray, np.ndarray]:
+        """(page table [rows, width], cache slot per token) over `page_lists`; tokens marked `scratch` (and
+        page-table padding) point at the scratch page."""
+        ps = self.config.page_size
+        table = np.full((len(page_lists), max(1, max(map(len, page_lists)))), scratch_page, dtype=np.int64)
+        for row, pages in enumerate(page_lists):
+            table[row, :len(pages)] = pages
+        page_index = np.where(scratch, 0, positions // ps)
+        slots = np.where(scratch, scratch_page * ps, table[seq_index, page_index] * ps + positions % ps)
+        return table, slots
 
     # -- CUDA graphs per depth -----------------------------------------------------------------------------
-    def _replay_depth(self, batch: BatchInputs, n: int, depth: int) -> torch.Tensor:
+    def _replay_depth(self, batch: BatchInputs, groups: list[BatchInputs], n: int, depth: int) -> torch.Tensor:
         """Replay (capturing on first use) the graph of `depth` at the smallest batch bucket holding n rows."""
         buckets = self._buckets()
         bucket = buckets[bisect.bisect_left(buckets, n)]
         if (depth, bucket) not in self.depth_graphs:
             self.depth_graphs[(depth, bucket)] = self._capture_depth(depth, bucket)
-        graph, static, logits = self.depth_graphs[(depth, bucket)]
-        scratch, ps = self.scratch_page, self.config.page_size
+        graph, static, static_groups, logits = self.depth_graphs[(depth, bucket)]
+        ps = self.config.page_size
         static.input_ids[:n].copy_(batch.input_ids)
         static.positions[:n].copy_(batch.positions)
-        static.slot_mapping[:n].copy_(batch.slot_mapping)
-        static.slot_mapping[n:].fill_(scratch * ps)
-        static.page_table[:n, :batch.page_table.shape[1]].copy_(batch.page_table)
-        static.page_table[n:].fill_(scratch)
         static.seq_lens[:n].copy_(batch.seq_lens)
         static.seq_lens[n:].fill_(1)
+        scratch_pages = [self.scratch_page] + [g.num_pages for g in self.pool.groups]
+        for source, target, scratch in zip([batch, *groups], [static, *static_groups], scratch_pages):
+            target.slot_mapping[:n].copy_(source.slot_mapping)
+            target.slot_mapping[n:].fill_(scratch * ps)
+            target.page_table[:n, :source.page_table.shape[1]].copy_(source.page_table)
+            target.page_table[:n, source.page_table.shape[1]:].fill_(scratch)
+            target.page_table[n:].fill_(scratch)
         graph.replay()
         return logits[:n]
 
     def _capture_depth(self, depth: int, bucket: int) -> tuple:
         static = self._static_inputs(bucket)
-        forward: Callable = lambda: self.skip.forward_depth(static, self.kv_cache, depth)  # noqa: E731
+        ps = self.config.page_size
+        static_groups = [dataclasses.replace(static, slot_mapping=torch.full_like(static.slot_mapping, g.num_pages * ps),
+                                             page_table=torch.full_like(static.page_table, g.num_pages))
+                         for g in self.pool.groups]
+        layer_batches = [static if g is None else static_groups[g] for g in self.group_of_layer]
+        forward: Callable = lambda: self.skip.forward_depth(static, self.kv_cache, depth, layer_batches)  # noqa: E731
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -210,4 +266,4 @@ class SkipRunner(ModelRunner):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
             logits = forward()
-        return graph, static, logits
+        return graph, static, static_groups, logits

@@ -169,3 +169,27 @@ class TestCUDA:
             assert staggered(engine) == reference, policy
             if graphs:
                 assert engine.runner.depth_graphs and engine.runner.graph_error is None
+
+
+@pytest.mark.parametrize("policy", ["bucket", "mask"])
+def test_smaller_group_pools_keep_the_tokens_and_save_kv_memory(skipped, reference, policy):
+    """Skippable layers' caches at 40% of the main pool's pages: KV memory shrinks, the group pools fill
+    and preempt, and the tokens are still the reference's."""
+    config = EngineConfig(num_pages=24, page_size=4, max_model_len=64, max_num_seqs=8, max_num_batched_tokens=16,
+                          num_decode_steps=3, skip_policy=policy, skip_kv_fraction=0.4)
+    engine = Engine(skipped, config=config)
+    runner = engine.runner
+    groups = runner.pool.groups
+    assert groups and all(g.num_pages == 10 for g in groups)
+    for layer, group in enumerate(runner.group_of_layer):  # each layer's cache has its pool's pages + scratch
+        assert runner.kv_cache[4 * layer].shape[0] == (25 if group is None else 11)
+    expected = 1 - sum(25 if g is None else 11 for g in runner.group_of_layer) / (25 * SPEC.num_layers)
+    assert runner.kv_memory_saving() == pytest.approx(expected) and expected > 0.2
+    peak = []
+    seqs = [engine.add_request(p, SamplingParams(max_new_tokens=n)) for p, n in zip(prompts(), NEW_TOKENS)]
+    while engine.scheduler.has_unfinished():
+        engine.step()
+        peak.append((engine.scheduler.pool.num_used_pages, max(engine.scheduler.pool.group_used_pages())))
+    assert [s.output_token_ids for s in seqs] == reference
+    assert engine.stats.preemptions > 0 and max(g for _, g in peak) <= 10
+    assert any(g < m for m, g in peak)  # pages of layers past their horizon were never allocated
