@@ -124,7 +124,8 @@ def calibrate(settings: CalibrationSettings = CalibrationSettings(),
         device = DeviceSpec(
             name=f"{settings.prefix}-gpu", kind="xpu",
             peak_flops={d: results[("gpu", d)] for d in ("bfloat16", "float16", "float32")},
-            mem_bandwidth=results[("gpu", "copy")], memory_bytes=float(torch.cuda.get_device_properties(0).total_memory),
+            mem_bandwidth=results[("gpu", "copy")],
+            memory_bytes=float(torch.cuda.get_device_properties(0).total_memory),
             notes=f"{name}, measured by fxforge calibrate-device (median of {settings.reps}); float32 with TF32 off")
         devices.insert(0, device)
         links.append(LinkSpec(name="host-link", a=device.name, b=cpu.name,
@@ -149,8 +150,8 @@ def _measure(where: str, what: str, settings: CalibrationSettings) -> float:
         return _matmul_flops("cuda", getattr(torch, what), 2 * settings.matmul_size, settings, sync)
     host = torch.empty(settings.copy_bytes // 4 if what != "latency" else 1, dtype=torch.float32).pin_memory()
     dev = torch.empty(host.numel(), dtype=torch.float32, device="cuda")
-    copy = (lambda: dev.copy_(host, non_blocking=True)) if what != "d2h" else (lambda: host.copy_(dev, non_blocking=True))
-    seconds = median_seconds(copy, settings.reps, settings.warmup, sync)
+    src, dst = (dev, host) if what == "d2h" else (host, dev)
+    seconds = median_seconds(lambda: dst.copy_(src, non_blocking=True), settings.reps, settings.warmup, sync)
     return seconds if what == "latency" else host.numel() * 4 / seconds
 
 

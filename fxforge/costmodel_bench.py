@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.ir.capture import capture, meta
-from fxforge.ir.cost import COST_KEY, BatchDesc, annotate_costs
+from fxforge.ir.cost import BatchDesc, annotate_costs
 from fxforge.ir.devices import DeviceSpec
 from fxforge.ir.model import DEFAULT_PAGE_SIZE, Model, build_batch
 from fxforge.ir.ops import ATTENTION, MOE
@@ -189,7 +189,8 @@ def one_layer(spec: ModelSpec) -> ModelSpec:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| class | nodes | median |err| before | after | p90 after | max after | f_compute | f_memory | overhead us |",
+    lines = ["| class | nodes | median abs err before | after | p90 after | max after | f_compute | f_memory | "
+             "overhead us |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for kind, after in results["errors_after"].items():
         if kind == "all":

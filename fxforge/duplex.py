@@ -1,4 +1,4 @@
-"""`fxforge duplex-study`: the Duplex paper's analysis reproduced with fxforge's cost model (a model, not a measurement).
+"""`fxforge duplex-study`: the Duplex paper's analysis on fxforge's cost model (a model, not a measurement).
 
 Duplex (Yun et al. 2024) pairs an H100-class xPU with Logic-PIM in the same HBM stacks and reports, from
 a cycle-level simulator, up to 2.67x the throughput of an H100 system. Here the same question is
@@ -75,7 +75,8 @@ def scaled(device: DeviceSpec, n: int) -> DeviceSpec:
     """n devices as one: n times the peaks, bandwidth and memory."""
     if n == 1:
         return device
-    return dataclasses.replace(device, name=f"{device.name}x{n}", peak_flops={k: n * v for k, v in device.peak_flops.items()},
+    return dataclasses.replace(device, name=f"{device.name}x{n}",
+                               peak_flops={k: n * v for k, v in device.peak_flops.items()},
                                mem_bandwidth=n * device.mem_bandwidth, memory_bytes=n * device.memory_bytes,
                                notes=f"{n} x {device.name} (tensor parallel, communication not modelled)")
 
@@ -206,8 +207,8 @@ def markdown(results: dict) -> str:
                      f"{_devices(where.get('attention'))} | {_devices(where.get('expert'))} | "
                      f"{r['expert_threshold'] if r['expert_threshold'] is not None else '-'} |")
     lines += ["", f"Best modelled speed-up (paper mapping): {results['max_speedup']:.2f}x without overlap, "
-              f"{results['max_speedup_overlap']:.2f}x with ideal overlap ({results['max_speedup_any_op']:.2f}x when any "
-              "op may move); the paper reports up to "
+              f"{results['max_speedup_overlap']:.2f}x with ideal overlap ({results['max_speedup_any_op']:.2f}x "
+              "when any op may move); the paper reports up to "
               f"{results['paper']['speedup_up_to']}x (cycle-level simulation) and "
               f"{100 * results['paper']['energy_reduction']:.0f}% less energy (not modelled here)."]
     return "\n".join(lines) + "\n"

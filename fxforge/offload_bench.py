@@ -1,4 +1,4 @@
-"""`fxforge bench offload`: MoE experts past a GPU memory budget, run by the placement rule vs always-copy vs always-CPU.
+"""`fxforge bench offload`: MoE experts past a GPU budget, run by the placement rule vs always-copy vs always-CPU.
 
 The MoE layers of a shape (random weights, bf16 on CUDA): each layer's first experts stay on the GPU
 within `--gpu-memory-gb` (after the model's dense weights), the rest live in pinned host memory

@@ -251,7 +251,8 @@ def load_system(entries, links=()) -> System:
             group = [DEVICES[entry]]
         else:
             path, data = _read_json(entry)
-            group = _system_devices(path, data, found) if "devices" in data else [_device_from(data, f"device file {path}")]
+            group = (_system_devices(path, data, found) if "devices" in data
+                     else [_device_from(data, f"device file {path}")])
         for device in group:
             if device.name in devices and devices[device.name] != device:
                 raise FxforgeError(f"two different devices are named {device.name!r}; rename one")
@@ -339,7 +340,8 @@ def _system_devices(path: Path, data: dict, links: list[LinkSpec]) -> list[Devic
             raise FxforgeError(f"{where}: missing keys {missing}, unknown keys {unknown}; a link has keys "
                                f"{list(_LINK_REQUIRED)} (optional {list(_LINK_OPTIONAL)})")
         if entry["a"] not in names or entry["b"] not in names:
-            raise FxforgeError(f"{where} joins {entry['a']!r} and {entry['b']!r}; the file's devices are {sorted(names)}")
+            raise FxforgeError(f"{where} joins {entry['a']!r} and {entry['b']!r}; the file's devices are "
+                               f"{sorted(names)}")
         try:
             links.append(LinkSpec(**entry))
         except FxforgeError as exc:

@@ -42,6 +42,7 @@ section. Requires role/layer metadata; metadata only (no tensor, no structure ch
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import graphlib
 import math
@@ -143,7 +144,7 @@ class OpBPlacement(PassConfig):
 
 @dataclass(frozen=True)
 class MemoryPlan:
-    """Bytes of the dense weights + KV cache and of the experts, and the experts each layer keeps on the compute side."""
+    """Bytes of the dense weights + KV cache and of the experts; the experts each layer keeps on the compute side."""
 
     dense_bytes: float
     kv_bytes: float
@@ -181,14 +182,14 @@ def memory_plan(config: OpBPlacement, spec: ModelSpec, system: System | None = N
                               f"{compute.memory_bytes / _GIB:.0f} GB")
     if dense + kv > budget:
         raise PassConfigError(f"the memory budget of {compute.name} ({budget / _GIB:.1f} GB) is too small even for the "
-                              f"dense part: {dense / _GIB:.1f} GB of non-expert weights + {kv / _GIB:.1f} GB of KV cache "
-                              f"({tokens} tokens of {batch.phase} batch {batch.batch}, context {batch.context}); "
+                              f"dense part: {dense / _GIB:.1f} GB of non-expert weights + {kv / _GIB:.1f} GB of KV "
+                              f"cache ({tokens} tokens of {batch.phase} batch {batch.batch}, context {batch.context}); "
                               "raise the budget or shrink batch / context")
     experts_total = expert * spec.num_layers * spec.num_experts
     capacity = budget + sum(d.memory_bytes for d in _memory_sides(system, compute))
     if dense + kv + experts_total > capacity:
-        raise PassConfigError(f"the workload cannot be held: {(dense + kv + experts_total) / _GIB:.1f} GB of weights and "
-                              f"KV cache against {capacity / _GIB:.1f} GB on {list(system.devices)} "
+        raise PassConfigError(f"the workload cannot be held: {(dense + kv + experts_total) / _GIB:.1f} GB of weights "
+                              f"and KV cache against {capacity / _GIB:.1f} GB on {list(system.devices)} "
                               "(shared memories counted once); shrink batch / context or add a device")
     resident = spec.num_experts
     if expert:
@@ -552,7 +553,8 @@ class ExpertCoster:
 
 
 def unit_times(units: list[Unit], node_unit: dict[fx.Node, int], gm: fx.GraphModule, batch: BatchDesc,
-               system: System, experts: ExpertCoster, counts: dict[int, list[int]], roles: tuple[str, ...] = ()) -> None:
+               system: System, experts: ExpertCoster, counts: dict[int, list[int]],
+               roles: tuple[str, ...] = ()) -> None:
     """Fill every unit's times (per device; inf off the compute side for a unit with none of `roles`,
     when given) and inputs (bytes read from other units)."""
     spec, memo = spec_of(gm), {}
@@ -621,8 +623,6 @@ def opb_placement(gm: fx.GraphModule, config: OpBPlacement, ctx) -> PassResult:
 
 
 def _replace(config: OpBPlacement, **changes) -> OpBPlacement:
-    import dataclasses
-
     return dataclasses.replace(config, **changes)
 
 
@@ -752,7 +752,8 @@ def placement_markdown(plan: dict, plot_name: str | None = None) -> str:
         lines += ["", "Expert rule per MoE layer (pairs below the threshold run on the memory side):", ""]
         for layer, rule in plan["expert_rules"].items():
             lines.append(f"- layer {layer}: threshold {rule['threshold_tokens']} tokens, memory side "
-                         f"{rule['memory_side']}, {rule['resident_experts']} experts resident on {rule['compute_side']}, "
+                         f"{rule['memory_side']}, {rule['resident_experts']} experts resident on "
+                         f"{rule['compute_side']}, "
                          f"tokens per expert {rule['tokens_per_expert']}")
     if plot_name:
         lines += ["", f"![Op/B per op against each device's ridge point]({plot_name})"]

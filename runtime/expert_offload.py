@@ -79,7 +79,8 @@ class OffloadCosts:
 
     def cpu_s(self, n: int, hidden: int, inter: int) -> float:
         """CPU compute + the rows' round trip across the link."""
-        return self.cpu_overhead_s + self._side_s(self.cpu, n, hidden, inter) + 2 * self.link.time_s(n * hidden * self.act)
+        rows = 2 * self.link.time_s(n * hidden * self.act)
+        return self.cpu_overhead_s + self._side_s(self.cpu, n, hidden, inter) + rows
 
     def threshold(self, hidden: int, inter: int, max_pairs: int) -> int:
         """Least n at which copying to the device is at least as fast as the CPU (max_pairs + 1: never)."""
