@@ -241,7 +241,7 @@ def load_device_spec(name_or_path: str | Path) -> DeviceSpec:
 
 
 def load_system(entries, links=()) -> System:
-    """The devices named by `entries` (built-in names, device files, system files) and their links: a
+    """The devices named by `entries` (built-in names, device or system files, their JSON text) and their links: a
     system file's own, then `links` entries 'a:b=TEMPLATE' or 'a:b=GBPS[/LATENCY_US]', then the default
     link of each remaining pair's kinds."""
     devices: dict[str, DeviceSpec] = {}
@@ -291,7 +291,14 @@ def _parse_link(text: str, devices: dict[str, DeviceSpec]) -> LinkSpec:
                            "GB/s[/latency in us]") from None
 
 
-def _read_json(name_or_path) -> tuple[Path, dict]:
+def _read_json(name_or_path) -> tuple[Path | str, dict]:
+    """(where, object) of a device / system file, or of inline JSON text (a resolved pass config's devices)."""
+    if isinstance(name_or_path, str) and name_or_path.lstrip().startswith("{"):
+        try:
+            data = json.loads(name_or_path)
+        except json.JSONDecodeError as exc:
+            raise FxforgeError(f"inline device JSON is not valid ({exc}); {_EXPECTED}") from None
+        return "(inline JSON)", data
     path = Path(name_or_path)
     if not path.is_file():
         raise FxforgeError(f"device {str(name_or_path)!r} is neither a built-in ({', '.join(DEVICES)}) "
@@ -322,7 +329,7 @@ def _device_from(data: dict, where: str) -> DeviceSpec:
         raise FxforgeError(f"{where}: {exc}; {_EXPECTED}") from None
 
 
-def _system_devices(path: Path, data: dict, links: list[LinkSpec]) -> list[DeviceSpec]:
+def _system_devices(path: Path | str, data: dict, links: list[LinkSpec]) -> list[DeviceSpec]:
     """A system file's devices; its links are appended to `links`."""
     unknown = sorted(set(data) - {"version", "devices", "links", "notes"})
     if unknown or not isinstance(data["devices"], list) or data.get("version", DEVICE_VERSION) != DEVICE_VERSION:

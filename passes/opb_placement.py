@@ -45,6 +45,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import graphlib
+import json
 import math
 import operator
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from torch import nn
 
 from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
 from fxforge.ir.cost import COST_KEY, INDEX_BYTES, BatchDesc, annotate_costs
-from fxforge.ir.devices import DeviceSpec, System, load_system
+from fxforge.ir.devices import DEVICES, DeviceSpec, System, load_system
 from fxforge.ir.errors import FxforgeError, PassConfigError
 from fxforge.ir.modules import RMSNorm
 from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
@@ -612,12 +613,14 @@ def break_even_op_per_byte(nbytes: float, moved: float, fast: DeviceSpec, other:
 def opb_placement(gm: fx.GraphModule, config: OpBPlacement, ctx) -> PassResult:
     """Place every node on a device by modelled step time (Op/B); experts by a run-time token rule."""
     resolved = config
+    if any(entry not in DEVICES for entry in config.devices):  # files: record their contents, so replay needs none
+        resolved = _replace(config, devices=(json.dumps(config.system().to_dict()),), links=())
     if config.experts is Distribution.MEASURED and not config.expert_shares:
         if not spec_of(gm).is_moe:
             raise PassConfigError("experts=measured needs an MoE model; this one is dense")
         if ctx.restoring:
             raise PassConfigError("a measured expert distribution must be recorded (expert_shares) to replay")
-        resolved = _replace(config, expert_shares=measure_shares(gm, ctx, config))
+        resolved = _replace(resolved, expert_shares=measure_shares(gm, ctx, config))
     plan = place(gm, resolved)
     return PassResult(gm, True, plan, config=resolved if resolved is not config else None)
 

@@ -8,7 +8,9 @@ import fxforge
 import pytest
 from typer.testing import CliRunner
 
+from fxforge.artifact import load_artifact
 from fxforge.cli import app
+from fxforge.passes.opb_placement import PLAN_KEY
 from fxforge.ir.devices import load_system
 from tests.conftest import tiny_model
 
@@ -57,6 +59,11 @@ def test_compile_with_placement_and_calibrated_device(tmp_path):
     assert (out / "placement.png").stat().st_size > 1000
     record = json.loads((out / "plan.json").read_text())["passes"][0]
     assert record["name"] == "opb-placement" and record["report"]["expert_rules"]["0"]["memory_side"] == "local-cpu"
+    # the artifact records the device file's contents: it loads, with the same plan, after the file is gone
+    assert record["config"]["devices"][0].startswith("{")
+    device_file.unlink()
+    loaded = load_artifact(out)
+    assert loaded.module.meta[PLAN_KEY]["predicted_step_s"] == record["report"]["predicted_step_s"]
 
 
 def test_bad_input_fails_before_any_work(tmp_path):
