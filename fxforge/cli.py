@@ -1131,6 +1131,7 @@ def bench_skip_decode_cmd(
     max_new_tokens: int = typer.Option(128, help="tokens generated per request (exactly; the schedules' span)"),
     prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
     repeats: int = typer.Option(3, help="timed generations per row (the median is reported)"),
+    skip_kv_fraction: float = typer.Option(1.0, help="pages of each skippable layer group, as a share of the main pool's"),
     smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32): proves the code path, measures nothing"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
@@ -1148,6 +1149,8 @@ def bench_skip_decode_cmd(
     targets = _floats_at_least(speedups, "--speedups", 1.0)
     if repeats < 1 or max_new_tokens < 1:
         raise FxforgeError(f"--repeats and --max-new-tokens must be >= 1, got {repeats} and {max_new_tokens}")
+    if not 0 < skip_kv_fraction <= 1:
+        raise FxforgeError(f"--skip-kv-fraction must be in (0, 1], got {skip_kv_fraction}")
     if json_out is not None:
         check_output_file(json_out, "--json-out")
     cuda = torch.cuda.is_available()
@@ -1159,7 +1162,8 @@ def bench_skip_decode_cmd(
     count = 2 * max(batch_list)
     prompt_ids = random_prompts(count, prompt_len, base.spec.vocab_size) if prompt_len else chat_prompts(base, count)
     results = run_bench(base, prompt_ids, max_new_tokens, batch_list, targets, warmup_layers, repeats,
-                        progress=lambda row: console.print({k: v for k, v in row.items() if k != "all_seconds"}))
+                        progress=lambda row: console.print({k: v for k, v in row.items() if k != "all_seconds"}),
+                        kv_fraction=skip_kv_fraction)
     results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    max_new_tokens=max_new_tokens, prompts=count)
     _print_rows([{k: v for k, v in r.items() if k != "all_seconds"} for r in results["rows"]])

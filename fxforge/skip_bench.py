@@ -37,7 +37,8 @@ class SkipRow:
     tokens: int
     seconds: float
     prefill_seconds: float
-    kv_saving: float  # share of reserved KV slots no layer wrote (what per-layer pages would free)
+    kv_saving: float  # share of the KV slots a single pool of every layer would reserve that no layer wrote
+    kv_memory_saving: float  # share of KV cache bytes the per-group pools save (EngineConfig.skip_kv_fraction)
     all_seconds: list
 
     @property
@@ -63,12 +64,12 @@ def models_under_test(base, speedups: list[float], span: int, warmup: int) -> di
     return models
 
 
-def _engine(model, policy: str, max_num_seqs: int, max_len: int):
+def _engine(model, policy: str, max_num_seqs: int, max_len: int, kv_fraction: float):
     from fxforge.runtime.engine import Engine
 
     return Engine(model, max_num_seqs=max_num_seqs, max_model_len=max_len, max_num_batched_tokens=max(8192, max_len),
                   num_pages=max_num_seqs * -(-max_len // 16), num_decode_steps=8,
-                  skip_policy="bucket" if policy == "full" else policy,
+                  skip_policy="bucket" if policy == "full" else policy, skip_kv_fraction=kv_fraction,
                   use_cuda_graphs=policy != "mask" and model.device.type == "cuda")
 
 
@@ -83,19 +84,20 @@ def _timed(engine, prompts: list, max_new_tokens: int) -> tuple[float, int]:
 
 
 def time_policy(model, name: str, policy: str, ratio: float, prompts: list, max_new_tokens: int, max_num_seqs: int,
-                repeats: int) -> SkipRow:
+                repeats: int, kv_fraction: float = 1.0) -> SkipRow:
     """Median of `repeats` timed generations (and of prefill-only runs) after a warm-up at the same shapes."""
     max_len = max(len(p) for p in prompts) + max_new_tokens + 16
-    engine = _engine(model, policy, max_num_seqs, max_len)
+    engine = _engine(model, policy, max_num_seqs, max_len, kv_fraction)
     _timed(engine, prompts, max_new_tokens)  # warm-up: compiles kernels, captures every depth's graphs
     times, prefill = [], []
     for _ in range(repeats):
         seconds, tokens = _timed(engine, prompts, max_new_tokens)
         times.append(seconds)
         prefill.append(_timed(engine, prompts, 1)[0])
-    saving = engine.runner.kv_saving() if hasattr(engine.runner, "kv_saving") else 0.0
-    return SkipRow(name, policy, max_num_seqs, len(prompts), ratio, tokens, statistics.median(times), statistics.median(prefill),
-                   saving, times)
+    runner = engine.runner
+    saving, memory = (runner.kv_saving(), runner.kv_memory_saving()) if hasattr(runner, "kv_saving") else (0.0, 0.0)
+    return SkipRow(name, policy, max_num_seqs, len(prompts), ratio, tokens, statistics.median(times),
+                   statistics.median(prefill), saving, memory, times)
 
 
 def _sync(model) -> None:
@@ -104,12 +106,13 @@ def _sync(model) -> None:
 
 
 def run_bench(base, prompts: list, max_new_tokens: int, batches: list[int], speedups: list[float], warmup: int,
-              repeats: int, progress=None) -> dict:
+              repeats: int, progress=None, kv_fraction: float = 1.0) -> dict:
     rows = []
     for name, (model, ratio) in models_under_test(base, speedups, max_new_tokens, warmup).items():
         for batch in batches:
             for policy in (["full"] if name == "full" else ["bucket", "mask"]):
-                row = time_policy(model, name, policy, ratio, prompts[: 2 * batch], max_new_tokens, batch, repeats)
+                row = time_policy(model, name, policy, ratio, prompts[: 2 * batch], max_new_tokens, batch, repeats,
+                                  kv_fraction)
                 rows.append(row.to_dict())
                 if progress is not None:
                     progress(rows[-1])

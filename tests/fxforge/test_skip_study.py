@@ -83,25 +83,26 @@ def test_skip_study_smoke(skipped, workdir):
     assert "met" in results["targets"]["skip_beats_static_exit"] and "| 2.0x | skip-decode |" in md_out.read_text()
 
 
-def test_bench_skip_decode_smoke(workdir):
+def test_bench_skip_decode_smoke(skipped, workdir):
     json_out = workdir / "bench.json"
     result = runner.invoke(app, ["bench", "skip-decode", str(workdir / "hf"), "--random-init", "--smoke", "--speedups",
                                  "2", "--batches", "2", "--max-new-tokens", "6", "--prompt-len", "5", "--repeats", "1",
-                                 "--json-out", str(json_out)])
+                                 "--skip-kv-fraction", "0.5", "--json-out", str(json_out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(json_out.read_text())["rows"]
     assert [(r["model"], r["policy"]) for r in rows] == [("full", "full"), ("skip 2.0x", "bucket"), ("skip 2.0x", "mask")]
     assert all(r["tokens"] == 4 * 6 and r["decode_tokens_per_second"] > 0 for r in rows)
-    assert rows[1]["layer_ratio"] > 1 and 0 < rows[1]["kv_saving"] < 1
+    assert rows[1]["layer_ratio"] > 1 and 0 < rows[1]["kv_saving"] < 1 and 0 < rows[1]["kv_memory_saving"] < 1
 
 
 @pytest.mark.parametrize("args,message", [
     (["skip-study", "--speedups", "0.5"], "--speedups must be comma-separated numbers >= 1.0"),
     (["skip-study", "--decay", "cubic", "--random-init"], "expected one of"),
     (["bench", "skip-decode", "--speedups", "x"], "--speedups must be"),
+    (["bench", "skip-decode", "--skip-kv-fraction", "0"], "--skip-kv-fraction must be in (0, 1]"),
     (["bench", "skip-decode", "--smoke", "--random-init", "--warmup-layers", "9"], "warmup_layers=9"),
 ])
-def test_bad_input_exits_2_and_writes_nothing(workdir, args, message):
+def test_bad_input_exits_2_and_writes_nothing(skipped, workdir, args, message):
     json_out = workdir / "never.json"
     args = [args[0], *(args[1:2] if args[0] == "bench" else []), str(workdir / "hf"),
             *args[2 if args[0] == "bench" else 1:], "--json-out", str(json_out)]
