@@ -6,12 +6,17 @@ within `--gpu-memory-gb` (after the model's dense weights), the rest live in pin
 by a random router (the same routing for every policy); attention and the dense layers are the same
 under every policy and are not run. Per batch and policy: the median step time over `repeats` timed
 steps after a warm-up, tokens/s = batch / step, and the cost model's prediction for the same routing.
+With `calibrate`, before the timed steps the three components of the offload cost model (an expert
+on the device, a weight copy across the link, an expert on the CPU) are timed once on layer 0 for a
+few row counts (separate random rows, not the benchmark's routing) and each gets a scale, measured /
+modelled; the rule's threshold and every prediction then use the scaled model.
 Targets (issue 12): the rule at least as fast as the better fixed policy at every batch (within 3%),
 faster than both somewhere, and prediction error under 25%.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from dataclasses import dataclass
@@ -24,7 +29,7 @@ from fxforge.ir.errors import FxforgeError
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.moe import moe_route
 from fxforge.passes.opb_placement import weight_bytes
-from fxforge.runtime.expert_offload import OffloadCosts, OffloadedExperts, Policy, resident_experts
+from fxforge.runtime.expert_offload import OffloadCosts, OffloadedExperts, Policy, expert_rows, resident_experts
 
 
 @dataclass(frozen=True)
@@ -35,6 +40,8 @@ class OffloadBench:
     repeats: int = 5
     layers: int = 0  # 0: the spec's
     exact: bool = True
+    calibrate: bool = True
+    calibration_rows: tuple[int, ...] = (1, 4, 16)
 
     @property
     def num_layers(self) -> int:
@@ -78,6 +85,42 @@ def build_layers(bench: OffloadBench, costs: OffloadCosts, device: torch.device,
     return layers
 
 
+def _timed(fn: Callable[[], object], sync, repeats: int = 3) -> float:
+    fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def calibrate_costs(layer: OffloadedExperts, rows: tuple[int, ...], device: torch.device, dtype: torch.dtype,
+                    sync) -> OffloadCosts:
+    """The layer's costs with gpu / cpu / link scales = median of measured / modelled over `rows` row counts."""
+    costs, hidden, inter = layer.costs, layer.hidden, layer.intermediate
+    gen = torch.Generator().manual_seed(7)
+    ratios = {"gpu": [], "cpu": [], "link": []}
+    if layer.host:
+        copy = _timed(lambda: layer.device_weights(layer.resident, "copy"), sync)
+        ratios["link"].append(copy / costs.weight_copy_s(hidden, inter))
+    for n in rows:
+        x = torch.randn(n, hidden, generator=gen).to(dtype)
+        w = torch.ones(n, dtype=dtype)
+        if layer.resident:
+            xd, wd = x.to(device), w.to(device)
+            seconds = _timed(lambda: expert_rows(xd, *layer.gpu[0], wd, dtype, layer.exact), sync)
+            ratios["gpu"].append(seconds / costs.resident_s(n, hidden, inter))
+        if layer.host:
+            cpu_only = dataclasses.replace(costs, link_scale=0.0)  # the CPU compute alone
+            seconds = _timed(lambda: expert_rows(x, *layer.host[0], w, dtype, layer.exact), lambda: None)
+            ratios["cpu"].append(seconds / cpu_only.cpu_s(n, hidden, inter))
+    scales = {f"{k}_scale": statistics.median(v) for k, v in ratios.items() if v}
+    return dataclasses.replace(costs, **scales)
+
+
 def _step(layers: list[OffloadedExperts], x: torch.Tensor, routing: list, policy: Policy, sync) -> float:
     start = time.perf_counter()
     for experts, (weights, ids) in zip(layers, routing):
@@ -91,6 +134,13 @@ def run_bench(bench: OffloadBench, costs: OffloadCosts, device: torch.device, dt
     """Rows per (batch, policy): measured and predicted step time, tokens/s; the targets."""
     layers = build_layers(bench, costs, device, dtype, progress)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if bench.calibrate:
+        costs = calibrate_costs(layers[0], bench.calibration_rows, device, dtype, sync)
+        for layer in layers:
+            layer.costs = costs
+        if progress is not None:
+            progress(f"calibrated: gpu x{costs.gpu_scale:.2f}, cpu x{costs.cpu_scale:.2f}, "
+                     f"link x{costs.link_scale:.2f}")
     spec, rows = bench.spec, []
     gen = torch.Generator(device=device).manual_seed(1)
     for batch in bench.batches:
@@ -115,8 +165,9 @@ def run_bench(bench: OffloadBench, costs: OffloadCosts, device: torch.device, dt
             if progress is not None:
                 progress(str(row))
     return {"rows": rows, "targets": targets(rows), "resident_experts": layers[0].resident,
-            "layers": bench.num_layers, "costs": {"gpu": costs.gpu.name, "cpu": costs.cpu.name, "link": costs.link.name,
-                                                   "exact": costs.exact}}
+            "layers": bench.num_layers,
+            "costs": {"gpu": costs.gpu.name, "cpu": costs.cpu.name, "link": costs.link.name, "exact": costs.exact,
+                      "gpu_scale": costs.gpu_scale, "cpu_scale": costs.cpu_scale, "link_scale": costs.link_scale}}
 
 
 def targets(rows: list[dict]) -> dict:

@@ -53,6 +53,10 @@ class OffloadCosts:
     exact: bool = True  # float32 math: 16-bit weights are converted (read, written and read again as float32)
     gpu_overhead_s: float = 30e-6
     cpu_overhead_s: float = 30e-6
+    # measured / modelled time of each component (1: the roofline as is; fxforge bench offload fits them)
+    gpu_scale: float = 1.0
+    cpu_scale: float = 1.0
+    link_scale: float = 1.0
 
     @property
     def act(self) -> int:
@@ -72,15 +76,18 @@ class OffloadCosts:
         return seconds + device.time_s(self._flops(n, hidden, inter), weight + 2 * n * hidden * 4, math_dtype)
 
     def resident_s(self, n: int, hidden: int, inter: int) -> float:
-        return self.gpu_overhead_s + self._side_s(self.gpu, n, hidden, inter)
+        return self.gpu_scale * (self.gpu_overhead_s + self._side_s(self.gpu, n, hidden, inter))
+
+    def weight_copy_s(self, hidden: int, inter: int) -> float:
+        return self.link_scale * self.link.time_s(3.0 * hidden * inter * self.act)
 
     def copy_s(self, n: int, hidden: int, inter: int) -> float:
-        return self.link.time_s(3.0 * hidden * inter * self.act) + self.resident_s(n, hidden, inter)
+        return self.weight_copy_s(hidden, inter) + self.resident_s(n, hidden, inter)
 
     def cpu_s(self, n: int, hidden: int, inter: int) -> float:
         """CPU compute + the rows' round trip across the link."""
-        rows = 2 * self.link.time_s(n * hidden * self.act)
-        return self.cpu_overhead_s + self._side_s(self.cpu, n, hidden, inter) + rows
+        rows = 2 * self.link_scale * self.link.time_s(n * hidden * self.act)
+        return self.cpu_scale * (self.cpu_overhead_s + self._side_s(self.cpu, n, hidden, inter)) + rows
 
     def threshold(self, hidden: int, inter: int, max_pairs: int) -> int:
         """Least n at which copying to the device is at least as fast as the CPU (max_pairs + 1: never)."""
@@ -90,7 +97,7 @@ class OffloadCosts:
         return max_pairs + 1
 
 
-def _expert_rows(x_rows: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
+def expert_rows(x_rows: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor,
                  pair_weights: torch.Tensor, out_dtype: torch.dtype, exact: bool) -> torch.Tensor:
     """One expert on its rows, float32 [n, H] weighted outputs (exact: fused_moe_ref's arithmetic)."""
     if exact:
@@ -166,15 +173,16 @@ class OffloadedExperts:
         for expert, w in enumerate(where):  # device work: queued, asynchronous on CUDA
             if w in ("gpu", "copy"):
                 token, slot = pairs[expert]
-                per_slot[token, slot] = _expert_rows(x[token], *self._device_weights(expert, w), weights[token, slot],
+                per_slot[token, slot] = expert_rows(x[token], *self.device_weights(expert, w), weights[token, slot],
                                                      x.dtype, self.exact)
         for expert, (rows, pair_weights) in cpu_rows.items():  # CPU work, while the device runs
             token, slot = pairs[expert]
-            out = _expert_rows(rows, *self.host[expert - self.resident], pair_weights, x.dtype, self.exact)
+            out = expert_rows(rows, *self.host[expert - self.resident], pair_weights, x.dtype, self.exact)
             per_slot[token, slot] = out.to(x.device, non_blocking=True)
         return per_slot.sum(dim=1).to(x.dtype)
 
-    def _device_weights(self, expert: int, where: str) -> tuple[torch.Tensor, ...]:
+    def device_weights(self, expert: int, where: str) -> tuple[torch.Tensor, ...]:
+        """An expert's weights on the device: its own (resident) or copied into the staging buffer."""
         if where == "gpu":
             return self.gpu[expert]
         for target, source in zip(self.staging, self.host[expert - self.resident]):
@@ -197,4 +205,4 @@ def resident_experts(budget_bytes: float, dense_bytes: float, expert_bytes: floa
     return min(num_experts, int((budget_bytes - dense_bytes) // (expert_bytes * num_layers)))
 
 
-__all__ = ["Policy", "OffloadCosts", "OffloadedExperts", "resident_experts"]
+__all__ = ["Policy", "OffloadCosts", "OffloadedExperts", "expert_rows", "resident_experts"]

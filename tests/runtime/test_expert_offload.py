@@ -90,6 +90,7 @@ def test_bench_offload_smoke(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads(out.read_text())
     assert data["resident_experts"] == 4 and data["layers"] == 2
+    assert all(data["costs"][f"{k}_scale"] > 0 for k in ("gpu", "cpu", "link"))  # calibrated on layer 0
     rows = {(r["batch"], r["policy"]): r for r in data["rows"]}
     assert set(rows) == {(b, p) for b in (1, 8) for p in ("rule", "copy", "cpu")}
     assert rows[(8, "cpu")]["on_cpu"] > 0 and rows[(8, "copy")]["copied"] > 0
