@@ -3,18 +3,22 @@
 # fits one 10-minute call (times are estimates until a run records them). Results land in $OUT.
 # SmolLM2 stages need the real weights (benchmarks/device_env.sh: call 1 carries .devcarry/a, call 2
 # .devcarry/b within 30 s); the others run on random weights. `tune` writes the decode configs to
-# .devcarry/configs (ignored by git, so they survive between calls on one warm machine) and to $OUT;
-# later stages read them from there (FXFORGE_DECODE_CONFIG_DIR). e2e stages run each decode kernel
-# in turn: FXFORGE_DECODE_KERNEL=tiles is the kernel before issue 14, =blocks the block-scaled one.
+# .devcarry/configs (ignored by git, so they survive between calls on one warm machine) and to $OUT
+# (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
+# e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
+# "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
+# The session's 30 device-minutes do not hold every stage: run tests+attention, tune, e2e-8b and long
+# first; then tune-smol, e2e-smol, fixed-kv, e2e-8b-tiles, long-tiles.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
-#   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles vs blocks vs SDPA, 1k/4k/16k (~4 min)
-#   bash benchmarks/kv_speed_h200.sh tune        # sweep of both kernels at 4k, 8B and SmolLM2 shapes; tuned configs (~8 min)
-#   bash benchmarks/kv_speed_h200.sh e2e-smol    # SmolLM2 bf16 / bfp16 / bfp12-K-bfp16-V, 512 GSM8K x 256, both kernels, HF (~7 min)
-#   bash benchmarks/kv_speed_h200.sh e2e-8b      # Llama-3-8B shape, 64 x 1,792 + 256, the three KV formats, blocks, HF b64 (~7 min)
+#   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
+#   bash benchmarks/kv_speed_h200.sh tune        # sweep of the three kernels at 4k, 8B shape, 5 formats; tuned configs (~6 min)
+#   bash benchmarks/kv_speed_h200.sh tune-smol   # the same at the SmolLM2 shape (256 x 9/3 heads, d64), 3 formats (~4 min)
+#   bash benchmarks/kv_speed_h200.sh e2e-smol    # SmolLM2 bf16 / bfp16 / bfp12-K-bfp16-V, 512 GSM8K x 256, tiles and tuned, HF (~7 min)
+#   bash benchmarks/kv_speed_h200.sh e2e-8b      # Llama-3-8B shape, 64 x 1,792 + 256, the three KV formats, tuned, HF b64 (~7 min)
 #   bash benchmarks/kv_speed_h200.sh e2e-8b-tiles  # the same with the tiles kernel, no HF (~4 min)
-#   bash benchmarks/kv_speed_h200.sh long        # --workload long-context (8k prompts), 32 GiB of KV per format, blocks (~5 min)
+#   bash benchmarks/kv_speed_h200.sh long        # --workload long-context (8k prompts), 32 GiB of KV per format, tuned (~5 min)
 #   bash benchmarks/kv_speed_h200.sh long-tiles  # the same with the tiles kernel (~5 min)
-#   bash benchmarks/kv_speed_h200.sh fixed-kv    # SmolLM2, 1,024-token prompts + 256, 4 GiB of KV per format, both kernels (~6 min)
+#   bash benchmarks/kv_speed_h200.sh fixed-kv    # SmolLM2, 1,024-token prompts + 256, 4 GiB of KV per format, tiles and tuned (~6 min)
 set -o pipefail
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
@@ -22,10 +26,11 @@ mkdir -p "$OUT"
 if [ -f .devcarry/configs/paged_decode_NVIDIA_H200.json ]; then export FXFORGE_DECODE_CONFIG_DIR=.devcarry/configs; fi
 KV="bfloat16,bfp16,bfp12/bfp16"
 
-e2e() {  # e2e KERNEL NAME ARGS...: fxforge bench e2e with one decode kernel forced, JSON to $OUT/NAME_KERNEL.json
-  local kernel=$1 name=$2
+e2e() {  # e2e tiles|tuned NAME ARGS...: fxforge bench e2e, JSON to $OUT/NAME_KERNEL_h200.json
+  local kernel=$1 name=$2 force=""
   shift 2
-  FXFORGE_DECODE_KERNEL=$kernel timeout 560 fxforge bench e2e "$@" --json-out "$OUT/${name}_${kernel}_h200.json" \
+  if [ "$kernel" = tiles ]; then force=tiles; fi
+  FXFORGE_DECODE_KERNEL=$force timeout 560 fxforge bench e2e "$@" --json-out "$OUT/${name}_${kernel}_h200.json" \
     2>&1 | tail -25
 }
 
@@ -37,30 +42,34 @@ for stage in "$@"; do
         tests/kernels/test_page_decode.py tests/fxforge/test_bench.py 2>&1 | tee "$OUT/kv_tests_h200.log" | tail -15 ;;
     attention)
       timeout 560 fxforge bench attention --formats bfp12_32,bfp16_32,mxfp4_32,bfloat16,bfp12_32/bfp16_32 \
-        --kernels tiles,blocks --contexts 1024,4096,16384 --json-out "$OUT/kv_attention_h200.json" 2>&1 | tail -40 ;;
+        --kernels tiles,blocks,diag --contexts 1024,4096,16384 --json-out "$OUT/kv_attention_h200.json" 2>&1 | tail -40 ;;
     tune)
       mkdir -p .devcarry/configs
-      timeout 330 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_8b_h200.json" --sweep --contexts 4096 \
+      timeout 560 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_8b_h200.json" --sweep --contexts 4096 \
         --formats bfp12_32 bfp16_32 mxfp4_32 bfloat16 bfp12_32/bfp16_32 --tune .devcarry/configs 2>&1 | tail -20
-      timeout 230 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_smol_h200.json" --sweep --contexts 4096 \
+      cp .devcarry/configs/paged_decode_*.json "$OUT/" ;;
+    tune-smol)
+      mkdir -p .devcarry/configs
+      timeout 560 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_smol_h200.json" --sweep --contexts 4096 \
         --shape 256 9 3 64 --formats bfp16_32 bfloat16 bfp12_32/bfp16_32 --tune .devcarry/configs 2>&1 | tail -12
       cp .devcarry/configs/paged_decode_*.json "$OUT/" ;;
     e2e-smol)
       e2e tiles e2e_smol smollm2-135m --kv "$KV" --hf-batch "" --no-check
-      e2e blocks e2e_smol smollm2-135m --kv "$KV" ;;
+      e2e tuned e2e_smol smollm2-135m --kv "$KV" ;;
     e2e-8b)
-      e2e blocks e2e_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv "$KV" --hf-batch 64 ;;
+      e2e tuned e2e_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv "$KV" --hf-batch 64 ;;
     e2e-8b-tiles)
       e2e tiles e2e_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv "$KV" --hf-batch "" ;;
     long)
-      e2e blocks long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
+      e2e tuned long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
     long-tiles)
       e2e tiles long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
     fixed-kv)
-      for kernel in tiles blocks; do
+      for kernel in tiles tuned; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|fixed-kv ..." >&2; exit 2 ;;
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|fixed-kv ..." >&2
+       exit 2 ;;
   esac
 done

@@ -464,8 +464,8 @@ def bench_attention_cmd(
     head_dim: int = typer.Option(128, help="head dim"),
     contexts: str = typer.Option("1024,4096,16384", help="context lengths"),
     formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats (K/V pairs as bfp12_32/bfp16_32)"),
-    kernels: str = typer.Option("tiles,blocks", help="our decode kernels to time, each in the same run: tiles "
-                                "(per-value scales, the pre-issue-14 kernel), blocks (per-block scales)"),
+    kernels: str = typer.Option("tiles,blocks,diag", help="our decode kernels to time, each in the same run: "
+                                "tiles (per-value scales, the pre-issue-14 kernel), blocks and diag (per-block scales)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Paged decode attention (our Triton kernels per KV format) vs SDPA over bf16 KV."""
@@ -474,8 +474,9 @@ def bench_attention_cmd(
     from fxforge.kernels.attention_bench import bench_decode
 
     kernel_list = [k.strip() for k in kernels.split(",") if k.strip()]
-    if not kernel_list or set(kernel_list) - {"tiles", "blocks"}:
-        raise FxforgeError(f"--kernels {kernels!r} is not valid; expected a comma-separated subset of tiles,blocks")
+    if not kernel_list or set(kernel_list) - {"tiles", "blocks", "diag"}:
+        raise FxforgeError(f"--kernels {kernels!r} is not valid; expected a comma-separated subset of "
+                           "tiles,blocks,diag")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench attention needs a CUDA device")
     rows = bench_decode(batch, q_heads, kv_heads, head_dim, tuple(int(c) for c in contexts.split(",")),
@@ -1362,8 +1363,6 @@ def bench_offload_cmd(
     devices: str = typer.Option("h200,host-cpu", help="the cost model's GPU, CPU and link: built-in names or a "
                                 "calibrate-device file"),
     math: str = typer.Option("exact", help="exact (float32, as fused_moe_ref) or native (the weights' dtype)"),
-    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="scale the offload cost model's GPU, "
-                                   "CPU and link terms to a quick measurement on layer 0 before the timed steps"),
     smoke: bool = typer.Option(False, "--smoke", help="tiny widths, CPU allowed: proves the code path"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
@@ -1404,7 +1403,7 @@ def bench_offload_cmd(
     resident_experts(budget * 1e9, dense, expert, spec.num_layers, spec.num_experts)  # too small: fails here
     costs = costs_from(load_system(d.strip() for d in devices.split(",") if d.strip()),
                        str(dtype).removeprefix("torch."), math == "exact")
-    bench = OffloadBench(spec, budget, tuple(batch_list), repeats, layers, math == "exact", calibrate)
+    bench = OffloadBench(spec, budget, tuple(batch_list), repeats, layers, math == "exact")
     results = run_bench(bench, costs, torch.device("cuda" if cuda else "cpu"), dtype, progress=console.print)
     results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    gpu_memory_gb=budget, smoke=smoke, math=math)

@@ -1,6 +1,6 @@
 """Decode-attention benchmark: our paged kernels per KV format vs torch SDPA over dense bf16 K/V.
 
-    python -m fxforge.kernels.attention_bench out.json [--kernels tiles,blocks] [--sweep] [--tune DIR]
+    python -m fxforge.kernels.attention_bench out.json [--kernels tiles blocks diag] [--sweep] [--tune DIR]
 
 For each context length it builds a random bf16 K/V cache (B sequences, pages scattered through a
 random permutation), stores it in each format (kernels.bfp.quantize on the GPU), checks our decode
@@ -11,8 +11,9 @@ Python launch cost stays out); do_bench zeroes a 256 MB buffer before every time
 call starts with a cold L2, and inputs smaller than 2x L2 are also rotated among copies.
 Bandwidth: bytes read (K+V pages of the visible tokens incl. scale bytes, + q) + written (out);
 the ceiling is a device-to-device copy (bytes read + written / time).
-Each of our decode kernels runs in the same run ("tiles": values scaled per value; "blocks": scales
-per block, see kernels/paged_attention.py), so old and new compare on the same inputs and baseline.
+Each of our decode kernels runs in the same run ("tiles": values scaled per value, the kernel before
+issue 14; "blocks" and "diag": scales per block, see kernels/paged_attention.py), so old and new
+compare on the same inputs and baseline.
 --sweep also times a few launch variants of each kernel at context 4096 (SWEEP); --tune DIR then
 writes the fastest config per (K, V, head_dim, group, bf16) shape to DIR/paged_decode_<device>.json,
 the file paged_decode_attention reads at launch (entries of other shapes in an existing file kept).
@@ -31,21 +32,21 @@ import torch
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
-from fxforge.kernels.paged_attention import (DecodeConfig, auto_num_splits, blocks_kernel_supports,
+from fxforge.kernels.paged_attention import (DECODE_KERNELS, DecodeConfig, auto_num_splits, decode_kernel_supports,
                                              decode_config_key, decode_config_path, paged_decode_attention)
 
 # launch variants timed by --sweep, per kernel: tile shapes, warps, stages, the register prefetch
 # (blocks), the split-K target (programs per SM, with the automatic split count), and the portable
 # Triton decode instead of the inline PTX (asm=False)
 SWEEP = {
-    "tiles": ([dict(block_n=n, num_warps=w, num_stages=st)
-               for n, w, st in ((64, 4, 3), (128, 4, 2), (128, 8, 2), (32, 4, 3))]
+    "tiles": ([dict(block_n=n, num_warps=w, num_stages=st) for n, w, st in ((64, 4, 3), (128, 8, 2))]
               + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
     "blocks": ([dict(block_n=n, num_warps=w, num_stages=st, prefetch=pf)
-                for n, w, st, pf in ((64, 4, 1, True), (128, 4, 1, True), (128, 8, 1, True), (256, 8, 1, True),
-                                     (64, 4, 2, False), (128, 4, 2, False), (128, 8, 3, False))]
-               + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
+                for n, w, st, pf in ((64, 4, 1, True), (128, 4, 1, True), (128, 8, 1, True), (64, 4, 2, False),
+                                     (128, 8, 2, False))]
+               + [dict(programs_per_sm=16)]),
 }
+SWEEP["diag"] = SWEEP["blocks"]
 
 
 def _do_bench(fn) -> float:
@@ -143,11 +144,11 @@ def _sdpa_variants(q4, kv_copies, group):
 
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
-                 seed: int = 0, kernels=("tiles", "blocks")) -> list[dict]:
+                 seed: int = 0, kernels=("tiles", "blocks", "diag")) -> list[dict]:
     """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
-    each kernel at context 4096. "blocks" rows are left out for formats it does not run."""
+    each kernel at context 4096. A kernel's rows are left out for formats it does not run."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -178,7 +179,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
             nbytes = batch * ctx * hkv * (k_fmt.bytes_per_row(d) + v_fmt.bytes_per_row(d)) + 2 * q.numel() * 2
             copies = [cache] + [[t.clone() for t in cache] for _ in range(_copies_needed(nbytes) - 1)]
             for kernel in kernels:
-                if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, d):
+                if not decode_kernel_supports(kernel, k_fmt, v_fmt, d):
                     continue
                 configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
                                                if sweep and ctx == 4096 else [])
@@ -286,7 +287,7 @@ def main() -> None:
                         help="with --sweep: write the fastest config per format to DIR/paged_decode_<device>.json")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--formats", nargs="+", default=["bfp12_32", "bfp16_32", "bfloat16"])
-    parser.add_argument("--kernels", nargs="+", default=["tiles", "blocks"], choices=["tiles", "blocks"])
+    parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
                         help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
     args = parser.parse_args()

@@ -31,6 +31,17 @@ program keeps a tile's loads in flight while it computes. Dense formats run as o
 4-bit codes need >= 16 values per phase (blocks >= 32); pre-RoPE keys stay on "tiles" (the rotation
 mixes channels of different blocks).
 
+Decode, "diag" kernel: the same arithmetic with 2-d dots only (no batched dots, no reduction across
+the block dim in the loop). A tile is loaded as rows of contiguous bytes; q enters as a block-diagonal
+[head_dim, NCOL] operand whose column c = h * NB + b holds head h's q on block b's codes and zeros
+elsewhere, so codes @ it gives every (key, head, block) partial at once (N = NCOL = pow2(g) * blocks,
+padded to 16: for g = 4 and 4 blocks the same 16 columns the "tiles" kernel pads g to). The K scales
+multiply those partials per column; a 0/1 dot (3xTF32) sums each head's columns, replicated, and the
+online softmax runs on the replicated columns. P, scaled per column by the V scale of the column's
+block, meets the transposed V codes (M = head_dim, as in "tiles"); each column accumulates all codes
+and, after the loop, every code keeps only the column of its own block. K and V need as many blocks
+(padded to a power of two) when both are packed; dense rows are cut into that many blocks of scale 1.
+
 Prefill (any batch, chunked): grid (query tiles of all sequences, Hkv). A tile holds BLOCK_M rows
 = BLOCK_M // g query tokens x their g heads (GQA packing: K/V tiles are decoded once per KV head),
 and loops over the keys it can see: earlier chunks and the causal part of its own chunk, all read
@@ -79,7 +90,7 @@ from fxforge.kernels.formats import KVFormat, parse_kv_format
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
-           "DECODE_KERNELS", "blocks_kernel_supports", "default_decode_config", "pick_decode_config",
+           "DECODE_KERNELS", "decode_kernel_supports", "default_decode_config", "pick_decode_config",
            "decode_config_path", "tuned_decode_configs", "decode_config_key"]
 
 # On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
@@ -833,6 +844,246 @@ def _paged_decode_blocks_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Decode, block-diagonal ("diag" kernel): per-block scales with plain 2-d dots
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
+def _load_raw_rows(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, WIDTH: tl.constexpr, VALID: tl.constexpr,
+                   NB: tl.constexpr, NB_PAD: tl.constexpr, NCOL: tl.constexpr, PACKED: tl.constexpr):
+    # ([ROWS, WIDTH] row tile as stored (bytes or dense values; columns >= VALID and masked rows are
+    # zeros), [ROWS, NCOL] scale byte of block c % NB_PAD for column c (zeros for dense formats))
+    cols = tl.arange(0, WIDTH)
+    raw = tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < VALID),
+                  other=0)
+    block = tl.arange(0, NCOL) % NB_PAD
+    if PACKED:
+        mask = row_mask[:, None] & (block[None, :] < NB)
+        scale = tl.load(scale_ptr + scale_rows[:, None] + block[None, :], mask=mask, other=0)
+    else:
+        scale = tl.zeros([row_mask.shape[0], NCOL], tl.uint8)
+    return raw, scale
+
+
+@jit
+def _load_paged_rows(data_ptr, scale_ptr, stride_data_page, stride_data_slot, stride_data_head, stride_scale_page,
+                     stride_scale_slot, stride_scale_head, page, slot, kv_head, row_mask, WIDTH: tl.constexpr,
+                     VALID: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr, NCOL: tl.constexpr,
+                     PACKED: tl.constexpr):
+    # the tokens' rows of one KV head, as _load_raw_rows returns them
+    data_rows = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
+    scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
+    return _load_raw_rows(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, WIDTH, VALID, NB, NB_PAD, NCOL, PACKED)
+
+
+@jit
+def _diag_masks(DPH: tl.constexpr, NCOL: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr,
+                PHASES: tl.constexpr):
+    # ([DPH, 1] head column of phase-0 code i, [1, NCOL] query head of column c, [DPH, NCOL] whether
+    # column c's block (c % NB_PAD) holds code i): the block-diagonal frame
+    cols = tl.arange(0, DPH)[:, None] * PHASES
+    c = tl.arange(0, NCOL)[None, :]
+    return cols, c // NB_PAD, (cols // BLOCK) == (c % NB_PAD)
+
+
+@jit
+def _load_query_diag(q_base, stride_qh, G: tl.constexpr, D: tl.constexpr, DPH: tl.constexpr, NCOL: tl.constexpr,
+                     NB_PAD: tl.constexpr, BLOCK: tl.constexpr, PHASES: tl.constexpr, DTYPE: tl.constexpr):
+    # q of the group as block-diagonal [DPH, NCOL] operands (phase 0, phase 1): column c = h * NB_PAD +
+    # b holds q[h] on the codes of block b and zeros elsewhere, so codes [ROWS, DPH] @ it gives every
+    # (key, head, block) partial q . k in one 2-d dot
+    cols, head, in_block = _diag_masks(DPH, NCOL, NB_PAD, BLOCK, PHASES)
+    mask = in_block & (head < G) & (cols < D)
+    ptrs = q_base + head * stride_qh + cols
+    first = tl.load(ptrs, mask=mask, other=0.0).to(DTYPE)
+    second = first
+    if PHASES == 2:
+        second = tl.load(ptrs + 1, mask=mask, other=0.0).to(DTYPE)
+    return first, second
+
+
+@jit
+def _group_sum(x, NCOL: tl.constexpr, NB_PAD: tl.constexpr):
+    # [ROWS, NCOL] -> each column replaced by the sum over its head's NB_PAD columns (a 0/1 dot in
+    # 3xTF32, ~float32: the 0/1 operand is exact, the split of x loses < 2^-21 relative)
+    if NB_PAD > 1:
+        c = tl.arange(0, NCOL)
+        same_head = ((c[:, None] // NB_PAD) == (c[None, :] // NB_PAD)).to(tl.float32)
+        x = tl.dot(x, same_head, input_precision="tf32x3")
+    return x
+
+
+@jit
+def _diag_scores(k_raw, k_scale, q0, q1, NCOL: tl.constexpr, NB_PAD: tl.constexpr, BITS: tl.constexpr,
+                 MXFP4: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr, PHASES: tl.constexpr,
+                 DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # [ROWS, NCOL] q . k, column c = h * NB_PAD + b holding head h's score (replicated over b)
+    k0, k1 = _block_codes(k_raw, BITS, MXFP4, PACKED, ASM, DOT_DTYPE)
+    part = _dot(k0, q0, None, INPUT_PRECISION, UPCAST)
+    if PHASES == 2:
+        part = _dot(k1, q1, part, INPUT_PRECISION, UPCAST)
+    if PACKED:
+        part = part * pow2(k_scale.to(tl.int32))
+    return _group_sum(part, NCOL, NB_PAD)
+
+
+@jit
+def _diag_values(p, v_raw, v_scale, acc0, acc1, alpha, BITS: tl.constexpr, MXFP4: tl.constexpr,
+                 PACKED: tl.constexpr, ASM: tl.constexpr, PHASES: tl.constexpr, DOT_DTYPE: tl.constexpr,
+                 INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    # acc^T [DPH, NCOL] * alpha + codes^T @ (p * 2^e of block c % NB_PAD): column c accumulates every
+    # code weighted with block b's scale; only the codes of block b are kept from it at the end
+    v0, v1 = _block_codes(v_raw, BITS, MXFP4, PACKED, ASM, DOT_DTYPE)
+    if PACKED:
+        p = p * pow2(v_scale.to(tl.int32))
+    p = p.to(DOT_DTYPE)
+    acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], INPUT_PRECISION, UPCAST)
+    if PHASES == 2:
+        acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], INPUT_PRECISION, UPCAST)
+    return acc0, acc1
+
+
+@jit
+def _diag_head_values(acc, in_block, G_ROWS: tl.constexpr, NB_PAD: tl.constexpr):
+    # acc^T [DPH, NCOL] -> [DPH, G_ROWS]: per head, each code's column of its own block
+    acc = tl.where(in_block, acc, 0.0)
+    return tl.sum(tl.reshape(acc, (acc.shape[0], G_ROWS, NB_PAD)), 2)
+
+
+@jit
+def _store_decode_diag(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, kv_head, split, num_splits,
+                       acc0, acc1, m_i, l_i, G: tl.constexpr, D: tl.constexpr, DPH: tl.constexpr, NCOL: tl.constexpr,
+                       NB_PAD: tl.constexpr, BLOCK: tl.constexpr, PHASES: tl.constexpr, SPLIT: tl.constexpr):
+    # _store_decode_slice for the block-diagonal accumulators (acc^T per phase, [DPH, NCOL]); a 4-bit
+    # tile's odd code i (column 2i + 1) lies in the block of its even one
+    cols, _, in_block = _diag_masks(DPH, NCOL, NB_PAD, BLOCK, PHASES)
+    out0 = _diag_head_values(acc0, in_block, NCOL // NB_PAD, NB_PAD)
+    out1 = _diag_head_values(acc1, in_block, NCOL // NB_PAD, NB_PAD)
+    heads = tl.arange(0, NCOL // NB_PAD)
+    m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)  # equal over a head's columns
+    l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
+    head_ok = heads < G
+    q_heads = kv_head * G + heads
+    mask = head_ok[None, :] & (cols < D)
+    if SPLIT:
+        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
+        ptrs = ws_acc_ptr + ws_row[None, :] * D + cols
+        tl.store(ptrs, out0, mask=mask)
+        if PHASES == 2:
+            tl.store(ptrs + 1, out1, mask=mask)
+        tl.store(ws_ml_ptr + ws_row * 2, m_h, mask=head_ok)
+        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_h, mask=head_ok)
+    else:
+        inv_l = (1.0 / tl.where(l_h > 0, l_h, 1.0))[None, :]  # an empty context gives zeros
+        ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads[None, :] * stride_oh + cols
+        tl.store(ptrs, (out0 * inv_l).to(out_ptr.dtype.element_ty), mask=mask)
+        if PHASES == 2:
+            tl.store(ptrs + 1, (out1 * inv_l).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@jit
+def _paged_decode_diag_kernel(
+    q_ptr,  # *fp32|bf16|fp16 [B, Hq, D]: one query per sequence (last dim contiguous)
+    stride_qb, stride_qh,  # q strides (elements)
+    k_data_ptr, k_scale_ptr,  # K cache: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
+    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (elements; last dim contiguous)
+    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes; 0 for dense formats)
+    v_data_ptr, v_scale_ptr,  # V cache, same layout as K (its own format)
+    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
+    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
+    page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
+    stride_pt,  # page_table row stride
+    seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
+    out_ptr,  # *q.dtype [B, Hq, D]: written when SPLIT is False
+    stride_ob, stride_oh,  # out strides
+    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (SPLIT)
+    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial running max (log2 domain) and sum
+    num_splits,  # context slices per sequence (grid axis 1)
+    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
+    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    G: tl.constexpr,  # query heads per KV head
+    D: tl.constexpr,  # head_dim
+    NB_PAD: tl.constexpr,  # blocks per row, padded to a power of two (K's and V's; 1 for dense pairs)
+    NCOL: tl.constexpr,  # columns (head, block) of the block-diagonal dots: max(16, pow2(G) * NB_PAD)
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # tokens per iteration (BLOCK_N / PAGE_SIZE pages)
+    SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
+    PREFETCH: tl.constexpr,  # True: the next tile's bytes are loaded into registers before this one's math
+    K_BITS: tl.constexpr, K_MXFP4: tl.constexpr, K_PACKED: tl.constexpr, K_ASM: tl.constexpr,  # K format
+    K_NB: tl.constexpr,  # K blocks per row (scale bytes read; dense: NB_PAD blocks of scale 1)
+    K_BLOCK: tl.constexpr,  # head columns per K block (dense: the padded row / NB_PAD)
+    K_PHASES: tl.constexpr,  # 2: 4-bit codes as even / odd columns
+    K_DPH: tl.constexpr,  # codes per phase of a (padded) row: the dots' K dim
+    K_WIDTH: tl.constexpr, K_VALID: tl.constexpr,  # elements of a padded row as stored, and of a real one
+    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_PACKED: tl.constexpr, V_ASM: tl.constexpr,  # V format
+    V_NB: tl.constexpr, V_BLOCK: tl.constexpr, V_PHASES: tl.constexpr, V_DPH: tl.constexpr,  # as for K
+    V_WIDTH: tl.constexpr, V_VALID: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,  # operand dtype of both dots
+    INPUT_PRECISION: tl.constexpr,  # "tf32x3" / "tf32" for float32 operands
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q0, q1 = _load_query_diag(q_ptr + seq.to(tl.int64) * stride_qb + kv_head * G * stride_qh, stride_qh, G, D, K_DPH,
+                              NCOL, NB_PAD, K_BLOCK, K_PHASES, DOT_DTYPE)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+
+    m_i = tl.full([NCOL], float("-inf"), tl.float32)
+    l_i = tl.zeros([NCOL], tl.float32)
+    acc0 = tl.zeros([V_DPH, NCOL], tl.float32)  # output^T per (head, block) column (even columns if 4-bit)
+    acc1 = tl.zeros([V_DPH, NCOL], tl.float32)  # odd columns (V_PHASES == 2)
+    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
+    tokens = lo + tl.arange(0, BLOCK_N)
+    page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
+    if PREFETCH:  # the first tile's bytes, and the second tile's page ids
+        k_raw, k_sc = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                       stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                       kv_head, tokens < hi, K_WIDTH, K_VALID, K_NB, NB_PAD, NCOL, K_PACKED)
+        v_raw, v_sc = _load_paged_rows(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                       stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                       kv_head, tokens < hi, V_WIDTH, V_VALID, V_NB, NB_PAD, NCOL, V_PACKED)
+        page = _load_page_ids(page_row, tokens + BLOCK_N, tokens + BLOCK_N < hi, PAGE_SIZE)
+    for n0 in range(lo, hi, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        live = tokens < hi
+        ahead = tokens + BLOCK_N
+        if PREFETCH:  # as in _paged_decode_blocks_kernel
+            next_k_raw, next_k_sc = _load_paged_rows(
+                k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head, stride_ks_page,
+                stride_ks_slot, stride_ks_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, K_WIDTH, K_VALID,
+                K_NB, NB_PAD, NCOL, K_PACKED)
+            next_v_raw, next_v_sc = _load_paged_rows(
+                v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
+                stride_vs_slot, stride_vs_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, V_WIDTH, V_VALID,
+                V_NB, NB_PAD, NCOL, V_PACKED)
+            page = _load_page_ids(page_row, ahead + BLOCK_N, ahead + BLOCK_N < hi, PAGE_SIZE)
+        else:
+            next_page = _load_page_ids(page_row, ahead, ahead < hi, PAGE_SIZE)
+            k_raw, k_sc = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                           stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                           kv_head, live, K_WIDTH, K_VALID, K_NB, NB_PAD, NCOL, K_PACKED)
+            v_raw, v_sc = _load_paged_rows(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                           stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                           kv_head, live, V_WIDTH, V_VALID, V_NB, NB_PAD, NCOL, V_PACKED)
+            page = next_page
+        scores = _diag_scores(k_raw, k_sc, q0, q1, NCOL, NB_PAD, K_BITS, K_MXFP4, K_PACKED, K_ASM, K_PHASES,
+                              DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, NCOL]
+        scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
+        # every tile holds a live token, so the running max is finite
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
+        acc0, acc1 = _diag_values(p, v_raw, v_sc, acc0, acc1, alpha, V_BITS, V_MXFP4, V_PACKED, V_ASM, V_PHASES,
+                                  DOT_DTYPE, INPUT_PRECISION, UPCAST_DOT)
+        if PREFETCH:
+            k_raw, k_sc, v_raw, v_sc = next_k_raw, next_k_sc, next_v_raw, next_v_sc
+
+    _store_decode_diag(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, kv_head, split, num_splits, acc0,
+                       acc1, m_i, l_i, G, D, V_DPH, NCOL, NB_PAD, V_BLOCK, V_PHASES, SPLIT)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prefill: causal, variable length, chunked
 # ----------------------------------------------------------------------------------------------
 
@@ -981,15 +1232,16 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
 # ----------------------------------------------------------------------------------------------
 
-DECODE_KERNELS = ("tiles", "blocks")
+DECODE_KERNELS = ("tiles", "blocks", "diag")
 
 
 @dataclass(frozen=True)
 class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
-    batched per-block dots, scales applied per block; prefetch: the next tile's bytes in registers).
-    block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
+    batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
+    with 2-d dots against a block-diagonal q). prefetch ("blocks", "diag"): the next tile's bytes in
+    registers. block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
 
@@ -1023,15 +1275,32 @@ class DecodeConfig:
         return cls(**data)
 
 
-def blocks_kernel_supports(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, pre_rope: bool = False) -> bool:
-    """Whether the "blocks" kernel runs these formats: post-RoPE keys (a rotation mixes channels of
-    different blocks), and per format dense, or 4/8-bit BFP or MXFP4 whose block holds >= 16 values
-    per phase (4-bit codes come as two phases: blocks of >= 32)."""
-    def fits(fmt: KVFormat) -> bool:
-        if fmt.is_dense:
-            return True
-        return fmt.mantissa_bits in (4, 8) and fmt.block // (2 if fmt.mantissa_bits == 4 else 1) >= _MIN_DOT
-    return not pre_rope and fits(k_fmt) and fits(v_fmt) and head_dim >= 1
+def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int,
+                           pre_rope: bool = False) -> bool:
+    """Whether a decode kernel runs these formats. "tiles": all. "blocks" and "diag": post-RoPE keys (a
+    rotation mixes channels of different blocks) and per format dense, or 4/8-bit BFP or MXFP4;
+    "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag" >= 16 codes per
+    phase of a row and the same number of blocks (padded to a power of two) in K and V if both are packed."""
+    if kernel == "tiles":
+        return True
+    formats = (k_fmt, v_fmt)
+    if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
+        return False
+    phases = [2 if not f.is_dense and f.mantissa_bits == 4 else 1 for f in formats]
+    if kernel == "blocks":
+        return all(f.is_dense or f.block // ph >= _MIN_DOT for f, ph in zip(formats, phases))
+    blocks = {next_pow2(head_dim // f.block) for f in formats if not f.is_dense}
+    return len(blocks) <= 1 and all(_diag_row(f, head_dim, max(blocks, default=1))[0] // ph >= _MIN_DOT
+                                    for f, ph in zip(formats, phases))
+
+
+def _diag_row(fmt: KVFormat, head_dim: int, nb_pad: int) -> tuple[int, int]:
+    """(padded row length in values, head columns per block) of a format in the "diag" kernel: packed
+    rows pad to nb_pad whole blocks; dense ones to a power of two >= 32, cut in nb_pad blocks of scale 1."""
+    if fmt.is_dense:
+        d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))
+        return d_pad, d_pad // nb_pad
+    return nb_pad * fmt.block, fmt.block
 
 
 def default_decode_config(k_fmt: KVFormat, v_fmt: KVFormat) -> DecodeConfig:
@@ -1073,14 +1342,14 @@ def _device_name(device: torch.device) -> str:
 def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
                        device: torch.device, pre_rope: bool = False) -> DecodeConfig:
     """The tuned config of this CUDA device and shape, else default_decode_config; FXFORGE_DECODE_KERNEL
-    overrides the kernel. "blocks" falls back to "tiles" where it does not apply (blocks_kernel_supports)."""
+    overrides the kernel. A kernel that cannot run the formats falls back to "tiles" (decode_kernel_supports)."""
     config = None
     if device.type == "cuda":
         config = tuned_decode_configs(_device_name(device)).get(decode_config_key(k_fmt, v_fmt, head_dim, group,
                                                                                   dtype))
     config = config or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
-    if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, head_dim, pre_rope):
+    if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope):
         kernel = "tiles"
     return config if kernel == config.kernel else DecodeConfig(**{**config.to_dict(), "kernel": kernel})
 
@@ -1289,6 +1558,18 @@ def paged_decode_attention(
             **_blocks_format_meta(v_fmt, "V", head_dim, dot_dtype, q.device), DOT_DTYPE=dot_dtype,
             INPUT_PRECISION=precision, UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16, **common,
         )
+    elif config.kernel == "diag":
+        dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
+        _paged_decode_diag_kernel[grid](
+            q, q.stride(0), q.stride(1),
+            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+            page_table, page_table.stride(0), seq_lens,
+            out, out.stride(0), out.stride(1),
+            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+            PREFETCH=config.prefetch, **_diag_meta(k_fmt, v_fmt, head_dim, group, dot_dtype, q.device),
+            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16,
+            **{k: v for k, v in common.items() if k != "G_PAD"},
+        )
     else:
         _paged_decode_kernel[grid](
             q, q.stride(0), q.stride(1),
@@ -1309,19 +1590,39 @@ def paged_decode_attention(
 def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, group: int, pre_rope: bool,
                           kernel: str | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
                           prefetch: bool | None) -> DecodeConfig:
-    """pick_decode_config with the caller's overrides; an explicit kernel="blocks" that cannot run
-    these formats is an error (the picked one falls back to "tiles")."""
+    """pick_decode_config with the caller's overrides; an explicit kernel that cannot run these
+    formats is an error (a picked one falls back to "tiles")."""
     config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope)
-    if kernel == "blocks" and not blocks_kernel_supports(k_fmt, v_fmt, q.shape[2], pre_rope):
-        raise ValueError(f"paged_decode_attention: kernel='blocks' runs dense, 4/8-bit BFP and MXFP4 caches with "
-                         f">= 16 values per block phase and post-RoPE keys; got K {k_fmt.name}, V {v_fmt.name}"
-                         f"{', pre-RoPE keys' if pre_rope else ''}; use kernel='tiles'")
+    if kernel is not None and kernel in DECODE_KERNELS and not decode_kernel_supports(kernel, k_fmt, v_fmt,
+                                                                                      q.shape[2], pre_rope):
+        raise ValueError(f"paged_decode_attention: kernel={kernel!r} does not run K {k_fmt.name}, V {v_fmt.name}, "
+                         f"head_dim {q.shape[2]}{' with pre-RoPE keys' if pre_rope else ''} (see "
+                         "decode_kernel_supports); use kernel='tiles'")
     overrides = dict(kernel=kernel, block_n=block_n, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
     overrides = {name: value for name, value in overrides.items() if value is not None}
     try:
         return DecodeConfig(**{**config.to_dict(), **overrides}) if overrides else config
     except ValueError as exc:
         raise ValueError(f"paged_decode_attention: {exc}") from None
+
+
+def _diag_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dot_dtype, device: torch.device) -> dict:
+    """Constexprs of _paged_decode_diag_kernel: the shared block count, the dots' columns, per format."""
+    nb_pad = max([next_pow2(head_dim // f.block) for f in (k_fmt, v_fmt) if not f.is_dense], default=1)
+    meta = dict(NB_PAD=nb_pad, NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad))
+    for fmt, prefix in ((k_fmt, "K"), (v_fmt, "V")):
+        d_pad, block = _diag_row(fmt, head_dim, nb_pad)
+        bits = torch.finfo(fmt.storage_dtype()).bits if fmt.is_dense else fmt.mantissa_bits
+        phases = 2 if not fmt.is_dense and bits == 4 else 1
+        per_value = 1 if fmt.is_dense else bits / 8  # stored elements per value
+        asm = (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
+               and bits in (4, 8))
+        meta.update({f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4",
+                     f"{prefix}_PACKED": not fmt.is_dense, f"{prefix}_ASM": asm,
+                     f"{prefix}_NB": nb_pad if fmt.is_dense else head_dim // fmt.block,
+                     f"{prefix}_BLOCK": block, f"{prefix}_PHASES": phases, f"{prefix}_DPH": d_pad // phases,
+                     f"{prefix}_WIDTH": int(d_pad * per_value), f"{prefix}_VALID": int(head_dim * per_value)})
+    return meta
 
 
 def _blocks_format_meta(fmt: KVFormat, prefix: str, head_dim: int, dot_dtype, device: torch.device) -> dict:

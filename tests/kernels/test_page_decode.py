@@ -124,7 +124,7 @@ def decode_blocks_and_compare(name: str, head_dim: int, seed: int, device: str, 
 def _blocks_shapes():
     for name in PACKED:
         fmt = parse_kv_format(name)
-        if pa.blocks_kernel_supports(fmt, fmt, 128):
+        if pa.decode_kernel_supports("blocks", fmt, fmt, 128):
             for head_dim in (96, 128):
                 if head_dim % fmt.block == 0:
                     yield name, head_dim

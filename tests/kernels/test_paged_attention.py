@@ -158,52 +158,56 @@ def test_decode_splits_agree_and_sliding_window(seed):
         assert (out - outs[0]).abs().max() <= 1e-5, f"num_splits={n} differs from 1 by {(out - outs[0]).abs().max()}"
 
 
-# The "blocks" decode kernel (scales applied per block pair): id: (k_format, v_format, g, Hkv, head_dim,
-# q dtype, context lengths, sliding window, (num_splits, prefetch) runs)
+# The block-scaled decode kernels ("blocks", "diag"): id: (k_format, v_format, g, Hkv, head_dim, q dtype,
+# context lengths, sliding window, (num_splits, prefetch) runs: "diag" runs the first only)
 BLOCKS_CASES = {
-    "bfp12_32-g4-d64-fp32q": ("bfp12_32", "bfp12_32", 4, 2, 64, torch.float32, [17, 70, 1], 0,
-                              [(1, True), (3, False)]),
-    "bfp16_32-g4-d128-bf16q": ("bfp16_32", "bfp16_32", 4, 1, 128, torch.bfloat16, [50, 33], 0, [(3, True)]),
+    "bfp12_32-g4-d64-fp32q": ("bfp12_32", "bfp12_32", 4, 2, 64, torch.float32, [17, 45, 1], 0,
+                              [(3, False), (1, True)]),
+    "bfp16_32-g4-d128-bf16q": ("bfp16_32", "bfp16_32", 4, 1, 128, torch.bfloat16, [40, 33], 0, [(3, True)]),
     "mxfp4_32-mha-d128-bf16q": ("mxfp4_32", "mxfp4_32", 1, 2, 128, torch.bfloat16, [17, 33], 0, [(2, True)]),
     "k_bfp12_32-v_bf16-g3-d96-window": ("bfp12_32", "bfloat16", 3, 1, 96, torch.bfloat16, [65, 3], 40,
                                         [(1, False), (2, True)]),
     "k_bf16-v_bfp16_16-g4-d64-fp32q": ("bfloat16", "bfp16_16", 4, 1, 64, torch.float32, [40, 9], 0, [(1, True)]),
     "k_bfp16_32-v_fp16-fp16q": ("bfp16_32", "float16", 4, 1, 64, torch.float16, [40, 9], 0, [(2, False)]),
+    "bfp12_16-g2-d32": ("bfp12_16", "bfp12_16", 2, 2, 32, torch.float32, [30, 7], 0, [(2, True)]),  # diag only
 }
+BLOCKS_RUNS = [(kernel, case) for kernel in ("blocks", "diag") for case in BLOCKS_CASES
+               if kernel == "diag" or "bfp12_16" not in case]
 
 
 @needs_interpreter
-@pytest.mark.parametrize("case", list(BLOCKS_CASES), ids=list(BLOCKS_CASES))
-def test_blocks_decode_matches_reference(case, seed):
-    """The block-scaled kernel (unscaled codes in per-block dots, K scales on the partial scores, V
-    scales folded into P) against attention_ref, with and without the register prefetch, split or not;
-    a 3-block head (d96) pads the block count to 4."""
+@pytest.mark.parametrize("kernel,case", BLOCKS_RUNS, ids=[f"{k}-{c}" for k, c in BLOCKS_RUNS])
+def test_blocks_decode_matches_reference(kernel, case, seed):
+    """The block-scaled kernels (unscaled codes in per-block or block-diagonal dots, K scales on the
+    partial scores, V scales folded into P) against attention_ref, with and without the register
+    prefetch, split or not; a 3-block head (d96) pads the block count to 4."""
     k_format, v_format, g, hkv, d, q_dtype, lens, window, runs = BLOCKS_CASES[case]
     q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, q_dtype, 16,
                                                                 seed)
     expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
-    for num_splits, prefetch in runs:
+    for num_splits, prefetch in runs if kernel == "blocks" else runs[:1]:
         out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5, window,
-                                        num_splits=num_splits, kernel="blocks", prefetch=prefetch, block_n=32)
-        assert_close(out, expected, q_dtype, f"blocks decode {case} num_splits={num_splits} prefetch={prefetch}",
+                                        num_splits=num_splits, kernel=kernel, prefetch=prefetch, block_n=32)
+        assert_close(out, expected, q_dtype, f"{kernel} decode {case} num_splits={num_splits} prefetch={prefetch}",
                      seed)
 
 
 @needs_interpreter
-def test_blocks_decode_reads_no_poison(seed):
+@pytest.mark.parametrize("kernel", ["blocks", "diag"])
+def test_blocks_decode_reads_no_poison(kernel, seed):
     """A page-table entry past a sequence's pages (poison: NaN blocks) is never read: a sequence of one
-    full page and one of 16 + 1 tokens, with tiles of 32 tokens, so the prefetch reaches past both."""
+    full page and one of 16 + 1 tokens, with tiles of 16 tokens, so the prefetch reaches past both."""
     fmt = "bfp12_32"
     q, cache, page_table, query_start, seq_lens = decode_inputs([16, 17], 4, 1, 64, fmt, fmt, torch.float32, 16, seed)
     expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, 0)
-    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, num_splits=1, kernel="blocks",
+    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, num_splits=1, kernel=kernel,
                                     block_n=16)
-    assert_close(out, expected, torch.float32, "blocks decode at page ends", seed)
+    assert_close(out, expected, torch.float32, f"{kernel} decode at page ends", seed)
 
 
 def test_decode_config_pick_tuned_file_and_fallbacks(tmp_path, monkeypatch):
-    """Tuned configs are data: read per device and shape, refused at another version; "blocks" falls
-    back to "tiles" where it cannot run, and an explicit kernel="blocks" there is an error."""
+    """Tuned configs are data: read per device and shape, refused at another version; a forced kernel
+    falls back to "tiles" where it cannot run (an explicit one there is an error: the next test)."""
     fmt = pa.parse_kv_format
     key = pa.decode_config_key(fmt("bfp12_32"), fmt("bfp16_32"), 128, 4, torch.bfloat16)
     assert key == "K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"
@@ -227,6 +231,10 @@ def test_decode_config_pick_tuned_file_and_fallbacks(tmp_path, monkeypatch):
     for k_format, pre_rope in (("bfp14_32", False), ("bfp12_16", False), ("bfp12_32", True)):
         picked = pa.pick_decode_config(fmt(k_format), fmt("bfp16_32"), 128, 4, torch.bfloat16, cpu, pre_rope)
         assert picked.kernel == "tiles", (k_format, pre_rope)
+    monkeypatch.setattr(pa, "_FORCED_KERNEL", "diag")  # any block size; K and V with as many blocks
+    assert pa.pick_decode_config(fmt("bfp12_16"), fmt("bfp16_16"), 128, 4, torch.bfloat16, cpu).kernel == "diag"
+    assert pa.pick_decode_config(fmt("bfp12_16"), fmt("bfp16_32"), 128, 4, torch.bfloat16, cpu).kernel == "tiles"
+    assert pa.pick_decode_config(fmt("bfloat16"), fmt("bfp16_16"), 128, 4, torch.bfloat16, cpu).kernel == "diag"
 
 
 def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
@@ -254,8 +262,11 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
 @needs_interpreter
 def test_blocks_kernel_refuses_formats_it_cannot_run():
     q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 3, 2, 64, "bfp14_32", "bfp14_32", torch.float32, 16, 0)
-    with pytest.raises(ValueError, match="kernel='blocks' runs dense, 4/8-bit BFP"):
-        pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp14_32", "bfp14_32", 0.125, kernel="blocks")
+    for kernel in ("blocks", "diag"):
+        with pytest.raises(ValueError, match=f"kernel='{kernel}' does not run K bfp14_32"):
+            pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp14_32", "bfp14_32", 0.125, kernel=kernel)
+    with pytest.raises(ValueError, match="kernel='fast' must be one of"):
+        pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp14_32", "bfp14_32", 0.125, kernel="fast")
     with pytest.raises(ValueError, match="block_n=24"):
         pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp14_32", "bfp14_32", 0.125, block_n=24)
 
@@ -650,33 +661,39 @@ class TestCUDA:
     @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
     @pytest.mark.parametrize("k_format,v_format", [("bfp12_32", "bfp12_32"), ("bfp16_32", "bfp16_32"),
                                                    ("mxfp4_32", "mxfp4_32"), ("bfp12_32", "bfp16_32"),
-                                                   ("bfloat16", "bfloat16"), ("bfp12_64", "bfp16_16")])
+                                                   ("bfloat16", "bfloat16"), ("bfp12_64", "bfp16_16"),
+                                                   ("bfp12_16", "bfp16_16")])
     def test_blocks_decode_matches_reference(self, k_format, v_format, q_dtype, seed, monkeypatch):
-        """The "blocks" kernel natively, with the inline-PTX and the portable decode, split or not, with
-        and without the register prefetch, and against the "tiles" kernel."""
+        """The "blocks" and "diag" kernels natively (where they run the formats), with the inline-PTX and
+        the portable decode, split or not, with and without the register prefetch, and against "tiles"."""
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, k_format, v_format, q_dtype,
                                                                     16, seed, "cuda")
         expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, 128**-0.5, 0)
         tiles = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                           kernel="tiles")
-        for asm in (True, False):
-            monkeypatch.setattr(pa, "_ASM_DECODE", asm)
-            for num_splits, prefetch, block_n in ((None, True, 64), (1, True, 128), (7, False, 64)):
-                out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
-                                                num_splits=num_splits, kernel="blocks", prefetch=prefetch,
-                                                block_n=block_n)
-                what = f"cuda blocks decode {k_format}/{v_format} asm={asm} splits={num_splits} prefetch={prefetch}"
-                assert_close(out, expected, q_dtype, what, seed)
-                assert_close(out, tiles.double().to(q_dtype), q_dtype, what + " vs tiles", seed)
+        for kernel in ("blocks", "diag"):
+            if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128):
+                continue
+            for asm in (True, False):
+                monkeypatch.setattr(pa, "_ASM_DECODE", asm)
+                for num_splits, prefetch, block_n in ((None, True, 64), (1, True, 128), (7, False, 64)):
+                    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
+                                                    num_splits=num_splits, kernel=kernel, prefetch=prefetch,
+                                                    block_n=block_n)
+                    what = (f"cuda {kernel} decode {k_format}/{v_format} asm={asm} splits={num_splits} "
+                            f"prefetch={prefetch}")
+                    assert_close(out, expected, q_dtype, what, seed)
+                    assert_close(out, tiles.double().to(q_dtype), q_dtype, what + " vs tiles", seed)
 
-    def test_blocks_decode_in_a_cuda_graph(self, seed):
+    @pytest.mark.parametrize("kernel", ["blocks", "diag"])
+    def test_blocks_decode_in_a_cuda_graph(self, kernel, seed):
         fmt = "bfp12_32"
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,
                                                                     16, seed, "cuda")
         static_lens = (seq_lens - 500).clamp(min=1)
 
         def run():
-            return pa.paged_decode_attention(q, *cache, page_table, static_lens, fmt, fmt, 0.1, kernel="blocks")
+            return pa.paged_decode_attention(q, *cache, page_table, static_lens, fmt, fmt, 0.1, kernel=kernel)
 
         run()
         graph = torch.cuda.CUDAGraph()
@@ -685,7 +702,7 @@ class TestCUDA:
         static_lens.copy_(seq_lens)
         graph.replay()
         expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.1, 0)
-        assert_close(out, expected, torch.bfloat16, "cuda graph replay (blocks)", seed)
+        assert_close(out, expected, torch.bfloat16, f"cuda graph replay ({kernel})", seed)
 
     def test_decode_in_a_cuda_graph(self, seed):
         """attention_triton captured once (decode batch, no host sync) and replayed after the
