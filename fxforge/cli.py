@@ -1363,6 +1363,8 @@ def bench_offload_cmd(
     devices: str = typer.Option("h200,host-cpu", help="the cost model's GPU, CPU and link: built-in names or a "
                                 "calibrate-device file"),
     math: str = typer.Option("exact", help="exact (float32, as fused_moe_ref) or native (the weights' dtype)"),
+    calibrate: bool = typer.Option(True, "--calibrate/--no-calibrate", help="scale the offload cost model's GPU, "
+                                   "CPU and link terms to a quick measurement on layer 0 before the timed steps"),
     smoke: bool = typer.Option(False, "--smoke", help="tiny widths, CPU allowed: proves the code path"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
@@ -1403,7 +1405,7 @@ def bench_offload_cmd(
     resident_experts(budget * 1e9, dense, expert, spec.num_layers, spec.num_experts)  # too small: fails here
     costs = costs_from(load_system(d.strip() for d in devices.split(",") if d.strip()),
                        str(dtype).removeprefix("torch."), math == "exact")
-    bench = OffloadBench(spec, budget, tuple(batch_list), repeats, layers, math == "exact")
+    bench = OffloadBench(spec, budget, tuple(batch_list), repeats, layers, math == "exact", calibrate)
     results = run_bench(bench, costs, torch.device("cuda" if cuda else "cpu"), dtype, progress=console.print)
     results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    gpu_memory_gb=budget, smoke=smoke, math=math)
