@@ -109,7 +109,8 @@ def run_one(teacher: Model, method: str, speedup: float, text: TrainingText, win
         model = skip_student(teacher, speedup, options)
         schedule = skip_schedule(model)
         depth, student = schedule.mean_depth(), SkipStudent(model)
-        detail = {"min_layers": schedule.min_layers, "max_layers": schedule.max_layers, "warmup_layers": schedule.warmup}
+        detail = {"min_layers": schedule.min_layers, "max_layers": schedule.max_layers,
+                  "warmup_layers": schedule.warmup}
     else:
         keep = max(1, round(teacher.spec.num_layers / speedup))
         model = static_exit(teacher, keep)
@@ -171,8 +172,8 @@ def markdown(results: dict) -> str:
     budget = results["settings"]["minutes"] * 60
     lines = [f"| target | method | mean layers | perplexity before / after {budget:.0f} s | exact match before / after "
              "| token agreement before / after |", "|---|---|---|---|---|---|",
-             f"| 1x | full model ({results['layers']} layers) | {results['layers']} | {results['teacher_perplexity']:.3f} "
-             "| 1 | 1 |"]
+             f"| 1x | full model ({results['layers']} layers) | {results['layers']} | "
+             f"{results['teacher_perplexity']:.3f} | 1 | 1 |"]
     for r in results["runs"]:
         b, a = r["before"], r["after"]
         lines.append(f"| {r['target_speedup']}x | {r['method']} | {r['mean_depth']:.2f} | {b['perplexity']:.3f} / "

@@ -62,7 +62,8 @@ class SkipDecode(PassConfig):
         try:
             schedule = tuple(int(a) for a in schedule if str(a).strip())
         except ValueError:
-            raise ValueError(f"schedule={self.schedule!r} must be a list of integers (a(t) per generated position)") from None
+            raise ValueError(f"schedule={self.schedule!r} must be a list of integers (a(t) per generated "
+                             "position)") from None
         object.__setattr__(self, "schedule", schedule)
         speedup = self.target_speedup
         if isinstance(speedup, bool) or not isinstance(speedup, (int, float)) or not (speedup == 0 or speedup >= 1):
@@ -103,8 +104,8 @@ class SkipDecode(PassConfig):
         of the closest, the one nearest a halving band (min = max / 2); max_layers, if given, is kept."""
         w, goal = self.warmup_layers, n / self.target_speedup
         if goal < w + 1:
-            raise ValueError(f"target_speedup={self.target_speedup} asks for {goal:.2f} layers on average, fewer than the "
-                             f"{w} warm-up layer(s) plus one; lower it or the warm-up")
+            raise ValueError(f"target_speedup={self.target_speedup} asks for {goal:.2f} layers on average, fewer "
+                             f"than the {w} warm-up layer(s) plus one; lower it or the warm-up")
         tops = [self.max_layers] if self.max_layers else range(1, n - w + 1)
         pairs = []
         for top in tops:

@@ -250,8 +250,8 @@ class SkipRunner(ModelRunner):
     def _capture_depth(self, depth: int, bucket: int) -> tuple:
         static = self._static_inputs(bucket)
         ps = self.config.page_size
-        static_groups = [dataclasses.replace(static, slot_mapping=torch.full_like(static.slot_mapping, g.num_pages * ps),
-                                             page_table=torch.full_like(static.page_table, g.num_pages))
+        static_groups = [dataclasses.replace(static, page_table=torch.full_like(static.page_table, g.num_pages),
+                                             slot_mapping=torch.full_like(static.slot_mapping, g.num_pages * ps))
                          for g in self.pool.groups]
         layer_batches = [static if g is None else static_groups[g] for g in self.group_of_layer]
         forward: Callable = lambda: self.skip.forward_depth(static, self.kv_cache, depth, layer_batches)  # noqa: E731

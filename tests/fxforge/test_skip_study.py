@@ -5,7 +5,6 @@ input (one error line, exit 2, nothing written)."""
 import json
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from fxforge.artifact import load_artifact
@@ -67,7 +66,8 @@ def test_skip_study_smoke(skipped, workdir):
     text = write_text(workdir / "study.txt")
     json_out, md_out = workdir / "study.json", workdir / "study.md"
     result = runner.invoke(app, ["skip-study", str(workdir / "hf"), "--random-init", "--data", text, "--device", "cpu",
-                                 "--speedups", "1.5,2", "--warmup-layers", "0", "--prompts", "3", "--max-new-tokens", "6", "--max-steps", "2",
+                                 "--speedups", "1.5,2", "--warmup-layers", "0", "--prompts", "3",
+                                 "--max-new-tokens", "6", "--max-steps", "2",
                                  "--train-seconds", "30", "--batch-size", "2", "--seq-len", "16", "--samples", "2",
                                  "--sample-tokens", "8", "--eval-tokens", "64", "--eval-context", "32", "--json-out",
                                  str(json_out), "--markdown-out", str(md_out)])
@@ -90,7 +90,8 @@ def test_bench_skip_decode_smoke(skipped, workdir):
                                  "--skip-kv-fraction", "0.5", "--json-out", str(json_out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(json_out.read_text())["rows"]
-    assert [(r["model"], r["policy"]) for r in rows] == [("full", "full"), ("skip 2.0x", "bucket"), ("skip 2.0x", "mask")]
+    expected = [("full", "full"), ("skip 2.0x", "bucket"), ("skip 2.0x", "mask")]
+    assert [(r["model"], r["policy"]) for r in rows] == expected
     assert all(r["tokens"] == 4 * 6 and r["decode_tokens_per_second"] > 0 for r in rows)
     assert rows[1]["layer_ratio"] > 1 and 0 < rows[1]["kv_saving"] < 1 and 0 < rows[1]["kv_memory_saving"] < 1
 

@@ -75,7 +75,8 @@ def test_graph_and_plan_carry_the_schedule(tmp_path):
     schedule = skip_schedule(opt)
     record = opt.passes[-1]
     assert record["modified"] and record["config"]["target_speedup"] == 0  # resolved: min/max recorded
-    assert (record["config"]["min_layers"], record["config"]["max_layers"]) == (schedule.min_layers, schedule.max_layers)
+    config = record["config"]
+    assert (config["min_layers"], config["max_layers"]) == (schedule.min_layers, schedule.max_layers)
     assert record["report"]["top_layers"] == list(schedule.top_layers) and record["report"]["target_speedup"] == 1.5
     notes = [n.meta["fxforge"].notes["skip_decode"]["runs_until"] for n in nodes_by_role(opt.module, "attention")]
     assert notes[0] == "always" and notes[-schedule.min_layers:] == ["always"] * schedule.min_layers
@@ -177,7 +178,8 @@ def test_per_token_depths_equal_per_depth_runs():
     depths = np.array([6, 6, 4, 3, 5, 2, 6, 6])  # per token; every chunk's depths fall
     cache = opt.new_kv_cache(4)
     for row in range(4):  # some context in every page
-        skip.forward_depth(build_batch([list(range(1, 1 + max(past[row], 1)))], [0], [tables[row]], 16, "cpu"), cache, 6)
+        context = build_batch([list(range(1, 1 + max(past[row], 1)))], [0], [tables[row]], 16, "cpu")
+        skip.forward_depth(context, cache, 6)
     reference = [c.clone() for c in cache]
     batch = build_batch(chunks, past, tables, 16, "cpu", all_logits=True)
     mixed = skip.forward(batch, cache, depths, np.array(past), np.array([4, 1, 1, 2]))

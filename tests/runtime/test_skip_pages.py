@@ -38,7 +38,8 @@ def test_group_pages_stop_at_the_horizon():
 
 def test_a_full_group_blocks_like_a_full_pool():
     p = pool(num_pages=8, fraction=0.25)  # 2 pages per group
-    first, second = Sequence([1, 2, 3], SamplingParams(max_new_tokens=4)), Sequence([4, 5], SamplingParams(max_new_tokens=4))
+    first = Sequence([1, 2, 3], SamplingParams(max_new_tokens=4))
+    second = Sequence([4, 5], SamplingParams(max_new_tokens=4))
     assert p.can_allocate(first, 3)
     p.allocate(first, 3)
     assert p.num_free_pages == 6 and not p.can_allocate(second, 2)  # main has room, the groups do not

@@ -135,7 +135,8 @@ def test_cli_run_serves_a_skip_decode_artifact(tmp_path):
     runner = CliRunner()
     source = write_checkpoint(tmp_path / "hf")
     done = runner.invoke(app, ["compile", str(source), "--random-init", "--passes", "skip-decode", "--option",
-                               "target_speedup=2", "--option", "warmup_layers=0", "--no-eval", "-o", str(tmp_path / "s")])
+                               "target_speedup=2", "--option", "warmup_layers=0", "--no-eval",
+                               "-o", str(tmp_path / "s")])
     assert done.exit_code == 0, done.output
     prompts_file = tmp_path / "p.jsonl"
     prompts_file.write_text('{"prompt": "Tom has 3 apples."}\n{"prompt": "How many?"}\n')
