@@ -19,6 +19,7 @@ devices that hold it (a value is moved to a device at most once, from the cheape
 exact for chains and for the canonical decoder while the frontier has at most `max_states` states.
 Graph inputs (token ids, positions, page tables) are taken as present on every device; the KV cache
 lives with its GQA unit; a node's weights live on its device, so static nodes move no weights.
+`memory_side_roles` restricts what may leave the compute side (Duplex's mapping: attention and experts).
 
 Experts: each expert's weights live on the compute side (the fastest device) while the memory budget
 allows (`memory_budget_gb`, default the device's memory; dense weights and the workload's KV cache

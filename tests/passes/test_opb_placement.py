@@ -215,3 +215,18 @@ def test_bad_input(tmp_path):
         fxforge.optimize(tiny_model("mixtral-moe"), passes=[OpBPlacement(experts="measured", devices=("h200",),
                                                                          batch=4, context=16)])
     assert H200.memory_bytes == 141e9
+
+
+def test_memory_side_roles_keep_other_ops_on_the_compute_side():
+    """At decode batch 8 the projections (Op/B ~ 8) are faster on Logic-PIM too; Duplex's mapping lets only
+    attention and the experts leave the xPU, and the DP must respect it (at a modelled cost)."""
+    gm = meta_graph(MID)
+    free = place(gm, OpBPlacement(devices=("h200", "logic-pim"), batch=8, context=2048))
+    assert free["placement"]["q_proj"]["devices"] == {"logic-pim": MID.num_layers}
+    mapped = place(gm, OpBPlacement(devices=("h200", "logic-pim"), batch=8, context=2048,
+                                    memory_side_roles=("attention", "expert")))
+    for role in ("q_proj", "o_proj", "router", "lm_head", "embed"):
+        assert set(mapped["placement"][role]["devices"]) == {"h200"}, role
+    assert mapped["predicted_step_s"] > free["predicted_step_s"]
+    with pytest.raises(PassConfigError, match="unknown roles \\['qproj'\\]"):
+        resolve({"name": "opb-placement", "memory_side_roles": ["qproj"]})
