@@ -21,7 +21,8 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/skipdecode_tests_h200.log" | tail -15 ;;
     study)  # --max-minutes: a slower machine still leaves the runs it finished (the rest listed as skipped)
       fxforge skip-study --device cuda --speedups 1.5,2,3 --train-seconds 45 --max-minutes 8.5 \
-        --json-out "$OUT/skip_study_h200.json" --markdown-out "$OUT/skip_study_h200.md" 2>&1 | tail -30 ;;
+        --json-out "$OUT/skip_study_h200.json" --markdown-out "$OUT/skip_study_h200.md" \
+        --plot "$OUT/skip_study_h200.png" 2>&1 | tail -30 ;;
     serving)
       timeout 580 fxforge bench skip-decode --speedups 1.5,2,3 --batches 64 --max-new-tokens 128 \
         --json-out "$OUT/skip_bench_b64_h200.json" 2>&1 | tail -30 ;;

@@ -1057,6 +1057,7 @@ def skip_study_cmd(
     max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
     json_out: Path = typer.Option(Path("skip_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
+    plot_out: Optional[Path] = typer.Option(None, "--plot", help="perplexity and token agreement against speed-up (PNG)"),
 ):
     """The SkipDecode quality study: schedules at target speed-ups vs static early exit at the same average
     depth, before and after the same training budget (perplexity; exact match and token agreement with the
@@ -1072,7 +1073,7 @@ def skip_study_cmd(
     from fxforge.skip_study import StudyOptions, markdown, run_study, save
 
     start = time.perf_counter()
-    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out")):
+    for path, option in ((json_out, "--json-out"), (markdown_out, "--markdown-out"), (plot_out, "--plot")):
         if path is not None:
             check_output_file(path, option)
     targets = _floats_at_least(speedups, "--speedups", 1.0)
@@ -1095,7 +1096,7 @@ def skip_study_cmd(
     results = run_study(base, text, windows, data, settings, options, _skip_study_progress(json_out), deadline)
     results.update(device=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch=torch.__version__,
                    random_init=random_init, seconds=round(time.perf_counter() - start, 1))
-    save(results, json_out, markdown_out)
+    save(results, json_out, markdown_out, plot_out)
     out.print(markdown(results))
     out.print_json(json.dumps(results["targets"]))
 

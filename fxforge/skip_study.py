@@ -2,7 +2,7 @@
 speed-ups, against static early exit at the same average depth and the same training budget,
 before and after training.
 
-    fxforge skip-study --device cuda --json-out skip_study.json --markdown-out skip_study.md
+    fxforge skip-study --device cuda --json-out skip_study.json --markdown-out skip_study.md --plot skip_study.png
 
 Per target speed-up s (average active layers N / s over the generated tokens):
   skip-decode   the pass with target_speedup=s (span = the generated length, so the schedule's mean
@@ -182,7 +182,38 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save(results: dict, json_out: Path, markdown_out: Path | None) -> None:
+def plot(results: dict, path: Path) -> None:
+    """Perplexity and token agreement against the layer speed-up, per method, before and after training."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for method in METHODS:
+        rows = sorted((r for r in results["runs"] if r["method"] == method), key=lambda r: r["layer_speedup"])
+        if not rows:
+            continue
+        speed = [r["layer_speedup"] for r in rows]
+        for when, style in (("before", ":"), ("after", "-")):
+            label = f"{method} ({when} training)"
+            left.plot(speed, [r[when]["perplexity"] for r in rows], style, marker="o", label=label)
+            right.plot(speed, [r[when]["token_agreement"] for r in rows], style, marker="o", label=label)
+    left.axhline(results["teacher_perplexity"], color="black", linestyle="--", linewidth=1, label="full model")
+    left.set(xlabel="layer speed-up (N / mean active layers)", ylabel="perplexity, teacher-forced (log)", yscale="log")
+    right.set(xlabel="layer speed-up (N / mean active layers)", ylabel="token agreement with the full model",
+              ylim=(0, 1))
+    left.legend(fontsize=7)
+    fig.suptitle(f"{results['model']}: SkipDecode vs static early exit, "
+                 f"{results['settings']['minutes'] * 60:.0f} s training per run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+
+
+def save(results: dict, json_out: Path, markdown_out: Path | None, plot_out: Path | None = None) -> None:
     json_out.write_text(json.dumps(results, indent=2))
     if markdown_out is not None:
         markdown_out.write_text(markdown(results))
+    if plot_out is not None:
+        plot(results, plot_out)

@@ -70,7 +70,7 @@ def test_skip_study_smoke(skipped, workdir):
                                  "--max-new-tokens", "6", "--max-steps", "2",
                                  "--train-seconds", "30", "--batch-size", "2", "--seq-len", "16", "--samples", "2",
                                  "--sample-tokens", "8", "--eval-tokens", "64", "--eval-context", "32", "--json-out",
-                                 str(json_out), "--markdown-out", str(md_out)])
+                                 str(json_out), "--markdown-out", str(md_out), "--plot", str(workdir / "study.png")])
     assert result.exit_code == 0, result.output
     results = json.loads(json_out.read_text())
     runs = {(r["method"], r["target_speedup"]): r for r in results["runs"]}
@@ -81,6 +81,7 @@ def test_skip_study_smoke(skipped, workdir):
             assert run[when]["perplexity"] > 1 and 0 <= run[when]["token_agreement"] <= 1
     assert runs[("static-exit", 2.0)]["layers"] == 2 and runs[("skip-decode", 2.0)]["mean_depth"] == pytest.approx(2)
     assert "met" in results["targets"]["skip_beats_static_exit"] and "| 2.0x | skip-decode |" in md_out.read_text()
+    assert (workdir / "study.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_skip_decode_smoke(skipped, workdir):

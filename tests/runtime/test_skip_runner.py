@@ -158,15 +158,17 @@ def test_cli_run_serves_a_skip_decode_artifact(tmp_path):
 class TestCUDA:
     def test_depth_graphs_on_the_triton_kernels_give_the_reference_tokens(self, skipped, reference):
         """Bucket policy replaying one CUDA graph per (depth, batch bucket) on the Triton kernels (float32),
-        and mask policy on the same kernels, against the CPU reference decoder."""
+        and mask policy on the same kernels, with full-size and smaller layer-group pools, against the CPU
+        reference decoder."""
         from fxforge.passes import Lower
 
         cuda = fxforge.optimize(skipped, passes=[Lower(backend="triton")])
         cuda.module.to("cuda")
-        for policy, graphs in (("bucket", True), ("mask", False)):
+        for policy, graphs, fraction in (("bucket", True, 1.0), ("bucket", True, 0.4), ("mask", False, 0.4)):
             engine = Engine(cuda, config=EngineConfig(num_pages=64, page_size=4, max_model_len=64, max_num_seqs=8,
                                                       max_num_batched_tokens=16, num_decode_steps=4,
-                                                      skip_policy=policy, use_cuda_graphs=graphs))
+                                                      skip_policy=policy, use_cuda_graphs=graphs,
+                                                      skip_kv_fraction=fraction))
             assert staggered(engine) == reference, policy
             if graphs:
                 assert engine.runner.depth_graphs and engine.runner.graph_error is None
