@@ -122,7 +122,8 @@ class OffloadedExperts:
         self.intermediate, self.hidden = w_gate.shape[1], w_gate.shape[2]
         self.costs = costs
         pin = self.device.type == "cuda"
-        self.gpu = [tuple(w[e].to(self.device) for w in (w_gate, w_up, w_down)) for e in range(resident)]
+        # copies, not views: a view would keep the whole stack (the offloaded experts too) on the device
+        self.gpu = [tuple(w[e].to(self.device, copy=True) for w in (w_gate, w_up, w_down)) for e in range(resident)]
         self.host = [tuple(_host(w[e], pin) for w in (w_gate, w_up, w_down)) for e in range(resident, num_experts)]
         self.dtype = w_gate.dtype
         # one device buffer a copied expert lands in (reused: copies of a step run in stream order)
