@@ -1129,6 +1129,8 @@ def bench_skip_decode_cmd(
     random_init: bool = typer.Option(False, help="random weights"),
     speedups: str = typer.Option("1.5,2,3", help="target layer speed-ups of the skip-decode models"),
     warmup_layers: int = typer.Option(1, help="warm-up layers of the schedules"),
+    decay: str = typer.Option("linear", help="decay of the schedules: linear or step"),
+    levels: int = typer.Option(2, help="stairs of a step decay (as many depths, so graphs per batch bucket)"),
     batches: str = typer.Option("64,256", help="max running sequences to run (comma-separated); 2x as many prompts"),
     max_new_tokens: int = typer.Option(128, help="tokens generated per request (exactly; the schedules' span)"),
     prompt_len: int = typer.Option(0, help="random prompts of this length (0: GSM8K chat prompts)"),
@@ -1159,13 +1161,13 @@ def bench_skip_decode_cmd(
     if not cuda and not smoke:
         raise FxforgeError("fxforge bench skip-decode needs a CUDA device (use --smoke to exercise it on CPU)")
     base = _load(model, "bfloat16" if cuda else "float32", random_init, "cuda" if cuda else "cpu")
-    check_pipeline([SkipDecode.from_dict({"target_speedup": s, "warmup_layers": warmup_layers, "span": max_new_tokens})
-                    for s in targets], base.spec)
+    check_pipeline([SkipDecode.from_dict({"target_speedup": s, "warmup_layers": warmup_layers, "span": max_new_tokens,
+                                          "decay": decay, "levels": levels}) for s in targets], base.spec)
     count = 2 * max(batch_list)
     prompt_ids = random_prompts(count, prompt_len, base.spec.vocab_size) if prompt_len else chat_prompts(base, count)
     results = run_bench(base, prompt_ids, max_new_tokens, batch_list, targets, warmup_layers, repeats,
                         progress=lambda row: console.print({k: v for k, v in row.items() if k != "all_seconds"}),
-                        kv_fraction=skip_kv_fraction)
+                        kv_fraction=skip_kv_fraction, decay=decay, levels=levels)
     results.update(model=model, device=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__,
                    max_new_tokens=max_new_tokens, prompts=count)
     _print_rows([{k: v for k, v in r.items() if k != "all_seconds"} for r in results["rows"]])

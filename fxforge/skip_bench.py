@@ -50,7 +50,8 @@ class SkipRow:
         return {**asdict(self), "decode_tokens_per_second": self.decode_tokens_per_second}
 
 
-def models_under_test(base, speedups: list[float], span: int, warmup: int) -> dict:
+def models_under_test(base, speedups: list[float], span: int, warmup: int, decay: str = "linear",
+                      levels: int = 2) -> dict:
     """{name: (lowered model, layer ratio)}: the original and one skip-decode model per target."""
     import fxforge
     from fxforge.ir.skip import skip_schedule
@@ -58,8 +59,8 @@ def models_under_test(base, speedups: list[float], span: int, warmup: int) -> di
 
     models = {"full": (fxforge.optimize(base, passes=[Lower()]), 1.0)}
     for speedup in speedups:
-        model = fxforge.optimize(base, passes=[SkipDecode(target_speedup=speedup, warmup_layers=warmup, span=span),
-                                               Lower()])
+        config = SkipDecode(target_speedup=speedup, warmup_layers=warmup, span=span, decay=decay, levels=levels)
+        model = fxforge.optimize(base, passes=[config, Lower()])
         models[f"skip {speedup}x"] = (model, skip_schedule(model).speedup())
     return models
 
@@ -106,9 +107,9 @@ def _sync(model) -> None:
 
 
 def run_bench(base, prompts: list, max_new_tokens: int, batches: list[int], speedups: list[float], warmup: int,
-              repeats: int, progress=None, kv_fraction: float = 1.0) -> dict:
+              repeats: int, progress=None, kv_fraction: float = 1.0, decay: str = "linear", levels: int = 2) -> dict:
     rows = []
-    for name, (model, ratio) in models_under_test(base, speedups, max_new_tokens, warmup).items():
+    for name, (model, ratio) in models_under_test(base, speedups, max_new_tokens, warmup, decay, levels).items():
         for batch in batches:
             for policy in (["full"] if name == "full" else ["bucket", "mask"]):
                 row = time_policy(model, name, policy, ratio, prompts[: 2 * batch], max_new_tokens, batch, repeats,

@@ -109,23 +109,28 @@ class SkipSchedule:
 
 
 def build_schedule(num_layers: int, warmup: int, min_layers: int, max_layers: int, decay: str, span: int,
-                   top_layers: tuple[int, ...] = ()) -> SkipSchedule:
+                   top_layers: tuple[int, ...] = (), levels: int = 2) -> SkipSchedule:
     """The schedule of `decay` from max_layers at t = 0 down to min_layers (checked).
 
     linear: round(max + (min - max) * t / (span - 1)) for t < span (the paper's decay);
-    step:   max for the first half of the span, min after; custom: `top_layers` as given.
+    step:   `levels` equal stairs over the span, from max down to min (2: max for the first half, min
+            after), so generated tokens run only `levels` depths; custom: `top_layers` as given.
     After the span every token runs min_layers (custom: the last value).
     """
-    table = tuple(top_layers) if decay == "custom" else decay_table(decay, min_layers, max_layers, span)
+    table = tuple(top_layers) if decay == "custom" else decay_table(decay, min_layers, max_layers, span, levels)
     schedule = SkipSchedule(num_layers, warmup, min_layers, max_layers, decay, span, table)
     schedule.check()
     return schedule
 
 
-def decay_table(decay: str, min_layers: int, max_layers: int, span: int) -> tuple[int, ...]:
+def decay_table(decay: str, min_layers: int, max_layers: int, span: int, levels: int = 2) -> tuple[int, ...]:
     """a(t) for t = 0..span (the last entry: min_layers, what every later token runs)."""
     if decay == "step":
-        return tuple(max_layers if t < span // 2 else min_layers for t in range(span)) + (min_layers,)
+        if levels < 2:
+            raise ValueError(f"a step decay needs levels >= 2, got {levels}")
+        stairs = (int(round(max_layers + (min_layers - max_layers) * (t * levels // span) / (levels - 1)))
+                  for t in range(span))
+        return tuple(stairs) + (min_layers,)
     if decay != "linear":
         raise ValueError(f"decay {decay!r} is not one of {DECAYS}")
     steps = max(1, span - 1)

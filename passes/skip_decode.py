@@ -2,8 +2,9 @@
 
 At generated position t every sequence runs the `warmup_layers` lowest layers plus the top a(t)
 layers; a(t) falls from `max_layers` to `min_layers` over the first `span` generated tokens
-(`linear` as in the paper, or `step`: max for the first half of the span, min after) and stays at
-min_layers after it. Prompts are prefilled at full depth. Instead of min/max, `target_speedup` s asks
+(`linear` as in the paper, or `step`: `levels` equal stairs, 2 = max for the first half of the span,
+min after; few levels mean few depths, so few groups and CUDA graphs under the bucket policy) and
+stays at min_layers after it. Prompts are prefilled at full depth. Instead of min/max, `target_speedup` s asks
 for a mean depth (warm-up included) of N / s over the span; the pass picks integer (min, max) that give it
 (to a quarter layer) nearest a halving band, min = max / 2, and records them. A `schedule` of a(t) values may be
 given as it is (decay `custom`); it must be non-increasing.
@@ -41,8 +42,8 @@ class Decay(str, enum.Enum):
 @dataclass(frozen=True)
 class SkipDecode(PassConfig):
     """min_layers / max_layers (top layers run, warm-up excluded; max 0: all but the warm-up) or
-    target_speedup; warmup_layers; decay linear|step; span (generated tokens the decay spans); or an
-    explicit `schedule` of a(t) values (decay custom)."""
+    target_speedup; warmup_layers; decay linear|step (with `levels` stairs); span (generated tokens the
+    decay spans); or an explicit `schedule` of a(t) values (decay custom)."""
 
     min_layers: int = 0
     max_layers: int = 0
@@ -51,10 +52,11 @@ class SkipDecode(PassConfig):
     decay: Decay = Decay.LINEAR
     span: int = 256
     schedule: tuple[int, ...] = ()
+    levels: int = 2  # stairs of a step decay
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("min_layers", "max_layers", "warmup_layers", "span"):
+        for name in ("min_layers", "max_layers", "warmup_layers", "span", "levels"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name}={value!r} must be an integer >= 0")
@@ -80,6 +82,8 @@ class SkipDecode(PassConfig):
                              f"got decay={self.decay.value!r}, schedule={list(schedule)}")
         if self.span < 1:
             raise ValueError(f"span={self.span} must be >= 1 generated token")
+        if self.levels < 2 or (self.levels != 2 and self.decay is not Decay.STEP):
+            raise ValueError(f"levels={self.levels} must be >= 2, and differs from 2 only for decay 'step'")
 
     def plan(self, num_layers: int) -> SkipSchedule:
         """The checked schedule for a model of num_layers layers (ValueError naming what is wrong)."""
@@ -97,7 +101,7 @@ class SkipDecode(PassConfig):
             raise ValueError(f"max_layers={high} exceeds the {n - w} layers above the {w} warm-up layer(s)")
         if low > high:
             raise ValueError(f"min_layers={low} is larger than max_layers={high}")
-        return build_schedule(n, w, low, high, self.decay.value, self.span)
+        return build_schedule(n, w, low, high, self.decay.value, self.span, levels=self.levels)
 
     def _fit(self, n: int) -> tuple[int, int]:
         """(min, max) whose schedule's mean depth is N / target_speedup: of the pairs within a quarter layer
@@ -110,7 +114,7 @@ class SkipDecode(PassConfig):
         pairs = []
         for top in tops:
             for low in range(1, top + 1):
-                table = decay_table(self.decay.value, low, top, self.span)
+                table = decay_table(self.decay.value, low, top, self.span, self.levels)
                 pairs.append((abs(w + sum(table[:self.span]) / self.span - goal), low, top))
         best = min(error for error, _, _ in pairs)
         _, negative_top, low = min((abs(low - top / 2), -top, low) for error, low, top in pairs if error <= best + 0.25)
@@ -136,7 +140,8 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
             node.meta[META_KEY].notes["skip_decode"] = {"runs_until": _last_position(schedule, layer)}
     resolved = SkipDecode(min_layers=schedule.min_layers, max_layers=schedule.max_layers,
                           warmup_layers=schedule.warmup, decay=schedule.decay, span=schedule.span,
-                          schedule=schedule.top_layers if schedule.decay == Decay.CUSTOM.value else ())
+                          schedule=schedule.top_layers if schedule.decay == Decay.CUSTOM.value else (),
+                          levels=config.levels)
     report = {"warmup_layers": schedule.warmup, "min_layers": schedule.min_layers, "max_layers": schedule.max_layers,
               "decay": schedule.decay, "span": schedule.span, "top_layers": list(schedule.top_layers),
               "mean_depth": round(schedule.mean_depth(), 4), "layer_speedup": round(schedule.speedup(), 4),

@@ -91,7 +91,8 @@ def test_bench_skip_decode_smoke(skipped, workdir):
     json_out = workdir / "bench.json"
     result = runner.invoke(app, ["bench", "skip-decode", str(workdir / "hf"), "--random-init", "--smoke", "--speedups",
                                  "2", "--batches", "2", "--max-new-tokens", "6", "--prompt-len", "5", "--repeats", "1",
-                                 "--skip-kv-fraction", "0.5", "--json-out", str(json_out)])
+                                 "--skip-kv-fraction", "0.5", "--decay", "step", "--levels", "3", "--json-out",
+                                 str(json_out)])
     assert result.exit_code == 0, result.output
     rows = json.loads(json_out.read_text())["rows"]
     expected = [("full", "full"), ("skip 2.0x", "bucket"), ("skip 2.0x", "mask")]

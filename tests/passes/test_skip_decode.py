@@ -55,6 +55,12 @@ def test_linear_decay_is_the_papers_line():
     assert schedule.mean_depth() == pytest.approx(1 + 12) and schedule.speedup() == pytest.approx(24 / 13)
 
 
+def test_step_decay_has_as_many_depths_as_levels():
+    schedule = SkipDecode(min_layers=2, max_layers=26, warmup_layers=1, decay="step", levels=4, span=8).plan(30)
+    assert schedule.top_layers == (26, 26, 18, 18, 10, 10, 2, 2, 2) and len(schedule.depths()) == 4
+    assert SkipDecode(target_speedup=2.0, decay="step", levels=3, span=90).plan(30).speedup() == pytest.approx(2, rel=0.03)
+
+
 @pytest.mark.parametrize("target", [1.5, 2.0, 3.0])
 def test_target_speedup_becomes_min_and_max(target):
     schedule = SkipDecode(target_speedup=target).plan(30)
@@ -102,6 +108,7 @@ def test_full_schedule_changes_nothing():
     (dict(min_layers=2, target_speedup=2.0), "exactly one of"),
     (dict(target_speedup=5.9, warmup_layers=1), "fewer than the 1 warm-up"),
     (dict(min_layers=1, decay="cubic"), "expected one of"),
+    (dict(min_layers=1, levels=4), "differs from 2 only for decay 'step'"),
 ])
 def test_bad_input_fails_before_any_pass_runs(options, message):
     model = deep_model()
