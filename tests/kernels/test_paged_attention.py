@@ -161,11 +161,11 @@ def test_decode_splits_agree_and_sliding_window(seed):
 # The block-scaled decode kernels ("blocks", "diag"): id: (k_format, v_format, g, Hkv, head_dim, q dtype,
 # context lengths, sliding window, (num_splits, prefetch) runs: "diag" runs the first only)
 BLOCKS_CASES = {
-    "bfp12_32-g4-d64-fp32q": ("bfp12_32", "bfp12_32", 4, 2, 64, torch.float32, [17, 45, 1], 0,
-                              [(3, False), (1, True)]),
-    "bfp16_32-g4-d128-bf16q": ("bfp16_32", "bfp16_32", 4, 1, 128, torch.bfloat16, [40, 33], 0, [(3, True)]),
-    "mxfp4_32-mha-d128-bf16q": ("mxfp4_32", "mxfp4_32", 1, 2, 128, torch.bfloat16, [17, 33], 0, [(2, True)]),
-    "k_bfp12_32-v_bf16-g3-d96-window": ("bfp12_32", "bfloat16", 3, 1, 96, torch.bfloat16, [65, 3], 40,
+    "bfp12_32-g4-d64-fp32q": ("bfp12_32", "bfp12_32", 4, 1, 64, torch.float32, [17, 33, 1], 0,
+                              [(2, False), (1, True)]),
+    "bfp16_32-g4-d128-bf16q": ("bfp16_32", "bfp16_32", 4, 1, 128, torch.bfloat16, [33, 20], 0, [(2, True)]),
+    "mxfp4_32-g2-d128-bf16q": ("mxfp4_32", "mxfp4_32", 2, 1, 128, torch.bfloat16, [17, 20], 0, [(2, True)]),
+    "k_bfp12_32-v_bf16-g3-d96-window": ("bfp12_32", "bfloat16", 3, 1, 96, torch.bfloat16, [40, 3], 24,
                                         [(1, False), (2, True)]),
     "k_bf16-v_bfp16_16-g4-d64-fp32q": ("bfloat16", "bfp16_16", 4, 1, 64, torch.float32, [40, 9], 0, [(1, True)]),
     "k_bfp16_32-v_fp16-fp16q": ("bfp16_32", "float16", 4, 1, 64, torch.float16, [40, 9], 0, [(2, False)]),
