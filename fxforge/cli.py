@@ -1477,7 +1477,7 @@ def bench_costmodel_cmd(
         spec = one_layer(NAMED_SHAPES[name])
         if smoke:
             spec = dataclasses.replace(spec, hidden_size=64, intermediate_size=128, moe_intermediate_size=64,
-                                       num_heads=4, num_kv_heads=2, head_dim=16, vocab_size=512)
+                                       num_heads=4, num_kv_heads=2, head_dim=32, vocab_size=512)
         model = Model.from_state_dict(spec, None, dtype=dtype, device="cuda" if cuda else "cpu")
         built.append(fxforge.optimize(model, passes=[{"name": "lower", "backend": "triton"}]) if cuda else model)
     results = run_bench(built, bench, spec_device, progress=console.print)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import fxforge
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from fxforge.artifact import load_artifact
@@ -122,3 +123,21 @@ def test_bench_costmodel_smoke(tmp_path):
                    "unknown ['gpt-5']")
     _fails_cleanly(["bench", "costmodel", "--smoke", "--device", "h200", "--json-out", str(tmp_path / "x.json")],
                    "has no cpu device")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_calibrate_and_costmodel_on_cuda(tmp_path):
+    """calibrate-device measures the GPU and its host link; bench costmodel times the Triton-bound nodes."""
+    device_file = tmp_path / "dev.json"
+    _ok(["calibrate-device", "-o", str(device_file), "--quick", "--reps", "2"])
+    system = load_system([str(device_file)])
+    gpu = system.devices["local-gpu"]
+    assert gpu.kind == "xpu" and gpu.peak("bfloat16") > 1e12 and gpu.mem_bandwidth > 1e11
+    assert system.link("local-gpu", "local-cpu").bandwidth > 1e9
+    out = tmp_path / "cm.json"
+    _ok(["bench", "costmodel", "--smoke", "--models", "mixtral-8x7b", "--device", str(device_file), "--batches",
+         "1,64", "--context", "256", "--prefill", "2x128", "--repeats", "2", "--json-out", str(out)])
+    results = json.loads(out.read_text())
+    assert results["gpu"] and {r["class"] for r in results["rows"]} == {"attention_decode", "attention_prefill",
+                                                                       "projection", "expert"}
