@@ -61,7 +61,7 @@ from fxforge.ir.cost import COST_KEY, INDEX_BYTES, BatchDesc, annotate_costs
 from fxforge.ir.devices import DEVICES, DeviceSpec, System, load_system
 from fxforge.ir.errors import FxforgeError, PassConfigError
 from fxforge.ir.modules import RMSNorm
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE
 from fxforge.ir.spec import ModelSpec
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -422,8 +422,10 @@ def _unit_key(node: fx.Node, owner: dict[fx.Node, str]) -> str | None:
     if META_KEY not in node.meta or node.op in ("placeholder", "get_attr", "output"):
         return None
     info = meta(node)
+    if _is_head_norm(node):
+        return f"gqa.{info.layer}"
     if COST_KEY in node.meta or node.target is KV_WRITE:
-        if info.role in GQA_ROLES or _is_head_norm(node):
+        if info.role in GQA_ROLES:
             return f"gqa.{info.layer}"
         return node.name
     sources = [owner[s] for s in node.all_input_nodes if s in owner]
@@ -431,7 +433,11 @@ def _unit_key(node: fx.Node, owner: dict[fx.Node, str]) -> str | None:
 
 
 def _is_head_norm(node: fx.Node) -> bool:
-    return node.op == "call_module" and str(node.target).endswith(("attn.q_norm", "attn.k_norm"))
+    """A q/k norm over head_dim: the module, or the fxforge::rmsnorm that lowering made of it."""
+    if node.op == "call_module":
+        return str(node.target).endswith(("attn.q_norm", "attn.k_norm"))
+    weight = node.args[1] if node.target is RMSNORM and len(node.args) > 1 else None
+    return isinstance(weight, fx.Node) and str(weight.target).endswith(("attn.q_norm.weight", "attn.k_norm.weight"))
 
 
 # -- times ----------------------------------------------------------------------------------------

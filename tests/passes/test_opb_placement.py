@@ -13,6 +13,7 @@ import fxforge
 from fxforge.artifact import load_artifact
 from fxforge.errors import FxforgeError, PassConfigError
 from fxforge.ir.capture import META_KEY, capture, meta
+from fxforge.ir.cost import BatchDesc, annotate_costs
 from fxforge.ir.devices import H100, H200, LOGIC_PIM, DeviceSpec, LinkSpec, System
 from fxforge.ir.model import Model
 from fxforge.passes import OpBPlacement
@@ -230,3 +231,17 @@ def test_memory_side_roles_keep_other_ops_on_the_compute_side():
     assert mapped["predicted_step_s"] > free["predicted_step_s"]
     with pytest.raises(PassConfigError, match="unknown roles \\['qproj'\\]"):
         resolve({"name": "opb-placement", "memory_side_roles": ["qproj"]})
+
+
+@pytest.mark.parametrize("backend", ["none", "torch"], ids=["captured", "lowered"])
+def test_gqa_unit_holds_the_head_norms(backend):
+    """Qwen3's q/k norms act on the heads of each KV group: they join the GQA unit, as modules and after
+    lowering (fxforge::rmsnorm)."""
+    passes = [] if backend == "none" else [{"name": "lower", "backend": backend}]
+    opt = fxforge.optimize(tiny_model("qwen3-qknorm"), passes=passes)
+    annotate_costs(opt.module, opt.spec, BatchDesc("decode", 4, 64))
+    units, _ = build_units(opt.module)
+    for layer in range(opt.spec.num_layers):
+        (gqa,) = [u for u in units if u.key == f"gqa.{layer}"]
+        names = [str(n.target) for n in gqa.nodes] + [str(a.target) for n in gqa.nodes for a in n.all_input_nodes]
+        assert sum("q_norm" in t for t in names) >= 1 and sum("k_norm" in t for t in names) >= 1, names
