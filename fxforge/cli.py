@@ -1314,6 +1314,7 @@ def duplex_study_cmd(
     lengths: str = typer.Option("1024/1024,2048/512", help="prompt/generated lengths (LIN/LOUT, comma-separated)"),
     top_ks: str = typer.Option("1,2,4", help="top-k values of the experts' Op/B table"),
     opb_batches: str = typer.Option("1,4,16,64,256,1024", help="batches of the Op/B table"),
+    skew: float = typer.Option(1.0, help="MoE models also run with Zipf(SKEW) expert routing (0: uniform only)"),
     smoke: bool = typer.Option(False, "--smoke", help="one layer per model, two batches: proves the code path"),
     json_out: Path = typer.Option(Path("duplex_study.json"), "--json-out", help="results (JSON)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the tables here"),
@@ -1321,6 +1322,8 @@ def duplex_study_cmd(
 ):
     """The Duplex paper's analysis on fxforge's cost model (a model, not a measurement): Op/B of MoE experts and
     GQA attention against batch and top-k, and modelled throughput of xPU + Logic-PIM against the xPU alone."""
+    import dataclasses
+
     from rich.progress import Progress
 
     from fxforge.artifact import check_output_file
@@ -1338,10 +1341,10 @@ def duplex_study_cmd(
     settings = StudySettings(models=tuple(m.strip() for m in models.split(",") if m.strip()),
                              batches=tuple(_int_list(batches, "--batches")), lengths=pairs,
                              top_ks=tuple(_int_list(top_ks, "--top-ks")),
-                             opb_batches=tuple(_int_list(opb_batches, "--opb-batches")))
+                             opb_batches=tuple(_int_list(opb_batches, "--opb-batches")), skew=skew)
     if smoke:
-        settings = StudySettings(models=settings.models, batches=settings.batches[:2], lengths=settings.lengths[:1],
-                                 top_ks=settings.top_ks, opb_batches=settings.opb_batches[:2], num_layers=1)
+        settings = dataclasses.replace(settings, batches=settings.batches[:2], lengths=settings.lengths[:1],
+                                       opb_batches=settings.opb_batches[:2], num_layers=1)
     total = len(settings.models) * len(settings.batches) * len(settings.lengths)
     with Progress(console=console) as progress:
         task = progress.add_task("duplex study", total=total)

@@ -58,6 +58,7 @@ class StudySettings:
     top_ks: tuple[int, ...] = (1, 2, 4)
     opb_batches: tuple[int, ...] = (1, 4, 16, 64, 256, 1024)
     num_layers: int = 0  # 0: the models' own; smaller: a smoke run (per-layer results scale, totals do not)
+    skew: float = 1.0  # MoE models also run with Zipf(skew) routing (0: uniform only)
 
     def __post_init__(self):
         unknown = [m for m in self.models if m not in MODELS]
@@ -67,6 +68,8 @@ class StudySettings:
             values = getattr(self, name)
             if not values or min(values) < 1:
                 raise FxforgeError(f"{name} must be integers >= 1, got {list(values)}")
+        if isinstance(self.skew, bool) or not isinstance(self.skew, (int, float)) or not 0 <= self.skew <= 10:
+            raise FxforgeError(f"--skew must be a number in 0..10 (0: uniform routing only), got {self.skew!r}")
         if not self.lengths or any(lin < 1 or lout < 1 for lin, lout in self.lengths):
             raise FxforgeError(f"lengths must be (lin, lout) pairs >= 1, got {list(self.lengths)}")
 
@@ -128,20 +131,28 @@ def _mean_opb(costs, role: str) -> float:
     return sum(c.flops for c in chosen) / sum(c.bytes for c in chosen)
 
 
-def step_times(gm, system: System, batch: int, lin: int, lout: int, roles: tuple[str, ...] = ()) -> dict:
+def step_times(gm, system: System, batch: int, lin: int, lout: int, roles: tuple[str, ...] = (),
+               skew: float = 0.0) -> dict:
     """Modelled seconds of one continuous-batching step on a system: the decode step at the mean context
     plus batch / lout prefills of lin tokens; the sum (no overlap) and the ideal-overlap bound. roles:
-    what may leave the xPU (opb-placement memory_side_roles; empty: any op)."""
-    decode = place(gm, OpBPlacement(batch=batch, context=lin + lout // 2, memory_side_roles=roles), system)
-    prefill = place(gm, OpBPlacement(phase="prefill", batch=1, context=lin, memory_side_roles=roles), system)
+    what may leave the xPU (opb-placement memory_side_roles; empty: any op); skew > 0: Zipf routing."""
+    experts = dict(experts="skewed", skew=skew) if skew else {}
+    decode = place(gm, OpBPlacement(batch=batch, context=lin + lout // 2, memory_side_roles=roles, **experts), system)
+    prefill = place(gm, OpBPlacement(phase="prefill", batch=1, context=lin, memory_side_roles=roles, **experts),
+                    system)
     share = batch / lout
     summed = decode["predicted_step_s"] + share * prefill["predicted_step_s"]
     busiest = max(decode["per_device_s"][d] + share * prefill["per_device_s"][d] for d in system.devices)
     overlap = busiest + decode["transfer_s"] + share * prefill["transfer_s"]
     placement = {role: row["devices"] for role, row in decode["placement"].items() if role in ("attention", "expert")}
     rule = next(iter(decode["expert_rules"].values()), None)
+    split = {}
+    for device in (rule or {}).get("expert_devices", []):
+        if device is not None:
+            split[device] = split.get(device, 0) + 1
     return {"summed_s": summed, "overlap_s": overlap, "decode_placement": placement,
-            "expert_threshold": rule["threshold_tokens"] if rule else None}
+            "expert_threshold": rule["threshold_tokens"] if rule else None,
+            "tokens_per_expert": rule["tokens_per_expert"] if rule else None, "expert_split": split}
 
 
 def run_study(settings: StudySettings = StudySettings(), progress: Callable[[str], None] | None = None) -> dict:
@@ -174,6 +185,15 @@ def run_study(settings: StudySettings = StudySettings(), progress: Callable[[str
                     "speedup_overlap": base["summed_s"] / dup["overlap_s"],
                     "speedup_any_op": base["summed_s"] / free["summed_s"],
                     "decode_placement": dup["decode_placement"], "expert_threshold": dup["expert_threshold"]})
+                if spec.is_moe and settings.skew:
+                    base_skew = step_times(gm, xpu_only, batch, lin, lout, skew=settings.skew)
+                    dup_skew = step_times(gm, duplex, batch, lin, lout, PAPER_ROLES, settings.skew)
+                    results["throughput"][-1]["skewed"] = {
+                        "xpu_tokens_per_s": batch / base_skew["summed_s"],
+                        "duplex_tokens_per_s": batch / dup_skew["summed_s"],
+                        "speedup": base_skew["summed_s"] / dup_skew["summed_s"],
+                        "speedup_overlap": base_skew["summed_s"] / dup_skew["overlap_s"],
+                        "tokens_per_expert": dup_skew["tokens_per_expert"], "expert_split": dup_skew["expert_split"]}
     rows = results["throughput"]
     for key in ("speedup", "speedup_overlap", "speedup_any_op"):
         results[f"max_{key}"] = max(r[key] for r in rows)
@@ -206,6 +226,18 @@ def markdown(results: dict) -> str:
                      f"{r['any_op_tokens_per_s']:,.0f} | {r['speedup_any_op']:.2f}x | "
                      f"{_devices(where.get('attention'))} | {_devices(where.get('expert'))} | "
                      f"{r['expert_threshold'] if r['expert_threshold'] is not None else '-'} |")
+    skewed = [r for r in results["throughput"] if "skewed" in r]
+    if skewed:
+        lines += ["", f"Skewed routing (experts' shares Zipf with exponent {results['settings']['skew']}), paper "
+                  "mapping: the rule splits one layer's experts between the devices by their tokens:", "",
+                  "| model | batch | lin/lout | tokens per expert | experts per device | xPU | Duplex (no overlap) | "
+                  "speed-up | ideal overlap |", "|---|---:|---|---|---|---:|---:|---:|---:|"]
+        for r in skewed:
+            k = r["skewed"]
+            split = ", ".join(f"{d}: {n}" for d, n in k["expert_split"].items())
+            lines.append(f"| {r['model']} | {r['batch']} | {r['lin']}/{r['lout']} | {k['tokens_per_expert']} | "
+                         f"{split} | {k['xpu_tokens_per_s']:,.0f} | {k['duplex_tokens_per_s']:,.0f} | {k['speedup']:.2f}x | "
+                         f"{k['speedup_overlap']:.2f}x |")
     lines += ["", f"Best modelled speed-up (paper mapping): {results['max_speedup']:.2f}x without overlap, "
               f"{results['max_speedup_overlap']:.2f}x with ideal overlap ({results['max_speedup_any_op']:.2f}x "
               "when any op may move); the paper reports up to "

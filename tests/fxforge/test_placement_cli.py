@@ -101,6 +101,9 @@ def test_duplex_study_smoke_reproduces_the_op_per_byte_facts(tmp_path):
     assert row[64]["attention_opb"] == pytest.approx(4, rel=0.01)
     (line,) = results["throughput"]
     assert line["speedup_any_op"] > 1 and line["duplex_overlap_tokens_per_s"] >= line["duplex_tokens_per_s"]
+    skewed = line["skewed"]  # Zipf routing: shares fall with rank, every routed expert placed somewhere
+    assert skewed["tokens_per_expert"] == sorted(skewed["tokens_per_expert"], reverse=True)
+    assert sum(skewed["expert_split"].values()) == sum(1 for n in skewed["tokens_per_expert"] if n)
     assert "Model result" in files[1].read_text() and files[2].stat().st_size > 1000
     _fails_cleanly(["duplex-study", "--models", "gpt-5", "--json-out", str(tmp_path / "x.json")], "unknown ['gpt-5']")
     _fails_cleanly(["duplex-study", "--lengths", "1024", "--json-out", str(tmp_path / "x.json")], "LIN/LOUT")
