@@ -621,19 +621,15 @@ def opb_placement(gm: fx.GraphModule, config: OpBPlacement, ctx) -> PassResult:
     """Place every node on a device by modelled step time (Op/B); experts by a run-time token rule."""
     resolved = config
     if any(entry not in DEVICES for entry in config.devices):  # files: record their contents, so replay needs none
-        resolved = _replace(config, devices=(json.dumps(config.system().to_dict()),), links=())
+        resolved = dataclasses.replace(config, devices=(json.dumps(config.system().to_dict()),), links=())
     if config.experts is Distribution.MEASURED and not config.expert_shares:
         if not spec_of(gm).is_moe:
             raise PassConfigError("experts=measured needs an MoE model; this one is dense")
         if ctx.restoring:
             raise PassConfigError("a measured expert distribution must be recorded (expert_shares) to replay")
-        resolved = _replace(resolved, expert_shares=measure_shares(gm, ctx, config))
+        resolved = dataclasses.replace(resolved, expert_shares=measure_shares(gm, ctx, config))
     plan = place(gm, resolved)
     return PassResult(gm, True, plan, config=resolved if resolved is not config else None)
-
-
-def _replace(config: OpBPlacement, **changes) -> OpBPlacement:
-    return dataclasses.replace(config, **changes)
 
 
 def place(gm: fx.GraphModule, config: OpBPlacement, system: System | None = None) -> dict:
