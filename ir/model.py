@@ -129,10 +129,15 @@ class Model:
         """Real bytes of KV storage per token over all layers (data + shared exponents)."""
         return kv_bytes_per_token(self.spec, self.kv_formats())
 
-    def new_kv_cache(self, num_pages: int, page_size: int = DEFAULT_PAGE_SIZE, device=None) -> list[torch.Tensor]:
+    def new_kv_cache(self, num_pages: int | list[int], page_size: int = DEFAULT_PAGE_SIZE,
+                     device=None) -> list[torch.Tensor]:
+        """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer."""
+        pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
+        if len(pages) != self.spec.num_layers:
+            raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")
         cache = []
-        for k_fmt, v_fmt in self.kv_formats():
-            cache += allocate_kv_pair(num_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
+        for layer_pages, (k_fmt, v_fmt) in zip(pages, self.kv_formats()):
+            cache += allocate_kv_pair(layer_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
                                       k_fmt, v_fmt, device or self.device)
         assert len(cache) == TENSORS_PER_LAYER * self.spec.num_layers
         return cache

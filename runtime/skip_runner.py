@@ -39,7 +39,6 @@ import torch
 
 from fxforge.ir.model import BatchInputs
 from fxforge.ir.skip import SkipModel
-from fxforge.kernels.kv_cache import allocate_kv_pair
 
 from .config import EngineConfig
 from .model_runner import ModelRunner
@@ -82,11 +81,8 @@ class SkipRunner(ModelRunner):
 
     def _new_kv_cache(self) -> list[torch.Tensor]:
         """Each layer's cache sized to its pool: the main pool's pages, or its group's (+1 scratch page)."""
-        spec, cache = self.model.spec, []
-        for layer, (k_format, v_format) in enumerate(self.model.kv_formats()):
-            cache += allocate_kv_pair(self._scratch(layer) + 1, self.config.page_size, spec.num_kv_heads,
-                                      spec.head_dim, k_format, v_format, self.device)
-        return cache
+        pages = [self._scratch(layer) + 1 for layer in range(self.model.spec.num_layers)]
+        return self.model.new_kv_cache(pages, self.config.page_size, self.device)
 
     def _scratch(self, layer: int) -> int:
         """The scratch page of a layer's cache: the page after its pool's."""

@@ -7,8 +7,8 @@ import pytest
 
 RUNTIME = Path(__file__).resolve().parents[2] / "runtime"
 # Lowest first; a module may import only modules to its left.
-LAYERS = ["config", "sequence", "sampling", "page_pool", "scheduler", "expert_offload", "model_runner", "loop_runner",
-          "engine"]
+LAYERS = ["config", "sequence", "sampling", "page_pool", "skip_pages", "scheduler", "expert_offload", "model_runner",
+          "loop_runner", "skip_runner", "engine"]
 
 
 def _imports(module: str) -> set[str]:
