@@ -35,11 +35,13 @@ from fxforge.kernels import paged_attention
 from fxforge.kernels.paged_attention import (DECODE_KERNELS, DecodeConfig, auto_num_splits, decode_kernel_supports,
                                              decode_config_key, decode_config_path, paged_decode_attention)
 
-# launch variants timed by --sweep, per kernel: tile shapes, warps, stages, the register prefetch
-# (blocks), the split-K target (programs per SM, with the automatic split count), and the portable
-# Triton decode instead of the inline PTX (asm=False)
+# launch variants timed by --sweep, per kernel: tile shapes, warps, stages (a packed tile's loop is
+# a chain of dependent steps, so more tokens per iteration and deeper pipelining are the first
+# knobs), the register prefetch (blocks, diag), the split-K target (programs per SM, with the
+# automatic split count), and the portable Triton decode instead of the inline PTX (asm=False)
 SWEEP = {
-    "tiles": ([dict(block_n=n, num_warps=w, num_stages=st) for n, w, st in ((64, 4, 3), (128, 8, 2))]
+    "tiles": ([dict(block_n=n, num_warps=w, num_stages=st)
+               for n, w, st in ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))]
               + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
     "blocks": ([dict(block_n=n, num_warps=w, num_stages=st, prefetch=pf)
                 for n, w, st, pf in ((64, 4, 1, True), (128, 4, 1, True), (128, 8, 1, True), (64, 4, 2, False),
@@ -279,6 +281,70 @@ def _print_table(rows: list[dict]) -> None:
                   f"{r['pct_of_copy_bw']:.1f}% copy  {r['kernel']} {r['config']}")
 
 
+# SASS opcodes counted per loop iteration by --sass (tensor-core, memory, barrier, shuffle, ALU, decode)
+SASS_OPS = ("HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STS", "LDSM", "BAR", "SHFL", "HFMA2", "FFMA", "FMUL", "FADD",
+            "PRMT", "LOP3", "IMAD", "I2F", "MUFU")
+
+
+def sass_summary(kernel: str, k_format: str, v_format: str, group: int = 4, head_dim: int = 128,
+                 q_dtype=torch.bfloat16, asm: bool = True, **config) -> dict:
+    """Compile one decode kernel for sm_90 without a GPU (triton.compile, the ptxas and cuobjdump that
+    ship with Triton) and count what one iteration of its main loop issues per thread: {"registers",
+    "loop_instructions", opcode: count}. Static facts of this Triton's code, not timings."""
+    import re
+    import subprocess
+    import tempfile
+    from collections import Counter
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, constexprs, pointers = paged_attention.decode_kernel_spec(kernel, parse_kv_format(k_format),
+                                                                  parse_kv_format(v_format), head_dim, group,
+                                                                  q_dtype, DecodeConfig(kernel=kernel, **config), asm)
+    scalar = {"qk_scale": "fp32"}
+    signature = {name: "constexpr" if name in constexprs else pointers.get(name, scalar.get(name, "i32"))
+                 for name in fn.arg_names}
+    # pointers and strides taken as multiples of 16 (as Triton specializes them at the benchmark's
+    # shapes), except the scale bytes' per-head strides (head_dim / block)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+               if name in pointers or (name.startswith("stride") and not name.endswith("s_head"))}
+    source = ASTSource(fn=fn, signature=signature, attrs=aligned,
+                       constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
+    options = dict(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    tools = Path(triton.backends.nvidia.__file__).parent / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([tools / "cuobjdump", "-res-usage", cubin.name], capture_output=True, text=True).stdout
+        sass = subprocess.run([tools / "cuobjdump", "-sass", cubin.name], capture_output=True, text=True).stdout
+    code = [(int(a, 16), op) for a, op in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)",
+                                                    sass)]
+    jumps = [(int(a, 16), int(t, 16)) for a, t in re.findall(r"/\*([0-9a-f]{4,})\*/[^;]*?BRA\s+(?:\S+\s+)?0x([0-9a-f]+)",
+                                                             sass)]
+    first, last = max(((t, a) for a, t in jumps if t < a), key=lambda loop: loop[1] - loop[0])  # the main loop
+    ops = Counter(op.split(".")[0] for a, op in code if first <= a <= last)
+    registers = re.search(r"REG:(\d+)", usage)
+    return {"registers": int(registers.group(1)) if registers else None, "loop_instructions": sum(ops.values()),
+            **{op: ops[op] for op in SASS_OPS if ops[op]}}
+
+
+def _print_sass(json_path: str, formats, kernels, group: int, head_dim: int) -> None:
+    """--sass: sass_summary of each kernel that runs each format, printed and written to json_path."""
+    rows = []
+    for fmt in formats:
+        k_name, _, v_name = fmt.partition("/")
+        v_name = v_name or k_name
+        for kernel in kernels:
+            if paged_attention.decode_kernel_supports(kernel, parse_kv_format(k_name), parse_kv_format(v_name),
+                                                      head_dim):
+                rows.append(dict(format=fmt, kernel=kernel, **sass_summary(kernel, k_name, v_name, group, head_dim)))
+                print(rows[-1], flush=True)
+    Path(json_path).write_text(json.dumps(dict(triton=__import__("triton").__version__, rows=rows), indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json_path", help="where to write the rows as JSON")
@@ -290,7 +356,12 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
                         help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
+    parser.add_argument("--sass", action="store_true", help="no GPU needed: compile each kernel for sm_90 and print "
+                        "its registers and per-iteration SASS mix per format (json_path gets the rows)")
     args = parser.parse_args()
+    if args.sass:
+        _print_sass(args.json_path, args.formats, args.kernels, args.shape[1] // args.shape[2], args.shape[3])
+        return
     if args.tune is not None and not (args.sweep and 4096 in args.contexts and "tiles" in args.kernels):
         parser.error("--tune needs --sweep, context 4096 and the tiles kernel (its default is the baseline)")
     torch.cuda.set_device(0)

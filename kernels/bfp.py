@@ -133,6 +133,17 @@ def _encode_e2m1(y):
 
 
 @jit
+def decode_e2m1_bits(code):
+    # decode_e2m1 with no int -> float conversion (I2F issues at a quarter rate): the float's bits
+    # directly. exp > 0: (1 + man / 2) * 2^(exp - 1) has bits ((exp + 126) << 23) | (man << 22);
+    # exp 0: man * 0.5 has bits man * (126 << 23); bit 3 of the code is bit 31 of the float.
+    exp = (code >> 1) & 3
+    man = code & 1
+    bits = tl.where(exp == 0, man * (126 << 23), ((exp + 126) << 23) | (man << 22))
+    return (bits | ((code & 8) << 28)).to(tl.float32, bitcast=True)
+
+
+@jit
 def decode_e2m1(code):
     # E2M1 -> float: exp = code bits 1-2, man = bit 0; magnitude in halves is man (exp 0) or
     # (2 + man) << (exp - 1); bit 3 is the sign.

@@ -59,7 +59,8 @@ BFP use inline PTX for this (byte permutes + bf16x2 / f32 fmas, ~1.5 and ~2.75 i
 elsewhere (and under the interpreter) the same arithmetic is written in Triton. Decoded BFP/MXFP4
 values have at most 8 significant bits, so with bf16 queries they enter the bf16 dots exactly;
 float32 queries (and bf16 ones over float16/float32 pages) use 3xTF32 dots (~float32), float16
-queries tf32 dots. Scale bytes above 231 (block
+queries tf32 dots. E2M1 (MXFP4) codes become floats by building their bits (bfp.decode_e2m1_bits),
+not by an int -> float conversion. Scale bytes above 231 (block
 maxima above ~2^105) overflow the bias and decode to inf/NaN.
 
 Pre-RoPE keys (`key_rope`, kernels/rope.py's key_rope_table): the cache holds keys before RoPE in a
@@ -85,12 +86,13 @@ from typing import ClassVar
 
 import torch
 
-from fxforge.kernels.bfp import decode_e2m1, pow2
+from fxforge.kernels.bfp import decode_e2m1_bits, pow2
 from fxforge.kernels.formats import KVFormat, parse_kv_format
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
            "DECODE_KERNELS", "decode_kernel_supports", "default_decode_config", "pick_decode_config",
+           "decode_kernel_spec",
            "decode_config_path", "tuned_decode_configs", "decode_config_key"]
 
 # On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
@@ -171,9 +173,30 @@ cvt.rn.bf16x2.f32 $0, f1, f0;
 cvt.rn.bf16x2.f32 $1, f3, f2;
 }
 """
+# 4-bit codes unscaled (the block-scaled kernels): as _BFP4_PTX with (1, 1) and (-136, -136) in place
+# of the per-byte operands, so $0-$3 out, $4 the 4 bytes, and no operand permutes.
+_BFP4_CODES_PTX = """
+{
+.reg .b32 lo, hi, one, bias;
+mov.b32 one, 0x3F803F80;
+mov.b32 bias, 0xC308C308;
+lop3.b32 lo, $4, 0x0F0F0F0F, 0x08080808, 0x6a;
+shr.u32 hi, $4, 4;
+lop3.b32 hi, hi, 0x0F0F0F0F, 0x08080808, 0x6a;
+prmt.b32 $0, lo, 0x43434343, 0x7170;
+prmt.b32 $1, lo, 0x43434343, 0x7372;
+prmt.b32 $2, hi, 0x43434343, 0x7170;
+prmt.b32 $3, hi, 0x43434343, 0x7372;
+fma.rn.bf16x2 $0, $0, one, bias;
+fma.rn.bf16x2 $1, $1, one, bias;
+fma.rn.bf16x2 $2, $2, one, bias;
+fma.rn.bf16x2 $3, $3, one, bias;
+}
+"""
 if HAS_TRITON:
     _BFP4_PTX_ASM = tl.constexpr(_BFP4_PTX)
     _BFP8_PTX_ASM = tl.constexpr(_BFP8_PTX)
+    _BFP4_CODES_PTX_ASM = tl.constexpr(_BFP4_CODES_PTX)
 
 
 @jit
@@ -182,6 +205,13 @@ def _bfp4_to_bf16_asm(packed, mul, bias):
     return tl.inline_asm_elementwise(asm=_BFP4_PTX_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                      args=[packed, mul, bias], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
                                      pack=4)
+
+
+@jit
+def _bfp4_codes_to_bf16_asm(packed):
+    # packed: uint8 bytes -> (low-nibble codes, high-nibble codes) as bf16, unscaled (see _BFP4_CODES_PTX)
+    return tl.inline_asm_elementwise(asm=_BFP4_CODES_PTX_ASM, constraints="=r,=r,=r,=r,r", args=[packed],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @jit
@@ -230,8 +260,8 @@ def _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4: tl.constexpr, B
     else:
         packed = packed.to(tl.int32)
         if MXFP4:
-            even = decode_e2m1(packed & 15) * scale
-            odd = decode_e2m1(packed >> 4) * scale
+            even = decode_e2m1_bits(packed & 15) * scale
+            odd = decode_e2m1_bits(packed >> 4) * scale
         else:
             bias = _magic_bias(scale, 4)
             even = _magic_float(packed & 15, 4) * scale + bias
@@ -641,14 +671,13 @@ def _block_codes(raw, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.conste
         even = raw.to(OUT_DTYPE)
         odd = even
     elif BITS == 4:
-        if ASM:  # _BFP4_PTX operands at scale 1: bf16x2 (1, 1) and (-136, -136)
-            even, odd = _bfp4_to_bf16_asm(raw, tl.full(raw.shape, 0x3F803F80, tl.int32),
-                                          tl.full(raw.shape, -1022835960, tl.int32))
+        if ASM:
+            even, odd = _bfp4_codes_to_bf16_asm(raw)
         else:
             codes = raw.to(tl.int32)
             if MXFP4:
-                even = decode_e2m1(codes & 15)
-                odd = decode_e2m1(codes >> 4)
+                even = decode_e2m1_bits(codes & 15)
+                odd = decode_e2m1_bits(codes >> 4)
             else:
                 even = _magic_float(codes & 15, 4) - 8388616.0  # - (2^23 + 8): the code, exactly
                 odd = _magic_float(codes >> 4, 4) - 8388616.0
@@ -856,10 +885,12 @@ def _load_raw_rows(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, WIDTH: 
     cols = tl.arange(0, WIDTH)
     raw = tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=row_mask[:, None] & (cols[None, :] < VALID),
                   other=0)
-    block = tl.arange(0, NCOL) % NB_PAD
-    if PACKED:
-        mask = row_mask[:, None] & (block[None, :] < NB)
-        scale = tl.load(scale_ptr + scale_rows[:, None] + block[None, :], mask=mask, other=0)
+    if PACKED:  # a row's NB_PAD scale bytes, repeated for each head's columns
+        block = tl.arange(0, NB_PAD)
+        scale = tl.load(scale_ptr + scale_rows[:, None] + block[None, :],
+                        mask=row_mask[:, None] & (block[None, :] < NB), other=0)
+        scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (row_mask.shape[0], NCOL // NB_PAD, NB_PAD)),
+                           (row_mask.shape[0], NCOL))
     else:
         scale = tl.zeros([row_mask.shape[0], NCOL], tl.uint8)
     return raw, scale
@@ -1240,8 +1271,10 @@ class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
-    with 2-d dots against a block-diagonal q). prefetch ("blocks", "diag"): the next tile's bytes in
-    registers. block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
+    with 2-d dots against a block-diagonal q). prefetch ("blocks", "diag"): the next tile's bytes are
+    loaded into registers before this tile's math ("tiles" leaves its loads to Triton's pipeliner,
+    which stages them through shared memory, num_stages deep). block_n: tokens per iteration;
+    programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
 
@@ -1249,7 +1282,7 @@ class DecodeConfig:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 2
-    prefetch: bool = True
+    prefetch: bool = False
     programs_per_sm: int = 8
 
     def __post_init__(self):
@@ -1375,11 +1408,13 @@ def _format_meta(fmt: KVFormat, prefix: str, dot_dtype, device: torch.device, ro
             f"{prefix}_ASM": asm, f"{prefix}_PHASES": 2 if bits == 4 else 1}
 
 
-def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, pre_rope: bool) -> dict:
-    """Constexprs shared by both kernels: the two formats, how the dots run, whether K is pre-RoPE."""
-    dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
-    return dict(**_format_meta(k_fmt, "K", dot_dtype, q.device, pre_rope),
-                **_format_meta(v_fmt, "V", dot_dtype, q.device),
+def _kernel_meta(k_fmt: KVFormat, v_fmt: KVFormat, dtype: torch.dtype, device: torch.device,
+                 pre_rope: bool) -> dict:
+    """Constexprs shared by the "tiles" decode and the prefill kernel: the two formats, how the dots
+    run (for queries of `dtype` on `device`), whether K is pre-RoPE."""
+    dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
+    return dict(**_format_meta(k_fmt, "K", dot_dtype, device, pre_rope),
+                **_format_meta(v_fmt, "V", dot_dtype, device),
                 DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                 UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16,
                 PRE_ROPE=pre_rope, K_TILE_DTYPE=tl.float32 if pre_rope else dot_dtype)
@@ -1543,48 +1578,62 @@ def paged_decode_attention(
     d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))  # 4-bit formats split it in two halves
     split = num_splits > 1
     ws_acc, ws_ml = _decode_workspace(q, num_splits) if split else (out, out)  # (out: not written)
-    common = dict(G=group, G_PAD=max(_MIN_DOT, next_pow2(group)), D=head_dim, PAGE_SIZE=page_size,
-                  BLOCK_N=config.block_n, SPLIT=split, num_warps=config.num_warps, num_stages=config.num_stages)
-    grid = (num_kv_heads, num_splits, batch)
-    if config.kernel == "blocks":
-        dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
-        _paged_decode_blocks_kernel[grid](
-            q, q.stride(0), q.stride(1),
-            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
-            page_table, page_table.stride(0), seq_lens,
-            out, out.stride(0), out.stride(1),
-            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
-            PREFETCH=config.prefetch, **_blocks_format_meta(k_fmt, "K", head_dim, dot_dtype, q.device),
-            **_blocks_format_meta(v_fmt, "V", head_dim, dot_dtype, q.device), DOT_DTYPE=dot_dtype,
-            INPUT_PRECISION=precision, UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16, **common,
-        )
-    elif config.kernel == "diag":
-        dot_dtype, precision = _dot_config(q.dtype, k_fmt, v_fmt)
-        _paged_decode_diag_kernel[grid](
-            q, q.stride(0), q.stride(1),
-            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
-            page_table, page_table.stride(0), seq_lens,
-            out, out.stride(0), out.stride(1),
-            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
-            PREFETCH=config.prefetch, **_diag_meta(k_fmt, v_fmt, head_dim, group, dot_dtype, q.device),
-            DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision, UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16,
-            **{k: v for k, v in common.items() if k != "G_PAD"},
-        )
-    else:
-        _paged_decode_kernel[grid](
-            q, q.stride(0), q.stride(1),
-            *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
-            page_table, page_table.stride(0), seq_lens, q if key_rope is None else key_rope,  # (q: not read)
-            out, out.stride(0), out.stride(1),
-            ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
-            D_PAD=d_pad, **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), **common,
-        )
+    kernel, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, q.dtype, q.device, page_size,
+                                            split, key_rope is not None)
+    rope_args = [] if config.kernel != "tiles" else [q if key_rope is None else key_rope]  # (q: not read)
+    kernel[(num_kv_heads, num_splits, batch)](
+        q, q.stride(0), q.stride(1),
+        *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
+        page_table, page_table.stride(0), seq_lens, *rope_args,
+        out, out.stride(0), out.stride(1),
+        ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+        **constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
+    )
     if split:
         _decode_reduce_kernel[(num_q_heads, batch)](
             ws_acc, ws_ml, out, out.stride(0), out.stride(1), num_splits,
             D=head_dim, D_PAD=d_pad, SPLITS_PAD=next_pow2(num_splits), num_warps=4,
         )
     return out
+
+
+def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int,
+                       dtype: torch.dtype, device: torch.device, page_size: int, split: bool, pre_rope: bool):
+    """(the decode kernel of config.kernel, its constexprs) for these formats and shapes."""
+    common = dict(G=group, D=head_dim, PAGE_SIZE=page_size, BLOCK_N=config.block_n, SPLIT=split)
+    g_pad = max(_MIN_DOT, next_pow2(group))
+    if config.kernel == "tiles":
+        return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
+                                          **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
+    dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
+    common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
+                  UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
+    if config.kernel == "blocks":
+        return _paged_decode_blocks_kernel, dict(common, G_PAD=g_pad,
+                                                 **_blocks_format_meta(k_fmt, "K", head_dim, dot_dtype, device),
+                                                 **_blocks_format_meta(v_fmt, "V", head_dim, dot_dtype, device))
+    return _paged_decode_diag_kernel, dict(common, **_diag_meta(k_fmt, v_fmt, head_dim, group, dot_dtype, device))
+
+
+def decode_kernel_spec(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
+                       config: DecodeConfig, asm: bool = True, page_size: int = 16, split: bool = True):
+    """(jit function, constexprs, {pointer argument: Triton type}) of a decode kernel as the launcher
+    would run it on CUDA (asm: the inline-PTX decode where it applies), for compiling it ahead of time."""
+    config = DecodeConfig(**{**config.to_dict(), "kernel": kernel})
+    global _ASM_DECODE
+    saved, _ASM_DECODE = _ASM_DECODE, asm
+    try:
+        fn, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, dtype, torch.device("cuda"),
+                                            page_size, split, False)
+    finally:
+        _ASM_DECODE = saved
+    names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    pointers = dict(q_ptr=f"*{names[dtype]}", out_ptr=f"*{names[dtype]}", key_rope_ptr=f"*{names[dtype]}",
+                    page_table_ptr="*i32", seq_lens_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")
+    for side, fmt in (("k", k_fmt), ("v", v_fmt)):
+        storage = "*u8" if not fmt.is_dense else f"*{names[fmt.storage_dtype()]}"
+        pointers.update({f"{side}_data_ptr": storage, f"{side}_scale_ptr": storage})
+    return fn, {k: v for k, v in constexprs.items() if k in fn.arg_names}, pointers
 
 
 def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, group: int, pre_rope: bool,
@@ -1705,7 +1754,8 @@ def paged_prefill_attention(
         out, out.stride(0), out.stride(1), num_seqs, float(scale) * _LOG2E, sliding_window,
         G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)), PAGE_SIZE=page_size,
         BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n,
-        **_kernel_meta(k_fmt, v_fmt, q, key_rope is not None), num_warps=num_warps, num_stages=num_stages,
+        **_kernel_meta(k_fmt, v_fmt, q.dtype, q.device, key_rope is not None), num_warps=num_warps,
+        num_stages=num_stages,
     )
     return out
 

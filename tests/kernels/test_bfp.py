@@ -221,6 +221,33 @@ def test_triton_matches_reference(name, shape, dtype, seed):
     check_kernels_match_reference(bfp, x, parse_kv_format(name), seed)
 
 
+if HAS_TRITON:
+    import triton.language as tl
+
+    @triton.jit
+    def _e2m1_pair_kernel(codes_ptr, conv_ptr, bits_ptr):
+        codes = tl.load(codes_ptr + tl.arange(0, 16))
+        tl.store(conv_ptr + tl.arange(0, 16), bfp.decode_e2m1(codes))
+        tl.store(bits_ptr + tl.arange(0, 16), bfp.decode_e2m1_bits(codes))
+
+
+def e2m1_both_ways(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    codes = torch.arange(16, dtype=torch.int32, device=device)
+    conv, bits = (torch.full((16,), float("nan"), device=device) for _ in range(2))
+    _e2m1_pair_kernel[(1,)](codes, conv, bits)
+    return conv.cpu(), bits.cpu()
+
+
+@needs_interpreter
+def test_e2m1_from_bits_equals_the_conversion():
+    """decode_e2m1_bits (the block-scaled decode kernels' MXFP4 decoder) gives decode_e2m1's value and
+    sign for each of the 16 codes, and both give the reference's."""
+    conv, bits = e2m1_both_ways("cpu")
+    expected = bfp._decode_e2m1_ref(torch.arange(16))
+    assert torch.equal(bits, expected) and torch.equal(conv, expected), (bits.tolist(), expected.tolist())
+    assert torch.equal(torch.signbit(bits), torch.arange(16) >= 8)
+
+
 @needs_interpreter
 @pytest.mark.parametrize("name", PACKED)
 def test_triton_matches_reference_on_edge_values(name, seed):
@@ -601,6 +628,11 @@ class TestCUDA:
         x[5, 1::2] = 1e-30
         x[6, 3], x[6, 40], x[7, 60] = float("nan"), float("inf"), -float("inf")
         check_kernels_match_reference(bfp, x.cuda(), fmt, seed, check_finite=False)
+
+    def test_e2m1_from_bits_equals_the_conversion(self):
+        conv, bits = e2m1_both_ways("cuda")
+        expected = bfp._decode_e2m1_ref(torch.arange(16))
+        assert torch.equal(bits, expected) and torch.equal(conv, expected), (bits.tolist(), expected.tolist())
 
     def test_public_functions_run_on_cuda(self, seed):
         x = kv_like((3, 7, 64), torch.bfloat16, seed).cuda()

@@ -252,7 +252,7 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
             row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0)]
     entries = tuned_entries(rows)
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
-    tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1)
+    tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
     assert entries[key] == {"config": tuned.to_dict(), "time_us": 150.0, "default_time_us": 300.0}
     assert "K=bfloat16,V=bfloat16,D=128,G=4,dtype=bfloat16" not in entries  # its fastest was asm=False
     mixed = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"]
