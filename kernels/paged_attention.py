@@ -55,7 +55,8 @@ and high nibbles (odd columns) stay two tiles, q is split the same way (two dots
 the output (two accumulators). Codes become floats without an int->float conversion: the
 offset-binary code sits in the mantissa of a power of two, and one fma with the block scale and a
 bias (-(magic + 2^(m-1)) * scale) leaves code * scale exactly. On CUDA with bf16 dots, 4- and 8-bit
-BFP use inline PTX for this (byte permutes + bf16x2 / f32 fmas, ~1.5 and ~2.75 instructions a value);
+BFP use inline PTX for this (byte permutes + bf16x2 / f32 fmas, ~1.5 and ~2.75 instructions a value),
+and so does MXFP4 (E2M1 bf16 bytes looked up by byte permutes, the sign OR-ed in, ~4 a value);
 elsewhere (and under the interpreter) the same arithmetic is written in Triton. Decoded BFP/MXFP4
 values have at most 8 significant bits, so with bf16 queries they enter the bf16 dots exactly;
 float32 queries (and bf16 ones over float16/float32 pages) use 3xTF32 dots (~float32), float16
@@ -95,8 +96,8 @@ __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_trito
            "decode_kernel_spec",
            "decode_config_path", "tuned_decode_configs", "decode_config_key"]
 
-# On CUDA, 4- and 8-bit BFP pages are decoded with inline PTX (bf16x2 math) when the dots run in
-# bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
+# On CUDA, 4- and 8-bit BFP and MXFP4 pages are decoded with inline PTX (bf16x2 math) when the dots run
+# in bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
 _ASM_DECODE = os.environ.get("FXFORGE_ATTENTION_ASM", "1") != "0"
 # FXFORGE_DECODE_KERNEL=tiles|blocks forces one decode kernel wherever it applies (benchmarks: old vs new)
 _FORCED_KERNEL = os.environ.get("FXFORGE_DECODE_KERNEL") or None
@@ -193,10 +194,63 @@ fma.rn.bf16x2 $2, $2, one, bias;
 fma.rn.bf16x2 $3, $3, one, bias;
 }
 """
+# MXFP4 (E2M1 codes), 4 bytes (8 codes) per instance, operands as _BFP4_PTX without the bias: $0-$3
+# out, $4 the 4 bytes, $5-$8 per byte (s, s) as bf16x2. A code's bf16 bits come from two 8-entry byte
+# tables indexed by its magnitude (prmt: high bytes 00 3F 3F 3F 40 40 40 40, low bytes 00 00 80 C0
+# 00 40 80 C0 give 0, 0.5, 1, 1.5, 2, 3, 4, 6); the selector holds the magnitudes of bytes 0, 2, 1, 3
+# (x | x >> 12), the pairs are gathered back in order, the sign bit is OR-ed in, and one bf16x2 fma
+# with (s, s) and -0 scales them exactly (s is a power of two).
+_MXFP4_PTX = """
+{
+.reg .b32 m01, m23, thl, thh, tll, tlh, negz, sel, t, hb, lb, sl, sh;
+mov.b32 thl, 0x3F3F3F00;
+mov.b32 thh, 0x40404040;
+mov.b32 tll, 0xC0800000;
+mov.b32 tlh, 0xC0804000;
+mov.b32 negz, 0x80008000;
+prmt.b32 m01, $5, $6, 0x7610;
+prmt.b32 m23, $7, $8, 0x7610;
+and.b32 sel, $4, 0x07070707;
+shr.u32 t, sel, 12;
+or.b32 sel, sel, t;
+prmt.b32 hb, thl, thh, sel;
+prmt.b32 lb, tll, tlh, sel;
+prmt.b32 $0, lb, hb, 0x6240;
+prmt.b32 $1, lb, hb, 0x7351;
+shl.b32 t, $4, 4;
+and.b32 t, t, 0x80808080;
+prmt.b32 sl, t, 0, 0x1404;
+prmt.b32 sh, t, 0, 0x3424;
+or.b32 $0, $0, sl;
+or.b32 $1, $1, sh;
+shr.u32 sel, $4, 4;
+and.b32 sel, sel, 0x07070707;
+shr.u32 t, sel, 12;
+or.b32 sel, sel, t;
+prmt.b32 hb, thl, thh, sel;
+prmt.b32 lb, tll, tlh, sel;
+prmt.b32 $2, lb, hb, 0x6240;
+prmt.b32 $3, lb, hb, 0x7351;
+and.b32 t, $4, 0x80808080;
+prmt.b32 sl, t, 0, 0x1404;
+prmt.b32 sh, t, 0, 0x3424;
+or.b32 $2, $2, sl;
+or.b32 $3, $3, sh;
+fma.rn.bf16x2 $0, $0, m01, negz;
+fma.rn.bf16x2 $1, $1, m23, negz;
+fma.rn.bf16x2 $2, $2, m01, negz;
+fma.rn.bf16x2 $3, $3, m23, negz;
+}
+"""
+# The same E2M1 decode unscaled (the block-scaled kernels): $0-$3 out, $4 the 4 bytes.
+_MXFP4_CODES_PTX = "\n".join(line for line in _MXFP4_PTX.splitlines()
+                               if not line.startswith(("prmt.b32 m", "fma.", "mov.b32 negz")))
 if HAS_TRITON:
     _BFP4_PTX_ASM = tl.constexpr(_BFP4_PTX)
     _BFP8_PTX_ASM = tl.constexpr(_BFP8_PTX)
     _BFP4_CODES_PTX_ASM = tl.constexpr(_BFP4_CODES_PTX)
+    _MXFP4_PTX_ASM = tl.constexpr(_MXFP4_PTX)
+    _MXFP4_CODES_PTX_ASM = tl.constexpr(_MXFP4_CODES_PTX)
 
 
 @jit
@@ -205,6 +259,20 @@ def _bfp4_to_bf16_asm(packed, mul, bias):
     return tl.inline_asm_elementwise(asm=_BFP4_PTX_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r,r,r,r,r",
                                      args=[packed, mul, bias], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True,
                                      pack=4)
+
+
+@jit
+def _mxfp4_to_bf16_asm(packed, mul):
+    # packed: uint8 bytes; mul: int32 (see _MXFP4_PTX) -> (low-nibble values, high-nibble values)
+    return tl.inline_asm_elementwise(asm=_MXFP4_PTX_ASM, constraints="=r,=r,=r,=r,r,r,r,r,r", args=[packed, mul],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
+
+
+@jit
+def _mxfp4_codes_to_bf16_asm(packed):
+    # packed: uint8 bytes -> (low-nibble E2M1 codes, high-nibble ones) as bf16, unscaled
+    return tl.inline_asm_elementwise(asm=_MXFP4_CODES_PTX_ASM, constraints="=r,=r,=r,=r,r", args=[packed],
+                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
 @jit
@@ -254,7 +322,9 @@ def _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4: tl.constexpr, B
     # [ROWS, blocks, BLOCK / 2] values of even columns and of odd ones: value 2i sits in the low
     # nibble of byte i, value 2i+1 in the high nibble
     packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
-    if ASM:
+    if ASM and MXFP4:
+        even, odd = _mxfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23))
+    elif ASM:
         bias = (scale * -136.0).to(tl.bfloat16).to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
         even, odd = _bfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23), bias | (bias << 16))
     else:
@@ -671,7 +741,9 @@ def _block_codes(raw, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.conste
         even = raw.to(OUT_DTYPE)
         odd = even
     elif BITS == 4:
-        if ASM:
+        if ASM and MXFP4:
+            even, odd = _mxfp4_codes_to_bf16_asm(raw)
+        elif ASM:
             even, odd = _bfp4_codes_to_bf16_asm(raw)
         else:
             codes = raw.to(tl.int32)
@@ -1399,11 +1471,16 @@ def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
     return tl.float32, "tf32x3"
 
 
+def _ptx_decodes(fmt: KVFormat, dot_dtype, device: torch.device) -> bool:
+    """Whether a format's codes are decoded by inline PTX: 4/8-bit BFP and MXFP4 on CUDA, into bf16 dots."""
+    return (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16
+            and (fmt.kind == "mxfp4" or (fmt.kind == "bfp" and fmt.mantissa_bits in (4, 8))))
+
+
 def _format_meta(fmt: KVFormat, prefix: str, dot_dtype, device: torch.device, rotated: bool = False) -> dict:
     bits = fmt.mantissa_bits if not fmt.is_dense else torch.finfo(fmt.storage_dtype()).bits
     # the PTX decode gives bf16 values; pre-RoPE keys are rotated in float32 before the dot
-    asm = (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
-           and bits in (4, 8) and not rotated)
+    asm = _ptx_decodes(fmt, dot_dtype, device) and not rotated
     return {f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4", f"{prefix}_BLOCK": fmt.block,
             f"{prefix}_ASM": asm, f"{prefix}_PHASES": 2 if bits == 4 else 1}
 
@@ -1664,8 +1741,7 @@ def _diag_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dot_
         bits = torch.finfo(fmt.storage_dtype()).bits if fmt.is_dense else fmt.mantissa_bits
         phases = 2 if not fmt.is_dense and bits == 4 else 1
         per_value = 1 if fmt.is_dense else bits / 8  # stored elements per value
-        asm = (_ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
-               and bits in (4, 8))
+        asm = _ptx_decodes(fmt, dot_dtype, device)
         meta.update({f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4",
                      f"{prefix}_PACKED": not fmt.is_dense, f"{prefix}_ASM": asm,
                      f"{prefix}_NB": nb_pad if fmt.is_dense else head_dim // fmt.block,
@@ -1682,7 +1758,7 @@ def _blocks_format_meta(fmt: KVFormat, prefix: str, head_dim: int, dot_dtype, de
                     NB=1, NB_PAD=1, PHASES=1, BW=block)
     else:
         bits, phases = fmt.mantissa_bits, 2 if fmt.mantissa_bits == 4 else 1
-        asm = _ASM_DECODE and device.type == "cuda" and dot_dtype == tl.bfloat16 and fmt.kind == "bfp"
+        asm = _ptx_decodes(fmt, dot_dtype, device)
         meta = dict(BITS=bits, MXFP4=fmt.kind == "mxfp4", PACKED=True, ASM=asm, BLOCK=fmt.block,
                     NB=head_dim // fmt.block, NB_PAD=next_pow2(head_dim // fmt.block), PHASES=phases,
                     BW=fmt.block // phases)

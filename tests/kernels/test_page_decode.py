@@ -5,8 +5,8 @@ block scales it applies per block, likewise.
 The attention tests compare whole attention outputs with a tolerance, which could hide one wrongly
 decoded code. Here every code of random packed rows (all byte values, scale bytes 0..231) is
 decoded by `_load_kv_tile` and must equal `dequantize_ref` exactly: the portable Triton decode under
-the interpreter and on CUDA, and on CUDA also the inline-PTX decode of 4- and 8-bit BFP into bf16
-(exact: decoded values have at most 8 significant bits). Inputs are drawn fresh; failures print the seed.
+the interpreter and on CUDA, and on CUDA also the inline-PTX decode of 4- and 8-bit BFP and of MXFP4
+into bf16 (exact: decoded values have at most 8 significant bits). Inputs are drawn fresh; failures print the seed.
 """
 
 import secrets
@@ -160,7 +160,7 @@ class TestCUDA:
     def test_portable_decoder_is_exact(self, name, head_dim, seed):
         decode_and_compare(name, head_dim, seed, "cuda", rows=2000)
 
-    @pytest.mark.parametrize("name", [n for n in PACKED if n.startswith(("bfp12", "bfp16"))])
+    @pytest.mark.parametrize("name", [n for n in PACKED if n.startswith(("bfp12", "bfp16", "mxfp4"))])
     def test_inline_ptx_decoder_is_exact(self, name, seed):
         decode_and_compare(name, 128, seed, "cuda", asm=True, rows=2000)
 
@@ -168,6 +168,6 @@ class TestCUDA:
     def test_blocks_decoder_is_exact(self, name, head_dim, seed):
         decode_blocks_and_compare(name, head_dim, seed, "cuda", rows=2000)
 
-    @pytest.mark.parametrize("name", [n for n in PACKED if n.startswith(("bfp12_32", "bfp12_64", "bfp16"))])
+    @pytest.mark.parametrize("name", [n for n in PACKED if n.startswith(("bfp12_32", "bfp12_64", "bfp16", "mxfp4"))])
     def test_blocks_inline_ptx_decoder_is_exact(self, name, seed):
         decode_blocks_and_compare(name, 128, seed, "cuda", asm=True, rows=2000)

@@ -434,8 +434,8 @@ def _round_bf16_bits(values):
 
 
 def run_ptx(text, operands):
-    """Execute the PTX of the decode helpers on numpy uint32 arrays: lop3, shr, xor, prmt (default
-    mode), fma.rn.{f32,bf16x2} (exact product and sum, one rounding), cvt.rn.bf16x2.f32."""
+    """Execute the PTX of the decode helpers on numpy uint32 arrays: lop3, shr, shl, xor, and, or, mov,
+    prmt (default mode), fma.rn.{f32,bf16x2} (exact product and sum, one rounding), cvt.rn.bf16x2.f32."""
     regs = {f"${i}": np.asarray(v, np.uint32) for i, v in enumerate(operands)}
     val = lambda tok: regs[tok] if tok in regs else np.uint32(int(tok, 0))  # noqa: E731
     for line in text.strip().splitlines():
@@ -453,11 +453,22 @@ def run_ptx(text, operands):
                 out |= ((np.uint32(lut) >> idx) & 1) << np.uint32(bit)
         elif op == "shr.u32":
             out = a >> b
+        elif op == "shl.b32":
+            out = (a.astype(np.uint64) << np.uint64(b)).astype(np.uint32)
         elif op == "xor.b32":
             out = a ^ b
-        elif op == "prmt.b32":
-            pool = [(x >> np.uint32(8 * i)) & 0xFF for x in (a, b) for i in range(4)]
-            out = sum(pool[(int(c) >> (4 * i)) & 7] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+        elif op == "and.b32":
+            out = a & b
+        elif op == "or.b32":
+            out = a | b
+        elif op == "mov.b32":
+            out = np.asarray(a, np.uint32)
+        elif op == "prmt.b32":  # selector c: an immediate or a register (one per element)
+            *pool, selector = np.broadcast_arrays(*[(x >> np.uint32(8 * i)) & 0xFF for x in (a, b) for i in range(4)],
+                                                  np.asarray(c, np.uint32))
+            pool = np.stack(pool)
+            picks = [np.take_along_axis(pool, ((selector >> np.uint32(4 * i)) & 7)[None], 0)[0] for i in range(4)]
+            out = sum(pick << np.uint32(8 * i) for i, pick in enumerate(picks)).astype(np.uint32)
         elif op == "fma.rn.f32":
             f = lambda x: np.asarray(x, np.uint32).view(np.float32).astype(np.float64)  # noqa: E731
             out = (f(a) * f(b) + f(c)).astype(np.float32).view(np.uint32)
@@ -500,6 +511,40 @@ def test_bfp4_ptx_decodes_exactly(seed):
     mismatch = got != expected
     assert not mismatch.any(), (f"4-bit PTX decode, seed {seed}: {int(mismatch.sum())} of {got.size} differ, "
                                 f"max diff {np.abs(got - expected).max()}")
+
+
+def _e2m1(codes):
+    magnitude = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])[codes & 7]
+    return np.where(codes & 8, -magnitude, magnitude)
+
+
+def _ptx_values(regs, outputs=(0, 1, 2, 3)):
+    """bf16 pairs of the output registers, low half first: [n, 2 * len(outputs)] float64."""
+    return np.stack([_bf16_bits_to_f64(regs[f"${r}"] >> np.uint32(s)) for r in outputs for s in (0, 16)], 1)
+
+
+def test_mxfp4_ptx_decodes_exactly(seed):
+    """The E2M1 byte-permute decode (scaled, for the tiles kernel; unscaled, for the block-scaled ones)
+    gives every code of every byte exactly, signs of zero included."""
+    codes, exponent = _packed_cases(seed)
+    scale = np.where(exponent > 0, 2.0 ** (exponent.astype(np.float64) - 127), 0.0)
+    word = sum(codes[:, i] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+    mul = (exponent << 7) | (exponent << 23)
+    pairs = np.concatenate([_e2m1(codes & 15), _e2m1(codes >> 4)], 1)
+    for text, operands, expected in ((pa._MXFP4_PTX, [0, 0, 0, 0, word, *mul.T], pairs * np.tile(scale, 2)),
+                                     (pa._MXFP4_CODES_PTX, [0, 0, 0, 0, word], pairs)):
+        got = _ptx_values(run_ptx(text, operands))
+        mismatch = (got != expected) | (np.signbit(got) != np.signbit(expected))
+        assert not mismatch.any(), (f"MXFP4 PTX decode, seed {seed}: {int(mismatch.sum())} of {got.size} differ, "
+                                    f"first at {np.argwhere(mismatch)[0].tolist()}")
+
+
+def test_bfp4_codes_ptx_decodes_exactly(seed):
+    codes, _ = _packed_cases(seed)
+    word = sum(codes[:, i] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
+    got = _ptx_values(run_ptx(pa._BFP4_CODES_PTX, [0, 0, 0, 0, word]))
+    expected = np.concatenate([_signed(codes & 15, 4), _signed(codes >> 4, 4)], 1)
+    assert (got == expected).all(), f"unscaled 4-bit PTX decode, seed {seed}: {int((got != expected).sum())} differ"
 
 
 def test_bfp8_ptx_decodes_exactly(seed):
@@ -617,9 +662,10 @@ class TestCUDA:
             out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5, window)
             assert_close(out, expected, q_dtype, f"cuda prefill {fmt} g={g} d={d} window={window}", seed)
 
-    @pytest.mark.parametrize("fmt", ["bfp12_16", "bfp12_32", "bfp12_64", "bfp16_16", "bfp16_32", "bfp16_64"])
+    @pytest.mark.parametrize("fmt", ["bfp12_16", "bfp12_32", "bfp12_64", "bfp16_16", "bfp16_32", "bfp16_64",
+                                     "mxfp4_32"])
     def test_inline_ptx_and_portable_decode_agree(self, fmt, seed, monkeypatch):
-        """The inline-PTX decode (default for 4/8-bit BFP with bf16 queries) and the portable Triton
+        """The inline-PTX decode (default for 4/8-bit BFP and MXFP4 with bf16 queries) and the portable Triton
         decode give the reference's numbers, in decode and in prefill."""
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,
                                                                     16, seed, "cuda")
