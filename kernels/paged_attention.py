@@ -1628,7 +1628,7 @@ def paged_decode_attention(
 
     num_splits: context slices per sequence (flash-decoding); None picks it from B * Hkv, the SM
     count and the page table's capacity (page_table.shape[1] * page_size, min sliding_window), so it
-    never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles" or "blocks", see
+    never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles", "blocks" or "diag", see
     DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps, num_stages and
     prefetch override the launch config (pick_decode_config: tuned per device, or the default).
     """
@@ -1697,13 +1697,8 @@ def decode_kernel_spec(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: 
     """(jit function, constexprs, {pointer argument: Triton type}) of a decode kernel as the launcher
     would run it on CUDA (asm: the inline-PTX decode where it applies), for compiling it ahead of time."""
     config = DecodeConfig(**{**config.to_dict(), "kernel": kernel})
-    global _ASM_DECODE
-    saved, _ASM_DECODE = _ASM_DECODE, asm
-    try:
-        fn, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, dtype, torch.device("cuda"),
-                                            page_size, split, False)
-    finally:
-        _ASM_DECODE = saved
+    device = torch.device("cuda" if asm else "cpu")  # the PTX decode is only picked for CUDA
+    fn, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, dtype, device, page_size, split, False)
     names = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
     pointers = dict(q_ptr=f"*{names[dtype]}", out_ptr=f"*{names[dtype]}", key_rope_ptr=f"*{names[dtype]}",
                     page_table_ptr="*i32", seq_lens_ptr="*i32", ws_acc_ptr="*fp32", ws_ml_ptr="*fp32")

@@ -259,6 +259,20 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     assert mixed["config"] == pa.DecodeConfig().to_dict() and mixed["time_us"] == 280.0
 
 
+@pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")
+@pytest.mark.parametrize("kernel", ["blocks", "diag"])
+def test_block_scaled_kernels_compile_for_hopper(kernel):
+    """The interpreter does not lower layouts or inline PTX: compile both new kernels for sm_90 (no GPU
+    needed) with the PTX decode of 4- and 8-bit codes, and check the dots run on tensor cores."""
+    from fxforge.kernels.attention_bench import sass_summary
+
+    try:
+        summary = sass_summary(kernel, "bfp12_32", "bfp16_32")
+    except (ImportError, FileNotFoundError) as exc:  # a triton build without the NVIDIA backend's tools
+        pytest.skip(f"no sm_90 toolchain in this triton: {exc}")
+    assert summary["registers"] <= 255 and summary.get("HGMMA", 0) + summary.get("HMMA", 0) > 0, summary
+
+
 @needs_interpreter
 def test_blocks_kernel_refuses_formats_it_cannot_run():
     q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 3, 2, 64, "bfp14_32", "bfp14_32", torch.float32, 16, 0)
