@@ -551,9 +551,10 @@ def bench_e2e_cmd(
         kv_memory_gb = 60.0 if kv_memory_gb is None else kv_memory_gb
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     formats = _kv_pairs(kv)
-    if repeats < 1 or max_new_tokens < 1 or prompt_len < 0 or (num_prompts is not None and num_prompts < 1):
-        raise FxforgeError(f"--repeats, --max-new-tokens, --prompts must be >= 1 and --prompt-len >= 0, got "
-                           f"{repeats}, {max_new_tokens}, {num_prompts}, {prompt_len}")
+    for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
+                               ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
+        if value is not None and value < least:
+            raise FxforgeError(f"{flag} must be >= {least}, got {value}")
     if kv_memory_gb is not None and not kv_memory_gb > 0:
         raise FxforgeError(f"--kv-memory-gb must be > 0, got {kv_memory_gb}")
     if kv_memory_gb is not None and not prompt_len:
