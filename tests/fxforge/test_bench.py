@@ -166,7 +166,8 @@ def write_tiny_checkpoint(folder):
 def test_long_context_fixed_kv_memory_smoke(tmp_path):
     source = write_tiny_checkpoint(tmp_path / "hf")
     out = tmp_path / "e2e.json"
-    kv_gib = 64 * 16 * 512 / (1 << 30)  # 64 pages of the float32 cache (2 layers x 256 B a token)
+    pages = 12  # of the float32 cache (2 layers x 256 B a token, 16 tokens a page)
+    kv_gib = pages * 16 * 512 / (1 << 30)
     result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--workload", "long-context", "--smoke",
                                       "--prompt-len", "20", "--max-new-tokens", "3", "--kv", "bfloat16,bfp12/bfp16",
                                       "--kv-memory-gb", str(kv_gib), "--decode-steps", "2", "--repeats", "1",
@@ -175,12 +176,12 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     results = json.loads(out.read_text())
     runs = {r["kv_format"]: r for r in results["runs"]}
     assert sorted(runs) == ["bfloat16", "bfp12/bfp16"] and results["workload"] == "long-context"
-    assert runs["bfloat16"]["seats_that_fit"] == 64 // 3  # 20 + 3 + 16 tokens: 3 pages each
+    assert runs["bfloat16"]["seats_that_fit"] == pages // 3  # 20 + 3 + 16 tokens: 3 pages each
     packed = runs["bfp12/bfp16"]
-    assert packed["seats_that_fit"] == (64 * 16 * 512 // packed["kv_bytes_per_token"]) // 16 // 3
+    assert packed["seats_that_fit"] == (pages * 16 * 512 // packed["kv_bytes_per_token"]) // 16 // 3
     assert results["prompts"] == packed["seats_that_fit"]  # as many sequences as the densest format holds
     for r in runs.values():
-        assert r["kv_pool_bytes"] <= 64 * 16 * 512 and r["preemptions"] == 0
+        assert r["kv_pool_bytes"] <= pages * 16 * 512 and r["preemptions"] == 0
         assert r["max_scheduled_seqs"] == min(r["seats_that_fit"], results["prompts"])
         assert r["tokens"] == 3 * results["prompts"] and r["flops"] > 0 and r["weight_bytes"] > 0 and r["kv_bytes"] > 0
     summary = results["fixed_kv_memory"]["bfp12/bfp16"]
