@@ -78,8 +78,9 @@ KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bf
 VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
 BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
 MetricOpt = typer.Option(None, "--ksort-metric", help="ksort: weight_norm or calibrated")
-KvPresetOpt = typer.Option(None, "--kv-preset", help="KV-cache preset (fxforge.passes.kv_preset): k4 = K at 4.25 "
-                           "bits/value, V unquantized; kv4 = K and V at 4.5 bits/value. Replaces the KV passes of the "
+KvPresetOpt = typer.Option(None, "--kv-preset", help="KV-cache preset (fxforge.passes.kv_preset): k4 = BFP12 K at 4.25 "
+                           "bits/value, V unquantized; kv4 = BFP12 K and V at 4.5 bits/value; both pre-RoPE keys with "
+                           "calibrated scales and order. Replaces the KV passes of the "
                            "pipeline and calibrates on the calibration split of --data")
 
 
