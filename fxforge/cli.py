@@ -78,6 +78,12 @@ KvFormatOpt = typer.Option(None, "--kv-format", help="bfp-kv: K cache format (bf
 VFormatOpt = typer.Option(None, "--v-format", help="bfp-kv: V cache format (defaults to the pass default)")
 BlockOpt = typer.Option(None, "--block", help="bfp-kv / ksort: BFP block size along head_dim (16, 32, 64)")
 MetricOpt = typer.Option(None, "--ksort-metric", help="ksort: weight_norm or calibrated")
+# options shared by the study commands (tying-study, skip-study)
+StudyMaxStepsOpt = typer.Option(None, help="also stop every run after this many steps")
+StudyLrOpt = typer.Option(1e-4, help="AdamW learning rate")
+StudySamplesOpt = typer.Option(128, help="sequences the original samples on calibration prompts")
+StudyEvalTokensOpt = typer.Option(16384, help="held-out tokens scored per run")
+StudyMaxMinutesOpt = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)")
 KvPresetOpt = typer.Option(None, "--kv-preset", help="KV-cache preset (fxforge.passes.kv_preset): k4 = BFP12 K at 4.25 "
                            "bits/value, V unquantized; kv4 = BFP12 K and V at 4.5 bits/value; both pre-RoPE keys with "
                            "calibrated scales and order. Replaces the KV passes of the "
@@ -923,16 +929,16 @@ def tying_study_cmd(
     inits: str = typer.Option("stepwise,average", help="initialisations of the shared blocks"),
     ranks: str = typer.Option("0,32,128", help="LoRA ranks (0 = pure tying)"),
     train_seconds: float = typer.Option(24.0, help="recovery budget of every run, in seconds of training"),
-    max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    max_steps: Optional[int] = StudyMaxStepsOpt,
+    lr: float = StudyLrOpt,
     batch_size: int = typer.Option(8, help="windows per step"),
     seq_len: int = typer.Option(256, help="tokens per training window"),
-    samples: int = typer.Option(128, help="sequences the original samples on calibration prompts"),
+    samples: int = StudySamplesOpt,
     sample_tokens: int = typer.Option(128, help="tokens per sampled sequence (at most)"),
-    eval_tokens: int = typer.Option(16384, help="held-out tokens scored per run"),
+    eval_tokens: int = StudyEvalTokensOpt,
     eval_context: int = typer.Option(512, help="evaluation window length"),
     device: str = typer.Option("auto", help="cuda, cpu or auto"),
-    max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
+    max_minutes: Optional[float] = StudyMaxMinutesOpt,
     resume: Optional[Path] = typer.Option(None, help="an earlier study's JSON (with its .text.safetensors): keep its runs, run the rest"),
     json_out: Path = typer.Option(Path("tying_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
     plot_out: Path = typer.Option(Path("tying_study.png"), "--plot", help="perplexity against unique parameters (PNG)"),
@@ -1047,16 +1053,16 @@ def skip_study_cmd(
     prompts: int = typer.Option(200, help="held-out GSM8K questions generated greedily per model"),
     max_new_tokens: int = typer.Option(128, help="tokens per generation (also the schedule's span)"),
     train_seconds: float = typer.Option(60.0, help="training budget of every run, in seconds"),
-    max_steps: Optional[int] = typer.Option(None, help="also stop every run after this many steps"),
-    lr: float = typer.Option(1e-4, help="AdamW learning rate"),
+    max_steps: Optional[int] = StudyMaxStepsOpt,
+    lr: float = StudyLrOpt,
     batch_size: int = typer.Option(8, help="windows per step"),
     seq_len: int = typer.Option(256, help="tokens per training window"),
-    samples: int = typer.Option(128, help="sequences the original samples on calibration prompts"),
+    samples: int = StudySamplesOpt,
     sample_tokens: int = typer.Option(128, help="tokens per sampled sequence (at most)"),
-    eval_tokens: int = typer.Option(16384, help="held-out tokens scored per run"),
+    eval_tokens: int = StudyEvalTokensOpt,
     eval_context: int = typer.Option(512, help="evaluation window length"),
     device: str = typer.Option("auto", help="cuda, cpu or auto"),
-    max_minutes: Optional[float] = typer.Option(None, help="start no run after this many minutes (the rest are listed as skipped)"),
+    max_minutes: Optional[float] = StudyMaxMinutesOpt,
     json_out: Path = typer.Option(Path("skip_study.json"), "--json-out", help="results (JSON, rewritten after every run)"),
     markdown_out: Optional[Path] = typer.Option(None, "--markdown-out", help="write the markdown table here"),
     plot_out: Optional[Path] = typer.Option(None, "--plot", help="perplexity and token agreement against speed-up (PNG)"),
