@@ -1,6 +1,6 @@
 """Decode-attention benchmark: our paged kernels per KV format vs torch SDPA over dense bf16 K/V.
 
-    python -m fxforge.kernels.attention_bench out.json [--kernels tiles blocks diag] [--sweep] [--tune DIR]
+    python -m fxforge.kernels.attention_bench out.json [--kernels tiles blocks diag] [--sweep] [--tune DIR] [--ablate]
 
 For each context length it builds a random bf16 K/V cache (B sequences, pages scattered through a
 random permutation), stores it in each format (kernels.bfp.quantize on the GPU), checks our decode
@@ -42,6 +42,8 @@ from fxforge.kernels.paged_attention import (DECODE_KERNELS, DecodeConfig, auto_
 SWEEP = {
     "tiles": ([dict(block_n=n, num_warps=w, num_stages=st)
                for n, w, st in ((64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3), (256, 8, 2))]
+              + [dict(block_n=n, num_warps=w, num_stages=1, prefetch=True)
+                 for n, w in ((64, 4), (64, 8), (128, 8), (256, 8))]
               + [dict(programs_per_sm=pps) for pps in (4, 16)] + [dict(asm=False)]),
     "blocks": ([dict(block_n=n, num_warps=w, num_stages=st, prefetch=pf)
                 for n, w, st, pf in ((64, 4, 1, True), (128, 4, 1, True), (128, 8, 1, True), (64, 4, 2, False),
@@ -146,11 +148,14 @@ def _sdpa_variants(q4, kv_copies, group):
 
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
-                 seed: int = 0, kernels=("tiles", "blocks", "diag")) -> list[dict]:
+                 seed: int = 0, kernels=("tiles", "blocks", "diag"), ablate: bool = False) -> list[dict]:
     """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
-    each kernel at context 4096. A kernel's rows are left out for formats it does not run."""
+    each kernel at context 4096. A kernel's rows are left out for formats it does not run. With ablate,
+    two more rows per format (4/8-bit and dense) time the fastest "tiles" config with stages left out
+    (`ablate` 1: the loop's loads only; 2: loads and decode, no dots or softmax): what the loads, the
+    decode and the math each cost. Variants over the device's shared memory are skipped, and said so."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -185,25 +190,53 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     continue
                 configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
                                                if sweep and ctx == 4096 else [])
+                if ablate and kernel == "tiles":  # after the full runs: the fastest tiles config, stages left out
+                    configs += [("ablate", None)]
                 for config_name, config in configs:
-                    time_us, max_diff = _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref,
-                                                     kernel, config, ctx, page_size)
-                    bw = nbytes / (time_us * 1e-6) / 1e9
-                    row = dict(format=fmt_name, context=ctx, kernel=kernel, config=config_name,
-                               time_us=round(time_us, 2), speedup_vs_sdpa=round(base["sdpa_us"] / time_us, 3),
-                               bytes_read=nbytes, effective_bw_GBps=round(bw, 1),
-                               pct_of_copy_bw=round(100 * bw / copy_bw, 1), max_abs_diff=max_diff,
-                               copy_bw_GBps=round(copy_bw, 1), batch=batch, hq=hq, hkv=hkv, d=d, page_size=page_size,
-                               **base)
-                    rows.append(row)
-                    print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} {time_us:9.1f} us  "
-                          f"x{row['speedup_vs_sdpa']:5.2f} vs SDPA ({base_name} {base['sdpa_us']:.1f} us)  "
-                          f"{bw:7.0f} GB/s ({row['pct_of_copy_bw']:4.1f}% of copy)  max|diff| {max_diff:.2e}",
-                          flush=True)
+                    ablation = None
+                    if config is None:
+                        if any(not f.is_dense and f.mantissa_bits == 6 for f in (k_fmt, v_fmt)):
+                            continue
+                        fastest = min((r for r in rows if r["format"] == fmt_name and r["context"] == ctx
+                                       and r["kernel"] == "tiles" and "ablate" not in r), key=lambda r: r["time_us"])
+                        config = {} if fastest["config"] == "default" else json.loads(fastest["config"])
+                        config = {key: val for key, val in config.items() if key != "asm"}
+                        runs = [(f"ablate={a} {fastest['config']}", dict(config, ablate=a)) for a in (1, 2)]
+                    else:
+                        runs = [(config_name, config)]
+                    for config_name, config in runs:
+                        try:
+                            time_us, max_diff = _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale,
+                                                             ref, kernel, config, ctx, page_size)
+                        except Exception as err:  # e.g. a variant over the shared-memory limit: skipped, said
+                            if type(err).__name__ != "OutOfResources":
+                                raise
+                            print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} skipped: {err}")
+                            continue
+                        ablation = config.get("ablate")
+                        _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes, copy_bw, batch,
+                                 hq, hkv, d, page_size, base, ablation)
             del cache, copies
         del k, v
         torch.cuda.empty_cache()
     return rows
+
+
+def _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes, copy_bw, batch, hq, hkv, d,
+             page_size, base, ablation) -> None:
+    bw = nbytes / (time_us * 1e-6) / 1e9
+    row = dict(format=fmt_name, context=ctx, kernel=kernel, config=config_name,
+               time_us=round(time_us, 2), speedup_vs_sdpa=round(base["sdpa_us"] / time_us, 3),
+               bytes_read=nbytes, effective_bw_GBps=round(bw, 1),
+               pct_of_copy_bw=round(100 * bw / copy_bw, 1), max_abs_diff=max_diff,
+               copy_bw_GBps=round(copy_bw, 1), batch=batch, hq=hq, hkv=hkv, d=d, page_size=page_size, **base)
+    if ablation:
+        row.update(ablate=ablation, max_abs_diff=None)  # not attention: stages left out
+    rows.append(row)
+    diff = "(ablation)" if ablation else f"max|diff| {max_diff:.2e}"
+    print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} {time_us:9.1f} us  "
+          f"x{row['speedup_vs_sdpa']:5.2f} vs SDPA ({base['sdpa_variant']} {base['sdpa_us']:.1f} us)  "
+          f"{bw:7.0f} GB/s ({row['pct_of_copy_bw']:4.1f}% of copy)  {diff}", flush=True)
 
 
 def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, kernel, config, ctx, page_size):
@@ -232,7 +265,7 @@ def tuned_entries(rows: list[dict]) -> dict:
     context 4096 among every kernel and variant timed (the "tiles" default is the baseline)."""
     entries = {}
     for fmt_name in dict.fromkeys(r["format"] for r in rows):
-        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096]
+        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r]
         if not timed:
             continue
         best = min(timed, key=lambda r: r["time_us"])
@@ -272,6 +305,8 @@ def _print_table(rows: list[dict]) -> None:
     best = {}
     for r in rows:
         key = (r["format"], r["context"])
+        if "ablate" in r:
+            continue
         if key not in best or r["time_us"] < best[key]["time_us"]:
             best[key] = r
     if any(r["config"] != "default" for r in rows):
@@ -356,6 +391,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
                         help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
+    parser.add_argument("--ablate", action="store_true", help="also time the fastest tiles config with its math "
+                        "left out (loads only; loads + decode)")
     parser.add_argument("--sass", action="store_true", help="no GPU needed: compile each kernel for sm_90 and print "
                         "its registers and per-iteration SASS mix per format (json_path gets the rows)")
     args = parser.parse_args()
@@ -368,7 +405,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     batch, hq, hkv, d = args.shape
     rows = bench_decode(batch, hq, hkv, d, contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
-                        kernels=tuple(args.kernels))
+                        kernels=tuple(args.kernels), ablate=args.ablate)
     _print_table(rows)
     with open(args.json_path, "w") as f:
         json.dump(dict(version=1, device=props.name, torch=torch.__version__,

@@ -317,11 +317,9 @@ def _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D: tl.c
 
 
 @jit
-def _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4: tl.constexpr, BLOCK: tl.constexpr,
-                        ASM: tl.constexpr):
-    # [ROWS, blocks, BLOCK / 2] values of even columns and of odd ones: value 2i sits in the low
-    # nibble of byte i, value 2i+1 in the high nibble
-    packed = tl.load(block_ptr + tl.arange(0, BLOCK // 2)[None, None, :], mask=mask, other=0)
+def _decode_4bit_blocks(packed, exponent, scale, MXFP4: tl.constexpr, ASM: tl.constexpr):
+    # packed [ROWS, blocks, BLOCK / 2] bytes -> values of even columns and of odd ones: value 2i sits
+    # in the low nibble of byte i, value 2i+1 in the high nibble
     if ASM and MXFP4:
         even, odd = _mxfp4_to_bf16_asm(packed, (exponent << 7) | (exponent << 23))
     elif ASM:
@@ -340,9 +338,8 @@ def _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4: tl.constexpr, B
 
 
 @jit
-def _decode_8bit_blocks(block_ptr, mask, exponent, scale, BLOCK: tl.constexpr, ASM: tl.constexpr):
-    # [ROWS, blocks, BLOCK] values, one code per byte
-    packed = tl.load(block_ptr + tl.arange(0, BLOCK)[None, None, :], mask=mask, other=0)
+def _decode_8bit_blocks(packed, exponent, scale, ASM: tl.constexpr):
+    # packed [ROWS, blocks, BLOCK] bytes, one code per byte -> values
     if ASM:
         values = _bfp8_to_bf16_asm(packed, exponent << 23, _magic_bias(scale, 8).to(tl.int32, bitcast=True))
     else:
@@ -366,6 +363,44 @@ def _decode_6bit_blocks(block_ptr, mask, scale, BLOCK: tl.constexpr):
 
 
 @jit
+def _load_raw_tile(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D: tl.constexpr, D_PAD: tl.constexpr,
+                   BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # A tile of rows as stored, nothing decoded (4/8-bit and dense formats): packed ones give
+    # ([ROWS, blocks, bytes of a block] uint8, [ROWS, blocks, 1] int32 scale bytes), dense ones
+    # ([ROWS, D_PAD] values in the cache's dtype, a scalar 0). Masked rows read as zeros.
+    if BLOCK == 0:
+        cols = tl.arange(0, D_PAD)
+        mask = row_mask[:, None]
+        if D_PAD != D:
+            mask = mask & (cols[None, :] < D)
+        raw = tl.load(data_ptr + data_rows[:, None] + cols[None, :], mask=mask, other=0.0)
+        exponent = 0
+    else:
+        block_ptr, mask, exponent, scale = _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D,
+                                                          D_PAD, BITS, BLOCK)
+        raw = tl.load(block_ptr + tl.arange(0, BLOCK * BITS // 8)[None, None, :], mask=mask, other=0)
+    return raw, exponent
+
+
+@jit
+def _decode_raw_tile(raw, exponent, ROWS: tl.constexpr, D_PAD: tl.constexpr, BITS: tl.constexpr,
+                     MXFP4: tl.constexpr, BLOCK: tl.constexpr, ASM: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    # _load_raw_tile's (raw, exponent) -> the tiles _load_kv_tile returns
+    if BLOCK == 0:
+        tile = raw.to(OUT_DTYPE)
+        odd = tile
+    elif BITS == 4:
+        even, odd = _decode_4bit_blocks(raw, exponent, pow2(exponent), MXFP4, ASM)
+        tile = tl.reshape(even, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
+        odd = tl.reshape(odd, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
+    else:
+        values = _decode_8bit_blocks(raw, exponent, pow2(exponent), ASM)
+        tile = tl.reshape(values, (ROWS, D_PAD)).to(OUT_DTYPE)
+        odd = tile
+    return tile, odd
+
+
+@jit
 def _load_kv_tile(
     data_ptr,  # *uint8 (packed) or *fp32/bf16/fp16 (dense): the cache's data tensor
     scale_ptr,  # *uint8: the cache's scale tensor (not read for dense formats)
@@ -384,23 +419,15 @@ def _load_kv_tile(
     """K or V rows, dequantized, in OUT_DTYPE: 4-bit formats give (even columns, odd columns), two
     [ROWS, D_PAD / 2] tiles (no interleaving: the kernels split q and the output the same way);
     the others give ([ROWS, D_PAD] tile, the same tile)."""
-    if BLOCK == 0:
-        tile = _load_dense_tile(data_ptr, data_rows, row_mask, D, D_PAD, OUT_DTYPE)
+    if BLOCK != 0 and BITS == 6:
+        block_ptr, mask, _, scale = _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D, D_PAD,
+                                                   BITS, BLOCK)
+        values = _decode_6bit_blocks(block_ptr, mask, scale, BLOCK)
+        tile = tl.reshape(values, (ROWS, D_PAD)).to(OUT_DTYPE)
         odd = tile
     else:
-        block_ptr, mask, exponent, scale = _locate_blocks(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D,
-                                                          D_PAD, BITS, BLOCK)
-        if BITS == 4:
-            even, odd = _decode_4bit_blocks(block_ptr, mask, exponent, scale, MXFP4, BLOCK, ASM)
-            tile = tl.reshape(even, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
-            odd = tl.reshape(odd, (ROWS, D_PAD // 2)).to(OUT_DTYPE)
-        else:
-            if BITS == 8:
-                values = _decode_8bit_blocks(block_ptr, mask, exponent, scale, BLOCK, ASM)
-            else:
-                values = _decode_6bit_blocks(block_ptr, mask, scale, BLOCK)
-            tile = tl.reshape(values, (ROWS, D_PAD)).to(OUT_DTYPE)
-            odd = tile
+        raw, exponent = _load_raw_tile(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D, D_PAD, BITS, BLOCK)
+        tile, odd = _decode_raw_tile(raw, exponent, ROWS, D_PAD, BITS, MXFP4, BLOCK, ASM, OUT_DTYPE)
     return tile, odd
 
 
@@ -422,6 +449,25 @@ def _load_paged_tile(
     scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
     return _load_kv_tile(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, ROWS, D, D_PAD, BITS, MXFP4, BLOCK,
                          ASM, OUT_DTYPE)
+
+
+@jit
+def _load_paged_raw(data_ptr, scale_ptr, stride_data_page, stride_data_slot, stride_data_head, stride_scale_page,
+                    stride_scale_slot, stride_scale_head, page, slot, kv_head, row_mask, D: tl.constexpr,
+                    D_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # the tokens' rows of one KV head as stored (_load_raw_tile), decoded later by _decode_raw_tile
+    data_rows = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
+    scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
+    return _load_raw_tile(data_ptr, scale_ptr, data_rows, scale_rows, row_mask, D, D_PAD, BITS, BLOCK)
+
+
+@jit
+def _raw_row_sum(raw, BLOCK: tl.constexpr):
+    # float32 [ROWS]: each row's sum of a _load_raw_tile tile (benchmark ablations only)
+    total = tl.sum(raw.to(tl.float32), 1)
+    if BLOCK != 0:
+        total = tl.sum(total, 1)
+    return total
 
 
 @jit
@@ -600,6 +646,8 @@ def _paged_decode_kernel(
     UPCAST_DOT: tl.constexpr,  # True under the interpreter with bf16 operands (see _dot)
     PRE_ROPE: tl.constexpr,  # True: K is stored before RoPE and rotated on read
     K_TILE_DTYPE: tl.constexpr,  # dtype K tiles are decoded to: float32 when PRE_ROPE, else DOT_DTYPE
+    PREFETCH: tl.constexpr,  # load the next tile's raw bytes before this tile's decode and math
+    ABLATE: tl.constexpr,  # benchmarks only: 1 loads the tiles and skips all math, 2 also decodes them
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -623,34 +671,81 @@ def _paged_decode_kernel(
     acc0 = tl.zeros([D_PAD // V_PHASES, G_PAD], tl.float32)  # output^T (even columns if V_PHASES == 2)
     acc1 = tl.zeros([D_PAD // V_PHASES, G_PAD], tl.float32)  # odd columns (V_PHASES == 2)
     page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
-    first_tokens = lo + tl.arange(0, BLOCK_N)
-    page = _load_page_ids(page_row, first_tokens, first_tokens < hi, PAGE_SIZE)
+    tokens = lo + tl.arange(0, BLOCK_N)
+    page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
+    sink = tl.zeros([BLOCK_N], tl.float32)  # ABLATE only: what the skipped math would have read
+    if PREFETCH:  # the first tile's bytes, and the second tile's page ids
+        k_raw, k_exp = _load_paged_raw(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                       stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                       kv_head, tokens < hi, D, D_PAD, K_BITS, K_BLOCK)
+        v_raw, v_exp = _load_paged_raw(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                       stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                       kv_head, tokens < hi, D, D_PAD, V_BITS, V_BLOCK)
+        page = _load_page_ids(page_row, tokens + BLOCK_N, tokens + BLOCK_N < hi, PAGE_SIZE)
     for n0 in range(lo, hi, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
-        # the next tile's page ids, so the gather of the next K/V tile waits on no page-table load
-        next_tokens = tokens + BLOCK_N
-        next_page = _load_page_ids(page_row, next_tokens, next_tokens < hi, PAGE_SIZE)
-        slot = tokens % PAGE_SIZE
-        # K and V are both loaded before any math, so their loads are in flight together
-        k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
-                                  stride_ks_page, stride_ks_slot, stride_ks_head, page, slot, kv_head, live,
-                                  BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
-        v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
-                                  stride_vs_page, stride_vs_slot, stride_vs_head, page, slot, kv_head, live,
-                                  BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
-        if PRE_ROPE:
-            k0, k1 = _rotate_key_tile(k0, k1, tokens, key_rope_ptr + kv_head * (3 * (D // 2)), BLOCK_N, D,
-                                      K_PHASES, DOT_DTYPE)
-        scores = _dot_halves(k0, k1, q0, q1, K_PHASES, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
-        scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
-        # every tile holds a live token, so the running max is finite
-        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
-        p = p.to(DOT_DTYPE)
-        acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
-        if V_PHASES == 2:
-            acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
-        page = next_page
+        ahead = tokens + BLOCK_N
+        if PREFETCH:
+            # the next tile's bytes go in flight (masked off past the slice) before this tile's decode
+            # and math; `page` holds the next tile's page ids, the one after that is looked up now
+            next_k_raw, next_k_exp = _load_paged_raw(
+                k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head, stride_ks_page,
+                stride_ks_slot, stride_ks_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, D, D_PAD, K_BITS,
+                K_BLOCK)
+            next_v_raw, next_v_exp = _load_paged_raw(
+                v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
+                stride_vs_slot, stride_vs_head, page, ahead % PAGE_SIZE, kv_head, ahead < hi, D, D_PAD, V_BITS,
+                V_BLOCK)
+            page = _load_page_ids(page_row, ahead + BLOCK_N, ahead + BLOCK_N < hi, PAGE_SIZE)
+        else:
+            # the next tile's page ids, so the gather of the next K/V tile waits on no page-table load;
+            # K and V are both loaded before any math, so their loads are in flight together
+            next_page = _load_page_ids(page_row, ahead, ahead < hi, PAGE_SIZE)
+            if ABLATE != 0:
+                k_raw, k_exp = _load_paged_raw(
+                    k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head, stride_ks_page,
+                    stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE, kv_head, live, D, D_PAD, K_BITS, K_BLOCK)
+                v_raw, v_exp = _load_paged_raw(
+                    v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
+                    stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head, live, D, D_PAD, V_BITS, V_BLOCK)
+        if ABLATE == 1:  # the bytes only: a running sum keeps the loads alive
+            sink += _raw_row_sum(k_raw, K_BLOCK) + _raw_row_sum(v_raw, V_BLOCK)
+        elif ABLATE == 2:  # decoded, no dots and no softmax
+            k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
+            v0, v1 = _decode_raw_tile(v_raw, v_exp, BLOCK_N, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+            sink += tl.sum(k0.to(tl.float32) + k1.to(tl.float32), 1) + tl.sum(v0.to(tl.float32) + v1.to(tl.float32), 1)
+        else:
+            if PREFETCH:
+                k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
+                v0, v1 = _decode_raw_tile(v_raw, v_exp, BLOCK_N, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
+            else:
+                k0, k1 = _load_paged_tile(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                          stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                          kv_head, live, BLOCK_N, D, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM,
+                                          K_TILE_DTYPE)
+                v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                          stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                          kv_head, live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM,
+                                          DOT_DTYPE)
+            if PRE_ROPE:
+                k0, k1 = _rotate_key_tile(k0, k1, tokens, key_rope_ptr + kv_head * (3 * (D // 2)), BLOCK_N, D,
+                                          K_PHASES, DOT_DTYPE)
+            scores = _dot_halves(k0, k1, q0, q1, K_PHASES, INPUT_PRECISION, UPCAST_DOT)  # [BLOCK_N, G_PAD]
+            scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
+            # every tile holds a live token, so the running max is finite
+            p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
+            p = p.to(DOT_DTYPE)
+            acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
+            if V_PHASES == 2:
+                acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], INPUT_PRECISION, UPCAST_DOT)
+        if PREFETCH:
+            k_raw, k_exp, v_raw, v_exp = next_k_raw, next_k_exp, next_v_raw, next_v_exp
+        else:
+            page = next_page
+
+    if ABLATE != 0:  # keep the loads: one value of the sink lands in the output (the result is not attention)
+        acc0 += tl.sum(sink, 0)
 
     _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
                         tl.trans(acc0), tl.trans(acc1), m_i, l_i, G, D, D_PAD, V_PHASES, SPLIT)
@@ -1343,9 +1438,9 @@ class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
-    with 2-d dots against a block-diagonal q). prefetch ("blocks", "diag"): the next tile's bytes are
-    loaded into registers before this tile's math ("tiles" leaves its loads to Triton's pipeliner,
-    which stages them through shared memory, num_stages deep). block_n: tokens per iteration;
+    with 2-d dots against a block-diagonal q). prefetch: the next tile's bytes are loaded into
+    registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
+    which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats). block_n: tokens per iteration;
     programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
@@ -1620,7 +1715,7 @@ def paged_decode_attention(
     page_table: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str, scale: float,
     sliding_window: int = 0, num_splits: int | None = None, *, key_rope: torch.Tensor | None = None,
     kernel: str | None = None, block_n: int | None = None, num_warps: int | None = None,
-    num_stages: int | None = None, prefetch: bool | None = None,
+    num_stages: int | None = None, prefetch: bool | None = None, ablate: int = 0,
 ) -> torch.Tensor:
     """Attention of one query per sequence (q [B, Hq, D], the last token of each) over its paged
     context: out [B, Hq, D] in q's dtype, = attention_ref with query_start = arange(B + 1)
@@ -1631,6 +1726,8 @@ def paged_decode_attention(
     never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles", "blocks" or "diag", see
     DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps, num_stages and
     prefetch override the launch config (pick_decode_config: tuned per device, or the default).
+    ablate (benchmarks only; "tiles" kernel, 4/8-bit and dense formats): 1 runs the loop's loads and
+    nothing else, 2 loads and decodes; the output is then not attention.
     """
     k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
                                  seq_lens, k_format, v_format, scale, sliding_window, key_rope)
@@ -1658,6 +1755,12 @@ def paged_decode_attention(
     kernel, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, q.dtype, q.device, page_size,
                                             split, key_rope is not None)
     rope_args = [] if config.kernel != "tiles" else [q if key_rope is None else key_rope]  # (q: not read)
+    if ablate:
+        if ablate not in (1, 2) or config.kernel != "tiles" or any(
+                not f.is_dense and f.mantissa_bits == 6 for f in (k_fmt, v_fmt)):
+            raise ValueError(f"paged_decode_attention: ablate={ablate!r} needs 1 or 2, the tiles kernel and "
+                             "4/8-bit or dense formats")
+        constexprs["ABLATE"] = ablate
     kernel[(num_kv_heads, num_splits, batch)](
         q, q.stride(0), q.stride(1),
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
@@ -1680,8 +1783,9 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
     common = dict(G=group, D=head_dim, PAGE_SIZE=page_size, BLOCK_N=config.block_n, SPLIT=split)
     g_pad = max(_MIN_DOT, next_pow2(group))
     if config.kernel == "tiles":
+        prefetch = config.prefetch and all(f.is_dense or f.mantissa_bits != 6 for f in (k_fmt, v_fmt))
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
-                                          **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
+                                          PREFETCH=prefetch, ABLATE=0, **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)

@@ -142,6 +142,40 @@ def test_decode_matches_reference(case, seed):
         assert_close(out, expected, q_dtype, f"decode {case} num_splits={num_splits}", seed)
 
 
+PREFETCH_CASES = [c for c in DECODE_CASES if "bfp14" not in c]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", PREFETCH_CASES, ids=PREFETCH_CASES)
+def test_tiles_decode_with_register_prefetch_matches_reference(case, seed):
+    """The "tiles" kernel with the next tile's raw bytes loaded before this tile's math (prefetch),
+    split or not, tiles of 16 tokens so the prefetch crosses pages and runs past the slice's end."""
+    k_format, v_format, g, hkv, d, q_dtype, lens, page_size = DECODE_CASES[case]
+    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, q_dtype,
+                                                                page_size, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, 0)
+    for num_splits in (1, 3):
+        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5,
+                                        num_splits=num_splits, kernel="tiles", prefetch=True, block_n=16)
+        assert_close(out, expected, q_dtype, f"tiles prefetch decode {case} num_splits={num_splits}", seed)
+
+
+@needs_interpreter
+def test_decode_ablations_are_refused_where_they_do_not_apply(seed):
+    """ablate (benchmarks: loads only / loads + decode) runs on the tiles kernel for 4/8-bit and dense
+    formats; elsewhere it is an error naming what it needs, not a silent full run."""
+    q, cache, page_table, _, seq_lens = decode_inputs([20, 3], 4, 1, 64, "bfp12_32", "bfp12_32", torch.float32, 16,
+                                                      seed)
+    for ablate in (1, 2):
+        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.125,
+                                        num_splits=1, kernel="tiles", ablate=ablate)
+        assert torch.isfinite(out).all()
+    for bad, kwargs in ((3, {}), (1, {"kernel": "blocks"})):
+        with pytest.raises(ValueError, match="ablate"):
+            pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.125, num_splits=1,
+                                      ablate=bad, **kwargs)
+
+
 @needs_interpreter
 def test_decode_splits_agree_and_sliding_window(seed):
     """num_splits 1, 2, 5 give the same numbers (up to summation order); with a sliding window the
@@ -193,7 +227,7 @@ def test_blocks_decode_matches_reference(kernel, case, seed):
 
 
 @needs_interpreter
-@pytest.mark.parametrize("kernel", ["blocks", "diag"])
+@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles"])
 def test_blocks_decode_reads_no_poison(kernel, seed):
     """A page-table entry past a sequence's pages (poison: NaN blocks) is never read: a sequence of one
     full page and one of 16 + 1 tokens, with tiles of 16 tokens, so the prefetch reaches past both."""
@@ -201,7 +235,7 @@ def test_blocks_decode_reads_no_poison(kernel, seed):
     q, cache, page_table, query_start, seq_lens = decode_inputs([16, 17], 4, 1, 64, fmt, fmt, torch.float32, 16, seed)
     expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 0.125, 0)
     out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, num_splits=1, kernel=kernel,
-                                    block_n=16)
+                                    block_n=16, prefetch=True)
     assert_close(out, expected, torch.float32, f"{kernel} decode at page ends", seed)
 
 
@@ -249,7 +283,8 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     rows = [row("bfp12_32", "tiles", "default", 300.0), row("bfp12_32", "blocks", "default", 200.0),
             row("bfp12_32", "blocks", variant, 150.0), row("bfp12_32", "blocks", "default", 10.0, context=1024),
             row("bfloat16", "tiles", "default", 260.0), row("bfloat16", "tiles", '{"asm": false}', 250.0),
-            row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0)]
+            row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0),
+            dict(row("bfp12_32/bfp16_32", "tiles", "ablate=1 default", 90.0), ablate=1)]  # not a config
     entries = tuned_entries(rows)
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
     tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
@@ -260,14 +295,16 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
 
 
 @pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")
-@pytest.mark.parametrize("kernel", ["blocks", "diag"])
+@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles-prefetch"])
 def test_block_scaled_kernels_compile_for_hopper(kernel):
-    """The interpreter does not lower layouts or inline PTX: compile both new kernels for sm_90 (no GPU
-    needed) with the PTX decode of 4- and 8-bit codes, and check the dots run on tensor cores."""
+    """The interpreter does not lower layouts or inline PTX: compile the issue-14 kernels (and tiles with
+    the register prefetch) for sm_90 (no GPU needed) with the PTX decode of 4- and 8-bit codes, and
+    check the dots run on tensor cores."""
     from fxforge.kernels.attention_bench import sass_summary
 
+    config = dict(prefetch=True, num_stages=1) if kernel == "tiles-prefetch" else {}
     try:
-        summary = sass_summary(kernel, "bfp12_32", "bfp16_32")
+        summary = sass_summary(kernel.removesuffix("-prefetch"), "bfp12_32", "bfp16_32", **config)
     except (ImportError, FileNotFoundError) as exc:  # a triton build without the NVIDIA backend's tools
         pytest.skip(f"no sm_90 toolchain in this triton: {exc}")
     assert summary["registers"] <= 255 and summary.get("HGMMA", 0) + summary.get("HMMA", 0) > 0, summary
@@ -659,10 +696,11 @@ class TestCUDA:
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, q_dtype, 16,
                                                                     seed, "cuda")
         expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, 128**-0.5, 0)
-        for num_splits in (None, 1, 7):
+        for num_splits, prefetch in ((None, False), (1, False), (7, False), (None, True), (1, True)):
             out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 128**-0.5,
-                                            num_splits=num_splits)
-            assert_close(out, expected, q_dtype, f"cuda decode {fmt} num_splits={num_splits}", seed)
+                                            num_splits=num_splits, kernel="tiles", prefetch=prefetch)
+            assert_close(out, expected, q_dtype, f"cuda decode {fmt} num_splits={num_splits} prefetch={prefetch}",
+                         seed)
 
     @pytest.mark.parametrize("q_dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
     @pytest.mark.parametrize("fmt,g,d", [("bfp12_32", 4, 128), ("bfp16_32", 3, 64), ("bfloat16", 7, 64),
