@@ -8,7 +8,9 @@ k_scale, v_data, v_scale; ir/modules.py). Outputs: logits [R, V], then the updat
 (kv.{i}.*.out), which the caller feeds back as the next step's cache.
 
 The in-place fxforge::kv_write cannot be exported; the graph is first rewritten (on a copy) to a
-functional write that returns the updated cache, which later reads of the cache use instead. Then
+functional write that returns the updated cache, which later reads of the cache use instead. The fused
+pairs of passes/fuse_elementwise.py (add_rmsnorm, rope_kv_write) are split back into their ops first
+(the same results), so they export as the ops below. Then
 torch.onnx.export(dynamo=True) maps each fxforge op to a node of the custom domain `fxforge` (opset
 version DOMAIN_VERSION, schemas registered with onnx): RoPE, RMSNorm, SiluMul, KVWrite, PagedAttention. A node
 keeps the op's arguments as attributes (formats, eps, scale, ...), so a runtime that knows the domain
@@ -38,6 +40,7 @@ from fxforge.ir import ops
 from fxforge.ir.modules import TENSORS_PER_LAYER
 from fxforge.kernels.bfp import parse_kv_format
 from fxforge.kernels.kv_cache import kv_write_pair_ref
+from fxforge.passes.fuse_elementwise import unfuse_elementwise
 
 DOMAIN, DOMAIN_VERSION = "fxforge", 1
 ONNX_FILE = "model.onnx"
@@ -90,6 +93,7 @@ def functional_graph(gm: fx.GraphModule) -> fx.GraphModule:
     """A copy of gm (sharing its weights) whose KV writes return the updated cache: later reads of the cache
     read the written copy, and the forward returns (logits, updated cache list)."""
     graph = copy.deepcopy(gm.graph)
+    unfuse_elementwise(graph)
     order = {node: i for i, node in enumerate(graph.nodes)}
     cache_nodes = {node.args[1]: node for node in graph.nodes
                    if node.op == "call_function" and node.target is operator.getitem

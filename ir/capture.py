@@ -14,7 +14,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.modules import DecoderLM, RMSNorm
-from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, LORA, ROPE
+from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, LORA, ROPE, ROPE_KV_WRITE
 from fxforge.ir.spec import ModelSpec
 
 META_KEY = "fxforge"
@@ -28,6 +28,8 @@ _MODULE_ROLES = {
     "mlp.down_proj": "mlp_down", "mlp.router": "router",
 }
 _LAYER_RE = re.compile(r"^layers\.(\d+)(?:\.|$)")
+KV_WRITES = (KV_WRITE, ROPE_KV_WRITE)  # the ops that write a layer's cache (the second rotates K first)
+_K_FORMAT_ARG = {KV_WRITE: 7, ROPE_KV_WRITE: 11, ATTENTION: 8}  # v_format is the argument after k_format
 
 
 @dataclass(frozen=True)
@@ -130,21 +132,27 @@ def kv_formats(module: nn.Module, num_layers: int) -> list[tuple[str, str]]:
     if isinstance(module, fx.GraphModule):
         found = {}
         for node in module.graph.nodes:
-            if node.op == "call_function" and node.target is KV_WRITE:
-                found[meta(node).layer] = (node.args[7], node.args[8])
+            if node.op == "call_function" and node.target in KV_WRITES:
+                found[meta(node).layer] = kv_format_args(node)
         return [found[i] for i in range(num_layers)]
     return [(layer.attn.k_format, layer.attn.v_format) for layer in module.layers]
 
 
+def kv_format_args(node: fx.Node) -> tuple[str, str]:
+    """(k_format, v_format) arguments of a kv_write, rope_kv_write or attention node."""
+    if node.target not in _K_FORMAT_ARG:
+        raise ValueError(f"node {node.name} is not a kv_write, rope_kv_write or attention op")
+    i = _K_FORMAT_ARG[node.target]
+    return node.args[i], node.args[i + 1]
+
+
 def set_kv_format_args(node: fx.Node, k_format: str, v_format: str) -> None:
-    """Rewrite the format arguments of a kv_write or attention node."""
+    """Rewrite the format arguments of a kv_write, rope_kv_write or attention node."""
+    if node.target not in _K_FORMAT_ARG:
+        raise ValueError(f"node {node.name} is not a kv_write, rope_kv_write or attention op")
     args = list(node.args)
-    if node.target is KV_WRITE:
-        args[7], args[8] = k_format, v_format
-    elif node.target is ATTENTION:
-        args[8], args[9] = k_format, v_format
-    else:
-        raise ValueError(f"node {node.name} is not a kv_write or attention op")
+    i = _K_FORMAT_ARG[node.target]
+    args[i], args[i + 1] = k_format, v_format
     node.args = tuple(args)
 
 

@@ -12,12 +12,15 @@ Per node (T = tokens this step, R = logit rows = one per sequence, g = GQA group
                  sequence; bytes = K and V rows read once per sequence + q read + o written
                  (decode Op/B ~ g for 16-bit KV, higher for BFP KV); pre-RoPE keys add the
                  rotation of every K value read
-  kv_write       0 FLOPs; k, v read + T rows written in the cache format
+  kv_write       0 FLOPs; k, v read + T rows written in the cache format (rope_kv_write, role kv_write: plus
+                 K's rope FLOPs and positions; the rotated K never goes through memory)
   lora           per-depth LoRA of a tied graph: 2*rows*r*(in+out) + the add; the slot's A and B once
                  + x read, base read, result written
   expert         tokens per active expert ~ T*k/E; FLOPs 3*2*T*k*H*I; bytes = weights of every expert
                  that receives tokens (all E when T*k >= E) + activations; Op/B ~ tokens per expert
-  rope, norm, mlp_act (silu, gating mul), residual, router softmax/top-k: elementwise counts
+  rope, norm, mlp_act (silu, gating mul), residual, router softmax/top-k: elementwise counts; the
+                 lowered fxforge::rmsnorm / swiglu as the modules they replace (swiglu reads gate and up once);
+                 add_rmsnorm (role norm) = the residual add + the norm, less one read of the sum
   embed          a gather: T rows of the table read, T rows written, 0 FLOPs
 Nodes that only reshape or index (view, getitem, dtype casts) get no cost. NodeCost.role is the
 node's fxforge role, except for elementwise `op` nodes, which get "mlp_act", "residual" or "router".
@@ -40,10 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxforge.ir.errors import FxforgeError
-from fxforge.ir.capture import META_KEY, meta
+from fxforge.ir.capture import META_KEY, kv_format_args, meta
 from fxforge.ir.devices import DeviceSpec
 from fxforge.ir.modules import MLP, DecoderLayer, MoE, RMSNorm
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
+from fxforge.ir.ops import ADD_RMSNORM, ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE, ROPE_KV_WRITE, SWIGLU
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
 
@@ -191,8 +194,13 @@ def _node_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost | Non
         return _lora_cost(node, rank, n_in, gm.get_parameter(node.args[3].target).shape[1], step)
     if node.op == "call_function" and node.target is ATTENTION:
         return _attention_cost(node, step)
-    if node.op == "call_function" and node.target is KV_WRITE:
+    if node.op == "call_function" and node.target in (KV_WRITE, ROPE_KV_WRITE):
         return _kv_write_cost(node, step)
+    if node.op == "call_function" and node.target in (RMSNORM, ADD_RMSNORM):
+        return _lowered_norm_cost(gm, node, step)
+    if node.op == "call_function" and node.target is SWIGLU:
+        n = step.tokens * step.spec.intermediate_size
+        return NodeCost.of(node, "mlp_act", 5 * n, 3 * n * step.act)  # silu (4) and the gating mul (1)
     if node.op == "call_function" and node.target is ROPE:
         return _rope_cost(node, step)
     return _elementwise_cost(node, step)
@@ -264,11 +272,30 @@ def _keys_attended(past: int, length: int, window: int) -> int:
 
 def _kv_write_cost(node, step: _Step) -> NodeCost:
     heads = meta(node).heads
-    k_fmt, v_fmt = node.args[7], node.args[8]
+    k_fmt, v_fmt = kv_format_args(node)
     written = parse_kv_format(k_fmt).bytes_per_row(heads.head_dim) + parse_kv_format(v_fmt).bytes_per_row(heads.head_dim)
     rows = step.tokens * heads.num_kv_heads
     read = rows * 2 * heads.head_dim * step.act
+    if node.target is ROPE_KV_WRITE:  # K rotated in registers: _rope_cost's FLOPs, positions read
+        return NodeCost.of(node, "kv_write", 3 * rows * heads.head_dim,
+                           read + rows * written + 2 * step.tokens * INDEX_BYTES)
     return NodeCost.of(node, "kv_write", 0, read + rows * written + step.tokens * INDEX_BYTES)
+
+
+def _lowered_norm_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost:
+    """fxforge::rmsnorm as _norm_cost counts the module; add_rmsnorm adds the residual add (x and
+    residual read, the sum written) and saves the norm's read of the sum."""
+    spec, fused = step.spec, node.target is ADD_RMSNORM
+    weight = node.args[2 if fused else 1]
+    name = str(weight.target) if isinstance(weight, fx.Node) and weight.op == "get_attr" else ""
+    width = (spec.num_heads * spec.head_dim if name.endswith("attn.q_norm.weight") else
+             spec.num_kv_heads * spec.head_dim if name.endswith("attn.k_norm.weight") else spec.hidden_size)
+    weights = gm.get_parameter(name).numel() if name else width
+    elements = step.tokens * width
+    flops, moved = 4 * elements, 2 * elements + weights  # square, sum, scale by rsqrt, weight; x read, y written
+    if fused:
+        flops, moved = flops + elements, moved + 2 * elements
+    return NodeCost.of(node, "norm", flops, step.act * moved)
 
 
 def _rope_cost(node, step: _Step) -> NodeCost:

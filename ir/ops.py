@@ -1,6 +1,8 @@
 """The custom ops of the canonical IR: fxforge::rope, fxforge::kv_write, fxforge::attention,
 fxforge::moe (the experts of an MoE block), the two that lowering introduces, fxforge::rmsnorm and
-fxforge::swiglu, and fxforge::lora, the per-depth LoRA of a layer-tied graph.
+fxforge::swiglu, and fxforge::lora, the per-depth LoRA of a layer-tied graph. Two fused pairs replace
+op pairs of a lowered graph (passes/fuse_elementwise.py): fxforge::add_rmsnorm (a residual add and the
+rmsnorm of its sum) and fxforge::rope_kv_write (K's rope and the kv_write of the rotated K).
 
 They are opaque to torch.fx so passes can find them by target, and each has a fake implementation
 so graphs that contain them survive torch.compile / torch.export.
@@ -28,8 +30,9 @@ from fxforge.kernels.kv_cache import kv_write_pair_ref
 from fxforge.kernels.lora import lora_ref
 from fxforge.kernels.moe import fused_moe_ref
 from fxforge.kernels.triton_support import can_launch
-from fxforge.kernels.norm import rmsnorm_ref
+from fxforge.kernels.norm import add_rmsnorm_ref, rmsnorm_ref
 from fxforge.kernels.rope import rope_ref
+from fxforge.kernels.rope_kv_write import rope_kv_write_ref
 from fxforge.kernels.swiglu import swiglu_ref
 
 REFERENCE, TRITON = "reference", "triton"
@@ -39,7 +42,8 @@ IMPLS = (REFERENCE, TRITON)
 # op name -> its reference (same signature as the op, without `impl`)
 REFERENCES: dict[str, Callable] = {"rope": rope_ref, "kv_write": kv_write_pair_ref, "attention": attention_ref,
                                    "rmsnorm": rmsnorm_ref, "swiglu": swiglu_ref, "lora": lora_ref,
-                                   "moe": fused_moe_ref}
+                                   "moe": fused_moe_ref, "add_rmsnorm": add_rmsnorm_ref,
+                                   "rope_kv_write": rope_kv_write_ref}
 # op name -> (kernel module, launcher) imported on first use, so the IR loads without triton
 _TRITON_LAUNCHERS = {"rope": ("fxforge.kernels.rope", "rope_triton"),
                      "kv_write": ("fxforge.kernels.kv_cache", "kv_write_triton"),
@@ -47,7 +51,9 @@ _TRITON_LAUNCHERS = {"rope": ("fxforge.kernels.rope", "rope_triton"),
                      "rmsnorm": ("fxforge.kernels.norm", "rmsnorm_triton"),
                      "swiglu": ("fxforge.kernels.swiglu", "swiglu_triton"),
                      "lora": ("fxforge.kernels.lora", "lora_triton"),
-                     "moe": ("fxforge.kernels.moe", "fused_moe")}
+                     "moe": ("fxforge.kernels.moe", "fused_moe"),
+                     "add_rmsnorm": ("fxforge.kernels.norm", "add_rmsnorm_triton"),
+                     "rope_kv_write": ("fxforge.kernels.rope_kv_write", "rope_kv_write_triton")}
 
 
 def triton_launcher(op_name: str) -> Callable:
@@ -160,6 +166,39 @@ def _moe_fake(x, w_gate, w_up, w_down, weights, expert_ids, expert_counts, impl)
     return torch.empty_like(x)
 
 
+# Fused pairs (passes/fuse_elementwise.py rewrites lowered graphs into them; each computes exactly what
+# its unfused pair computes under the same binding).
+
+
+@torch.library.custom_op("fxforge::add_rmsnorm", mutates_args=())
+def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float,
+                impl: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rmsnorm(x + residual)): a residual add and the norm that reads it, one pass."""
+    return implementation("add_rmsnorm", impl, x)(x, residual, weight, eps)
+
+
+@add_rmsnorm.register_fake
+def _add_rmsnorm_fake(x, residual, weight, eps, impl):
+    total = x.new_empty(torch.broadcast_shapes(x.shape, residual.shape), dtype=torch.promote_types(x.dtype, residual.dtype))
+    return total, _rmsnorm_fake(total, weight, eps, impl)
+
+
+@torch.library.custom_op("fxforge::rope_kv_write", mutates_args=("k_data", "k_scale", "v_data", "v_scale"))
+def rope_kv_write(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+                  v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor, positions: torch.Tensor,
+                  inv_freq: torch.Tensor, interleaved: bool, channel_perm: Optional[torch.Tensor], k_format: str,
+                  v_format: str, impl: str) -> None:
+    """kv_write(rope(k, positions, inv_freq, interleaved, channel_perm), v, ...): K rotated as it is written."""
+    implementation("rope_kv_write", impl, k)(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, positions,
+                                             inv_freq, interleaved, channel_perm, k_format, v_format)
+
+
+@rope_kv_write.register_fake
+def _rope_kv_write_fake(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, positions, inv_freq, interleaved,
+                        channel_perm, k_format, v_format, impl):
+    return None
+
+
 ROPE = torch.ops.fxforge.rope
 KV_WRITE = torch.ops.fxforge.kv_write
 ATTENTION = torch.ops.fxforge.attention
@@ -167,10 +206,13 @@ RMSNORM = torch.ops.fxforge.rmsnorm
 SWIGLU = torch.ops.fxforge.swiglu
 LORA = torch.ops.fxforge.lora
 MOE = torch.ops.fxforge.moe
+ADD_RMSNORM = torch.ops.fxforge.add_rmsnorm
+ROPE_KV_WRITE = torch.ops.fxforge.rope_kv_write
 OP_NAMES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "rmsnorm", SWIGLU: "swiglu",
-            LORA: "lora", MOE: "moe"}
+            LORA: "lora", MOE: "moe", ADD_RMSNORM: "add_rmsnorm", ROPE_KV_WRITE: "rope_kv_write"}
 CUSTOM_OP_ROLES = {ROPE: "rope", KV_WRITE: "kv_write", ATTENTION: "attention", RMSNORM: "norm", SWIGLU: "mlp_act",
-                   LORA: "lora", MOE: "expert"}
+                   LORA: "lora", MOE: "expert",
+                   ADD_RMSNORM: "norm", ROPE_KV_WRITE: "kv_write"}  # a fused op: the role of the work it ends in
 
 
 def bindings(gm: fx.GraphModule) -> dict[str, str]:

@@ -8,7 +8,8 @@ import torch
 import torch.fx as fx
 
 from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, ROPE
+from fxforge.ir.ops import ATTENTION, LORA, MOE, ROPE, ROPE_KV_WRITE
+from fxforge.ir.capture import KV_WRITES, kv_format_args
 from fxforge.ir.recursive import tying_plan
 from fxforge.kernels.bfp import parse_kv_format
 
@@ -44,11 +45,11 @@ def verify(gm: fx.GraphModule) -> None:
             if m.heads is None:
                 problems.append(f"node {node.name} ({m.role}) has no head layout")
         problems += _check_op(gm, node, m)
-    pre_rope = _pre_rope_layers(gm)
+    pre_rope, rotated_on_write = _pre_rope_layers(gm), _rope_kv_write_layers(gm)
     for layer in range(spec.num_layers):
         for role, want in _PER_LAYER.items():
-            if role == "rope" and layer in pre_rope:
-                want = 1  # keys are rotated inside attention: only q's rope remains
+            if role == "rope" and (layer in pre_rope or layer in rotated_on_write):
+                want = 1  # keys are rotated inside attention, or by rope_kv_write: only q's rope remains
             if counts[(role, layer)] != want:
                 problems.append(f"layer {layer} has {counts[(role, layer)]} {role} nodes, expected {want}")
     problems += _check_order(gm) + _check_tying(gm) + _check_experts(gm)
@@ -69,15 +70,20 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
             if tuple(value.shape) != (heads, spec.head_dim):
                 out.append(f"rope node {node.name} channel_perm shape {tuple(value.shape)}, "
                            f"expected {(heads, spec.head_dim)}")
+    if node.target is ROPE_KV_WRITE and node.args[10] is not None:
+        perm = node.args[10]
+        value = gm.get_buffer(perm.target) if isinstance(perm, fx.Node) else perm
+        if tuple(value.shape) != (spec.num_kv_heads, spec.head_dim):
+            out.append(f"rope_kv_write node {node.name} channel_perm shape {tuple(value.shape)}, "
+                       f"expected {(spec.num_kv_heads, spec.head_dim)}")
     if node.target is ATTENTION and node.args[12] is not None:
         table = node.args[12]
         value = gm.get_buffer(table.target) if isinstance(table, fx.Node) else table
         want = (spec.num_kv_heads, 3, spec.head_dim // 2)
         if tuple(value.shape) != want:
             out.append(f"attention node {node.name} key_rope shape {tuple(value.shape)}, expected {want}")
-    if node.target in (KV_WRITE, ATTENTION):
-        formats = node.args[7:9] if node.target is KV_WRITE else node.args[8:10]
-        for fmt in formats:
+    if node.target in (*KV_WRITES, ATTENTION):
+        for fmt in kv_format_args(node):
             try:
                 parse_kv_format(fmt).check_head_dim(spec.head_dim)
             except ValueError as exc:
@@ -108,6 +114,11 @@ def _pre_rope_layers(gm: fx.GraphModule) -> set[int]:
             if n.target is ATTENTION and META_KEY in n.meta and n.args[12] is not None}
 
 
+def _rope_kv_write_layers(gm: fx.GraphModule) -> set[int]:
+    """Layers whose K rope is fused into the cache write (fxforge::rope_kv_write)."""
+    return {meta(n).layer for n in gm.graph.nodes if n.target is ROPE_KV_WRITE and META_KEY in n.meta}
+
+
 def _check_tying(gm: fx.GraphModule) -> list[str]:
     """A layer-tied graph: every depth of a block holds the block's tensors (aliasing intact), no rope
     carries a channel permutation (tied depths share W_q / W_k, so no depth may reorder them alone),
@@ -122,7 +133,8 @@ def _check_tying(gm: fx.GraphModule) -> list[str]:
             if param.dim() > 1 and param is not owner[name]:
                 out.append(f"depth {depth} runs block {block} but its {name} is not the block's tensor")
     for node in gm.graph.nodes:
-        if node.target is ROPE and node.args[4] is not None:
+        if (node.target is ROPE and node.args[4] is not None) or (node.target is ROPE_KV_WRITE
+                                                                  and node.args[10] is not None):
             out.append(f"rope node {node.name} carries a channel permutation in a layer-tied graph (ksort cannot "
                        "run after layer-tying: tied depths share W_q and W_k)")
         if node.target is LORA and not 0 <= node.args[5] < gm.get_parameter(node.args[2].target).shape[0]:
@@ -136,8 +148,8 @@ def _check_order(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if META_KEY not in node.meta:  # reported already; its layer is unknown
             continue
-        if node.target is KV_WRITE:
-            writes[meta(node).layer] = tuple(node.args[7:9])
+        if node.target in KV_WRITES:
+            writes[meta(node).layer] = kv_format_args(node)
         elif node.target is ATTENTION:
             layer = meta(node).layer
             if layer not in writes:

@@ -155,9 +155,8 @@ def decode_e2m1(code):
 
 
 @jit
-def _load_values(ptrs, mask):
-    # Rule 1: float32 values; denormals and NaN/Inf read as 0, the latter flagged in `finite`.
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+def _flush(x):
+    # Rule 1 on float32 values: denormals and NaN/Inf become 0, the latter flagged in `finite`.
     finite = tl.abs(x) <= 3.4028234663852886e38
     return tl.where(finite & (tl.abs(x) >= 1.1754943508222875e-38), x, 0.0), finite
 
@@ -200,12 +199,30 @@ def encode_groups(
     MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
     MXFP4: tl.constexpr,  # True: E2M1 elements, EMAX = 2; False: BFP integers, EMAX = m - 2
 ):
-    # Rules 1-4 for whole blocks: the packed 4m-bit word of every group, each block's scale byte, and
-    # which blocks hold NaN/Inf (their words are zeroed; callers store scale byte 255 for them).
-    x0, finite0 = _load_values(first, live[:, None])
-    x1, finite1 = _load_values(first + 1, live[:, None])
-    x2, finite2 = _load_values(first + 2, live[:, None])
-    x3, finite3 = _load_values(first + 3, live[:, None])
+    # encode_values of the groups stored at `first` (masked blocks read as zeros).
+    x0 = tl.load(first, mask=live[:, None], other=0.0).to(tl.float32)
+    x1 = tl.load(first + 1, mask=live[:, None], other=0.0).to(tl.float32)
+    x2 = tl.load(first + 2, mask=live[:, None], other=0.0).to(tl.float32)
+    x3 = tl.load(first + 3, mask=live[:, None], other=0.0).to(tl.float32)
+    return encode_values(x0, x1, x2, x3, MANTISSA_BITS, MXFP4)
+
+
+@jit
+def encode_values(
+    x0,  # float32 [blocks, BLOCK / 4]: value 4g of each group g of a block (x1, x2, x3: values 4g+1..4g+3)
+    x1,
+    x2,
+    x3,
+    MANTISSA_BITS: tl.constexpr,  # 4, 6 or 8 bits per code
+    MXFP4: tl.constexpr,  # True: E2M1 elements, EMAX = 2; False: BFP integers, EMAX = m - 2
+):
+    # Rules 1-4 for whole blocks held in registers: the packed 4m-bit word of every group, each
+    # block's scale byte, and which blocks hold NaN/Inf (their words are zeroed; callers store scale
+    # byte 255 for them). A kernel that computes its values (e.g. rotates them) quantizes them here.
+    x0, finite0 = _flush(x0)
+    x1, finite1 = _flush(x1)
+    x2, finite2 = _flush(x2)
+    x3, finite3 = _flush(x3)
     nonfinite = tl.max(tl.where(finite0 & finite1 & finite2 & finite3, 0, 1), axis=1) > 0
     amax = tl.max(tl.maximum(tl.maximum(tl.abs(x0), tl.abs(x1)), tl.maximum(tl.abs(x2), tl.abs(x3))), axis=1)
     if MXFP4:

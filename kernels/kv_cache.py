@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from fxforge.kernels.bfp import KVFormat, dequantize, encode_groups, parse_kv_format, quantize
-from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
+from fxforge.kernels.triton_support import check_launchable, jit, round_to_bf16, tl, triton
 
 
 def allocate_kv_pair(num_pages, page_size, num_kv_heads, head_dim, k_format, v_format, device="cpu"):
@@ -68,16 +68,6 @@ def kv_read_ref(data: torch.Tensor, scale: torch.Tensor, pages: torch.Tensor, le
 
 
 @jit
-def _round_to_bf16(x):
-    # float32 -> bfloat16, round half to even, spelled out on the bits (torch's rule, NaN kept quiet):
-    # the interpreter's cast truncates, and this gives the hardware's result everywhere.
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
-
-
-@jit
 def _kv_write_dense_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: rows of a token contiguous (Hkv * D values)
     data_ptr,  # *storage dtype [slots, Hkv, D] out: the paged cache viewed flat
@@ -85,7 +75,7 @@ def _kv_write_dense_kernel(
     stride_xt,  # x stride between tokens (elements)
     ROW: tl.constexpr,  # Hkv * D values per token
     BLOCK: tl.constexpr,  # values per program (power of two)
-    TO_BF16: tl.constexpr,  # True: x is fp32/fp16 and the cache bfloat16 (rounded via _round_to_bf16)
+    TO_BF16: tl.constexpr,  # True: x is fp32/fp16 and the cache bfloat16 (rounded via round_to_bf16)
 ):
     token = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -93,7 +83,7 @@ def _kv_write_dense_kernel(
     mask = cols < tl.where(slot >= 0, ROW, 0)
     x = tl.load(x_ptr + token * stride_xt + cols, mask=mask)
     if TO_BF16:
-        value = _round_to_bf16(x.to(tl.float32))
+        value = round_to_bf16(x.to(tl.float32))
     else:
         value = x.to(data_ptr.dtype.element_ty)
     tl.store(data_ptr + slot * ROW + cols, value, mask=mask)

@@ -7,15 +7,16 @@ before the weight multiply, exactly as the canonical RMSNorm module does, and th
 promoted dtype of weight and x. A weight of k dims scales the last k dims of x, so row r of x viewed
 as [R, N] uses weight row r mod (weight.numel() / N).
 
-`add_rmsnorm` fuses the residual add that precedes every norm of a decoder layer:
-s = x + residual (in x's dtype), returned together with rmsnorm(s).
+`add_rmsnorm` fuses the residual add that precedes every norm of a decoder layer: it returns
+(s, rmsnorm(s)) with s = x + residual in the dtype torch's add gives (the promoted dtype of the two),
+so both outputs are exactly what the unfused add and rmsnorm compute.
 """
 
 from __future__ import annotations
 
 import torch
 
-from fxforge.kernels.triton_support import check_launchable, jit, tl, triton
+from fxforge.kernels.triton_support import check_launchable, jit, round_to_bf16, tl, triton
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _VALUES_PER_PROGRAM = 4096  # rows per program = this // BLOCK_N (at least 1)
@@ -31,9 +32,9 @@ def rmsnorm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tens
 
 def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                     eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(rmsnorm(x + residual), x + residual), the sum in x's dtype."""
+    """(x + residual, rmsnorm_ref(x + residual)): the sum as torch's add rounds it, normalised as is."""
     total = x + residual
-    return rmsnorm_ref(total, weight, eps), total
+    return total, rmsnorm_ref(total, weight, eps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -47,7 +48,7 @@ def _rmsnorm_kernel(
     residual_ptr,  # *same [R, N]: added to x first (read only when HAS_RESIDUAL)
     weight_ptr,  # *float [W, N] contiguous: row r uses weight row r % W
     out_ptr,  # *promoted dtype [R, N] out, contiguous
-    sum_ptr,  # *x dtype [R, N] out: x + residual (written only when HAS_RESIDUAL)
+    sum_ptr,  # *promoted(x, residual) dtype [R, N] out: x + residual (written only when HAS_RESIDUAL)
     num_rows,  # R
     weight_rows,  # W
     stride_x,  # x stride between rows (elements)
@@ -57,18 +58,25 @@ def _rmsnorm_kernel(
     BLOCK_N: tl.constexpr,  # next power of two >= N
     BLOCK_R: tl.constexpr,  # rows per program (power of two)
     HAS_RESIDUAL: tl.constexpr,  # fuse s = x + residual
+    SUM_BF16: tl.constexpr,  # the sum is bfloat16 (rounded via round_to_bf16, as torch rounds it)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
     mask = (rows < num_rows) & (cols < N)
     xf = tl.load(x_ptr + rows * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:  # the sum is rounded to x's dtype once, as torch's x + residual is
+    if HAS_RESIDUAL:  # the float32 sum rounded once to the sum's dtype, as torch computes x + residual
         residual = tl.load(residual_ptr + rows * stride_residual + cols, mask=mask, other=0.0).to(tl.float32)
-        total = (xf + residual).to(x_ptr.dtype.element_ty)
+        if SUM_BF16:
+            total = round_to_bf16(xf + residual)
+        else:
+            total = (xf + residual).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + rows * N + cols, total, mask=mask)
         xf = total.to(tl.float32)
     mean_square = tl.sum(xf * xf, axis=1)[:, None] / N
-    normed = (xf * tl.math.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
+    if HAS_RESIDUAL:  # rounded to the dtype of the row normalised: the sum's
+        normed = (xf * tl.math.rsqrt(mean_square + eps)).to(sum_ptr.dtype.element_ty).to(tl.float32)
+    else:
+        normed = (xf * tl.math.rsqrt(mean_square + eps)).to(x_ptr.dtype.element_ty).to(tl.float32)
     weight = tl.load(weight_ptr + (rows % weight_rows) * N + cols, mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows * N + cols, (weight * normed).to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -88,9 +96,9 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
                          f"{tuple(x.shape)} (e.g. [N] or [H, N] for x [T, H, N])")
     if triton.next_power_of_2(x.shape[-1]) > _MAX_BLOCK_N:
         raise ValueError(f"rmsnorm_triton: rows of {x.shape[-1]} values exceed the {_MAX_BLOCK_N} one program holds")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"add_rmsnorm_triton: residual must match x ({x.dtype} {tuple(x.shape)}), got "
-                         f"{residual.dtype} {tuple(residual.shape)}")
+    if residual is not None and (residual.shape != x.shape or residual.dtype not in _FLOAT_DTYPES):
+        raise ValueError(f"add_rmsnorm_triton: residual must be a float32/bfloat16/float16 tensor of x's shape "
+                         f"{tuple(x.shape)}, got {residual.dtype} {tuple(residual.shape)}")
     for name, t in (("weight", weight), ("residual", residual)):
         if t is not None and t.device != x.device:
             raise ValueError(f"rmsnorm_triton: {name} is on {t.device}, x on {x.device}; put them on one device")
@@ -103,10 +111,12 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _launch(x, weight, eps, residual):
+    """(normed, sum): rmsnorm of x, or with a residual, of sum = x + residual (else sum is normed)."""
     _check(x, weight, residual)
     n = x.shape[-1]
-    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype), device=x.device)
-    total = torch.empty_like(x, memory_format=torch.contiguous_format) if residual is not None else out
+    normed_dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, normed_dtype), device=x.device)
+    total = torch.empty(x.shape, dtype=normed_dtype, device=x.device) if residual is not None else out
     if x.numel() == 0:
         return out, total
     x_rows = _rows(x)
@@ -117,7 +127,7 @@ def _launch(x, weight, eps, residual):
     _rmsnorm_kernel[grid](x_rows, residual_rows, weight.contiguous(), out, total, x_rows.shape[0], weight.numel() // n,
                           x_rows.stride(0), residual_rows.stride(0), float(eps), N=n, BLOCK_N=block_n,
                           BLOCK_R=block_r, HAS_RESIDUAL=residual is not None,
-                          num_warps=min(16, max(4, block_n * block_r // 1024)))
+                          SUM_BF16=residual is not None and total.dtype == torch.bfloat16, num_warps=min(16, max(4, block_n * block_r // 1024)))
     return out, total
 
 
@@ -128,5 +138,7 @@ def rmsnorm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.T
 
 def add_rmsnorm_triton(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Triton `add_rmsnorm_ref`: the residual add and the norm in one pass."""
-    return _launch(x, weight, eps, residual)
+    """Triton `add_rmsnorm_ref`: (x + residual, its rmsnorm) in one pass that reads x and residual once;
+    the sum is bit for bit torch's, the norm what rmsnorm_triton gives for that sum."""
+    normed, total = _launch(x, weight, eps, residual)
+    return total, normed

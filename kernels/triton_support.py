@@ -52,6 +52,16 @@ def next_pow2(n: int) -> int:
 
 
 @jit
+def round_to_bf16(x):
+    """float32 -> bfloat16, round half to even, spelled out on the bits (torch's rule, NaN kept quiet):
+    the interpreter's cast truncates, and this gives the hardware's result everywhere."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    rounded = tl.where(x != x, 0x7FC0, rounded)
+    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+
+@jit
 def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """acc + a @ b in float32. UPCAST (pass INTERPRETED and bf16 operands): the Triton interpreter
     multiplies bf16 bit patterns as integers, so there the operands are widened first (the same
@@ -62,4 +72,4 @@ def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "can_launch", "check_launchable", "next_pow2", "dot_acc"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "can_launch", "check_launchable", "next_pow2", "round_to_bf16", "dot_acc"]

@@ -30,7 +30,7 @@ from torch import nn
 
 from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of
 from fxforge.ir.errors import PassConfigError
-from fxforge.ir.ops import LORA, REFERENCE, ROPE, bindings
+from fxforge.ir.ops import LORA, REFERENCE, ROPE, ROPE_KV_WRITE, bindings
 from fxforge.ir.recursive import TYING_KEY, TyingPlan, block_map, stepwise_layers
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -125,7 +125,8 @@ def _check(config: LayerTying, spec) -> None:
 def layer_tying(gm: fx.GraphModule, config: LayerTying, ctx) -> PassResult:
     """Tie N layers into K shared blocks (one tensor each) and relax every tied depth with LoRA."""
     spec = spec_of(gm)
-    if TYING_KEY in gm.meta or any(n.target is ROPE and n.args[4] is not None for n in gm.graph.nodes):
+    if TYING_KEY in gm.meta or any((n.target is ROPE and n.args[4] is not None)
+                                   or (n.target is ROPE_KV_WRITE and n.args[10] is not None) for n in gm.graph.nodes):
         raise PassConfigError("layer-tying runs once, on untied layers in their own channel order: this graph is "
                               "already tied or K-sorted (ksort and layer-tying do not combine: tied depths share "
                               "W_q and W_k, K-sorted layers each reorder their own)")

@@ -61,7 +61,7 @@ from fxforge.ir.cost import COST_KEY, INDEX_BYTES, BatchDesc, annotate_costs
 from fxforge.ir.devices import DEVICES, DeviceSpec, System, load_system
 from fxforge.ir.errors import FxforgeError, PassConfigError
 from fxforge.ir.modules import RMSNorm
-from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE
+from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE, ROPE_KV_WRITE
 from fxforge.ir.spec import ModelSpec
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -424,7 +424,7 @@ def _unit_key(node: fx.Node, owner: dict[fx.Node, str]) -> str | None:
     info = meta(node)
     if _is_head_norm(node):
         return f"gqa.{info.layer}"
-    if COST_KEY in node.meta or node.target is KV_WRITE:
+    if COST_KEY in node.meta or node.target in (KV_WRITE, ROPE_KV_WRITE):
         if info.role in GQA_ROLES:
             return f"gqa.{info.layer}"
         return node.name
@@ -458,7 +458,7 @@ def output_bytes(gm: fx.GraphModule, node: fx.Node, batch: BatchDesc, spec: Mode
             size = tokens * module.embedding_dim * act
         elif isinstance(module, RMSNorm) and args:
             size = output_bytes(gm, args[0], batch, spec, memo)
-    elif node.target is KV_WRITE or node.op in ("placeholder", "get_attr", "output"):
+    elif node.target in (KV_WRITE, ROPE_KV_WRITE) or node.op in ("placeholder", "get_attr", "output"):
         size = 0.0
     elif node.target is LORA:
         size = output_bytes(gm, node.args[1], batch, spec, memo)

@@ -71,14 +71,23 @@ def check_against_reference(x_shape, w_shape, dtype, seed, device, eps=1e-6):
     expected = rmsnorm_ref(x.cpu(), weight.cpu(), eps)
     assert_close(norm.rmsnorm_triton(x, weight, eps), expected, "rmsnorm_triton", seed)
     residual = inputs(x_shape, w_shape, dtype, seed + 1, device)[0]
-    out, total = norm.add_rmsnorm_triton(x, residual, weight, eps)
-    expected_total = add_rmsnorm_ref(x.cpu(), residual.cpu(), weight.cpu(), eps)[1]
-    assert_close(out, rmsnorm_ref(total.cpu(), weight.cpu(), eps), "add_rmsnorm_triton norm of its sum", seed)
-    if device == "cpu" and dtype == torch.bfloat16:  # the interpreter truncates float32 -> bfloat16
-        assert_close(total, expected_total, "add_rmsnorm_triton sum", seed)
-    else:  # one rounding of an exact sum: bit for bit
-        mismatch = int((total.cpu() != expected_total).sum())
-        assert mismatch == 0, f"add_rmsnorm_triton sum: shape {x_shape} {dtype}, seed {seed}: {mismatch} differ"
+    total, out = norm.add_rmsnorm_triton(x, residual, weight, eps)
+    expected_total, expected_out = add_rmsnorm_ref(x.cpu(), residual.cpu(), weight.cpu(), eps)
+    assert_same(total, expected_total, "add_rmsnorm_triton sum", seed)  # one rounding of an exact sum
+    assert_close(out, expected_out, "add_rmsnorm_triton norm of its sum", seed)
+
+
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32}  # element size -> an integer dtype to compare bits
+
+
+def assert_same(actual, expected, what, seed):
+    """Bit for bit; the message names the shape, the mismatch count and the max diff."""
+    a, e = actual.cpu().contiguous(), expected.cpu().contiguous()
+    assert a.shape == e.shape and a.dtype == e.dtype, f"{what}: {a.dtype} {tuple(a.shape)} vs {e.dtype} {tuple(e.shape)}"
+    bad = a.view(_BITS[a.element_size()]) != e.view(_BITS[e.element_size()])
+    if bad.any():
+        pytest.fail(f"{what}: shape {tuple(e.shape)} {e.dtype}, seed {seed}: {int(bad.sum())} of {bad.numel()} "
+                    f"differ, max diff {(a.double() - e.double()).abs().max().item():.3g}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -102,6 +111,35 @@ def test_reference_normalises_to_unit_rms(seed):
     x, _ = inputs((5, 256), (256,), torch.float32, seed)
     rms = rmsnorm_ref(x, torch.ones(256), 0.0).pow(2).mean(-1).sqrt()
     torch.testing.assert_close(rms, torch.ones(5), rtol=1e-5, atol=0)
+
+
+# residual adds: x [T, N] the branch output, residual the stream (a bf16 branch may meet a float32 stream)
+ADD_CASES = [
+    pytest.param((1, 64), torch.bfloat16, torch.bfloat16, id="one_row_n64-bf16"),
+    pytest.param((7, 576), torch.float32, torch.float32, id="t7_n576-fp32"),
+    pytest.param((33, 96), torch.float16, torch.float16, id="t33_n96-fp16"),
+    pytest.param((5, 3, 64), torch.bfloat16, torch.bfloat16, id="qk_t5_h3_d64-bf16"),
+    pytest.param((9, 200), torch.bfloat16, torch.float32, id="t9_n200-bf16_on_fp32"),
+]
+
+
+def add_inputs(shape, dtype, residual_dtype, seed, device="cpu"):
+    x, weight = inputs(shape, shape[-1:], dtype, seed, device)
+    return x, inputs(shape, shape[-1:], residual_dtype, seed + 1, device)[0], weight
+
+
+@pytest.mark.parametrize("shape, dtype, residual_dtype", ADD_CASES)
+def test_add_reference_is_the_residual_add_then_the_module(shape, dtype, residual_dtype, seed):
+    """add_rmsnorm_ref gives what the graph computed unfused, bit for bit: `residual + x` (torch's dtype
+    promotion and rounding) and ir.modules.RMSNorm of that sum."""
+    x, residual, weight = add_inputs(shape, dtype, residual_dtype, seed)
+    module = RMSNorm(shape[-1], 1e-5).to(weight.dtype)
+    module.weight = torch.nn.Parameter(weight)
+    total, normed = add_rmsnorm_ref(x, residual, weight, 1e-5)
+    expected = residual + x
+    assert_same(total, expected, "add_rmsnorm_ref sum", seed)
+    with torch.no_grad():
+        assert_same(normed, module(expected), "add_rmsnorm_ref norm", seed)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -143,8 +181,38 @@ def test_triton_launcher_rejects_bad_inputs(bad, message):
     args = {"x": torch.zeros(4, 3, 64), "weight": torch.ones(3, 64), "eps": 1e-5, **bad}
     with pytest.raises(ValueError, match=message):
         norm.rmsnorm_triton(**args)
-    with pytest.raises(ValueError, match="residual must match x"):
+    with pytest.raises(ValueError, match="residual must be a float32/bfloat16/float16 tensor of x's shape"):
         norm.add_rmsnorm_triton(torch.zeros(4, 64), torch.zeros(4, 32), torch.ones(64), 1e-5)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("shape, dtype, residual_dtype", ADD_CASES)
+def test_triton_add_rmsnorm_equals_the_unfused_pair(shape, dtype, residual_dtype, seed):
+    """Both outputs bit for bit those of torch's add followed by rmsnorm_triton of the sum (the pair the
+    fusion replaces), and the norm within rounding of the float32 reference."""
+    x, residual, weight = add_inputs(shape, dtype, residual_dtype, seed)
+    total, normed = norm.add_rmsnorm_triton(x, residual, weight, 1e-5)
+    expected_total = residual + x
+    assert_same(total, expected_total, "add_rmsnorm_triton sum", seed)
+    assert_same(normed, norm.rmsnorm_triton(expected_total, weight, 1e-5), "add_rmsnorm_triton norm", seed)
+    assert_close(normed, add_rmsnorm_ref(x, residual, weight, 1e-5)[1], "add_rmsnorm_triton vs reference", seed,
+                 rounded_to=expected_total.dtype)
+
+
+@needs_interpreter
+def test_triton_add_rmsnorm_reads_strided_rows_and_the_op_runs_it(seed, monkeypatch):
+    """Slices of wider tensors are read in place; fxforge::add_rmsnorm bound to 'triton' runs the kernel."""
+    from fxforge.ir import ops
+
+    wide, residual, weight = add_inputs((6, 300), torch.float32, torch.float32, seed)
+    x = wide[:, 100:196]
+    residual, weight = residual[:, :96], weight[:96]
+    spy = Spy(norm.add_rmsnorm_triton)
+    monkeypatch.setattr(norm, "add_rmsnorm_triton", spy)
+    total, normed = ops.ADD_RMSNORM(x, residual, weight, 1e-5, ops.TRITON)
+    assert spy.calls == 1, "an op bound to 'triton' must run the kernel where the interpreter runs it"
+    assert_same(total, residual + x, "fxforge::add_rmsnorm sum", seed)
+    assert_same(normed, norm.rmsnorm_triton(residual + x, weight, 1e-5), "fxforge::add_rmsnorm norm", seed)
 
 
 test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k", "triton and not TestCUDA", interpreting=INTERPRETER)
@@ -161,6 +229,13 @@ class TestCUDA:
     @pytest.mark.parametrize("x_shape, w_shape, dtype", cases(every_dtype=True))
     def test_matches_reference(self, x_shape, w_shape, dtype, seed):
         check_against_reference(x_shape, w_shape, dtype, seed, "cuda")
+
+    @pytest.mark.parametrize("shape, dtype, residual_dtype", ADD_CASES)
+    def test_add_rmsnorm_equals_the_unfused_pair(self, shape, dtype, residual_dtype, seed):
+        x, residual, weight = add_inputs(shape, dtype, residual_dtype, seed, "cuda")
+        total, normed = norm.add_rmsnorm_triton(x, residual, weight, 1e-5)
+        assert_same(total, residual + x, "add_rmsnorm_triton sum", seed)
+        assert_same(normed, norm.rmsnorm_triton(residual + x, weight, 1e-5), "add_rmsnorm_triton norm", seed)
 
     @pytest.mark.parametrize("n", [896, 8192, 16384], ids=["n896", "n8192", "n16384"])
     def test_wide_rows(self, n, seed):

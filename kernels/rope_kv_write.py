@@ -1,0 +1,244 @@
+"""RoPE on K fused with the paged KV write: one launch rotates K in registers and stores it (and V).
+
+    rope_kv_write_ref(k, v, k_data, k_scale, v_data, v_scale, slot_mapping, positions, inv_freq,
+                      interleaved, channel_perm, k_format, v_format)
+      = kv_write_pair_ref(rope_ref(k, positions, inv_freq, interleaved, channel_perm), v, ...)
+
+The unfused pair writes the rotated K to memory (rope_triton) and reads it back to quantize it
+(kv_write_triton): two launches and a round trip of K per layer and step. `rope_kv_write_triton`
+computes every K value as rope_triton does (the same angle, cos/sin and expression, rounded to K's
+dtype as rope's output is) and quantizes it as kv_write_triton does (kernels/bfp.py's rules, via
+`encode_values` on the values in registers), so its bytes equal the unfused Triton pair's for
+every KV format; V takes kv_write_triton's path unchanged. Each program handles a few KV heads of
+one token, K then V. Slots < 0 are skipped, as kv_write skips them.
+
+Keys cached before RoPE (bfp-kv pre_rope=True) have no RoPE before their write: nothing to fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
+from fxforge.kernels.kv_cache import _check_write, kv_write_pair_ref
+from fxforge.kernels.rope import _check_rope_inputs, rope_ref, rope_tables
+from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
+
+_VALUES_PER_PROGRAM = 1024  # K values (and as many V values) one program writes: heads = this // D
+
+
+def rope_kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+                      v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
+                      positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
+                      channel_perm: torch.Tensor | None, k_format: str, v_format: str) -> None:
+    """rope_ref on k, then kv_write_pair_ref (in place): the unfused pair, step for step."""
+    k_rot = rope_ref(k, positions, inv_freq, interleaved, channel_perm)
+    kv_write_pair_ref(k_rot, v, k_data, k_scale, v_data, v_scale, slot_mapping, k_format, v_format)
+
+
+# ----------------------------------------------------------------------------------------------
+# Triton kernel
+# ----------------------------------------------------------------------------------------------
+
+
+@jit
+def _row_values(
+    row_ptr,  # pointer to head 0 of the program's heads, for this token
+    values,  # int tensor: value indices head * HEAD_DIM + channel within the program's heads
+    mask,  # bool tensor like values: which to load (others read 0)
+    position,  # float32: the token's position
+    inv_freq_ptr,  # *float [D/2]: frequency of each RoPE pair
+    table_ptr,  # *int32 [H, D] (first_head applied): rope_tables' o | partner << 16 (PERMUTED only)
+    stride_h,  # row stride between heads (elements)
+    HEAD_DIM: tl.constexpr,  # D
+    ROTATE: tl.constexpr,  # apply RoPE (K), else the values as stored (V)
+    INTERLEAVED: tl.constexpr,  # pairs (2i, 2i+1) if True, else (i, i + D/2)
+    PERMUTED: tl.constexpr,  # channels carry a KSort permutation (table_ptr)
+):
+    # float32 values; rotated ones exactly as kernels/rope.py's kernels compute and round them.
+    head = values // HEAD_DIM
+    channel = values % HEAD_DIM
+    ptr = row_ptr + head * stride_h
+    x = tl.load(ptr + channel, mask=mask, other=0.0).to(tl.float32)
+    if ROTATE:
+        if PERMUTED:  # _rope_permuted_kernel's formula
+            code = tl.load(table_ptr + head * HEAD_DIM + channel, mask=mask, other=0)
+            original = code & 0xFFFF
+            partner = code >> 16
+            if INTERLEAVED:
+                is_first = (original % 2) == 0
+                freq = original // 2
+            else:
+                is_first = original < HEAD_DIM // 2
+                freq = tl.where(is_first, original, original - HEAD_DIM // 2)
+            angle = position * tl.load(inv_freq_ptr + freq, mask=mask, other=0.0).to(tl.float32)
+            sin = tl.sin(angle)
+            x_partner = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)
+            out = x * tl.cos(angle) + tl.where(is_first, -sin, sin) * x_partner
+        else:  # _rope_kernel's formula: (x1 cos - x2 sin, x2 cos + x1 sin) per pair
+            if INTERLEAVED:
+                is_first = (channel % 2) == 0
+                partner = channel ^ 1
+                pair = channel // 2
+            else:
+                is_first = channel < HEAD_DIM // 2
+                partner = tl.where(is_first, channel + HEAD_DIM // 2, channel - HEAD_DIM // 2)
+                pair = tl.where(is_first, channel, channel - HEAD_DIM // 2)
+            angle = position * tl.load(inv_freq_ptr + pair, mask=mask, other=0.0).to(tl.float32)
+            cos = tl.cos(angle)
+            sin = tl.sin(angle)
+            x_partner = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)
+            out = tl.where(is_first, x * cos - x_partner * sin, x * cos + x_partner * sin)
+        x = out.to(row_ptr.dtype.element_ty).to(tl.float32)  # rope's output dtype is its input's
+    return x
+
+
+@jit
+def _write_rows(
+    row_ptr,  # pointer to head 0 of the program's heads (K or V), for this token
+    data_ptr,  # *storage dtype: the cache's data viewed flat
+    scale_ptr,  # *uint8: the cache's shared exponents viewed flat (packed formats)
+    slot,  # int64: the token's slot
+    first_head,  # first KV head of this program
+    live_values,  # values this program writes (0 for a skipped slot)
+    position,  # float32: the token's position (ROTATE)
+    inv_freq_ptr,  # *float [D/2] (ROTATE)
+    table_ptr,  # *int32 [H, D] permutation table at first_head (PERMUTED)
+    stride_h,  # row stride between heads (elements)
+    NUM_HEADS: tl.constexpr,  # Hkv
+    HEAD_DIM: tl.constexpr,  # D
+    ROTATE: tl.constexpr,  # RoPE before the write (K)
+    INTERLEAVED: tl.constexpr,  # RoPE pair layout (ROTATE)
+    PERMUTED: tl.constexpr,  # KSort channel permutation (ROTATE)
+    MANTISSA_BITS: tl.constexpr,  # 0: dense format; 4, 6 or 8: packed codes
+    MXFP4: tl.constexpr,  # E2M1 elements (packed)
+    BLOCK: tl.constexpr,  # values per shared exponent (packed)
+    TO_BF16: tl.constexpr,  # dense bfloat16 cache: rounded via round_to_bf16, as kv_write_triton does
+    BLOCK_VALUES: tl.constexpr,  # power of two >= the values one program writes
+):
+    if MANTISSA_BITS == 0:  # _kv_write_dense_kernel's store
+        values = tl.arange(0, BLOCK_VALUES)
+        mask = values < live_values
+        x = _row_values(row_ptr, values, mask, position, inv_freq_ptr, table_ptr, stride_h, HEAD_DIM, ROTATE,
+                        INTERLEAVED, PERMUTED)
+        if TO_BF16:
+            value = round_to_bf16(x)
+        else:
+            value = x.to(data_ptr.dtype.element_ty)
+        tl.store(data_ptr + slot * (NUM_HEADS * HEAD_DIM) + first_head * HEAD_DIM + values, value, mask=mask)
+    else:  # _kv_write_packed_kernel's store
+        blocks = tl.arange(0, BLOCK_VALUES // BLOCK)
+        live = blocks < live_values // BLOCK
+        groups = tl.arange(0, BLOCK // 4)[None, :]
+        first = blocks[:, None] * BLOCK + groups * 4  # first value of each group of 4
+        if ROTATE:
+            x0 = _row_values(row_ptr, first, live[:, None], position, inv_freq_ptr, table_ptr, stride_h, HEAD_DIM,
+                             ROTATE, INTERLEAVED, PERMUTED)
+            x1 = _row_values(row_ptr, first + 1, live[:, None], position, inv_freq_ptr, table_ptr, stride_h,
+                             HEAD_DIM, ROTATE, INTERLEAVED, PERMUTED)
+            x2 = _row_values(row_ptr, first + 2, live[:, None], position, inv_freq_ptr, table_ptr, stride_h,
+                             HEAD_DIM, ROTATE, INTERLEAVED, PERMUTED)
+            x3 = _row_values(row_ptr, first + 3, live[:, None], position, inv_freq_ptr, table_ptr, stride_h,
+                             HEAD_DIM, ROTATE, INTERLEAVED, PERMUTED)
+            word, biased, nonfinite = encode_values(x0, x1, x2, x3, MANTISSA_BITS, MXFP4)
+        else:  # heads of V are read where they are (a block never crosses a head)
+            head = first // HEAD_DIM
+            word, biased, nonfinite = encode_groups(row_ptr + head * stride_h + first % HEAD_DIM, live,
+                                                    MANTISSA_BITS, MXFP4)
+        token_blocks = NUM_HEADS * HEAD_DIM // BLOCK
+        block_ids = first_head * (HEAD_DIM // BLOCK) + blocks
+        group_bytes = (data_ptr + slot * (token_blocks * BLOCK * MANTISSA_BITS // 8)
+                       + block_ids[:, None] * (BLOCK * MANTISSA_BITS // 8) + groups * (MANTISSA_BITS // 2))
+        for j in tl.static_range(MANTISSA_BITS // 2):
+            tl.store(group_bytes + j, ((word >> (8 * j)) & 0xFF).to(tl.uint8), mask=live[:, None])
+        tl.store(scale_ptr + slot * token_blocks + block_ids, tl.where(nonfinite, 255, biased).to(tl.uint8),
+                 mask=live)
+
+
+@jit
+def _rope_kv_write_kernel(
+    k_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: keys before RoPE, unit stride along D
+    v_ptr,  # *fp32|bf16|fp16 [T, Hkv, D]: values, unit stride along D
+    k_data_ptr,  # *K storage dtype [slots, Hkv, ...] out: the paged K cache, flat
+    k_scale_ptr,  # *uint8 [slots, Hkv, D / K_BLOCK] out: K's shared exponents (packed K formats)
+    v_data_ptr,  # *V storage dtype [slots, Hkv, ...] out: the paged V cache, flat
+    v_scale_ptr,  # *uint8 [slots, Hkv, D / V_BLOCK] out: V's shared exponents (packed V formats)
+    slot_ptr,  # *int32|int64 [T]: destination slot of each token (< 0: skipped)
+    positions_ptr,  # *int32|int64 [T]: position of each token
+    inv_freq_ptr,  # *float [D/2]: frequency of each RoPE pair
+    table_ptr,  # *int32 [Hkv, D]: rope_tables of the channel permutation (read only when PERMUTED)
+    stride_kt,  # k stride between tokens (elements)
+    stride_kh,  # k stride between heads (elements)
+    stride_vt,  # v stride between tokens (elements)
+    stride_vh,  # v stride between heads (elements)
+    NUM_HEADS: tl.constexpr,  # Hkv
+    HEAD_DIM: tl.constexpr,  # D
+    HEADS_PER_PROGRAM: tl.constexpr,  # KV heads one program writes
+    BLOCK_VALUES: tl.constexpr,  # power of two >= HEADS_PER_PROGRAM * D
+    INTERLEAVED: tl.constexpr,  # RoPE pairs (2i, 2i+1) if True, else (i, i + D/2)
+    PERMUTED: tl.constexpr,  # K carries a KSort channel permutation
+    K_MANTISSA_BITS: tl.constexpr,  # 0: dense K format; else bits per K code
+    K_MXFP4: tl.constexpr,  # K in MXFP4
+    K_BLOCK: tl.constexpr,  # K values per shared exponent
+    K_TO_BF16: tl.constexpr,  # K cache is dense bfloat16
+    V_MANTISSA_BITS: tl.constexpr,  # the same four for V
+    V_MXFP4: tl.constexpr,
+    V_BLOCK: tl.constexpr,
+    V_TO_BF16: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    first_head = tl.program_id(1) * HEADS_PER_PROGRAM
+    slot = tl.load(slot_ptr + token).to(tl.int64)
+    heads = tl.minimum(HEADS_PER_PROGRAM, NUM_HEADS - first_head)
+    live_values = tl.where(slot >= 0, heads * HEAD_DIM, 0)
+    position = tl.load(positions_ptr + token).to(tl.float32)
+    _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, slot, first_head,
+                live_values, position, inv_freq_ptr, table_ptr + first_head * HEAD_DIM, stride_kh, NUM_HEADS,
+                HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16, BLOCK_VALUES)
+    _write_rows(v_ptr + token * stride_vt + first_head * stride_vh, v_data_ptr, v_scale_ptr, slot, first_head,
+                live_values, position, inv_freq_ptr, table_ptr, stride_vh, NUM_HEADS, HEAD_DIM, False, False, False,
+                V_MANTISSA_BITS, V_MXFP4, V_BLOCK, V_TO_BF16, BLOCK_VALUES)
+
+
+# ----------------------------------------------------------------------------------------------
+# Launcher
+# ----------------------------------------------------------------------------------------------
+
+
+def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
+    packed = not fmt.is_dense
+    return {f"{prefix}_MANTISSA_BITS": fmt.mantissa_bits if packed else 0, f"{prefix}_MXFP4": fmt.kind == "mxfp4",
+            f"{prefix}_BLOCK": fmt.block if packed else 4, f"{prefix}_TO_BF16": data.dtype == torch.bfloat16}
+
+
+def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
+                         v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
+                         positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
+                         channel_perm: torch.Tensor | None, k_format: str, v_format: str) -> None:
+    """Triton `rope_kv_write_ref` (in place, one launch; CUDA, or CPU under TRITON_INTERPRET=1).
+
+    The bytes equal those of rope_triton followed by kv_write_triton for every slot >= 0, and
+    inputs are validated as those two validate theirs before anything is written.
+    """
+    k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
+    try:
+        _check_rope_inputs(k, positions, inv_freq, channel_perm)
+        _check_write("k", k, k_data, k_scale, slot_mapping, k_fmt)
+        _check_write("v", v, v_data, v_scale, slot_mapping, v_fmt)
+    except ValueError as exc:
+        raise ValueError(f"rope_kv_write_triton: {exc}") from None
+    if v.shape != k.shape:
+        raise ValueError(f"rope_kv_write_triton: v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    tokens, heads, head_dim = k.shape
+    if tokens == 0:
+        return
+    per_program = min(heads, max(1, _VALUES_PER_PROGRAM // head_dim))
+    table = rope_tables(channel_perm, interleaved) if channel_perm is not None else positions
+    grid = (tokens, triton.cdiv(heads, per_program))
+    _rope_kv_write_kernel[grid](
+        k, v, k_data, k_scale, v_data, v_scale, slot_mapping.contiguous(), positions.contiguous(),
+        inv_freq.contiguous(), table, k.stride(0), k.stride(1), v.stride(0), v.stride(1), NUM_HEADS=heads,
+        HEAD_DIM=head_dim, HEADS_PER_PROGRAM=per_program,
+        BLOCK_VALUES=triton.next_power_of_2(per_program * head_dim), INTERLEAVED=bool(interleaved),
+        PERMUTED=channel_perm is not None, **_format_meta("K", k_fmt, k_data), **_format_meta("V", v_fmt, v_data),
+        num_warps=4)
