@@ -29,14 +29,15 @@ import torch
 import torch.fx as fx
 
 from fxforge.ir.capture import capture, meta
-from fxforge.ir.cost import BatchDesc, annotate_costs
+from fxforge.ir.cost import COST_KEY, BatchDesc, annotate_costs
 from fxforge.ir.devices import DeviceSpec
 from fxforge.ir.model import DEFAULT_PAGE_SIZE, Model, build_batch
 from fxforge.ir.ops import ATTENTION, MOE
 from fxforge.ir.spec import ModelSpec
 
 CLASSES = ("attention_decode", "attention_prefill", "projection", "expert")
-_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "router")
+_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp_gate", "mlp_up", "mlp_down", "router", "qkv_proj",
+                "mlp_gate_up")
 # calibration grid: fractions of peak 1% .. 100%, fixed costs 0 and 1 us .. 10 ms (log-spaced)
 _FRACTIONS = tuple(round(10 ** (-2 + i / 7), 4) for i in range(15))
 _OVERHEADS = (0.0,) + tuple(10 ** (-6 + i / 3) for i in range(13))
@@ -115,12 +116,11 @@ def measure(model: Model, gm: fx.GraphModule, bench: CostBench, device: DeviceSp
         with torch.no_grad():
             for _ in range(bench.repeats + 1):
                 interpreter.run(*args)
-        costs = {c.node_name: c for c in annotate_costs(gm, model.spec, batch)}
+        annotate_costs(gm, model.spec, batch)
         for node in gm.graph.nodes:
-            kind = node_class(node, batch.phase)
-            if kind is None or node.name not in interpreter.times or node.name not in costs:
+            kind, cost = node_class(node, batch.phase), node.meta.get(COST_KEY)
+            if kind is None or node.name not in interpreter.times or cost is None:
                 continue
-            cost = costs[node.name]
             measured = statistics.median(interpreter.times[node.name][1:])  # the first run warms up
             rows.append({"class": kind, "node": node.name, "role": cost.role, "phase": batch.phase,
                          "batch": batch.batch, "context": batch.context, "tokens": batch.num_tokens,

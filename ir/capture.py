@@ -3,6 +3,14 @@
 `capture(module)` traces a DecoderLM with torch.fx.symbolic_trace semantics (nn.Linear and RMSNorm
 stay leaf modules; the custom ops, the MoE experts' fxforge::moe among them, stay opaque) and
 annotates each node with `node.meta["fxforge"] = NodeMeta(role, layer, heads)`.
+
+Fused projections (passes/fuse_projections.py): a call of an ir.modules.FusedLinear has role
+`qkv_proj` (parts among q_proj / k_proj / v_proj) or `mlp_gate_up` (mlp_gate, mlp_up), and
+NodeMeta.parts lists its ProjectionParts (role, module, columns [start, stop)) in column order;
+annotate() reads them from the module, so they survive re-annotation. Each part is read through a
+`torch.narrow(fused, -1, start, stop - start)` node (role `op`); `sliced_part(node)` names the part
+such a node reads, `node_roles(node)` gives a node's role plus its parts' roles. The parts' own roles
+(q_proj, ...) then have no call_module node: count or cost them through the parts.
 """
 
 from __future__ import annotations
@@ -10,16 +18,21 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+import torch
 import torch.fx as fx
 from torch import nn
 
-from fxforge.ir.modules import DecoderLM, RMSNorm
+from fxforge.ir.modules import DecoderLM, FusedLinear, ProjectionPart, RMSNorm
 from fxforge.ir.ops import ATTENTION, CUSTOM_OP_ROLES, KV_WRITE, LORA, ROPE, ROPE_KV_WRITE
 from fxforge.ir.spec import ModelSpec
 
 META_KEY = "fxforge"
 ROLES = ("embed", "q_proj", "k_proj", "v_proj", "o_proj", "rope", "attention", "kv_write", "norm",
-         "mlp_gate", "mlp_up", "mlp_act", "mlp_down", "router", "expert", "lm_head", "lora", "input", "output", "op")
+         "mlp_gate", "mlp_up", "mlp_act", "mlp_down", "router", "expert", "lm_head", "lora", "input", "output", "op",
+         "qkv_proj", "mlp_gate_up")
+ATTENTION_PARTS = ("q_proj", "k_proj", "v_proj")  # the roles a fused attention projection (qkv_proj) may hold
+MLP_PARTS = ("mlp_gate", "mlp_up")  # ... and a fused MLP projection (mlp_gate_up)
+_HEAD_ROLES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "rope", "attention", "kv_write")
 
 _MODULE_ROLES = {
     "embed": "embed", "lm_head": "lm_head", "norm": "norm", "attn_norm": "norm", "mlp_norm": "norm",
@@ -41,13 +54,19 @@ class HeadLayout:
 
 @dataclass
 class NodeMeta:
-    """What a pass may rely on for one node."""
+    """What a pass may rely on for one node.
+
+    `parts` is set on a fused projection only (role qkv_proj / mlp_gate_up): one ProjectionPart per
+    projection it computes, (role, module, start, stop), columns [start, stop) of its output, in order,
+    e.g. (ProjectionPart("q_proj", "layers.0.attn.q_proj", 0, 2048), ProjectionPart("k_proj", ...), ...).
+    """
 
     role: str
     layer: int | None = None
     heads: HeadLayout | None = None
     tensor: str | None = None  # for rope: "q" or "k"
     notes: dict = field(default_factory=dict)  # passes record what they did here
+    parts: tuple[ProjectionPart, ...] = ()  # a fused projection's parts, in column order
 
 
 class _Tracer(fx.Tracer):
@@ -84,7 +103,11 @@ def annotate(gm: fx.GraphModule, spec: ModelSpec) -> None:
         old = node.meta.get(META_KEY)
         role, layer = _role_and_layer(node)
         m = NodeMeta(role=role, layer=layer, notes=old.notes if old else {})
-        if role in ("q_proj", "k_proj", "v_proj", "o_proj", "rope", "attention", "kv_write"):
+        module = gm.get_submodule(node.target) if node.op == "call_module" else None
+        if isinstance(module, FusedLinear):
+            m.parts = module.parts
+            m.role = "qkv_proj" if all(p.role in ATTENTION_PARTS for p in module.parts) else "mlp_gate_up"
+        if m.role in _HEAD_ROLES:
             m.heads = heads
         if role == "rope":
             m.tensor = _rope_source(node)
@@ -117,9 +140,28 @@ def _rope_source(node: fx.Node) -> str | None:
     while isinstance(current, fx.Node):
         if current.op == "call_module" and current.target.endswith(("q_proj", "k_proj")):
             return current.target[-6]
+        part = sliced_part(current)
+        if part is not None:
+            return part.role[0] if part.role in ("q_proj", "k_proj") else None
         # a LoRA node's base (args[1]) is the projection's output; every other op passes args[0] on
         current = current.args[1] if current.target is LORA else (current.args[0] if current.args else None)
     return None
+
+
+def sliced_part(node: fx.Node) -> ProjectionPart | None:
+    """The part of a fused projection that `node` reads, when node is its narrow; else None."""
+    if node.op != "call_function" or node.target is not torch.narrow or len(node.args) != 4:
+        return None
+    source, dim, start, length = node.args
+    if not isinstance(source, fx.Node) or META_KEY not in source.meta or dim != -1:
+        return None
+    return next((p for p in meta(source).parts if (p.start, p.stop) == (start, start + length)), None)
+
+
+def node_roles(node: fx.Node) -> tuple[str, ...]:
+    """A node's role followed by the roles of its parts (a fused projection's q_proj, k_proj, ...)."""
+    m = meta(node)
+    return (m.role, *(p.role for p in m.parts))
 
 
 def nodes_by_role(gm: fx.GraphModule, role: str, layer: int | None = None) -> list[fx.Node]:
@@ -157,4 +199,5 @@ def set_kv_format_args(node: fx.Node, k_format: str, v_format: str) -> None:
 
 
 __all__ = ["capture", "annotate", "meta", "NodeMeta", "HeadLayout", "nodes_by_role", "kv_formats",
-           "set_kv_format_args", "spec_of", "ROPE", "ATTENTION", "KV_WRITE", "ROLES", "META_KEY"]
+           "set_kv_format_args", "spec_of", "ROPE", "ATTENTION", "KV_WRITE", "ROLES", "META_KEY", "sliced_part",
+           "node_roles", "ProjectionPart", "ATTENTION_PARTS", "MLP_PARTS"]

@@ -8,6 +8,9 @@ shared exponents included, so BFP caches move fewer bytes). FLOPs count a multip
 
 Per node (T = tokens this step, R = logit rows = one per sequence, g = GQA group size):
   q/k/v/o proj, mlp_*, router, lm_head   2*rows*in*out FLOPs; weight once + rows*(in+out) activations
+  qkv_proj, mlp_gate_up (fused projections)  the sum of their parts, each costed as the projection it
+                 replaced (its input read included), so totals and per-role tables match the unfused
+                 graph; NodeCost.parts holds one NodeCost per part (role q_proj, ..., the fused node's name)
   attention      4*Hq*D per (query, key) pair: causal prefill sum_i (i+1), decode `context` keys per
                  sequence; bytes = K and V rows read once per sequence + q read + o written
                  (decode Op/B ~ g for 16-bit KV, higher for BFP KV); pre-RoPE keys add the
@@ -22,8 +25,9 @@ Per node (T = tokens this step, R = logit rows = one per sequence, g = GQA group
                  lowered fxforge::rmsnorm / swiglu as the modules they replace (swiglu reads gate and up once);
                  add_rmsnorm (role norm) = the residual add + the norm, less one read of the sum
   embed          a gather: T rows of the table read, T rows written, 0 FLOPs
-Nodes that only reshape or index (view, getitem, dtype casts) get no cost. NodeCost.role is the
+Nodes that only reshape or index (view, getitem, narrow, dtype casts) get no cost. NodeCost.role is the
 node's fxforge role, except for elementwise `op` nodes, which get "mlp_act", "residual" or "router".
+node.meta["cost"] is the whole node's cost; `annotate_costs` returns a fused projection as its parts.
 
 `layer_table(costs, device)` sums per layer with a roofline time per node,
 max(FLOPs/peak, bytes/bandwidth) (no overlap between ops, no launch cost), and `placement_hint`
@@ -45,7 +49,7 @@ from torch import nn
 from fxforge.ir.errors import FxforgeError
 from fxforge.ir.capture import META_KEY, kv_format_args, meta
 from fxforge.ir.devices import DeviceSpec
-from fxforge.ir.modules import MLP, DecoderLayer, MoE, RMSNorm
+from fxforge.ir.modules import MLP, DecoderLayer, FusedLinear, MoE, RMSNorm
 from fxforge.ir.ops import ADD_RMSNORM, ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE, ROPE_KV_WRITE, SWIGLU
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
@@ -135,11 +139,17 @@ class NodeCost:
     flops: int
     bytes: int
     op_per_byte: float
+    parts: tuple["NodeCost", ...] = ()  # a fused projection's parts, which sum to this cost
 
     @classmethod
     def of(cls, node: fx.Node, role: str, flops: float, nbytes: float) -> "NodeCost":
         flops, nbytes = int(round(flops)), int(round(nbytes))
         return cls(node.name, role, meta(node).layer, flops, nbytes, flops / nbytes if nbytes else 0.0)
+
+    @classmethod
+    def total(cls, node: fx.Node, role: str, parts: tuple["NodeCost", ...]) -> "NodeCost":
+        flops, nbytes = sum(p.flops for p in parts), sum(p.bytes for p in parts)
+        return cls(node.name, role, meta(node).layer, flops, nbytes, flops / nbytes if nbytes else 0.0, parts)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +172,8 @@ class _Step:
 
 
 def annotate_costs(gm: fx.GraphModule, spec: ModelSpec, batch: BatchDesc) -> list[NodeCost]:
-    """Write node.meta["cost"] on every compute node (clearing stale ones) and return the costs in graph order."""
+    """Write node.meta["cost"] on every compute node (clearing stale ones) and return the costs in graph
+    order, a fused projection's as its parts (so grouping by role sees q_proj, k_proj, ...)."""
     step = _Step(spec, batch)
     costs = []
     for node in gm.graph.nodes:
@@ -171,7 +182,7 @@ def annotate_costs(gm: fx.GraphModule, spec: ModelSpec, batch: BatchDesc) -> lis
             node.meta.pop(COST_KEY, None)
             continue
         node.meta[COST_KEY] = cost
-        costs.append(cost)
+        costs.extend(cost.parts or (cost,))
     return costs
 
 
@@ -181,9 +192,14 @@ def _node_cost(gm: fx.GraphModule, node: fx.Node, step: _Step) -> NodeCost | Non
         role = meta(node).role
         if isinstance(module, nn.Embedding):
             return _embed_cost(node, module, step)
+        if isinstance(module, FusedLinear):
+            bias = module.bias is not None
+            return NodeCost.total(node, role, tuple(_linear_cost(node, p.role, module.in_features, p.stop - p.start,
+                                                                 bias, step.tokens, step) for p in module.parts))
         if isinstance(module, nn.Linear):
             rows = step.batch.num_sequences if role == "lm_head" else step.tokens
-            return _linear_cost(node, role, module, rows, step)
+            return _linear_cost(node, role, module.in_features, module.out_features, module.bias is not None, rows,
+                                step)
         if isinstance(module, RMSNorm):
             return _norm_cost(node, module, step)
         return None
@@ -212,10 +228,9 @@ def _lora_cost(node, rank: int, n_in: int, n_out: int, step: _Step) -> NodeCost:
     return NodeCost.of(node, "lora", flops, step.act * (rank * (n_in + n_out) + rows * (n_in + 2 * n_out)))
 
 
-def _linear_cost(node, role, module: nn.Linear, rows: int, step: _Step) -> NodeCost:
-    n_in, n_out = module.in_features, module.out_features
-    weights = n_in * n_out + (n_out if module.bias is not None else 0)
-    flops = 2 * rows * n_in * n_out + (rows * n_out if module.bias is not None else 0)
+def _linear_cost(node, role, n_in: int, n_out: int, bias: bool, rows: int, step: _Step) -> NodeCost:
+    weights = n_in * n_out + (n_out if bias else 0)
+    flops = 2 * rows * n_in * n_out + (rows * n_out if bias else 0)
     return NodeCost.of(node, role, flops, step.act * (weights + rows * (n_in + n_out)))
 
 

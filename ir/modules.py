@@ -14,9 +14,14 @@ Parameter names (the canonical state dict every importer produces):
   MoE:    layers.{i}.mlp.router.weight [E, H], layers.{i}.mlp.experts.w_gate / w_up [E, I, H], w_down [E, H, I]
 Runtime state (RUNTIME_BUFFERS: in no artifact, each model its own, see ir/sharing.py):
   MoE:    layers.{i}.mlp.experts.expert_counts int32 [E], the pairs routed to each expert by the last forward
+Fused projections (passes/fuse_projections.py) add modules but no names to the state dict:
+  layers.{i}.attn.qkv_proj, layers.{i}.mlp.gate_up_proj (FusedLinear): weight / bias are non-persistent
+  buffers, the row-concatenation of the parts; the parts' own parameters above become views into them.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +100,54 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+@dataclass(frozen=True)
+class ProjectionPart:
+    """One projection inside a FusedLinear: its role (q_proj, k_proj, v_proj, mlp_gate, mlp_up), the
+    qualified name of the module whose parameters are views into the fused weight, and the output
+    columns [start, stop) it occupies (rows of the fused weight)."""
+
+    role: str
+    module: str
+    start: int
+    stop: int
+
+    def to_dict(self) -> dict:
+        return {"role": self.role, "module": self.module, "start": self.start, "stop": self.stop}
+
+
+class FusedLinear(nn.Module):
+    """Linear projections of one input run as one GEMM: y = x W^T + b, W (b) the row-concatenation of
+    the parts' weights (biases) in `parts` order, so part p is y[..., p.start:p.stop].
+
+    W and b are non-persistent buffers: each part keeps its own module and parameter names, its
+    parameters views into W and b (one storage; the state dict, artifacts and optimisers see the
+    original parameters). torch moves a module tree tensor by tensor, so `.to()` / `.cuda()` after
+    fusion gives the parts copies of their own (the forward, which reads W, stays right; ir.verify
+    reports the broken views): fuse on the device the model runs on. The graph calls only this module,
+    so a GraphModule rebuilt from the graph alone drops the parts (ir.sharing.share keeps the whole tree)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, parts: tuple[ProjectionPart, ...]):
+        super().__init__()
+        self.register_buffer("weight", weight, persistent=False)
+        self.register_buffer("bias", bias, persistent=False)
+        self.parts = tuple(parts)
+
+    @property
+    def in_features(self) -> int:
+        return self.weight.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        parts = ", ".join(f"{p.role}[{p.start}:{p.stop}]" for p in self.parts)
+        return f"in={self.in_features}, out={self.out_features}, bias={self.bias is not None}, parts: {parts}"
 
 
 class MoEExperts(nn.Module):

@@ -39,6 +39,8 @@ def share(gm: fx.GraphModule) -> fx.GraphModule:
     for name, tensor in gm._buffers.items():
         setattr(root, name, tensor)
     out = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    for name, child in root.named_children():  # fx copied only what the graph reads: keep the whole tree
+        setattr(out, name, child)  # (the parts of a fused projection hold parameters no node reads)
     out.meta = dict(gm.meta)
     return out
 

@@ -1,4 +1,7 @@
-"""ir.verify(gm): the metadata contract every pass may rely on, checked between passes in debug mode."""
+"""ir.verify(gm): the metadata contract every pass may rely on, checked between passes in debug mode.
+
+A fused projection (role qkv_proj / mlp_gate_up, passes/fuse_projections.py) counts as each of its
+parts, whose columns must tile its output and whose modules' parameters must be views into its rows."""
 
 from __future__ import annotations
 
@@ -7,7 +10,8 @@ from collections import Counter
 import torch
 import torch.fx as fx
 
-from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
+from fxforge.ir.capture import META_KEY, ROLES, meta, node_roles, spec_of
+from fxforge.ir.modules import FusedLinear
 from fxforge.ir.ops import ATTENTION, LORA, MOE, ROPE, ROPE_KV_WRITE
 from fxforge.ir.capture import KV_WRITES, kv_format_args
 from fxforge.ir.recursive import tying_plan
@@ -40,11 +44,12 @@ def verify(gm: fx.GraphModule) -> None:
             problems.append(f"node {node.name} has unknown role {m.role!r}")
         if m.layer is not None and not 0 <= m.layer < spec.num_layers:
             problems.append(f"node {node.name} has layer {m.layer} outside 0..{spec.num_layers - 1}")
-        if m.role in _PER_LAYER:
-            counts[(m.role, m.layer)] += 1
-            if m.heads is None:
-                problems.append(f"node {node.name} ({m.role}) has no head layout")
-        problems += _check_op(gm, node, m)
+        for role in node_roles(node):
+            if role in _PER_LAYER:
+                counts[(role, m.layer)] += 1
+                if m.heads is None:
+                    problems.append(f"node {node.name} ({role}) has no head layout")
+        problems += _check_op(gm, node, m) + _check_fused(gm, node, m)
     pre_rope, rotated_on_write = _pre_rope_layers(gm), _rope_kv_write_layers(gm)
     for layer in range(spec.num_layers):
         for role, want in _PER_LAYER.items():
@@ -88,6 +93,28 @@ def _check_op(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
                 parse_kv_format(fmt).check_head_dim(spec.head_dim)
             except ValueError as exc:
                 out.append(f"node {node.name}: {exc}")
+    return out
+
+
+def _check_fused(gm: fx.GraphModule, node: fx.Node, m) -> list[str]:
+    """A FusedLinear call: its parts tile its output, and each part's parameters are views of its rows."""
+    module = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if not isinstance(module, FusedLinear):
+        return [f"node {node.name} has parts {m.parts} but is no FusedLinear call"] if m.parts else []
+    bounds = [0] + [b for p in m.parts for b in (p.start, p.stop)] + [module.out_features]
+    if m.parts != module.parts or any(a != b for a, b in zip(bounds[::2], bounds[1::2])):
+        return [f"fused projection {node.name}: parts {m.parts} do not tile its {module.out_features} outputs"]
+    out = []
+    for part in m.parts:
+        owner = gm.get_submodule(part.module)
+        for name in ("weight", "bias"):
+            fused, own = getattr(module, name), getattr(owner, name, None)
+            if fused is None or fused.device.type == "meta":
+                continue
+            rows = fused[part.start:part.stop]
+            if own is None or (own.shape, own.stride(), own.data_ptr()) != (rows.shape, rows.stride(), rows.data_ptr()):
+                out.append(f"fused projection {node.name}: {part.module}.{name} is not a view of its rows "
+                           f"{part.start}:{part.stop} (replaced or moved after fusion); fuse again")
     return out
 
 

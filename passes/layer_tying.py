@@ -15,7 +15,8 @@ truncated SVD of W_d - W_shared (B = U_r S_r, A = V_r^T), so full rank recovers 
 
 Records `gm.meta["tying"]` (ir/recursive.py TyingPlan: block and LoRA slot of every depth) and, on
 each LoRA node, notes {depth, block, slot}. Requires role/layer metadata; refuses K-sorted graphs
-(their layers have different channel orders). Creates no tensor it must clone: rewrites=().
+(their layers have different channel orders) and graphs with fused projections (passes/fuse_projections.py:
+tying their parts would leave the fused weights untied). Creates no tensor it must clone: rewrites=().
 Run before `lower`, which binds the LoRA nodes to the Triton kernel. Restorable.
 """
 
@@ -29,6 +30,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of
+from fxforge.ir.modules import FusedLinear
 from fxforge.ir.errors import PassConfigError
 from fxforge.ir.ops import LORA, REFERENCE, ROPE, ROPE_KV_WRITE, bindings
 from fxforge.ir.recursive import TYING_KEY, TyingPlan, block_map, stepwise_layers
@@ -130,6 +132,9 @@ def layer_tying(gm: fx.GraphModule, config: LayerTying, ctx) -> PassResult:
         raise PassConfigError("layer-tying runs once, on untied layers in their own channel order: this graph is "
                               "already tied or K-sorted (ksort and layer-tying do not combine: tied depths share "
                               "W_q and W_k, K-sorted layers each reorder their own)")
+    if any(isinstance(m, FusedLinear) for m in gm.modules()):
+        raise PassConfigError("layer-tying runs on unfused projections: this graph has fused q/k/v or gate/up "
+                              "projections (lower's projection fusion); tie the layers before lowering")
     plan = _plan(config, spec)
     original_parameters = _count(gm)
     report = {"unique_layers": plan.unique_layers, "loops": max(map(plan.block_of_depth.count, range(plan.unique_layers))),

@@ -56,11 +56,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxforge.ir.capture import META_KEY, ROLES, meta, spec_of
+from fxforge.ir.capture import META_KEY, ROLES, meta, node_roles, sliced_part, spec_of
 from fxforge.ir.cost import COST_KEY, INDEX_BYTES, BatchDesc, annotate_costs
 from fxforge.ir.devices import DEVICES, DeviceSpec, System, load_system
 from fxforge.ir.errors import FxforgeError, PassConfigError
-from fxforge.ir.modules import RMSNorm
+from fxforge.ir.modules import FusedLinear, RMSNorm
 from fxforge.ir.ops import ATTENTION, KV_WRITE, LORA, MOE, RMSNORM, ROPE, ROPE_KV_WRITE
 from fxforge.ir.spec import ModelSpec
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
@@ -451,7 +451,7 @@ def output_bytes(gm: fx.GraphModule, node: fx.Node, batch: BatchDesc, spec: Mode
     size = 0.0
     if node.op == "call_module":
         module = gm.get_submodule(node.target)
-        if isinstance(module, nn.Linear):
+        if isinstance(module, (nn.Linear, FusedLinear)):
             rows = batch.num_sequences if meta(node).role == "lm_head" else tokens
             size = rows * module.out_features * act
         elif isinstance(module, nn.Embedding):
@@ -462,6 +462,9 @@ def output_bytes(gm: fx.GraphModule, node: fx.Node, batch: BatchDesc, spec: Mode
         size = 0.0
     elif node.target is LORA:
         size = output_bytes(gm, node.args[1], batch, spec, memo)
+    elif sliced_part(node) is not None:  # one part's columns of a fused projection
+        part, whole = sliced_part(node), node.args[0]
+        size = output_bytes(gm, whole, batch, spec, memo) * (part.stop - part.start) / meta(whole).parts[-1].stop
     elif node.target in (ROPE, ATTENTION, MOE):
         size = output_bytes(gm, node.args[0], batch, spec, memo)
     elif node.op == "call_method" and node.target == "topk":
@@ -567,7 +570,7 @@ def unit_times(units: list[Unit], node_unit: dict[fx.Node, int], gm: fx.GraphMod
     when given) and inputs (bytes read from other units)."""
     spec, memo = spec_of(gm), {}
     for unit in units:
-        movable = not roles or any(META_KEY in n.meta and meta(n).role in roles for n in unit.nodes)
+        movable = not roles or any(META_KEY in n.meta and set(node_roles(n)) & set(roles) for n in unit.nodes)
         for node in unit.nodes:
             for source in node.all_input_nodes:
                 v = node_unit.get(source)

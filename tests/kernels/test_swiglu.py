@@ -99,11 +99,32 @@ def test_triton_extreme_gates(seed):
 @pytest.mark.parametrize("gate, up, message", [
     (torch.zeros(4, 8), torch.zeros(4, 9), "one shape and dtype"),
     (torch.zeros(4, 8), torch.zeros(4, 8, dtype=torch.float16), "one shape and dtype"),
-    (torch.zeros(8, 4).t(), torch.zeros(4, 8), "must be contiguous"),
-], ids=["shape", "dtype", "strided"])
+    (torch.zeros(8, 4).t(), torch.zeros(4, 8), "unit stride along the last dim"),
+], ids=["shape", "dtype", "transposed"])
 def test_triton_launcher_rejects_bad_inputs(gate, up, message):
     with pytest.raises(ValueError, match=message):
         swiglu.swiglu_triton(gate, up)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("rows, width, dtype", [(1, 96, torch.float32), (7, 1000, torch.bfloat16),
+                                                (33, 2049, torch.float16), (5, 3, torch.float32)],
+                         ids=["t1_i96-fp32", "t7_i1000-bf16", "t33_i2049-fp16", "t5_i3-fp32"])
+def test_triton_reads_the_column_slices_of_a_fused_gate_up(rows, width, dtype, seed):
+    """gate and up as the two halves of a [T, 2I] GEMM output (passes/fuse_projections.py): rows strided,
+    read where they are; and slices of two differently strided tensors."""
+    gate, up = inputs((rows, 2 * width), dtype, seed)
+    fused = torch.cat([gate[:, :width], up[:, width:]], dim=1)
+    halves = fused[:, :width], fused[:, width:]
+    assert rows == 1 or not halves[0].is_contiguous()
+    assert_close(swiglu.swiglu_triton(*halves), swiglu_ref(*(h.contiguous() for h in halves)), "swiglu_triton sliced",
+                 seed)
+    wider = torch.cat([up, up], dim=1)[:, 3:3 + width]  # another row stride than gate's
+    assert_close(swiglu.swiglu_triton(halves[0], wider), swiglu_ref(halves[0].contiguous(), wider.contiguous()),
+                 "swiglu_triton mixed strides", seed)
+    heads = fused.view(rows, 2, width)[:, :1]  # [T, 1, I]: 3-d, rows strided
+    assert_close(swiglu.swiglu_triton(heads, heads), swiglu_ref(heads.contiguous(), heads.contiguous()),
+                 "swiglu_triton 3-d strided", seed)
 
 
 test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k", "triton and not TestCUDA", interpreting=INTERPRETER)
