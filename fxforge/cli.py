@@ -533,6 +533,9 @@ def bench_e2e_cmd(
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
+    fused_step: bool = typer.Option(False, "--fused-step", help="lower with the step fusions (fused q/k/v and "
+                                    "gate/up GEMMs, residual add + RMSNorm, RoPE + KV write) too: one more row per format, "
+                                    "named FORMAT+fused"),
     smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32, no HF peer, no checks): proves the "
                                "code path, measures nothing"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
@@ -579,8 +582,11 @@ def bench_e2e_cmd(
     bandwidth, peak = copy_bandwidth(device), matmul_peak(device)
     import fxforge
 
-    optimized = {name: fxforge.optimize(base, passes=passes + [{"name": "lower", "backend": "triton"}])
-                 for name, passes in formats}
+    lower = {"name": "lower", "backend": "triton"}
+    fused = dict(lower, fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
+    optimized = {name: fxforge.optimize(base, passes=passes + [lower]) for name, passes in formats}
+    if fused_step:  # each format also with the step fusions, the unfused row its peer in this run
+        optimized.update({f"{name}+fused": fxforge.optimize(base, passes=passes + [fused]) for name, passes in formats})
     kv_bytes = int(kv_memory_gb * (1 << 30)) if kv_memory_gb is not None else None
     full_len = prompt_len + max_new_tokens + 16  # run_fxforge's max_model_len
     fits = ({name: seats_in_kv_memory(opt, kv_bytes, full_len) for name, opt in optimized.items()}

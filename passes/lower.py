@@ -10,9 +10,16 @@
     tensors; with backend "torch" to the torch references. CPU tensors always use the references.
     The binding is part of this graph only; other models in the process keep theirs.
 (c) Reports which implementation each op uses on CPU and on CUDA (plan.json, report.md).
+(d) Optional step fusions (issue 14; off by default until their GPU kernels are measured on a GPU):
+    fuse_projections: q/k/v and gate/up projections as one GEMM each (passes/fuse_projections.py: the
+    fused node keeps its parts' roles); fuse_add_norm: the residual add into the RMSNorm after it
+    (fxforge::add_rmsnorm); fuse_rope_kv: K's RoPE into the KV write (fxforge::rope_kv_write)
+    (passes/fuse_elementwise.py). In a layer-tied or skip-decode graph (cut into per-layer modules
+    at run time) the add is fused only with the norm of its own layer.
 
-Requires: role/layer metadata. Runs after `ksort` and `bfp-kv` (they rewrite the modules and the op
-arguments this pass reads). Restorable: the rewrite is structural and needs no data.
+Requires: role/layer metadata. Runs after `ksort`, `bfp-kv` and `layer-tying` (they rewrite the modules
+and the op arguments this pass reads). `skip-decode` may run before or after it, but refuses a graph
+whose residual adds were fused across layers (fuse_add_norm without a skip-decode schedule yet). Restorable: the rewrite is structural and needs no data.
 Guarantees: no RMSNorm call_module node is left (when fuse_norm); logits are unchanged in float32.
 """
 
@@ -44,15 +51,19 @@ class Backend(str, enum.Enum):
 
 @dataclass(frozen=True)
 class Lower(PassConfig):
-    """backend: auto | triton | torch (CUDA implementations); fuse_norm / fuse_swiglu: rewrites to apply."""
+    """backend: auto | triton | torch (CUDA implementations); fuse_norm / fuse_swiglu: rewrites to apply;
+    fuse_projections / fuse_add_norm / fuse_rope_kv: the step fusions of (d)."""
 
     backend: Backend = Backend.AUTO
     fuse_norm: bool = True
     fuse_swiglu: bool = True
+    fuse_projections: bool = False
+    fuse_add_norm: bool = False
+    fuse_rope_kv: bool = False
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("fuse_norm", "fuse_swiglu"):
+        for name in ("fuse_norm", "fuse_swiglu", "fuse_projections", "fuse_add_norm", "fuse_rope_kv"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 
@@ -79,9 +90,10 @@ def _resolve_backend(backend: Backend) -> tuple[str, str]:
     return "triton", "auto: triton and CUDA available"
 
 
-@register_pass("lower", Lower, after=("ksort", "bfp-kv"), check=_check)
+@register_pass("lower", Lower, after=("ksort", "bfp-kv", "layer-tying"), check=_check)
 def lower(gm: fx.GraphModule, config: Lower, ctx) -> PassResult:
-    """Rewrite RMSNorm and SwiGLU into fused ops; bind the CUDA kernels of every custom op."""
+    """Rewrite RMSNorm and SwiGLU into fused ops; bind the CUDA kernels of every custom op; apply the
+    step fusions asked for."""
     spec = spec_of(gm)
     norms = _lower_norms(gm) if config.fuse_norm else 0
     swiglus = _lower_swiglus(gm) if config.fuse_swiglu else 0
@@ -89,13 +101,33 @@ def lower(gm: fx.GraphModule, config: Lower, ctx) -> PassResult:
         gm.graph.lint()
         gm.recompile()
     annotate(gm, spec)
+    fusions = _step_fusions(gm, config)
     backend, why = _resolve_backend(config.backend)
     rebound = _bind(gm, ops.TRITON if backend == "triton" else ops.REFERENCE)
     bound = ops.bindings(gm)
     report = {"backend": backend, "backend_reason": why, "rmsnorm_nodes": norms, "swiglu_nodes": swiglus,
               "rebound_nodes": rebound, "cpu": ops.implementation_names(bound, "cpu"),
-              "cuda": ops.implementation_names(bound, "cuda")}
-    return PassResult(gm, bool(norms or swiglus or rebound), report)
+              "cuda": ops.implementation_names(bound, "cuda"), **fusions}
+    fused = any(record.get("fused", True) for records in fusions.values() for record in records)
+    return PassResult(gm, bool(norms or swiglus or rebound or fused), report)
+
+
+def _step_fusions(gm: fx.GraphModule, config: Lower) -> dict[str, list[dict]]:
+    """(d): {report key: records} of the fusions asked for (records: passes/fuse_*.py)."""
+    from fxforge.ir.recursive import TYING_KEY
+    from fxforge.ir.skip import SKIP_KEY
+    from fxforge.passes.fuse_elementwise import fuse_add_rmsnorm, fuse_rope_kv_write
+    from fxforge.passes.fuse_projections import fuse_projections
+
+    report = {}
+    if config.fuse_projections:
+        report["fused_projections"] = fuse_projections(gm)
+    if config.fuse_add_norm:
+        split_later = TYING_KEY in gm.meta or SKIP_KEY in gm.meta  # cut per layer at run time
+        report["fused_add_norm"] = fuse_add_rmsnorm(gm, across_layers=not split_later)
+    if config.fuse_rope_kv:
+        report["fused_rope_kv_write"] = fuse_rope_kv_write(gm)
+    return report
 
 
 # -- (a) structural rewrites -------------------------------------------------------------------------

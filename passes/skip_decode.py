@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxforge.ir.capture import META_KEY, spec_of
 from fxforge.ir.errors import PassConfigError
-from fxforge.ir.ops import ATTENTION
+from fxforge.ir.ops import ADD_RMSNORM, ATTENTION
 from fxforge.ir.skip import SKIP_KEY, SkipSchedule, build_schedule, decay_table
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -125,6 +125,18 @@ def _check(config: SkipDecode, spec) -> None:
     config.plan(spec.num_layers)
 
 
+def _adds_fused_across_layers(gm: fx.GraphModule) -> list[str]:
+    """fxforge::add_rmsnorm nodes whose branch input (the add's operand) is another layer's."""
+    found = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is ADD_RMSNORM and META_KEY in node.meta:
+            branch = node.args[0]
+            if isinstance(branch, fx.Node) and META_KEY in branch.meta and (
+                    branch.meta[META_KEY].layer != node.meta[META_KEY].layer):
+                found.append(node.name)
+    return found
+
+
 @register_pass("skip-decode", SkipDecode, check=_check)
 def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     """Attach the SkipDecode schedule a(t) to the graph and note on every layer until when it runs."""
@@ -132,6 +144,10 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     if SKIP_KEY in gm.meta:
         raise PassConfigError("skip-decode runs once per model: this graph already carries a skip-decode schedule "
                               f"({gm.meta[SKIP_KEY].to_dict()['top_layers'][:8]}...); compile from the source model")
+    crossing = _adds_fused_across_layers(gm)
+    if crossing:
+        raise PassConfigError(f"skip-decode cuts the graph per layer, but {crossing[0]} fuses a residual add into "
+                              "the next layer's norm (lower fuse_add_norm); run skip-decode before lower")
     schedule = config.plan(spec.num_layers)
     gm.meta[SKIP_KEY] = schedule
     for node in gm.graph.nodes:

@@ -339,8 +339,12 @@ def test_projections_feeding_lora_stay_unfused_in_a_layer_tied_graph(tokens):
 
 def test_layer_tying_refuses_a_fused_graph():
     opt = fused(tiny_model("llama-gqa"))
-    with pytest.raises(PassConfigError, match="layer-tying runs on unfused projections"):
+    # the pipeline refuses it first (lower runs after layer-tying), and the pass itself too when run on the graph
+    with pytest.raises(PassConfigError, match="'layer-tying' must run before it"):
         fxforge.optimize(opt, passes=[LayerTying(unique_layers=1)])
+    from fxforge.passes.manager import registered_passes
+    with pytest.raises(PassConfigError, match="layer-tying runs on unfused projections"):
+        registered_passes()["layer-tying"].fn(opt.module, LayerTying(unique_layers=1), None)
 
 
 def test_bias_mismatch_and_different_inputs_are_reported():

@@ -226,3 +226,42 @@ def test_models_lowered_differently_on_cuda_run_their_own_kernels(monkeypatch, t
     lowered = Model(on_triton.module, on_triton.spec).logits(tokens)
     assert all(spy.calls > 0 for spy in spies.values())
     torch.testing.assert_close(lowered.cpu(), reference.cpu(), rtol=0, atol=2e-3)
+
+
+STEP_FUSIONS = dict(fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
+
+
+def test_step_fusions_are_options_that_keep_the_logits(any_tiny_model, tokens):
+    """lower's step fusions (issue 14 item 2): off by default; asked for, each layer runs fused q/k/v and
+    gate/up GEMMs, add + RMSNorm and RoPE + KV write ops, the report lists them, and the logits are the
+    unfused lowering's to the bit (the fused ops compute exactly what the pairs do)."""
+    spec = any_tiny_model.spec
+    plain = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch")])
+    assert not any(k.startswith("fused_") for k in plain.passes[0]["report"])
+    fused = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch", **STEP_FUSIONS)])
+    report = fused.passes[0]["report"]
+    targets = [n.target for n in fused.module.graph.nodes]
+    assert targets.count(ops.ADD_RMSNORM) == len(report["fused_add_norm"]) == 2 * spec.num_layers
+    assert targets.count(ops.ROPE_KV_WRITE) == len(report["fused_rope_kv_write"]) == spec.num_layers
+    assert ops.KV_WRITE not in targets
+    projections = [r for r in report["fused_projections"] if r["fused"]]
+    assert {r["kind"] for r in projections} == ({"qkv"} if spec.is_moe else {"qkv", "gate_up"})
+    verify(fused.module)
+    torch.testing.assert_close(fused.logits(tokens), plain.logits(tokens), rtol=0, atol=0)
+
+
+def test_step_fusions_stay_inside_layers_of_a_skip_decode_graph(tokens):
+    """A skip-decode graph is cut into per-layer modules at run time: lower after skip-decode fuses each
+    residual add only with its own layer's norm, so the cut still finds one hidden state; skip-decode
+    after a lowering that fused across layers is refused."""
+    from fxforge.ir.skip import split_layers
+    from fxforge.passes import SkipDecode
+
+    model = tiny_model("llama-gqa")
+    with pytest.raises(PassConfigError, match="run skip-decode before lower"):
+        fxforge.optimize(model, passes=[Lower(backend="torch", **STEP_FUSIONS),
+                                        SkipDecode(min_layers=1, warmup_layers=1, span=3)])
+    opt = fxforge.optimize(model, passes=[SkipDecode(min_layers=1, warmup_layers=1, span=3),
+                                          Lower(backend="torch", **STEP_FUSIONS)])
+    assert len(opt.passes[1]["report"]["fused_add_norm"]) == model.spec.num_layers  # the mlp_norm adds only
+    split_layers(opt.module, model.spec.num_layers)

@@ -113,7 +113,7 @@ def test_full_schedule_changes_nothing():
 def test_bad_input_fails_before_any_pass_runs(options, message):
     model = deep_model()
     with pytest.raises(PassConfigError, match=message):
-        fxforge.optimize(model, passes=[Lower(backend="torch"), {"name": "skip-decode", **options}])
+        fxforge.optimize(model, passes=[{"name": "skip-decode", **options}, Lower(backend="torch")])
 
 
 def test_runs_once():
