@@ -11,7 +11,7 @@
 # first; then tune-smol, e2e-smol, fixed-kv, e2e-8b-tiles, long-tiles.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
-#   bash benchmarks/kv_speed_h200.sh tune        # sweep of the three kernels at 4k, 8B shape, 5 formats; tuned configs (~6 min)
+#   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
 #   bash benchmarks/kv_speed_h200.sh tune-smol   # the same at the SmolLM2 shape (256 x 9/3 heads, d64), 3 formats (~4 min)
 #   bash benchmarks/kv_speed_h200.sh e2e-smol    # SmolLM2 bf16 / bfp16 / bfp12-K-bfp16-V, 512 GSM8K x 256, tiles and tuned, HF (~7 min)
 #   bash benchmarks/kv_speed_h200.sh e2e-8b      # Llama-3-8B shape, 64 x 1,792 + 256, the three KV formats, tuned, HF b64 (~7 min)
@@ -19,6 +19,9 @@
 #   bash benchmarks/kv_speed_h200.sh long        # --workload long-context (8k prompts), 32 GiB of KV per format, tuned (~5 min)
 #   bash benchmarks/kv_speed_h200.sh long-tiles  # the same with the tiles kernel (~5 min)
 #   bash benchmarks/kv_speed_h200.sh fixed-kv    # SmolLM2, 1,024-token prompts + 256, 4 GiB of KV per format, tiles and tuned (~6 min)
+#   bash benchmarks/kv_speed_h200.sh fused       # SmolLM2 (random weights, 160-token prompts) and the 8B shape: each KV
+#                                                # format with and without lower's step fusions (--fused-step), no HF
+#   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
 set -o pipefail
 source benchmarks/device_env.sh
 OUT=${OUT:-/tmp/out}
@@ -45,8 +48,9 @@ for stage in "$@"; do
         --kernels tiles,blocks,diag --contexts 1024,4096,16384 --json-out "$OUT/kv_attention_h200.json" 2>&1 | tail -40 ;;
     tune)
       mkdir -p .devcarry/configs
-      timeout 560 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_8b_h200.json" --sweep --contexts 4096 \
-        --formats bfp12_32 bfp16_32 mxfp4_32 bfloat16 bfp12_32/bfp16_32 --tune .devcarry/configs 2>&1 | tail -20
+      timeout 560 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_8b_h200.json" --sweep --ablate --kernels tiles \
+        --contexts 4096 --formats bfp12_32 bfp16_32 mxfp4_32 bfloat16 bfp12_32/bfp16_32 --tune .devcarry/configs \
+        > "$OUT/kv_sweep_8b_h200.log" 2>&1; tail -30 "$OUT/kv_sweep_8b_h200.log"
       cp .devcarry/configs/paged_decode_*.json "$OUT/" ;;
     tune-smol)
       mkdir -p .devcarry/configs
@@ -64,12 +68,18 @@ for stage in "$@"; do
       e2e tuned long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
     long-tiles)
       e2e tiles long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
+    fused)
+      e2e tuned fused_smol smollm2-135m --random-init --prompt-len 160 --kv "$KV" --hf-batch "" --fused-step --repeats 3
+      e2e tuned fused_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
+        --hf-batch "" --fused-step --repeats 2 ;;
+    long16)
+      e2e tuned long16 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 1 ;;
     fixed-kv)
       for kernel in tiles tuned; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done
