@@ -31,6 +31,7 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     num_decode_steps: int = 8  # K: decode steps per engine step when only decodes can run (1 = off)
     use_cuda_graphs: bool = False  # replay captured CUDA graphs for pure-decode steps
+    direct_dispatch: bool = True  # eager steps call the bound kernels directly, not through torch.library
     eos_token_id: int | None = None  # the token that ends generation (unless SamplingParams.ignore_eos)
     chat: bool = True  # text prompts go through the model's chat template
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
@@ -43,7 +44,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"EngineConfig.{name} must be an int >= {minimum}, got {value!r}")
-        for name in ("enable_chunked_prefill", "use_cuda_graphs", "chat"):
+        for name in ("enable_chunked_prefill", "use_cuda_graphs", "direct_dispatch", "chat"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.loop_policy not in LOOP_POLICIES:

@@ -25,7 +25,10 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+import torch.fx as fx
+
 from fxforge.ir.model import BatchInputs
+from fxforge.ir.ops import direct_module
 
 from .config import EngineConfig
 from .sampling import make_generator, sample
@@ -41,6 +44,10 @@ class ModelRunner:
 
     def __init__(self, model, config: EngineConfig):
         self.model, self.config = model, config
+        # eager steps (those carrying prefill, and all steps without CUDA graphs) skip torch.library's
+        # dispatch: the graph's custom ops call their bound implementations directly (ir/ops.py)
+        self._eager = (direct_module(model.module) if config.direct_dispatch and isinstance(model.module, fx.GraphModule)
+                       else model.module)
         self.device = model.device
         self.scratch_page = config.num_pages  # the reserved page for padded graph rows
         self.kv_cache = self._new_kv_cache()
@@ -138,7 +145,7 @@ class ModelRunner:
         if self.graphs and is_decode and len(out.scheduled) <= max(self.graphs):
             logits = self._replay(batch, len(out.scheduled))
         else:
-            logits = self.model.forward(batch, self.kv_cache)
+            logits = self._eager(*batch.args(), self.kv_cache)
         self._tally_experts()
         return logits
 
@@ -166,7 +173,7 @@ class ModelRunner:
                 graph.replay()
                 logits = logits_out[:n]
             else:
-                logits = self.model.forward(batch, self.kv_cache)
+                logits = self._eager(*batch.args(), self.kv_cache)
             self._tally_experts()
             tokens = sample_fn(logits)
             produced.append(tokens)

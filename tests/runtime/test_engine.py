@@ -200,3 +200,27 @@ def test_cuda_graph_windows_match_single_steps_and_reference(passes):
     assert runs[6] == runs[1]
     if not passes:
         assert runs[1] == reference
+
+
+@pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-moe"])
+def test_eager_steps_skip_torch_library_dispatch_with_the_same_tokens(kind, monkeypatch):
+    """Eager steps run the lowered graph with its custom ops called directly (ir/ops.py DIRECT): every
+    op but the MoE one goes through a direct function, none through torch.library, and the greedy
+    tokens equal those of the dispatching run (direct_dispatch=False)."""
+    import fxforge
+    from fxforge.ir import ops
+
+    model = fxforge.optimize(tiny_model(kind), passes=["bfp-kv", "lower"])
+    prompts = _prompts(5, seed=3)
+    params = SamplingParams(max_new_tokens=6, ignore_eos=True)
+    dispatched = Engine(model, num_pages=64, page_size=4, max_num_batched_tokens=32, direct_dispatch=False)
+    expected = [o.token_ids for o in dispatched.generate(prompts, params)]
+    calls = []
+    real = ops.implementation
+    monkeypatch.setattr(ops, "implementation", lambda name, impl, t: calls.append(name) or real(name, impl, t))
+    engine = Engine(model, num_pages=64, page_size=4, max_num_batched_tokens=32)
+    direct = engine.runner._eager
+    targets = {n.target for n in direct.graph.nodes if n.op == "call_function"}
+    assert not targets & (set(ops.OP_NAMES) - {ops.MOE}) and targets & set(ops.DIRECT.values())
+    assert [o.token_ids for o in engine.generate(prompts, params)] == expected
+    assert {"rmsnorm", "attention", "kv_write", "rope"} <= set(calls)
