@@ -198,6 +198,16 @@ def set_kv_format_args(node: fx.Node, k_format: str, v_format: str) -> None:
     node.args = tuple(args)
 
 
-__all__ = ["capture", "annotate", "meta", "NodeMeta", "HeadLayout", "nodes_by_role", "kv_formats",
+__all__ = ["capture", "annotate", "meta", "NodeMeta", "HeadLayout", "nodes_by_role", "kv_formats", "traced_in",
            "set_kv_format_args", "spec_of", "ROPE", "ATTENTION", "KV_WRITE", "ROLES", "META_KEY", "sliced_part",
            "node_roles", "ProjectionPart", "ATTENTION_PARTS", "MLP_PARTS"]
+
+
+def traced_in(node: fx.Node, module_type: type) -> bool:
+    """Whether the innermost module a node was traced in (its nn_module_stack) is a module_type."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return False
+    innermost = list(stack.values())[-1]
+    owner = innermost[1] if isinstance(innermost, tuple) else innermost
+    return isinstance(owner, type) and issubclass(owner, module_type)

@@ -145,6 +145,21 @@ def _rope_kernel(
 
 
 @jit
+def permuted_pair(code, HEAD_DIM: tl.constexpr, INTERLEAVED: tl.constexpr):
+    # a rope_tables entry -> (is the channel the first of its original pair, its frequency index,
+    # the channel holding its partner)
+    original = code & 0xFFFF
+    partner = code >> 16
+    if INTERLEAVED:
+        is_first = (original % 2) == 0
+        freq = original // 2
+    else:
+        is_first = original < HEAD_DIM // 2
+        freq = tl.where(is_first, original, original - HEAD_DIM // 2)
+    return is_first, freq, partner
+
+
+@jit
 def _rope_permuted_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input in permuted channel order, unit stride along D
     out_ptr,  # *same dtype [T, H, D] out, contiguous
@@ -164,14 +179,7 @@ def _rope_permuted_kernel(
     channels = tl.arange(0, BLOCK_D)[None, :]
     mask = (heads < num_heads) & (channels < HEAD_DIM)
     code = tl.load(table_ptr + heads * HEAD_DIM + channels, mask=mask, other=0)
-    original = code & 0xFFFF
-    partner = code >> 16
-    if INTERLEAVED:
-        is_first = (original % 2) == 0
-        freq = original // 2
-    else:
-        is_first = original < HEAD_DIM // 2
-        freq = tl.where(is_first, original, original - HEAD_DIM // 2)
+    is_first, freq, partner = permuted_pair(code, HEAD_DIM, INTERLEAVED)
     angle = tl.load(positions_ptr + token).to(tl.float32) * tl.load(inv_freq_ptr + freq, mask=mask, other=0.0).to(tl.float32)
     sin = tl.sin(angle)
     row = x_ptr + token * stride_xt + heads * stride_xh

@@ -21,7 +21,7 @@ import torch
 
 from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
 from fxforge.kernels.kv_cache import _check_write, kv_write_pair_ref
-from fxforge.kernels.rope import _check_rope_inputs, rope_ref, rope_tables
+from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
 _VALUES_PER_PROGRAM = 1024  # K values (and as many V values) one program writes: heads = this // D
@@ -63,14 +63,7 @@ def _row_values(
     if ROTATE:
         if PERMUTED:  # _rope_permuted_kernel's formula
             code = tl.load(table_ptr + head * HEAD_DIM + channel, mask=mask, other=0)
-            original = code & 0xFFFF
-            partner = code >> 16
-            if INTERLEAVED:
-                is_first = (original % 2) == 0
-                freq = original // 2
-            else:
-                is_first = original < HEAD_DIM // 2
-                freq = tl.where(is_first, original, original - HEAD_DIM // 2)
+            is_first, freq, partner = permuted_pair(code, HEAD_DIM, INTERLEAVED)
             angle = position * tl.load(inv_freq_ptr + freq, mask=mask, other=0.0).to(tl.float32)
             sin = tl.sin(angle)
             x_partner = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)

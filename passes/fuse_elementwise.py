@@ -36,7 +36,7 @@ import torch
 import torch.fx as fx
 
 from fxforge.ir import ops
-from fxforge.ir.capture import META_KEY, NodeMeta
+from fxforge.ir.capture import META_KEY, NodeMeta, traced_in
 from fxforge.ir.modules import DecoderLayer
 
 FUSED_FROM = "fused_from"  # node.meta key: [(target, args, meta)] of the nodes a fused node replaced
@@ -133,12 +133,7 @@ def _is_residual_add(node) -> bool:
     if not (isinstance(node, fx.Node) and node.op == "call_function" and node.target in _ADDS
             and len(node.args) == 2 and not node.kwargs and all(isinstance(a, fx.Node) for a in node.args)):
         return False
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return False
-    owner = list(stack.values())[-1]
-    owner = owner[1] if isinstance(owner, tuple) else owner
-    return isinstance(owner, type) and issubclass(owner, DecoderLayer)
+    return traced_in(node, DecoderLayer)
 
 
 def _users_follow(add: fx.Node, norm: fx.Node) -> bool:

@@ -35,7 +35,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxforge.ir import ops
-from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of
+from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of, traced_in
 from fxforge.ir.modules import MLP, RMSNorm
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
@@ -170,7 +170,7 @@ def _swiglu_operands(node: fx.Node):
     """(silu node, gate, up) if node is mul(silu(gate), up) (either order) inside a dense MLP."""
     if node.op != "call_function" or node.target not in _MUL or len(node.args) != 2 or node.kwargs:
         return None
-    if not _inside(node, MLP):
+    if not traced_in(node, MLP):
         return None
     for silu, up in (node.args, node.args[::-1]):
         if (isinstance(silu, fx.Node) and isinstance(up, fx.Node) and silu.op == "call_function"
@@ -178,15 +178,6 @@ def _swiglu_operands(node: fx.Node):
                 and not silu.kwargs.get("inplace", False)):
             return silu, silu.args[0], up
     return None
-
-
-def _inside(node: fx.Node, module_type: type) -> bool:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return False
-    innermost = list(stack.values())[-1]
-    owner = innermost[1] if isinstance(innermost, tuple) else innermost
-    return isinstance(owner, type) and issubclass(owner, module_type)
 
 
 def _adopt(new: fx.Node, old: fx.Node, notes: dict | None = None) -> None:

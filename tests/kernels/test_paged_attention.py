@@ -132,14 +132,19 @@ DECODE_CASES = {
 @needs_interpreter
 @pytest.mark.parametrize("case", list(DECODE_CASES), ids=list(DECODE_CASES))
 def test_decode_matches_reference(case, seed):
+    check_decode_case(case, seed)
+
+
+def check_decode_case(case, seed, **launch):
+    """One DECODE_CASES case against attention_ref, split in 1 and 3 slices, launched with `launch`."""
     k_format, v_format, g, hkv, d, q_dtype, lens, page_size = DECODE_CASES[case]
     q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, q_dtype,
                                                                 page_size, seed)
     expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, 0)
     for num_splits in (1, 3):
         out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5,
-                                        num_splits=num_splits)
-        assert_close(out, expected, q_dtype, f"decode {case} num_splits={num_splits}", seed)
+                                        num_splits=num_splits, **launch)
+        assert_close(out, expected, q_dtype, f"decode {case} num_splits={num_splits} {launch}", seed)
 
 
 PREFETCH_CASES = [c for c in DECODE_CASES if "bfp14" not in c]
@@ -150,14 +155,7 @@ PREFETCH_CASES = [c for c in DECODE_CASES if "bfp14" not in c]
 def test_tiles_decode_with_register_prefetch_matches_reference(case, seed):
     """The "tiles" kernel with the next tile's raw bytes loaded before this tile's math (prefetch),
     split or not, tiles of 16 tokens so the prefetch crosses pages and runs past the slice's end."""
-    k_format, v_format, g, hkv, d, q_dtype, lens, page_size = DECODE_CASES[case]
-    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, q_dtype,
-                                                                page_size, seed)
-    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, 0)
-    for num_splits in (1, 3):
-        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5,
-                                        num_splits=num_splits, kernel="tiles", prefetch=True, block_n=16)
-        assert_close(out, expected, q_dtype, f"tiles prefetch decode {case} num_splits={num_splits}", seed)
+    check_decode_case(case, seed, kernel="tiles", prefetch=True, block_n=16)
 
 
 @needs_interpreter
