@@ -216,3 +216,18 @@ def test_bench_attention_checks_kernels_and_cuda():
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["bench", "attention", "--kernels", "blocks"])
         assert result.exit_code == 2 and "needs a CUDA device" in result.output
+
+
+def test_fused_step_adds_a_fused_row_next_to_each_format(tmp_path):
+    """--fused-step: each KV format runs twice in one bench, lowered plainly and with the step fusions
+    (FORMAT+fused), so the fused row's peer is measured in the same run."""
+    source = write_tiny_checkpoint(tmp_path / "hf")
+    out = tmp_path / "e2e.json"
+    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--smoke", "--random-init", "--fused-step", "--prompts", "2",
+                                      "--prompt-len", "12", "--max-new-tokens", "3", "--kv", "bfloat16",
+                                      "--decode-steps", "2", "--repeats", "1", "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = {r["kv_format"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(runs) == ["bfloat16", "bfloat16+fused"]
+    assert runs["bfloat16"]["tokens"] == runs["bfloat16+fused"]["tokens"] == 6
+    assert runs["bfloat16"]["flops"] == runs["bfloat16+fused"]["flops"]  # the same work, fewer launches
