@@ -1440,8 +1440,8 @@ class DecodeConfig:
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
     with 2-d dots against a block-diagonal q). prefetch: the next tile's bytes are loaded into
     registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
-    which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats). block_n: tokens per iteration;
-    programs_per_sm: the split-K target of auto_num_splits."""
+    which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats).
+    block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
 
@@ -1785,7 +1785,8 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
     if config.kernel == "tiles":
         prefetch = config.prefetch and all(f.is_dense or f.mantissa_bits != 6 for f in (k_fmt, v_fmt))
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
-                                          PREFETCH=prefetch, ABLATE=0, **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
+                                          PREFETCH=prefetch, ABLATE=0,
+                                          **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)

@@ -19,7 +19,8 @@
 
 Requires: role/layer metadata. Runs after `ksort`, `bfp-kv` and `layer-tying` (they rewrite the modules
 and the op arguments this pass reads). `skip-decode` may run before or after it, but refuses a graph
-whose residual adds were fused across layers (fuse_add_norm without a skip-decode schedule yet). Restorable: the rewrite is structural and needs no data.
+whose residual adds were fused across layers (fuse_add_norm without a skip-decode schedule yet).
+Restorable: the rewrite is structural and needs no data.
 Guarantees: no RMSNorm call_module node is left (when fuse_norm); logits are unchanged in float32.
 """
 

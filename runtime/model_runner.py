@@ -46,8 +46,8 @@ class ModelRunner:
         self.model, self.config = model, config
         # eager steps (those carrying prefill, and all steps without CUDA graphs) skip torch.library's
         # dispatch: the graph's custom ops call their bound implementations directly (ir/ops.py)
-        self._eager = (direct_module(model.module) if config.direct_dispatch and isinstance(model.module, fx.GraphModule)
-                       else model.module)
+        direct = config.direct_dispatch and isinstance(model.module, fx.GraphModule)
+        self._eager = direct_module(model.module) if direct else model.module
         self.device = model.device
         self.scratch_page = config.num_pages  # the reserved page for padded graph rows
         self.kv_cache = self._new_kv_cache()

@@ -223,8 +223,8 @@ def test_fused_step_adds_a_fused_row_next_to_each_format(tmp_path):
     (FORMAT+fused), so the fused row's peer is measured in the same run."""
     source = write_tiny_checkpoint(tmp_path / "hf")
     out = tmp_path / "e2e.json"
-    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--smoke", "--random-init", "--fused-step", "--prompts", "2",
-                                      "--prompt-len", "12", "--max-new-tokens", "3", "--kv", "bfloat16",
+    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--smoke", "--random-init", "--fused-step",
+                                      "--prompts", "2", "--prompt-len", "12", "--max-new-tokens", "3", "--kv", "bfloat16",
                                       "--decode-steps", "2", "--repeats", "1", "--json-out", str(out)])
     assert result.exit_code == 0, result.output
     runs = {r["kv_format"]: r for r in json.loads(out.read_text())["runs"]}
