@@ -462,12 +462,14 @@ def _load_paged_raw(data_ptr, scale_ptr, stride_data_page, stride_data_slot, str
 
 
 @jit
-def _raw_row_sum(raw, BLOCK: tl.constexpr):
-    # float32 [ROWS]: each row's sum of a _load_raw_tile tile (benchmark ablations only)
-    total = tl.sum(raw.to(tl.float32), 1)
-    if BLOCK != 0:
-        total = tl.sum(total, 1)
-    return total
+def _raw_zeros(data_ptr, ROWS: tl.constexpr, D_PAD: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr):
+    # zeros shaped and typed like a _load_raw_tile tile (benchmark ablations: an elementwise running
+    # max of the tiles keeps their loads alive at one instruction a value, no reduction per tile)
+    if BLOCK == 0:
+        zeros = tl.zeros([ROWS, D_PAD], data_ptr.dtype.element_ty)
+    else:
+        zeros = tl.zeros([ROWS, D_PAD // BLOCK, BLOCK * BITS // 8], tl.uint8)
+    return zeros
 
 
 @jit
@@ -673,7 +675,11 @@ def _paged_decode_kernel(
     page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
     tokens = lo + tl.arange(0, BLOCK_N)
     page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
-    sink = tl.zeros([BLOCK_N], tl.float32)  # ABLATE only: what the skipped math would have read
+    # ABLATE only: running elementwise maxima of what the skipped stages would have read
+    k_sink = _raw_zeros(k_data_ptr, BLOCK_N, D_PAD, K_BITS, K_BLOCK)
+    v_sink = _raw_zeros(v_data_ptr, BLOCK_N, D_PAD, V_BITS, V_BLOCK)
+    k_tile_sink = tl.zeros([BLOCK_N, D_PAD // K_PHASES], K_TILE_DTYPE)
+    v_tile_sink = tl.zeros([BLOCK_N, D_PAD // V_PHASES], DOT_DTYPE)
     if PREFETCH:  # the first tile's bytes, and the second tile's page ids
         k_raw, k_exp = _load_paged_raw(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
                                        stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
@@ -710,11 +716,13 @@ def _paged_decode_kernel(
                     v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
                     stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head, live, D, D_PAD, V_BITS, V_BLOCK)
         if ABLATE == 1:  # the bytes only: a running sum keeps the loads alive
-            sink += _raw_row_sum(k_raw, K_BLOCK) + _raw_row_sum(v_raw, V_BLOCK)
+            k_sink = tl.maximum(k_sink, k_raw)
+            v_sink = tl.maximum(v_sink, v_raw)
         elif ABLATE == 2:  # decoded, no dots and no softmax
             k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
             v0, v1 = _decode_raw_tile(v_raw, v_exp, BLOCK_N, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
-            sink += tl.sum(k0.to(tl.float32) + k1.to(tl.float32), 1) + tl.sum(v0.to(tl.float32) + v1.to(tl.float32), 1)
+            k_tile_sink = tl.maximum(k_tile_sink, tl.maximum(k0, k1))
+            v_tile_sink = tl.maximum(v_tile_sink, tl.maximum(v0, v1))
         else:
             if PREFETCH:
                 k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
@@ -744,8 +752,10 @@ def _paged_decode_kernel(
         else:
             page = next_page
 
-    if ABLATE != 0:  # keep the loads: one value of the sink lands in the output (the result is not attention)
-        acc0 += tl.sum(sink, 0)
+    if ABLATE == 1:  # keep the loads: one value of the sinks lands in the output (the result is not attention)
+        acc0 += tl.sum(k_sink.to(tl.float32), axis=None) + tl.sum(v_sink.to(tl.float32), axis=None)
+    elif ABLATE == 2:
+        acc0 += tl.sum(k_tile_sink.to(tl.float32), axis=None) + tl.sum(v_tile_sink.to(tl.float32), axis=None)
 
     _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, row_ok,
                         tl.trans(acc0), tl.trans(acc1), m_i, l_i, G, D, D_PAD, V_PHASES, SPLIT)
