@@ -676,10 +676,12 @@ def _paged_decode_kernel(
     tokens = lo + tl.arange(0, BLOCK_N)
     page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
     # ABLATE only: running elementwise maxima of what the skipped stages would have read
-    k_sink = _raw_zeros(k_data_ptr, BLOCK_N, D_PAD, K_BITS, K_BLOCK)
-    v_sink = _raw_zeros(v_data_ptr, BLOCK_N, D_PAD, V_BITS, V_BLOCK)
-    k_tile_sink = tl.zeros([BLOCK_N, D_PAD // K_PHASES], K_TILE_DTYPE)
-    v_tile_sink = tl.zeros([BLOCK_N, D_PAD // V_PHASES], DOT_DTYPE)
+    if ABLATE == 1:
+        k_sink = _raw_zeros(k_data_ptr, BLOCK_N, D_PAD, K_BITS, K_BLOCK)
+        v_sink = _raw_zeros(v_data_ptr, BLOCK_N, D_PAD, V_BITS, V_BLOCK)
+    if ABLATE == 2:
+        k_tile_sink = tl.zeros([BLOCK_N, D_PAD // K_PHASES], K_TILE_DTYPE)
+        v_tile_sink = tl.zeros([BLOCK_N, D_PAD // V_PHASES], DOT_DTYPE)
     if PREFETCH:  # the first tile's bytes, and the second tile's page ids
         k_raw, k_exp = _load_paged_raw(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
                                        stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
