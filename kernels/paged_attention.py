@@ -174,26 +174,9 @@ cvt.rn.bf16x2.f32 $0, f1, f0;
 cvt.rn.bf16x2.f32 $1, f3, f2;
 }
 """
-# 4-bit codes unscaled (the block-scaled kernels): as _BFP4_PTX with (1, 1) and (-136, -136) in place
-# of the per-byte operands, so $0-$3 out, $4 the 4 bytes, and no operand permutes.
-_BFP4_CODES_PTX = """
-{
-.reg .b32 lo, hi, one, bias;
-mov.b32 one, 0x3F803F80;
-mov.b32 bias, 0xC308C308;
-lop3.b32 lo, $4, 0x0F0F0F0F, 0x08080808, 0x6a;
-shr.u32 hi, $4, 4;
-lop3.b32 hi, hi, 0x0F0F0F0F, 0x08080808, 0x6a;
-prmt.b32 $0, lo, 0x43434343, 0x7170;
-prmt.b32 $1, lo, 0x43434343, 0x7372;
-prmt.b32 $2, hi, 0x43434343, 0x7170;
-prmt.b32 $3, hi, 0x43434343, 0x7372;
-fma.rn.bf16x2 $0, $0, one, bias;
-fma.rn.bf16x2 $1, $1, one, bias;
-fma.rn.bf16x2 $2, $2, one, bias;
-fma.rn.bf16x2 $3, $3, one, bias;
-}
-"""
+# _BFP4_PTX's per-byte operands at scale 1 (unscaled codes, the block-scaled kernels): the bf16 pairs
+# (1, 1) = 0x3F803F80 and (-136, -136) = 0xC308C308 (as an int32)
+_BFP4_UNIT_MUL, _BFP4_UNIT_BIAS = 0x3F803F80, 0xC308C308 - (1 << 32)
 # MXFP4 (E2M1 codes), 4 bytes (8 codes) per instance, operands as _BFP4_PTX without the bias: $0-$3
 # out, $4 the 4 bytes, $5-$8 per byte (s, s) as bf16x2. A code's bf16 bits come from two 8-entry byte
 # tables indexed by its magnitude (prmt: high bytes 00 3F 3F 3F 40 40 40 40, low bytes 00 00 80 C0
@@ -248,7 +231,7 @@ _MXFP4_CODES_PTX = "\n".join(line for line in _MXFP4_PTX.splitlines()
 if HAS_TRITON:
     _BFP4_PTX_ASM = tl.constexpr(_BFP4_PTX)
     _BFP8_PTX_ASM = tl.constexpr(_BFP8_PTX)
-    _BFP4_CODES_PTX_ASM = tl.constexpr(_BFP4_CODES_PTX)
+    _BFP4_UNIT_MUL_C, _BFP4_UNIT_BIAS_C = tl.constexpr(_BFP4_UNIT_MUL), tl.constexpr(_BFP4_UNIT_BIAS)
     _MXFP4_PTX_ASM = tl.constexpr(_MXFP4_PTX)
     _MXFP4_CODES_PTX_ASM = tl.constexpr(_MXFP4_CODES_PTX)
 
@@ -272,13 +255,6 @@ def _mxfp4_to_bf16_asm(packed, mul):
 def _mxfp4_codes_to_bf16_asm(packed):
     # packed: uint8 bytes -> (low-nibble E2M1 codes, high-nibble ones) as bf16, unscaled
     return tl.inline_asm_elementwise(asm=_MXFP4_CODES_PTX_ASM, constraints="=r,=r,=r,=r,r", args=[packed],
-                                     dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
-
-
-@jit
-def _bfp4_codes_to_bf16_asm(packed):
-    # packed: uint8 bytes -> (low-nibble codes, high-nibble codes) as bf16, unscaled (see _BFP4_CODES_PTX)
-    return tl.inline_asm_elementwise(asm=_BFP4_CODES_PTX_ASM, constraints="=r,=r,=r,=r,r", args=[packed],
                                      dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
 
 
@@ -850,8 +826,9 @@ def _block_codes(raw, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.conste
     elif BITS == 4:
         if ASM and MXFP4:
             even, odd = _mxfp4_codes_to_bf16_asm(raw)
-        elif ASM:
-            even, odd = _bfp4_codes_to_bf16_asm(raw)
+        elif ASM:  # _BFP4_PTX at scale 1
+            even, odd = _bfp4_to_bf16_asm(raw, tl.full(raw.shape, _BFP4_UNIT_MUL_C, tl.int32),
+                                          tl.full(raw.shape, _BFP4_UNIT_BIAS_C, tl.int32))
         else:
             codes = raw.to(tl.int32)
             if MXFP4:

@@ -591,7 +591,9 @@ def test_mxfp4_ptx_decodes_exactly(seed):
 def test_bfp4_codes_ptx_decodes_exactly(seed):
     codes, _ = _packed_cases(seed)
     word = sum(codes[:, i] << np.uint32(8 * i) for i in range(4)).astype(np.uint32)
-    got = _ptx_values(run_ptx(pa._BFP4_CODES_PTX, [0, 0, 0, 0, word]))
+    ones, bias = np.uint32(pa._BFP4_UNIT_MUL), np.uint32(pa._BFP4_UNIT_BIAS & 0xFFFFFFFF)  # as _block_codes passes
+    got = _ptx_values(run_ptx(pa._BFP4_PTX, [0, 0, 0, 0, word, *[np.full_like(word, ones)] * 4,
+                                             *[np.full_like(word, bias)] * 4]))
     expected = np.concatenate([_signed(codes & 15, 4), _signed(codes >> 4, 4)], 1)
     assert (got == expected).all(), f"unscaled 4-bit PTX decode, seed {seed}: {int((got != expected).sum())} differ"
 
