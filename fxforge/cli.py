@@ -471,19 +471,21 @@ def bench_attention_cmd(
     head_dim: int = typer.Option(128, help="head dim"),
     contexts: str = typer.Option("1024,4096,16384", help="context lengths"),
     formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats (K/V pairs as bfp12_32/bfp16_32)"),
-    kernels: str = typer.Option("tiles,blocks,diag", help="our decode kernels to time, each in the same run: "
-                                "tiles (per-value scales, the pre-issue-14 kernel), blocks and diag (per-block scales)"),
+    kernels: str = typer.Option("tiles,blocks,diag,fma", help="our decode kernels to time, each in the same run: "
+                                "tiles (per-value scales, the pre-issue-14 kernel), blocks and diag (per-block "
+                                "scales), fma (CUDA-core FMAs, no tensor cores)"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Paged decode attention (our Triton kernels per KV format) vs SDPA over bf16 KV."""
     import torch
 
     from fxforge.kernels.attention_bench import bench_decode
+    from fxforge.kernels.paged_attention import DECODE_KERNELS
 
     kernel_list = [k.strip() for k in kernels.split(",") if k.strip()]
-    if not kernel_list or set(kernel_list) - {"tiles", "blocks", "diag"}:
+    if not kernel_list or set(kernel_list) - set(DECODE_KERNELS):
         raise FxforgeError(f"--kernels {kernels!r} is not valid; expected a comma-separated subset of "
-                           "tiles,blocks,diag")
+                           f"{','.join(DECODE_KERNELS)}")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench attention needs a CUDA device")
     rows = bench_decode(batch, q_heads, kv_heads, head_dim, tuple(int(c) for c in contexts.split(",")),
