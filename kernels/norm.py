@@ -2,7 +2,8 @@
 
     y = weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)
 
-The statistics and the normalisation run in float32; the normalised row is rounded to x's dtype
+The statistics and the normalisation run in float32 (the sum of squares in a fixed pairwise order, so
+it does not depend on how the compiler lays the row out); the normalised row is rounded to x's dtype
 before the weight multiply, exactly as the canonical RMSNorm module does, and the result takes the
 promoted dtype of weight and x. A weight of k dims scales the last k dims of x, so row r of x viewed
 as [R, N] uses weight row r mod (weight.numel() / N).
@@ -43,6 +44,20 @@ def add_rmsnorm_ref(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tenso
 
 
 @jit
+def _sum_of_squares(x, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, LOG2_BLOCK_N: tl.constexpr):
+    # Row sums of x * x, [BLOCK_R, 1], as a fixed pairwise tree: s[i] = s[2i] + s[2i + 1], log2(BLOCK_N)
+    # times. tl.sum adds in the order of the register layout the compiler picks, and that follows the
+    # kernel's other loads and stores: add_rmsnorm's store of the sum gave its reduction another layout
+    # than rmsnorm's (sm_90), so the two differed in the last bit. A sum over an axis of two is one
+    # commutative add in any layout; with FMA contraction off (see the launch) no square fuses into an
+    # add where both happen to sit in one thread. Wide rows pay a few more shuffles and barriers.
+    squares = x * x
+    for level in tl.static_range(LOG2_BLOCK_N):
+        squares = tl.sum(tl.reshape(squares, [BLOCK_R, BLOCK_N >> (level + 1), 2]), axis=2)
+    return squares
+
+
+@jit
 def _rmsnorm_kernel(
     x_ptr,  # *fp32|bf16|fp16 [R, N]: rows to normalise, unit stride along N
     residual_ptr,  # *same [R, N]: added to x first (read only when HAS_RESIDUAL)
@@ -59,6 +74,7 @@ def _rmsnorm_kernel(
     BLOCK_R: tl.constexpr,  # rows per program (power of two)
     HAS_RESIDUAL: tl.constexpr,  # fuse s = x + residual
     SUM_BF16: tl.constexpr,  # the sum is bfloat16 (rounded via round_to_bf16, as torch rounds it)
+    LOG2_BLOCK_N: tl.constexpr,  # log2(BLOCK_N)
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)[:, None]
     cols = tl.arange(0, BLOCK_N)[None, :]
@@ -72,7 +88,7 @@ def _rmsnorm_kernel(
             total = (xf + residual).to(sum_ptr.dtype.element_ty)
         tl.store(sum_ptr + rows * N + cols, total, mask=mask)
         xf = total.to(tl.float32)
-    mean_square = tl.sum(xf * xf, axis=1)[:, None] / N
+    mean_square = _sum_of_squares(xf, BLOCK_R, BLOCK_N, LOG2_BLOCK_N) / N
     if HAS_RESIDUAL:  # rounded to the dtype of the row normalised: the sum's
         normed = (xf * tl.math.rsqrt(mean_square + eps)).to(sum_ptr.dtype.element_ty).to(tl.float32)
     else:
@@ -127,7 +143,9 @@ def _launch(x, weight, eps, residual):
     _rmsnorm_kernel[grid](x_rows, residual_rows, weight.contiguous(), out, total, x_rows.shape[0], weight.numel() // n,
                           x_rows.stride(0), residual_rows.stride(0), float(eps), N=n, BLOCK_N=block_n,
                           BLOCK_R=block_r, HAS_RESIDUAL=residual is not None,
-                          SUM_BF16=residual is not None and total.dtype == torch.bfloat16, num_warps=min(16, max(4, block_n * block_r // 1024)))
+                          SUM_BF16=residual is not None and total.dtype == torch.bfloat16,
+                          LOG2_BLOCK_N=block_n.bit_length() - 1, num_warps=min(16, max(4, block_n * block_r // 1024)),
+                          enable_fp_fusion=False)  # no FMA: the sum of squares is the same in every layout
     return out, total
 
 

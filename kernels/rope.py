@@ -109,6 +109,15 @@ def rotate_keys_ref(k: torch.Tensor, positions: torch.Tensor, key_rope: torch.Te
 
 
 @jit
+def rotated(x, x_partner, cos, signed_sin):
+    # One channel of a rotated pair: x cos + x_partner sin (-sin for the pair's first channel), with
+    # the FMA written out. Left to the compiler, which product is contracted into the add depends on
+    # how the expression is spelled: _rope_kernel's x2 cos + x1 sin and rope_kv_write's
+    # x cos + x_partner sin (the same value) once rounded float32 keys differently.
+    return tl.fma(x, cos, x_partner * signed_sin)
+
+
+@jit
 def _rope_kernel(
     x_ptr,  # *fp32|bf16|fp16 [T, H, D]: input, unit stride along D
     out_ptr,  # *same dtype [T, H, D] out, contiguous
@@ -140,8 +149,8 @@ def _rope_kernel(
     x1 = tl.load(row + first, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(row + second, mask=mask, other=0.0).to(tl.float32)
     out = out_ptr + (token * num_heads + heads) * HEAD_DIM
-    tl.store(out + first, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=mask)
-    tl.store(out + second, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + first, rotated(x1, x2, cos, -sin).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out + second, rotated(x2, x1, cos, sin).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @jit
@@ -185,7 +194,7 @@ def _rope_permuted_kernel(
     row = x_ptr + token * stride_xt + heads * stride_xh
     x = tl.load(row + channels, mask=mask, other=0.0).to(tl.float32)
     x_partner = tl.load(row + partner, mask=mask, other=0.0).to(tl.float32)
-    out = x * tl.cos(angle) + tl.where(is_first, -sin, sin) * x_partner
+    out = rotated(x, x_partner, tl.cos(angle), tl.where(is_first, -sin, sin))
     tl.store(out_ptr + (token * num_heads + heads) * HEAD_DIM + channels, out.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
 from fxforge.kernels.kv_cache import _check_write, kv_write_pair_ref
-from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables
+from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables, rotated
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
 _VALUES_PER_PROGRAM = 1024  # K values (and as many V values) one program writes: heads = this // D
@@ -67,7 +67,7 @@ def _row_values(
             angle = position * tl.load(inv_freq_ptr + freq, mask=mask, other=0.0).to(tl.float32)
             sin = tl.sin(angle)
             x_partner = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)
-            out = x * tl.cos(angle) + tl.where(is_first, -sin, sin) * x_partner
+            out = rotated(x, x_partner, tl.cos(angle), tl.where(is_first, -sin, sin))
         else:  # _rope_kernel's formula: (x1 cos - x2 sin, x2 cos + x1 sin) per pair
             if INTERLEAVED:
                 is_first = (channel % 2) == 0
@@ -81,7 +81,7 @@ def _row_values(
             cos = tl.cos(angle)
             sin = tl.sin(angle)
             x_partner = tl.load(ptr + partner, mask=mask, other=0.0).to(tl.float32)
-            out = tl.where(is_first, x * cos - x_partner * sin, x * cos + x_partner * sin)
+            out = rotated(x, x_partner, cos, tl.where(is_first, -sin, sin))
         x = out.to(row_ptr.dtype.element_ty).to(tl.float32)  # rope's output dtype is its input's
     return x
 
