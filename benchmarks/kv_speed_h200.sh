@@ -22,7 +22,6 @@
 #   bash benchmarks/kv_speed_h200.sh fused-smol  # SmolLM2 (random weights, 160-token prompts): each KV format with and
 #                                                # without lower's step fusions (--fused-step), no HF
 #   bash benchmarks/kv_speed_h200.sh fused-8b    # the same on the 8B shape (64 x 1,792 + 256), bf16 and BFP12-K/BFP16-V
-#   bash benchmarks/kv_speed_h200.sh fma         # the "fma" (CUDA-core) decode kernel vs tiles, 4k/16k, and its sweep at 4k
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
 set -o pipefail
@@ -76,12 +75,6 @@ for stage in "$@"; do
     fused-8b)
       e2e tuned fused_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --fused-step --repeats 2 ;;
-    fma)
-      F=bfp12_32,bfp16_32,mxfp4_32,bfloat16,bfp12_32/bfp16_32
-      timeout 250 fxforge bench attention --formats $F --kernels tiles,fma --contexts 4096,16384 \
-        --json-out "$OUT/kv_attention_fma_h200.json" 2>&1 | tail -30
-      timeout 300 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_fma_h200.json" --sweep --kernels fma \
-        --contexts 4096 --formats ${F//,/ } > "$OUT/kv_sweep_fma_h200.log" 2>&1; tail -60 "$OUT/kv_sweep_fma_h200.log" ;;
     fusion-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_norm.py tests/kernels/test_rope_kv_write.py \
         tests/kernels/test_swiglu.py tests/passes/test_fuse_projections.py tests/passes/test_fuse_elementwise.py \
@@ -93,7 +86,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|fused-8b|fusion-tests|fma|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|fused-8b|fusion-tests|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

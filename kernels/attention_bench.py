@@ -51,10 +51,6 @@ SWEEP = {
                + [dict(programs_per_sm=16)]),
 }
 SWEEP["diag"] = SWEEP["blocks"]
-SWEEP["fma"] = ([dict(block_n=n, num_warps=w, num_stages=st, prefetch=pf)
-                 for n, w, st, pf in ((32, 4, 1, False), (32, 4, 1, True), (64, 4, 1, True), (64, 8, 1, True),
-                                      (64, 8, 2, False), (128, 8, 1, True), (128, 8, 2, False), (32, 2, 1, True))]
-                + [dict(programs_per_sm=pps) for pps in (4, 16)])
 
 
 def _do_bench(fn) -> float:

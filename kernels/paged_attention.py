@@ -1271,275 +1271,6 @@ def _paged_decode_diag_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode on CUDA cores ("fma" kernel): no tensor cores, no shared memory in the loop
-# ----------------------------------------------------------------------------------------------
-# A key row is cut into NC chunks of 16 values (16 bytes of an 8-bit row, 8 of a 4-bit one; a dense
-# row in chunks of 16 bytes); one thread owns one chunk of a key, so a tile holds R keys across
-# threads and warps (32 / NC keys a warp) and S keys in each thread's registers. Every tensor is 5-d,
-# [S keys, R keys, G_PAD heads, NC chunks, W elements], with size-1 dims where it does not vary, so
-# all of them share the layout Triton gives the tile's loads: no layout conversion in the loop.
-# q . k: FMAs over the thread's chunk of unscaled codes, times the chunk's block scale, then a
-# shuffle sum over the NC threads of the key. Each of the R key groups keeps its own online softmax,
-# so P @ V is FMAs over the S keys in registers (V's scales folded into P per chunk) into a
-# [1, R, G_PAD, NC, W] accumulator; the R groups are merged once, after the loop.
-
-# Inline PTX: 8-bit BFP codes -> the codes as float32. $0-$3 out; $4 the 4 bytes. The offset-binary
-# code u = code + 128 goes into the float 2^23 + u by one byte permute; one add of -(2^23 + 128) leaves
-# the code, exactly.
-_CODES8_F32_PTX = """
-{
-.reg .b32 u;
-xor.b32 u, $4, 0x80808080;
-prmt.b32 $0, u, 0x4B000000, 0x7440;
-prmt.b32 $1, u, 0x4B000000, 0x7441;
-prmt.b32 $2, u, 0x4B000000, 0x7442;
-prmt.b32 $3, u, 0x4B000000, 0x7443;
-add.f32 $0, $0, 0fCB000080;
-add.f32 $1, $1, 0fCB000080;
-add.f32 $2, $2, 0fCB000080;
-add.f32 $3, $3, 0fCB000080;
-}
-"""
-# 4-bit BFP codes -> float32: $0-$3 the low-nibble codes of the 4 bytes, $4-$7 the high-nibble ones;
-# $8 the 4 bytes. As above with u = code + 8 and -(2^23 + 8).
-_CODES4_F32_PTX = """
-{
-.reg .b32 lo, hi;
-lop3.b32 lo, $8, 0x0F0F0F0F, 0x08080808, 0x6a;
-shr.u32 hi, $8, 4;
-lop3.b32 hi, hi, 0x0F0F0F0F, 0x08080808, 0x6a;
-prmt.b32 $0, lo, 0x4B000000, 0x7440;
-prmt.b32 $1, lo, 0x4B000000, 0x7441;
-prmt.b32 $2, lo, 0x4B000000, 0x7442;
-prmt.b32 $3, lo, 0x4B000000, 0x7443;
-prmt.b32 $4, hi, 0x4B000000, 0x7440;
-prmt.b32 $5, hi, 0x4B000000, 0x7441;
-prmt.b32 $6, hi, 0x4B000000, 0x7442;
-prmt.b32 $7, hi, 0x4B000000, 0x7443;
-add.f32 $0, $0, 0fCB000008;
-add.f32 $1, $1, 0fCB000008;
-add.f32 $2, $2, 0fCB000008;
-add.f32 $3, $3, 0fCB000008;
-add.f32 $4, $4, 0fCB000008;
-add.f32 $5, $5, 0fCB000008;
-add.f32 $6, $6, 0fCB000008;
-add.f32 $7, $7, 0fCB000008;
-}
-"""
-if HAS_TRITON:
-    _CODES8_F32_PTX_ASM = tl.constexpr(_CODES8_F32_PTX)
-    _CODES4_F32_PTX_ASM = tl.constexpr(_CODES4_F32_PTX)
-
-
-@jit
-def _fma_load(data_ptr, scale_ptr, stride_data_page, stride_data_slot, stride_data_head, stride_scale_page,
-              stride_scale_slot, stride_scale_head, page, slot, kv_head, live, chunk, W: tl.constexpr,
-              CHUNKS_PER_BLOCK: tl.constexpr, PACKED: tl.constexpr):
-    # The tokens' rows of one KV head as stored (page ids, slots, live and chunk index: [S, R, 1, NC, 1]):
-    # ([S, R, 1, NC, W] chunks of W elements, [S, R, 1, NC, 1] scale 2^(e - 127) of each chunk's block,
-    # 1.0 for dense formats)
-    data_rows = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
-    raw = tl.load(data_ptr + data_rows + chunk * W + tl.arange(0, W)[None, None, None, None, :], mask=live, other=0)
-    scale = 1.0
-    if PACKED:
-        scale_rows = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
-        scale = pow2(tl.load(scale_ptr + scale_rows + chunk // CHUNKS_PER_BLOCK, mask=live, other=0).to(tl.int32))
-    return raw, scale
-
-
-@jit
-def _fma_codes(raw, BITS: tl.constexpr, MXFP4: tl.constexpr, PACKED: tl.constexpr, ASM: tl.constexpr):
-    # _fma_load's chunks -> float32 codes, unscaled and exact (dense: the values): 4-bit formats as
-    # (low-nibble codes, high-nibble codes) of each byte, the others as (codes, the same)
-    if not PACKED:
-        even = raw.to(tl.float32)
-        odd = even
-    elif BITS == 4:
-        if MXFP4:
-            codes = raw.to(tl.int32)
-            even = decode_e2m1_bits(codes & 15)
-            odd = decode_e2m1_bits(codes >> 4)
-        elif ASM:
-            even, odd = tl.inline_asm_elementwise(asm=_CODES4_F32_PTX_ASM, constraints="=r,=r,=r,=r,=r,=r,=r,=r,r",
-                                                  args=[raw], dtype=(tl.float32, tl.float32), is_pure=True, pack=4)
-        else:
-            codes = raw.to(tl.int32)
-            even = _magic_float(codes & 15, 4) - 8388616.0  # - (2^23 + 8): the code, exactly
-            odd = _magic_float(codes >> 4, 4) - 8388616.0
-    else:
-        if ASM:
-            even = tl.inline_asm_elementwise(asm=_CODES8_F32_PTX_ASM, constraints="=r,=r,=r,=r,r", args=[raw],
-                                             dtype=tl.float32, is_pure=True, pack=4)
-        else:
-            even = _magic_float(raw.to(tl.int32), 8) - 8388736.0  # - (2^23 + 128)
-        odd = even
-    return even, odd
-
-
-@jit
-def _fma_columns(NC: tl.constexpr, W: tl.constexpr, PHASES: tl.constexpr):
-    # [1, 1, 1, NC, W] head column of element w of chunk c (phase 0; phase 1 is the next column)
-    chunk = tl.arange(0, NC)[None, None, None, :, None]
-    return chunk * (W * PHASES) + tl.arange(0, W)[None, None, None, None, :] * PHASES
-
-
-@jit
-def _fma_query(q_base, stride_qh, heads, head_ok, NC: tl.constexpr, W: tl.constexpr, PHASES: tl.constexpr):
-    # the group's query rows ([1, 1, G_PAD, 1, 1] heads), float32, laid out as _fma_codes gives K:
-    # (phase 0, phase 1) [1, 1, G_PAD, NC, W]
-    ptrs = q_base + heads * stride_qh + _fma_columns(NC, W, PHASES)
-    first = tl.load(ptrs, mask=head_ok, other=0.0).to(tl.float32)
-    second = first
-    if PHASES == 2:
-        second = tl.load(ptrs + 1, mask=head_ok, other=0.0).to(tl.float32)
-    return first, second
-
-
-@jit
-def _fma_store(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, head_ok,
-               acc0, acc1, m_i, l_i, G: tl.constexpr, D: tl.constexpr, NC: tl.constexpr, W: tl.constexpr,
-               PHASES: tl.constexpr, SPLIT: tl.constexpr):
-    # Merge the R key groups' softmax states ([1, R, G_PAD, 1, 1]) and accumulators ([1, R, G_PAD, NC, W]),
-    # then store as _store_decode_slice does (q_heads, head_ok: [1, 1, G_PAD, 1, 1])
-    m_max = tl.max(m_i, 1, keep_dims=True)
-    weight = tl.exp2(m_i - tl.where(m_max == float("-inf"), 0.0, m_max))  # groups that saw nothing: 0
-    l_g = tl.sum(l_i * weight, 1, keep_dims=True)
-    acc0 = tl.sum(acc0 * weight, 1, keep_dims=True)
-    acc1 = tl.sum(acc1 * weight, 1, keep_dims=True)
-    cols = _fma_columns(NC, W, PHASES)
-    if SPLIT:
-        ws_row = (seq * (tl.num_programs(0) * G) + q_heads).to(tl.int64) * num_splits + split
-        ptrs = ws_acc_ptr + ws_row * D + cols
-        tl.store(ptrs, acc0, mask=head_ok)
-        if PHASES == 2:
-            tl.store(ptrs + 1, acc1, mask=head_ok)
-        tl.store(ws_ml_ptr + ws_row * 2, m_max, mask=head_ok)
-        tl.store(ws_ml_ptr + ws_row * 2 + 1, l_g, mask=head_ok)
-    else:
-        inv_l = 1.0 / tl.where(l_g > 0, l_g, 1.0)  # an empty context gives zeros
-        ptrs = out_ptr + seq.to(tl.int64) * stride_ob + q_heads * stride_oh + cols
-        tl.store(ptrs, (acc0 * inv_l).to(out_ptr.dtype.element_ty), mask=head_ok)
-        if PHASES == 2:
-            tl.store(ptrs + 1, (acc1 * inv_l).to(out_ptr.dtype.element_ty), mask=head_ok)
-
-
-@jit
-def _paged_decode_fma_kernel(
-    q_ptr,  # *fp32|bf16|fp16 [B, Hq, D]: one query per sequence (last dim contiguous)
-    stride_qb, stride_qh,  # q strides (elements)
-    k_data_ptr, k_scale_ptr,  # K cache: data [pages, PAGE_SIZE, Hkv, cols] and scale bytes
-    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (elements; last dim contiguous)
-    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes; 0 for dense formats)
-    v_data_ptr, v_scale_ptr,  # V cache, same layout as K (its own format)
-    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
-    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
-    page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
-    stride_pt,  # page_table row stride
-    seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
-    out_ptr,  # *q.dtype [B, Hq, D]: written when SPLIT is False
-    stride_ob, stride_oh,  # out strides
-    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (SPLIT)
-    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial running max (log2 domain) and sum
-    num_splits,  # context slices per sequence (grid axis 1)
-    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
-    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
-    G: tl.constexpr,  # query heads per KV head
-    G_PAD: tl.constexpr,  # next power of two >= G
-    D: tl.constexpr,  # head_dim
-    NC: tl.constexpr,  # chunks of a row (threads per key), the same for K and V
-    R: tl.constexpr,  # keys of a tile across threads and warps (32 / NC * num_warps)
-    S: tl.constexpr,  # keys of a tile in each thread's registers (R * S tokens per iteration)
-    PAGE_SIZE: tl.constexpr,  # tokens per page
-    SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
-    PREFETCH: tl.constexpr,  # the next tile's bytes are loaded into registers before this one's math
-    K_BITS: tl.constexpr, K_MXFP4: tl.constexpr, K_PACKED: tl.constexpr, K_ASM: tl.constexpr,  # K format
-    K_W: tl.constexpr,  # elements of a chunk as stored (bytes, or dense values)
-    K_CPB: tl.constexpr,  # chunks per K block (packed)
-    K_PHASES: tl.constexpr,  # 2: 4-bit codes, a chunk gives its low-nibble and its high-nibble values
-    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_PACKED: tl.constexpr, V_ASM: tl.constexpr,  # V format
-    V_W: tl.constexpr, V_CPB: tl.constexpr, V_PHASES: tl.constexpr,
-):
-    kv_head = tl.program_id(0)
-    split = tl.program_id(1)
-    seq = tl.program_id(2)
-
-    heads = tl.arange(0, G_PAD)[None, None, :, None, None]
-    head_ok = heads < G
-    q_heads = kv_head * G + heads
-    q_base = q_ptr + seq.to(tl.int64) * stride_qb + kv_head * G * stride_qh
-    q0, q1 = _fma_query(q_base, stride_qh, heads, head_ok, NC, K_W, K_PHASES)
-    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
-    lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, R * S)
-
-    m_i = tl.full([1, R, G_PAD, 1, 1], float("-inf"), tl.float32)  # per group of keys (a row of the tile)
-    l_i = tl.zeros([1, R, G_PAD, 1, 1], tl.float32)
-    acc0 = tl.zeros([1, R, G_PAD, NC, V_W], tl.float32)  # output per key group (low-nibble values if 4-bit)
-    acc1 = tl.zeros([1, R, G_PAD, NC, V_W], tl.float32)  # high-nibble values (V_PHASES == 2)
-    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
-    chunk = tl.arange(0, NC)[None, None, None, :, None]
-    # [S, R, 1, NC, 1] token of each tile slot (the same for a key's NC chunks); per-key values keep
-    # the chunk dim so that their loads take the tile's layout
-    offsets = (tl.arange(0, S)[:, None, None, None, None] * R + tl.arange(0, R)[None, :, None, None, None]
-               + chunk * 0)
-    key_offsets = tl.arange(0, S)[:, None, None, None, None] * R + tl.arange(0, R)[None, :, None, None, None]
-    if PREFETCH:
-        tokens = lo + offsets
-        page = _load_page_ids(page_row, tokens, tokens < hi, PAGE_SIZE)
-        k_raw, k_scale = _fma_load(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
-                                   stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE, kv_head,
-                                   tokens < hi, chunk, K_W, K_CPB, K_PACKED)
-        v_raw, v_scale = _fma_load(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
-                                   stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head,
-                                   tokens < hi, chunk, V_W, V_CPB, V_PACKED)
-    for n0 in range(lo, hi, R * S):
-        tokens = n0 + offsets
-        live = tokens < hi
-        if PREFETCH:  # the next tile's bytes go in flight before this tile's decode and math
-            ahead = tokens + R * S
-            page = _load_page_ids(page_row, ahead, ahead < hi, PAGE_SIZE)
-            next_k_raw, next_k_scale = _fma_load(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot,
-                                                 stride_kd_head, stride_ks_page, stride_ks_slot, stride_ks_head, page,
-                                                 ahead % PAGE_SIZE, kv_head, ahead < hi, chunk, K_W, K_CPB, K_PACKED)
-            next_v_raw, next_v_scale = _fma_load(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot,
-                                                 stride_vd_head, stride_vs_page, stride_vs_slot, stride_vs_head, page,
-                                                 ahead % PAGE_SIZE, kv_head, ahead < hi, chunk, V_W, V_CPB, V_PACKED)
-        else:
-            page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
-            k_raw, k_scale = _fma_load(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
-                                       stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
-                                       kv_head, live, chunk, K_W, K_CPB, K_PACKED)
-            v_raw, v_scale = _fma_load(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
-                                       stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
-                                       kv_head, live, chunk, V_W, V_CPB, V_PACKED)
-        k0, k1 = _fma_codes(k_raw, K_BITS, K_MXFP4, K_PACKED, K_ASM)
-        partial = tl.sum(k0 * q0, 4, keep_dims=True)  # [S, R, G_PAD, NC, 1]: within each thread
-        if K_PHASES == 2:
-            partial += tl.sum(k1 * q1, 4, keep_dims=True)
-        if K_PACKED:
-            partial = partial * k_scale
-        scores = tl.sum(partial, 3, keep_dims=True)  # [S, R, G_PAD, 1, 1]: across the NC threads of a key
-        scores = tl.where(n0 + key_offsets < hi, scores * qk_scale, float("-inf"))
-        # a group's keys may all lie past the slice's end (last tile), so its max may still be -inf
-        m_new = tl.maximum(m_i, tl.max(scores, 0, keep_dims=True))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_ref)
-        p = tl.exp2(scores - m_ref)
-        l_i = l_i * alpha + tl.sum(p, 0, keep_dims=True)
-        m_i = m_new
-        if V_PACKED:
-            p = p * v_scale  # [S, R, G_PAD, NC, 1]: V's scales folded into P per chunk
-        v0, v1 = _fma_codes(v_raw, V_BITS, V_MXFP4, V_PACKED, V_ASM)
-        acc0 = acc0 * alpha + tl.sum(p * v0, 0, keep_dims=True)
-        if V_PHASES == 2:
-            acc1 = acc1 * alpha + tl.sum(p * v1, 0, keep_dims=True)
-        if PREFETCH:
-            k_raw, k_scale, v_raw, v_scale = next_k_raw, next_k_scale, next_v_raw, next_v_scale
-
-    _fma_store(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits, q_heads, head_ok, acc0,
-               acc1, m_i, l_i, G, D, NC, V_W, V_PHASES, SPLIT)
-
-
-# ----------------------------------------------------------------------------------------------
 # Prefill: causal, variable length, chunked
 # ----------------------------------------------------------------------------------------------
 
@@ -1688,7 +1419,7 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
 # ----------------------------------------------------------------------------------------------
 
-DECODE_KERNELS = ("tiles", "blocks", "diag", "fma")
+DECODE_KERNELS = ("tiles", "blocks", "diag")
 
 
 @dataclass(frozen=True)
@@ -1696,8 +1427,7 @@ class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
-    with 2-d dots against a block-diagonal q); "fma": _paged_decode_fma_kernel (CUDA-core FMAs, values
-    decoded to float32 in the registers of the thread that multiplies them, no shared memory). prefetch: the next tile's bytes are loaded into
+    with 2-d dots against a block-diagonal q). prefetch: the next tile's bytes are loaded into
     registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
     which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats).
     block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
@@ -1743,11 +1473,6 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
-    if kernel == "fma":
-        chunks = {_fma_chunk(f, head_dim)[0] for f in formats}
-        return (not pre_rope and len(chunks) == 1 and None not in chunks
-                and all(f.is_dense or f.mantissa_bits in (4, 8) for f in formats)
-                and len({f.is_dense for f in formats}) == 1)
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
     phases = [2 if not f.is_dense and f.mantissa_bits == 4 else 1 for f in formats]
@@ -1756,23 +1481,6 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     blocks = {next_pow2(head_dim // f.block) for f in formats if not f.is_dense}
     return len(blocks) <= 1 and all(_diag_row(f, head_dim, max(blocks, default=1))[0] // ph >= _MIN_DOT
                                     for f, ph in zip(formats, phases))
-
-
-def _fma_chunk(fmt: KVFormat, head_dim: int) -> tuple[int | None, int]:
-    """(NC, W) of a format in the "fma" kernel: a row is NC chunks of W stored elements, each 16 values
-    of a 4/8-bit format (8 or 16 bytes inside one block) or 16 bytes of a dense row; NC None where
-    the row does not cut into a power of two <= 32 of them."""
-    if fmt.is_dense:
-        width = 16 // fmt.storage_dtype().itemsize
-        values = width
-    else:
-        width, values = 16 * fmt.mantissa_bits // 8, 16
-        if fmt.block % values:
-            return None, width
-    chunks = head_dim // values
-    if head_dim % values or chunks > 32 or chunks & (chunks - 1):
-        return None, width
-    return chunks, width
 
 
 def _diag_row(fmt: KVFormat, head_dim: int, nb_pad: int) -> tuple[int, int]:
@@ -2068,10 +1776,6 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
                                           PREFETCH=prefetch, ABLATE=0,
                                           **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
-    if config.kernel == "fma":
-        common.pop("BLOCK_N")  # R * S
-        return _paged_decode_fma_kernel, dict(common, PREFETCH=config.prefetch,
-                                              **_fma_meta(k_fmt, v_fmt, head_dim, group, config, device))
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
@@ -2115,24 +1819,6 @@ def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, gro
         return DecodeConfig(**{**config.to_dict(), **overrides}) if overrides else config
     except ValueError as exc:
         raise ValueError(f"paged_decode_attention: {exc}") from None
-
-
-def _fma_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, config: DecodeConfig,
-              device: torch.device) -> dict:
-    """Constexprs of _paged_decode_fma_kernel: the tile's frame (NC threads a key, R keys across
-    threads and warps, S keys in registers: R * S = block_n) and each format's chunks."""
-    chunks, _ = _fma_chunk(k_fmt, head_dim)
-    rows = min(config.block_n, 32 // chunks * config.num_warps)
-    meta = dict(G_PAD=next_pow2(group), NC=chunks, R=rows, S=config.block_n // rows)
-    for fmt, prefix in ((k_fmt, "K"), (v_fmt, "V")):
-        _, width = _fma_chunk(fmt, head_dim)
-        bits = fmt.mantissa_bits if not fmt.is_dense else torch.finfo(fmt.storage_dtype()).bits
-        asm = (_ASM_DECODE and device.type == "cuda" and fmt.kind == "bfp" and bits in (4, 8))
-        meta.update({f"{prefix}_BITS": bits, f"{prefix}_MXFP4": fmt.kind == "mxfp4",
-                     f"{prefix}_PACKED": not fmt.is_dense, f"{prefix}_ASM": asm, f"{prefix}_W": width,
-                     f"{prefix}_CPB": 1 if fmt.is_dense else fmt.block // 16,
-                     f"{prefix}_PHASES": 2 if not fmt.is_dense and bits == 4 else 1})
-    return meta
 
 
 def _diag_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dot_dtype, device: torch.device) -> dict:
