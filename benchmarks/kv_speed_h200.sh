@@ -21,6 +21,7 @@
 #   bash benchmarks/kv_speed_h200.sh fixed-kv    # SmolLM2, 1,024-token prompts + 256, 4 GiB of KV per format, tiles and tuned (~6 min)
 #   bash benchmarks/kv_speed_h200.sh fused-smol  # SmolLM2 (random weights, 160-token prompts): each KV format with and
 #                                                # without lower's step fusions (--fused-step), no HF
+#   bash benchmarks/kv_speed_h200.sh e2e-smol-fused  # SmolLM2 real weights, 512 GSM8K x 256: each KV format with and without the fusions
 #   bash benchmarks/kv_speed_h200.sh fused-8b    # the same on the 8B shape (64 x 1,792 + 256), bf16 and BFP12-K/BFP16-V
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
@@ -72,12 +73,15 @@ for stage in "$@"; do
       e2e tiles long --workload long-context --kv "$KV" --kv-memory-gb 32 --repeats 2 ;;
     fused-smol)
       e2e tuned fused_smol smollm2-135m --random-init --prompt-len 160 --kv "$KV" --hf-batch "" --fused-step --repeats 3 ;;
+    e2e-smol-fused)  # real SmolLM2 weights and GSM8K prompts (both device_env calls), with and without the fusions
+      e2e tuned e2e_smol_fused smollm2-135m --kv "$KV" --hf-batch "" --fused-step --repeats 3 ;;
     fused-8b)
       e2e tuned fused_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --fused-step --repeats 2 ;;
     fusion-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_norm.py tests/kernels/test_rope_kv_write.py \
-        tests/kernels/test_swiglu.py tests/passes/test_fuse_projections.py tests/passes/test_fuse_elementwise.py \
+        tests/kernels/test_rope.py tests/kernels/test_kv_write.py tests/kernels/test_swiglu.py \
+        tests/passes/test_fuse_projections.py tests/passes/test_fuse_elementwise.py \
         2>&1 | tee "$OUT/fusion_tests_h200.log" | tail -15 ;;
     long16)
       e2e tuned long16 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 1 ;;
@@ -86,7 +90,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|fused-8b|fusion-tests|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done
