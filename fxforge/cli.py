@@ -583,8 +583,10 @@ def bench_e2e_cmd(
     bandwidth, peak = copy_bandwidth(device), matmul_peak(device)
     import fxforge
 
-    lower = {"name": "lower", "backend": "triton"}
+    lower = {"name": "lower", "backend": "triton"}  # lower's default step fusions
     fused = dict(lower, fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
+    if fused_step:  # the plain rows without the fusions, as peers of the +fused rows
+        lower = dict(lower, fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)
     optimized = {name: fxforge.optimize(base, passes=passes + [lower]) for name, passes in formats}
     if fused_step:  # each format also with the step fusions, the unfused row its peer in this run
         optimized.update({f"{name}+fused": fxforge.optimize(base, passes=passes + [fused]) for name, passes in formats})

@@ -10,7 +10,8 @@
     tensors; with backend "torch" to the torch references. CPU tensors always use the references.
     The binding is part of this graph only; other models in the process keep theirs.
 (c) Reports which implementation each op uses on CPU and on CUDA (plan.json, report.md).
-(d) Optional step fusions (issue 14; off by default until their GPU kernels are measured on a GPU):
+(d) Step fusions (issue 14; on by default since their H200 measurement, BENCHMARKS.md; each can be
+    turned off):
     fuse_projections: q/k/v and gate/up projections as one GEMM each (passes/fuse_projections.py: the
     fused node keeps its parts' roles); fuse_add_norm: the residual add into the RMSNorm after it
     (fxforge::add_rmsnorm); fuse_rope_kv: K's RoPE into the KV write (fxforge::rope_kv_write)
@@ -18,8 +19,8 @@
     at run time) the add is fused only with the norm of its own layer.
 
 Requires: role/layer metadata. Runs after `ksort`, `bfp-kv` and `layer-tying` (they rewrite the modules
-and the op arguments this pass reads). `skip-decode` may run before or after it, but refuses a graph
-whose residual adds were fused across layers (fuse_add_norm without a skip-decode schedule yet).
+and the op arguments this pass reads). `skip-decode` may run before or after it; after it, skip-decode
+redoes the elementwise fusions within layers (its graph is cut per layer).
 Restorable: the rewrite is structural and needs no data.
 Guarantees: no RMSNorm call_module node is left (when fuse_norm); logits are unchanged in float32.
 """
@@ -58,9 +59,9 @@ class Lower(PassConfig):
     backend: Backend = Backend.AUTO
     fuse_norm: bool = True
     fuse_swiglu: bool = True
-    fuse_projections: bool = False
-    fuse_add_norm: bool = False
-    fuse_rope_kv: bool = False
+    fuse_projections: bool = True
+    fuse_add_norm: bool = True
+    fuse_rope_kv: bool = True
 
     def __post_init__(self):
         super().__post_init__()

@@ -137,6 +137,24 @@ def _adds_fused_across_layers(gm: fx.GraphModule) -> list[str]:
     return found
 
 
+def _fuse_within_layers(gm: fx.GraphModule) -> int:
+    """skip-decode cuts the graph per layer, so a residual add fused into the next layer's norm (lower's
+    fuse_add_norm, on by default) would make two hidden states cross a boundary: undo the elementwise
+    fusions and redo them within layers only (the same ops under the same binding: logits unchanged).
+    Returns the adds fused again."""
+    from fxforge.ir.capture import annotate
+    from fxforge.passes.fuse_elementwise import fuse_add_rmsnorm, fuse_rope_kv_write, unfuse_elementwise
+
+    spec = spec_of(gm)
+    unfuse_elementwise(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    adds = fuse_add_rmsnorm(gm, across_layers=False)
+    fuse_rope_kv_write(gm)
+    annotate(gm, spec)
+    return len(adds)
+
+
 @register_pass("skip-decode", SkipDecode, check=_check)
 def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     """Attach the SkipDecode schedule a(t) to the graph and note on every layer until when it runs."""
@@ -144,10 +162,7 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     if SKIP_KEY in gm.meta:
         raise PassConfigError("skip-decode runs once per model: this graph already carries a skip-decode schedule "
                               f"({gm.meta[SKIP_KEY].to_dict()['top_layers'][:8]}...); compile from the source model")
-    crossing = _adds_fused_across_layers(gm)
-    if crossing:
-        raise PassConfigError(f"skip-decode cuts the graph per layer, but {crossing[0]} fuses a residual add into "
-                              "the next layer's norm (lower fuse_add_norm); run skip-decode before lower")
+    refused = _fuse_within_layers(gm) if _adds_fused_across_layers(gm) else None
     schedule = config.plan(spec.num_layers)
     gm.meta[SKIP_KEY] = schedule
     for node in gm.graph.nodes:
@@ -161,8 +176,9 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     report = {"warmup_layers": schedule.warmup, "min_layers": schedule.min_layers, "max_layers": schedule.max_layers,
               "decay": schedule.decay, "span": schedule.span, "top_layers": list(schedule.top_layers),
               "mean_depth": round(schedule.mean_depth(), 4), "layer_speedup": round(schedule.speedup(), 4),
-              **({"target_speedup": config.target_speedup} if config.target_speedup else {})}
-    modified = schedule.mean_depth() < spec.num_layers
+              **({"target_speedup": config.target_speedup} if config.target_speedup else {}),
+              **({"adds_fused_again_within_layers": refused} if refused is not None else {})}
+    modified = schedule.mean_depth() < spec.num_layers or refused is not None
     return PassResult(gm, modified, report, resolved)
 
 

@@ -26,7 +26,8 @@ from fxforge.runtime.engine import Engine
 from fxforge.runtime.sequence import SamplingParams
 from tests.conftest import TINY_SPECS, tiny_model
 
-PIPELINE = [KSort(block=16), BFPKVCache(k_format="bfp12", v_format="bfp16", block=16), Lower(backend="torch")]
+UNFUSED = dict(fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)  # lower's step fusions are on by default
+PIPELINE = [KSort(block=16), BFPKVCache(k_format="bfp12", v_format="bfp16", block=16), Lower(backend="torch", **UNFUSED)]
 
 
 def lowered(kind: str = "llama-gqa", passes=PIPELINE):
@@ -80,7 +81,7 @@ def test_records_name_the_replaced_nodes_and_a_second_run_finds_nothing():
 
 
 def test_fused_ops_take_the_binding_of_the_pairs():
-    opt, _ = fused(passes=PIPELINE[:2] + [Lower(backend="triton")])
+    opt, _ = fused(passes=PIPELINE[:2] + [Lower(backend="triton", **UNFUSED)])
     assert {n.args[-1] for n in calls(opt.module, ops.ADD_RMSNORM) + calls(opt.module, ops.ROPE_KV_WRITE)} == {"triton"}
     assert ops.bindings(opt.module)["add_rmsnorm"] == ops.bindings(opt.module)["rope_kv_write"] == "triton"
 
@@ -95,7 +96,7 @@ def test_a_pair_bound_differently_is_left_alone():
 
 def test_pre_rope_cache_has_no_rope_to_fuse(tokens):
     """bfp-kv pre_rope=True writes keys before RoPE (attention rotates them): kv_write stays; adds fuse."""
-    passes = [BFPKVCache(k_format="bfp12", v_format="bfp16", block=16, pre_rope=True), Lower(backend="torch")]
+    passes = [BFPKVCache(k_format="bfp12", v_format="bfp16", block=16, pre_rope=True), Lower(backend="torch", **UNFUSED)]
     opt, (adds, ropes) = fused(passes=passes)
     assert ropes == [] and len(calls(opt.module, ops.KV_WRITE)) == 2 and len(adds) == 4
     verify(opt.module)

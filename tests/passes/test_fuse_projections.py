@@ -46,6 +46,9 @@ class FuseProjections(PassConfig):
     gate_up: bool = True
 
 
+UNFUSED = dict(fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)  # lower's step fusions are on by default
+
+
 def fuse_pass(gm, config, ctx):
     records = fuse_projections(gm, config.qkv, config.gate_up)
     return PassResult(gm, any(r["fused"] for r in records), {"fusions": records})
@@ -59,7 +62,7 @@ def fusing():
 
 
 def lowered(model, *before, backend="torch"):
-    return fxforge.optimize(model, passes=[*before, Lower(backend=backend)])
+    return fxforge.optimize(model, passes=[*before, Lower(backend=backend, **UNFUSED)])
 
 
 def fused(model, *before, backend="torch", elementwise=False):
@@ -281,7 +284,7 @@ def weights_file(directory) -> dict[str, tuple]:
 def test_save_and_load_rebuild_the_fusion(kind, fusing, tmp_path, tokens):
     model = tiny_model(kind)
     plain = lowered(model)
-    opt = fxforge.optimize(model, passes=[Lower(backend="torch"), fusing()])
+    opt = fxforge.optimize(model, passes=[Lower(backend="torch", **UNFUSED), fusing()])
     plain.save(tmp_path / "plain")
     opt.save(tmp_path / "fused")
     assert weights_file(tmp_path / "fused") == weights_file(tmp_path / "plain")  # original names and sizes only
@@ -294,7 +297,7 @@ def test_save_and_load_rebuild_the_fusion(kind, fusing, tmp_path, tokens):
 
 def test_optimizing_a_fused_model_again_keeps_the_parts(fusing, tmp_path, tokens):
     """A later pipeline works on a copy of the graph and module tree: the parts, which no node calls, stay."""
-    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch"), fusing()])
+    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch", **UNFUSED), fusing()])
     again = fxforge.optimize(opt, passes=[OpBPlacement(batch=4, context=64)])
     attn = again.module.get_submodule("layers.0.attn")
     assert attn.k_proj.weight.data_ptr() == attn.qkv_proj.weight[128:].data_ptr()

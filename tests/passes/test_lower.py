@@ -20,6 +20,9 @@ from tests.conftest import TINY_SPECS, tiny_model
 OPS = ("rope", "kv_write", "attention", "rmsnorm", "swiglu")
 
 
+STEP_FUSIONS = dict(fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
+NO_STEP_FUSIONS = dict.fromkeys(STEP_FUSIONS, False)  # the plain lowering the fusions are checked against
+
 def expected_counts(spec) -> tuple[int, int]:
     """(rmsnorm nodes, swiglu nodes): 2 per layer + the final norm (+2 per layer with QK-norm);
     one SwiGLU per dense MLP (MoE experts run as one fxforge::moe op)."""
@@ -34,7 +37,7 @@ def rmsnorm_modules_called(gm) -> list[str]:
 def test_rewrites_every_norm_and_swiglu(any_tiny_model, tokens):
     """Structure: no RMSNorm module call left, fused ops with roles and layers; numbers: same logits."""
     spec = any_tiny_model.spec
-    opt = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch")])
+    opt = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     gm = opt.module
     assert rmsnorm_modules_called(gm) == []
     norms = [n for n in gm.graph.nodes if n.target is ops.RMSNORM]
@@ -85,7 +88,7 @@ def test_save_and_load_round_trip(tmp_path, tokens):
 
 
 def test_report_names_the_implementations():
-    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     report = opt.passes[0]["report"]
     refs = {"rope": "rope_ref", "kv_write": "kv_write_pair_ref", "attention": "attention_ref",
             "rmsnorm": "rmsnorm_ref", "swiglu": "swiglu_ref"}
@@ -94,14 +97,14 @@ def test_report_names_the_implementations():
 
 def test_triton_backend_binds_this_graph_only():
     pytest.importorskip("triton")
-    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="triton")])
+    opt = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="triton", **NO_STEP_FUSIONS)])
     report = opt.passes[0]["report"]
     assert report["backend"] == "triton" and report["rebound_nodes"] > 0
     assert report["cuda"] == {"rope": "rope_triton", "rmsnorm": "rmsnorm_triton", "swiglu": "swiglu_triton",
                               "kv_write": "kv_write_triton", "attention": "attention_triton"}
     assert report["cpu"]["rope"] == "rope_ref", "CPU tensors use the references"
     assert opt.kernel_bindings() == dict.fromkeys(OPS, "triton")
-    other = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch")])
+    other = fxforge.optimize(tiny_model("llama-gqa"), passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     assert other.kernel_bindings() == dict.fromkeys(OPS, "reference")
     assert opt.kernel_bindings() == dict.fromkeys(OPS, "triton"), "lowering another model must not rebind this one"
     assert tiny_model("llama-gqa").kernel_bindings() == dict.fromkeys(("rope", "kv_write", "attention"), "reference")
@@ -111,8 +114,8 @@ def test_two_models_lowered_differently_run_side_by_side(monkeypatch, tokens):
     """Interleaved calls of two models in one process: each op dispatches by its own node's binding."""
     pytest.importorskip("triton")
     model = tiny_model("llama-gqa")
-    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton")])
-    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch")])
+    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton", **NO_STEP_FUSIONS)])
+    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     calls = []
     dispatch = ops.implementation
 
@@ -214,8 +217,8 @@ def test_models_lowered_differently_on_cuda_run_their_own_kernels(monkeypatch, t
     from tests.kernels.checks import Spy
 
     model = tiny_model("llama-gqa")
-    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton")])
-    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch")])
+    on_triton = fxforge.optimize(model, passes=[Lower(backend="triton", **NO_STEP_FUSIONS)])
+    on_torch = fxforge.optimize(model, passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     on_triton.module.cuda()
     on_torch.module.cuda()
     spies = {"rope": Spy(rope.rope_triton), "attention": Spy(paged_attention.attention_triton)}
@@ -228,18 +231,17 @@ def test_models_lowered_differently_on_cuda_run_their_own_kernels(monkeypatch, t
     torch.testing.assert_close(lowered.cpu(), reference.cpu(), rtol=0, atol=2e-3)
 
 
-STEP_FUSIONS = dict(fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
-
-
 def test_step_fusions_are_options_that_keep_the_logits(any_tiny_model, tokens):
-    """lower's step fusions (issue 14 item 2): off by default; asked for, each layer runs fused q/k/v and
-    gate/up GEMMs, add + RMSNorm and RoPE + KV write ops, the report lists them, and the logits are the
-    unfused lowering's to the bit (the fused ops compute exactly what the pairs do)."""
+    """lower's step fusions (issue 14 item 2): on by default, each can be turned off; each layer runs fused
+    q/k/v and gate/up GEMMs, add + RMSNorm and RoPE + KV write ops, the report lists them, and the logits
+    are the unfused lowering's to the bit (the fused ops compute exactly what the pairs do)."""
     spec = any_tiny_model.spec
-    plain = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch")])
+    plain = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch", **NO_STEP_FUSIONS)])
     assert not any(k.startswith("fused_") for k in plain.passes[0]["report"])
-    fused = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch", **STEP_FUSIONS)])
+    assert Lower() == Lower(**STEP_FUSIONS), "the fusions are lower's defaults"
+    fused = fxforge.optimize(any_tiny_model, passes=[Lower(backend="torch")])
     report = fused.passes[0]["report"]
+    assert {"add_rmsnorm", "rope_kv_write"} <= set(report["cpu"]) and "kv_write" not in report["cpu"]
     targets = [n.target for n in fused.module.graph.nodes]
     assert targets.count(ops.ADD_RMSNORM) == len(report["fused_add_norm"]) == 2 * spec.num_layers
     assert targets.count(ops.ROPE_KV_WRITE) == len(report["fused_rope_kv_write"]) == spec.num_layers
@@ -253,15 +255,18 @@ def test_step_fusions_are_options_that_keep_the_logits(any_tiny_model, tokens):
 def test_step_fusions_stay_inside_layers_of_a_skip_decode_graph(tokens):
     """A skip-decode graph is cut into per-layer modules at run time: lower after skip-decode fuses each
     residual add only with its own layer's norm, so the cut still finds one hidden state; skip-decode
-    after a lowering that fused across layers is refused."""
+    after a lowering that fused across layers (lower's default) redoes the fusions within layers."""
     from fxforge.ir.skip import split_layers
     from fxforge.passes import SkipDecode
 
     model = tiny_model("llama-gqa")
-    with pytest.raises(PassConfigError, match="run skip-decode before lower"):
-        fxforge.optimize(model, passes=[Lower(backend="torch", **STEP_FUSIONS),
-                                        SkipDecode(min_layers=1, warmup_layers=1, span=3)])
+    layers = model.spec.num_layers
+    after = fxforge.optimize(model, passes=[Lower(backend="torch"), SkipDecode(min_layers=1, warmup_layers=1, span=3)])
+    assert after.passes[1]["report"]["adds_fused_again_within_layers"] == layers
+    assert [n.target for n in after.module.graph.nodes].count(ops.ROPE_KV_WRITE) == layers
+    split_layers(after.module, layers)
     opt = fxforge.optimize(model, passes=[SkipDecode(min_layers=1, warmup_layers=1, span=3),
                                           Lower(backend="torch", **STEP_FUSIONS)])
-    assert len(opt.passes[1]["report"]["fused_add_norm"]) == model.spec.num_layers  # the mlp_norm adds only
-    split_layers(opt.module, model.spec.num_layers)
+    assert len(opt.passes[1]["report"]["fused_add_norm"]) == layers  # the mlp_norm adds only
+    split_layers(opt.module, layers)
+    torch.testing.assert_close(after.logits(tokens), opt.logits(tokens), rtol=0, atol=0)
