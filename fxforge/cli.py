@@ -534,9 +534,9 @@ def bench_e2e_cmd(
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
     check: bool = typer.Option(True, help="GPU correctness checks (greedy agreement, Triton vs reference ppl)"),
-    fused_step: bool = typer.Option(False, "--fused-step", help="lower with the step fusions (fused q/k/v and "
-                                    "gate/up GEMMs, residual add + RMSNorm, RoPE + KV write) too: one more row per format, "
-                                    "named FORMAT+fused"),
+    fused_step: bool = typer.Option(False, "--fused-step", help="each format with and without lower's step "
+                                    "fusions (fused q/k/v and gate/up GEMMs, residual add + RMSNorm, RoPE + KV "
+                                    "write; on by default): rows FORMAT (unfused) and FORMAT+fused, peers in one run"),
     smoke: bool = typer.Option(False, "--smoke", help="allow CPU (float32, no HF peer, no checks): proves the "
                                "code path, measures nothing"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
