@@ -317,8 +317,9 @@ def _print_table(rows: list[dict]) -> None:
 
 
 # SASS opcodes counted per loop iteration by --sass (tensor-core, memory, barrier, shuffle, ALU, decode)
-SASS_OPS = ("HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STS", "LDSM", "LDL", "STL", "BAR", "SHFL", "HFMA2", "FFMA", "FMUL", "FADD",
-            "PRMT", "LOP3", "IMAD", "I2F", "MUFU")
+# (LDL/STL: register spills to local memory)
+SASS_OPS = ("HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STS", "LDSM", "LDL", "STL", "BAR", "SHFL", "HFMA2", "FFMA",
+            "FMUL", "FADD", "PRMT", "LOP3", "IMAD", "I2F", "MUFU")
 
 
 def sass_summary(kernel: str, k_format: str, v_format: str, group: int = 4, head_dim: int = 128,

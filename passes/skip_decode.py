@@ -162,7 +162,7 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
     if SKIP_KEY in gm.meta:
         raise PassConfigError("skip-decode runs once per model: this graph already carries a skip-decode schedule "
                               f"({gm.meta[SKIP_KEY].to_dict()['top_layers'][:8]}...); compile from the source model")
-    refused = _fuse_within_layers(gm) if _adds_fused_across_layers(gm) else None
+    fused_again = _fuse_within_layers(gm) if _adds_fused_across_layers(gm) else None
     schedule = config.plan(spec.num_layers)
     gm.meta[SKIP_KEY] = schedule
     for node in gm.graph.nodes:
@@ -177,8 +177,8 @@ def skip_decode(gm: fx.GraphModule, config: SkipDecode, ctx) -> PassResult:
               "decay": schedule.decay, "span": schedule.span, "top_layers": list(schedule.top_layers),
               "mean_depth": round(schedule.mean_depth(), 4), "layer_speedup": round(schedule.speedup(), 4),
               **({"target_speedup": config.target_speedup} if config.target_speedup else {}),
-              **({"adds_fused_again_within_layers": refused} if refused is not None else {})}
-    modified = schedule.mean_depth() < spec.num_layers or refused is not None
+              **({"adds_fused_again_within_layers": fused_again} if fused_again is not None else {})}
+    modified = schedule.mean_depth() < spec.num_layers or fused_again is not None
     return PassResult(gm, modified, report, resolved)
 
 
