@@ -51,6 +51,9 @@ SWEEP = {
                + [dict(programs_per_sm=16)]),
 }
 SWEEP["diag"] = SWEEP["blocks"]
+SWEEP["i8k"] = ([dict(block_n=n, num_warps=w, num_stages=st)
+                 for n, w, st in ((64, 4, 3), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 3))]
+                + [dict(programs_per_sm=pps) for pps in (4, 16)])
 
 
 def _do_bench(fn) -> float:
@@ -318,7 +321,7 @@ def _print_table(rows: list[dict]) -> None:
 
 # SASS opcodes counted per loop iteration by --sass (tensor-core, memory, barrier, shuffle, ALU, decode)
 # (LDL/STL: register spills to local memory)
-SASS_OPS = ("HGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STS", "LDSM", "LDL", "STL", "BAR", "SHFL", "HFMA2", "FFMA",
+SASS_OPS = ("HGMMA", "IGMMA", "HMMA", "LDG", "LDGSTS", "LDS", "STS", "LDSM", "LDL", "STL", "BAR", "SHFL", "HFMA2", "FFMA",
             "FMUL", "FADD", "PRMT", "LOP3", "IMAD", "I2F", "MUFU")
 
 

@@ -1271,6 +1271,117 @@ def _paged_decode_diag_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
+# Decode with int8 key dots ("i8k" kernel): BFP16 keys never decoded
+# ----------------------------------------------------------------------------------------------
+# BFP16 codes are int8 already, so K's bytes go from global to shared memory (cp.async, Triton's
+# pipeliner) straight into int8 tensor-core dots, with no decode and no register round trip. q is
+# split per (head, block) into two int8 limbs of one power-of-two step (q ~ (64 hi + lo) step, 13
+# significant bits against bf16's 8), laid out block-diagonally as in the "diag" kernel: column
+# c = h * NB_PAD + b holds head h on block b's channels, so one [BLOCK_N, D] x [D, NCOL] int32 dot per
+# limb gives every (key, head, block) partial sum; each is scaled by its key's block scale times q's
+# step and summed over the head's blocks. V takes the "tiles" path (decoded with its scales into bf16,
+# dotted with P, whose columns repeat each head NB_PAD times).
+
+
+@jit
+def _query_int8_limbs(q_base, stride_qh, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                      NCOL: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    # q of the group, block-diagonal ([D_PAD, NCOL], see _load_query_diag), as (hi, lo) int8 limbs and
+    # each column's step [NCOL]: step = 2^(floor(log2 max|q| of the column) - 11), Q = round(q / step)
+    # (|Q| < 4096), hi = floor((Q + 32) / 64), lo = Q - 64 hi (in [-32, 31]); q = (64 hi + lo) step
+    # within step / 2
+    cols, head, in_block = _diag_masks(D_PAD, NCOL, NB_PAD, BLOCK, 1)
+    q = tl.load(q_base + head * stride_qh + cols, mask=in_block & (head < G) & (cols < D), other=0.0).to(tl.float32)
+    biased = (tl.max(tl.abs(q), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the float exponent byte of max|q|
+    step = pow2(tl.maximum(biased - 11, 1))
+    scaled = q / step[None, :]  # exact: a power of two
+    whole = ((scaled + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even (|scaled| < 2^22)
+    hi = (whole + 32) >> 6
+    return hi.to(tl.int8), (whole - hi * 64).to(tl.int8), step
+
+
+@jit
+def _paged_decode_i8k_kernel(
+    q_ptr,  # *bf16 [B, Hq, D]: one query per sequence (last dim contiguous)
+    stride_qb, stride_qh,  # q strides (elements)
+    k_data_ptr, k_scale_ptr,  # K cache (BFP16): data [pages, PAGE_SIZE, Hkv, D] int8 codes and scale bytes
+    stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (bytes; last dim contiguous)
+    stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes)
+    v_data_ptr, v_scale_ptr,  # V cache, its own format (as in _paged_decode_kernel)
+    stride_vd_page, stride_vd_slot, stride_vd_head,  # v_data strides
+    stride_vs_page, stride_vs_slot, stride_vs_head,  # v_scale strides
+    page_table_ptr,  # *int32|int64 [B, P]: page ids of each sequence, in token order
+    stride_pt,  # page_table row stride
+    seq_lens_ptr,  # *int32|int64 [B]: tokens in the cache per sequence (the query's own included)
+    out_ptr,  # *q.dtype [B, Hq, D]: written when SPLIT is False
+    stride_ob, stride_oh,  # out strides
+    ws_acc_ptr,  # *fp32 [B, Hq, num_splits, D]: unnormalized partial outputs (SPLIT)
+    ws_ml_ptr,  # *fp32 [B, Hq, num_splits, 2]: partial running max (log2 domain) and sum
+    num_splits,  # context slices per sequence (grid axis 1)
+    qk_scale,  # softmax scale * log2(e): scores go straight to exp2
+    sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    G: tl.constexpr,  # query heads per KV head
+    D: tl.constexpr,  # head_dim
+    D_PAD: tl.constexpr,  # max(32, next power of two >= D) = K_NB_PAD * K_BLOCK
+    NB_PAD: tl.constexpr,  # K blocks per row, padded to a power of two
+    NCOL: tl.constexpr,  # columns (head, block): max(16, pow2(G) * NB_PAD)
+    K_NB: tl.constexpr,  # K blocks per row
+    K_BLOCK: tl.constexpr,  # values per K block
+    PAGE_SIZE: tl.constexpr,  # tokens per page
+    BLOCK_N: tl.constexpr,  # tokens per iteration
+    SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
+    V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format (V_BLOCK 0: dense)
+    V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
+    UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
+):
+    kv_head = tl.program_id(0)
+    split = tl.program_id(1)
+    seq = tl.program_id(2)
+
+    q_hi, q_lo, step = _query_int8_limbs(q_ptr + seq.to(tl.int64) * stride_qb + kv_head * G * stride_qh, stride_qh,
+                                         G, D, D_PAD, NCOL, NB_PAD, K_BLOCK)
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+
+    m_i = tl.full([NCOL], float("-inf"), tl.float32)
+    l_i = tl.zeros([NCOL], tl.float32)
+    acc0 = tl.zeros([D_PAD // V_PHASES, NCOL], tl.float32)  # output^T, each head in NB_PAD columns
+    acc1 = tl.zeros([D_PAD // V_PHASES, NCOL], tl.float32)  # odd columns (V_PHASES == 2)
+    page_row = page_table_ptr + seq.to(tl.int64) * stride_pt
+    for n0 in range(lo, hi, BLOCK_N):
+        tokens = n0 + tl.arange(0, BLOCK_N)
+        live = tokens < hi
+        page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
+        k_codes, k_exp = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                          stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                          kv_head, live, D_PAD, D, K_NB, NB_PAD, NCOL, True)
+        k_codes = k_codes.to(tl.int8, bitcast=True)
+        whole = tl.dot(k_codes, q_hi, out_dtype=tl.int32) * 64 + tl.dot(k_codes, q_lo, out_dtype=tl.int32)
+        part = whole.to(tl.float32) * (pow2(k_exp.to(tl.int32)) * step[None, :])
+        scores = _group_sum(part, NCOL, NB_PAD)  # [BLOCK_N, NCOL]: each head's score in its NB_PAD columns
+        scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
+        p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
+        v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                  stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head,
+                                  live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, tl.bfloat16)
+        p = p.to(tl.bfloat16)
+        acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], "tf32", UPCAST_DOT)
+        if V_PHASES == 2:
+            acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
+
+    # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
+    first = (tl.arange(0, NCOL) % NB_PAD) == 0
+    rows = tl.arange(0, NCOL // NB_PAD)
+    out0 = tl.sum(tl.reshape(tl.where(first[None, :], acc0, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
+    out1 = tl.sum(tl.reshape(tl.where(first[None, :], acc1, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
+    m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
+    l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
+    _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
+                        kv_head * G + rows, rows < G, tl.trans(out0), tl.trans(out1), m_h, l_h, G, D, D_PAD, V_PHASES,
+                        SPLIT)
+
+
+# ----------------------------------------------------------------------------------------------
 # Prefill: causal, variable length, chunked
 # ----------------------------------------------------------------------------------------------
 
@@ -1419,7 +1530,7 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
 # ----------------------------------------------------------------------------------------------
 
-DECODE_KERNELS = ("tiles", "blocks", "diag")
+DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k")
 
 
 @dataclass(frozen=True)
@@ -1427,7 +1538,8 @@ class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
-    with 2-d dots against a block-diagonal q). prefetch: the next tile's bytes are loaded into
+    with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 keys' int8 codes
+    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next tile's bytes are loaded into
     registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
     which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats).
     block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
@@ -1473,6 +1585,9 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
+    if kernel == "i8k":  # BFP16 keys (int8 codes), post-RoPE; V anything "tiles" reads
+        return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits == 8
+                and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0)
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
     phases = [2 if not f.is_dense and f.mantissa_bits == 4 else 1 for f in formats]
@@ -1538,9 +1653,14 @@ def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: i
                                                                                   dtype))
     config = config or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
-    if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope):
+    if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope) or not _query_fits(kernel, dtype, v_fmt):
         kernel = "tiles"
     return config if kernel == config.kernel else DecodeConfig(**{**config.to_dict(), "kernel": kernel})
+
+
+def _query_fits(kernel: str, dtype: torch.dtype, v_fmt: KVFormat) -> bool:
+    """"i8k" runs its P @ V dot in bf16: bf16 queries, and V exact in bf16 (packed, or bf16 pages)."""
+    return kernel != "i8k" or (dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
 
 
 def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
@@ -1776,6 +1896,14 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
                                           PREFETCH=prefetch, ABLATE=0,
                                           **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
+    if config.kernel == "i8k":
+        d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))
+        nb_pad = d_pad // k_fmt.block
+        v_meta = _format_meta(v_fmt, "V", tl.bfloat16, device)
+        return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
+                                              NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
+                                              K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
+                                              **{k: v for k, v in v_meta.items()}, UPCAST_DOT=INTERPRETED)
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
@@ -1808,11 +1936,11 @@ def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, gro
     """pick_decode_config with the caller's overrides; an explicit kernel that cannot run these
     formats is an error (a picked one falls back to "tiles")."""
     config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope)
-    if kernel is not None and kernel in DECODE_KERNELS and not decode_kernel_supports(kernel, k_fmt, v_fmt,
-                                                                                      q.shape[2], pre_rope):
+    if kernel is not None and kernel in DECODE_KERNELS and not (
+            decode_kernel_supports(kernel, k_fmt, v_fmt, q.shape[2], pre_rope) and _query_fits(kernel, q.dtype, v_fmt)):
         raise ValueError(f"paged_decode_attention: kernel={kernel!r} does not run K {k_fmt.name}, V {v_fmt.name}, "
-                         f"head_dim {q.shape[2]}{' with pre-RoPE keys' if pre_rope else ''} (see "
-                         "decode_kernel_supports); use kernel='tiles'")
+                         f"head_dim {q.shape[2]}, {q.dtype} queries{' with pre-RoPE keys' if pre_rope else ''} "
+                         "(see decode_kernel_supports); use kernel='tiles'")
     overrides = dict(kernel=kernel, block_n=block_n, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
     overrides = {name: value for name, value in overrides.items() if value is not None}
     try:

@@ -224,6 +224,51 @@ def test_blocks_decode_matches_reference(kernel, case, seed):
                      seed)
 
 
+# "i8k": id: (k_format, v_format, g, Hkv, head_dim, context lengths, sliding window); bf16 queries only
+I8K_CASES = {
+    "bfp16_32-g4-d128": ("bfp16_32", "bfp16_32", 4, 2, 128, [33, 20, 1], 0),
+    "k_bfp16_32-v_bfp12_32": ("bfp16_32", "bfp12_32", 4, 1, 128, [70, 17], 0),
+    "k_bfp16_16-v_bf16-g3-d64-window": ("bfp16_16", "bfloat16", 3, 2, 64, [40, 3], 24),
+    "k_bfp16_32-v_mxfp4-g2-d96": ("bfp16_32", "mxfp4_32", 2, 1, 96, [17, 50], 0),
+    "bfp16_64-g8-d64": ("bfp16_64", "bfp16_64", 8, 1, 64, [30, 9], 0),
+}
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(I8K_CASES))
+def test_i8k_decode_matches_reference(case, seed):
+    """The int8-key kernel (BFP16 codes in int8 dots against q in two int8 limbs per head and block,
+    block-diagonal; V as "tiles" reads it) against attention_ref, split or not; a 3-block head (d96)
+    pads the block count to 4, g3 pads the heads to 4."""
+    k_format, v_format, g, hkv, d, lens, window = I8K_CASES[case]
+    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, torch.bfloat16,
+                                                                16, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
+    for num_splits in (1, 2):
+        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5, window,
+                                        num_splits=num_splits, kernel="i8k", block_n=32)
+        assert_close(out, expected, torch.bfloat16, f"i8k decode {case} num_splits={num_splits}", seed)
+
+
+@needs_interpreter
+def test_i8k_runs_bfp16_keys_and_bf16_queries_only(monkeypatch):
+    """Picked where it cannot run (another K format, pre-RoPE keys, float32 queries, V not exact in
+    bf16), "i8k" falls back to "tiles"; asked for explicitly there, it is an error naming the inputs."""
+    fmt, cpu = pa.parse_kv_format, torch.device("cpu")
+    monkeypatch.setattr(pa, "_FORCED_KERNEL", "i8k")
+    assert pa.pick_decode_config(fmt("bfp16_32"), fmt("bfp12_32"), 128, 4, torch.bfloat16, cpu).kernel == "i8k"
+    for k_format, v_format, dtype, pre_rope in (("bfp12_32", "bfp16_32", torch.bfloat16, False),
+                                                ("bfp16_32", "bfp16_32", torch.bfloat16, True),
+                                                ("bfp16_32", "bfp16_32", torch.float32, False),
+                                                ("bfp16_32", "float32", torch.bfloat16, False)):
+        picked = pa.pick_decode_config(fmt(k_format), fmt(v_format), 128, 4, dtype, cpu, pre_rope)
+        assert picked.kernel == "tiles", (k_format, v_format, dtype, pre_rope)
+    q, cache, page_table, _, seq_lens = decode_inputs([5, 9], 2, 2, 64, "bfp16_32", "bfp16_32", torch.float32, 16, 0)
+    with pytest.raises(ValueError, match="kernel='i8k' does not run K bfp16_32, V bfp16_32, head_dim 64, "
+                                         "torch.float32 queries"):
+        pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp16_32", "bfp16_32", 0.125, kernel="i8k")
+
+
 @needs_interpreter
 @pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles"])
 def test_blocks_decode_reads_no_poison(kernel, seed):
@@ -293,7 +338,7 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
 
 
 @pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")
-@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles-prefetch"])
+@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles-prefetch", "i8k"])
 def test_block_scaled_kernels_compile_for_hopper(kernel):
     """The interpreter does not lower layouts or inline PTX: compile the issue-14 kernels (and tiles with
     the register prefetch) for sm_90 (no GPU needed) with the PTX decode of 4- and 8-bit codes, and
@@ -301,11 +346,14 @@ def test_block_scaled_kernels_compile_for_hopper(kernel):
     from fxforge.kernels.attention_bench import sass_summary
 
     config = dict(prefetch=True, num_stages=1) if kernel == "tiles-prefetch" else {}
+    k_format = "bfp16_32" if kernel == "i8k" else "bfp12_32"
     try:
-        summary = sass_summary(kernel.removesuffix("-prefetch"), "bfp12_32", "bfp16_32", **config)
+        summary = sass_summary(kernel.removesuffix("-prefetch"), k_format, "bfp16_32", **config)
     except (ImportError, FileNotFoundError) as exc:  # a triton build without the NVIDIA backend's tools
         pytest.skip(f"no sm_90 toolchain in this triton: {exc}")
     assert summary["registers"] <= 255 and summary.get("HGMMA", 0) + summary.get("HMMA", 0) > 0, summary
+    if kernel == "i8k":  # q . k as int8 tensor-core dots, K's bytes staged by cp.async
+        assert summary.get("IGMMA", 0) > 0 and summary.get("LDGSTS", 0) > 0, summary
 
 
 @needs_interpreter
@@ -762,15 +810,18 @@ class TestCUDA:
                                                    ("bfloat16", "bfloat16"), ("bfp12_64", "bfp16_16"),
                                                    ("bfp12_16", "bfp16_16")])
     def test_blocks_decode_matches_reference(self, k_format, v_format, q_dtype, seed, monkeypatch):
-        """The "blocks" and "diag" kernels natively (where they run the formats), with the inline-PTX and
-        the portable decode, split or not, with and without the register prefetch, and against "tiles"."""
+        """The "blocks", "diag" and "i8k" kernels natively (where they run the formats and the query
+        dtype), with the inline-PTX and the portable decode, split or not, with and without the register
+        prefetch ("i8k" has none), and against "tiles"."""
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, k_format, v_format, q_dtype,
                                                                     16, seed, "cuda")
         expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, 128**-0.5, 0)
         tiles = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                           kernel="tiles")
-        for kernel in ("blocks", "diag"):
+        for kernel in ("blocks", "diag", "i8k"):
             if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128):
+                continue
+            if kernel == "i8k" and q_dtype != torch.bfloat16:
                 continue
             for asm in (True, False):
                 monkeypatch.setattr(pa, "_ASM_DECODE", asm)
