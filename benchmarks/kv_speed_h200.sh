@@ -23,7 +23,7 @@
 #                                                # without lower's step fusions (--fused-step), no HF
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-fused  # SmolLM2 real weights, 512 GSM8K x 256: each KV format with and without the fusions
 #   bash benchmarks/kv_speed_h200.sh fused-8b    # the same on the 8B shape (64 x 1,792 + 256), bf16 and BFP12-K/BFP16-V
-#   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP16 keys), its sweep and tuned configs
+#   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP12/BFP16 keys), its sweep and tuned configs
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
 set -o pipefail
@@ -81,10 +81,10 @@ for stage in "$@"; do
         --hf-batch "" --fused-step --repeats 2 ;;
     i8k)  # the int8-key kernel against tiles (tables at 4k/16k, then its sweep; tuned configs merged)
       mkdir -p .devcarry/configs
-      timeout 200 fxforge bench attention --formats bfp16_32,bfp16_32/bfp12_32 --kernels tiles,i8k \
+      timeout 200 fxforge bench attention --formats bfp12_32,bfp16_32,bfp12_32/bfp16_32 --kernels tiles,i8k \
         --contexts 4096,16384 --json-out "$OUT/kv_attention_i8k_h200.json" 2>&1 | tail -12
       timeout 330 python3 -m fxforge.kernels.attention_bench "$OUT/kv_sweep_i8k_h200.json" --sweep --kernels tiles i8k \
-        --contexts 4096 --formats bfp16_32 bfp16_32/bfp12_32 --tune .devcarry/configs > "$OUT/kv_sweep_i8k_h200.log" 2>&1
+        --contexts 4096 --formats bfp12_32 bfp16_32 bfp12_32/bfp16_32 --tune .devcarry/configs > "$OUT/kv_sweep_i8k_h200.log" 2>&1
       tail -12 "$OUT/kv_sweep_i8k_h200.log"; cp .devcarry/configs/paged_decode_*.json "$OUT/" ;;
     fusion-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_norm.py tests/kernels/test_rope_kv_write.py \

@@ -1271,40 +1271,53 @@ def _paged_decode_diag_kernel(
 
 
 # ----------------------------------------------------------------------------------------------
-# Decode with int8 key dots ("i8k" kernel): BFP16 keys never decoded
+# Decode with int8 key dots ("i8k" kernel): BFP16 and BFP12 keys never decoded to floats
 # ----------------------------------------------------------------------------------------------
 # BFP16 codes are int8 already, so K's bytes go from global to shared memory (cp.async, Triton's
-# pipeliner) straight into int8 tensor-core dots, with no decode and no register round trip. q is
+# pipeliner) straight into int8 tensor-core dots, with no decode and no register round trip; a BFP12
+# byte's two codes become int8 16 * code by one shift and one mask (staged through shared memory). q is
 # split per (head, block) into two int8 limbs of one power-of-two step (q ~ (64 hi + lo) step, 13
 # significant bits against bf16's 8), laid out block-diagonally as in the "diag" kernel: column
 # c = h * NB_PAD + b holds head h on block b's channels, so one [BLOCK_N, D] x [D, NCOL] int32 dot per
-# limb gives every (key, head, block) partial sum; each is scaled by its key's block scale times q's
-# step and summed over the head's blocks. V takes the "tiles" path (decoded with its scales into bf16,
-# dotted with P, whose columns repeat each head NB_PAD times).
+# limb (and phase) gives every (key, head, block) partial sum; each is scaled by its key's block scale
+# times q's step and summed over the head's blocks. V takes the "tiles" path (decoded with its scales
+# into bf16, dotted with P, whose columns repeat each head NB_PAD times).
+
+
+@jit
+def _int8_limbs(q, step):
+    # q (float32) -> (hi, lo) int8 with q = (64 hi + lo) step within step / 2, for |q| < 2^12 step:
+    # Q = round(q / step) (half to even; the division is exact, step is a power of two),
+    # hi = floor((Q + 32) / 64), lo = Q - 64 hi in [-32, 31]
+    whole = ((q / step + 12582912.0) - 12582912.0).to(tl.int32)
+    hi = (whole + 32) >> 6
+    return hi.to(tl.int8), (whole - hi * 64).to(tl.int8)
 
 
 @jit
 def _query_int8_limbs(q_base, stride_qh, G: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-                      NCOL: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    # q of the group, block-diagonal ([D_PAD, NCOL], see _load_query_diag), as (hi, lo) int8 limbs and
-    # each column's step [NCOL]: step = 2^(floor(log2 max|q| of the column) - 11), Q = round(q / step)
-    # (|Q| < 4096), hi = floor((Q + 32) / 64), lo = Q - 64 hi (in [-32, 31]); q = (64 hi + lo) step
-    # within step / 2
-    cols, head, in_block = _diag_masks(D_PAD, NCOL, NB_PAD, BLOCK, 1)
-    q = tl.load(q_base + head * stride_qh + cols, mask=in_block & (head < G) & (cols < D), other=0.0).to(tl.float32)
-    biased = (tl.max(tl.abs(q), 0).to(tl.int32, bitcast=True) >> 23) & 0xFF  # the float exponent byte of max|q|
-    step = pow2(tl.maximum(biased - 11, 1))
-    scaled = q / step[None, :]  # exact: a power of two
-    whole = ((scaled + 12582912.0) - 12582912.0).to(tl.int32)  # round half to even (|scaled| < 2^22)
-    hi = (whole + 32) >> 6
-    return hi.to(tl.int8), (whole - hi * 64).to(tl.int8), step
+                      NCOL: tl.constexpr, NB_PAD: tl.constexpr, BLOCK: tl.constexpr, PHASES: tl.constexpr):
+    # q of the group, block-diagonal ([D_PAD / PHASES, NCOL], see _load_query_diag; 4-bit keys: even and
+    # odd channels), as int8 limbs (hi, lo) of each phase and each column's step [NCOL]: step = 2^(floor(
+    # log2 max|q| over the column's block) - 11), so |q| < 2^12 step
+    cols, head, in_block = _diag_masks(D_PAD // PHASES, NCOL, NB_PAD, BLOCK, PHASES)
+    mask = in_block & (head < G) & (cols < D)
+    q0 = tl.load(q_base + head * stride_qh + cols, mask=mask, other=0.0).to(tl.float32)
+    q1 = q0
+    if PHASES == 2:
+        q1 = tl.load(q_base + head * stride_qh + cols + 1, mask=mask, other=0.0).to(tl.float32)
+    biased = (tl.maximum(tl.max(tl.abs(q0), 0), tl.max(tl.abs(q1), 0)).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    step = pow2(tl.maximum(biased - 11, 1))[None, :]  # 2^(exponent of max|q| - 11)
+    hi0, lo0 = _int8_limbs(q0, step)
+    hi1, lo1 = _int8_limbs(q1, step)
+    return hi0, lo0, hi1, lo1, tl.reshape(step, (NCOL,))
 
 
 @jit
 def _paged_decode_i8k_kernel(
     q_ptr,  # *bf16 [B, Hq, D]: one query per sequence (last dim contiguous)
     stride_qb, stride_qh,  # q strides (elements)
-    k_data_ptr, k_scale_ptr,  # K cache (BFP16): data [pages, PAGE_SIZE, Hkv, D] int8 codes and scale bytes
+    k_data_ptr, k_scale_ptr,  # K cache (BFP16 or BFP12): data [pages, PAGE_SIZE, Hkv, D * m / 8] codes, scale bytes
     stride_kd_page, stride_kd_slot, stride_kd_head,  # k_data strides (bytes; last dim contiguous)
     stride_ks_page, stride_ks_slot, stride_ks_head,  # k_scale strides (bytes)
     v_data_ptr, v_scale_ptr,  # V cache, its own format (as in _paged_decode_kernel)
@@ -1327,6 +1340,7 @@ def _paged_decode_i8k_kernel(
     NCOL: tl.constexpr,  # columns (head, block): max(16, pow2(G) * NB_PAD)
     K_NB: tl.constexpr,  # K blocks per row
     K_BLOCK: tl.constexpr,  # values per K block
+    K_PHASES: tl.constexpr,  # 2: BFP12 keys (4-bit codes, even and odd channels); 1: BFP16
     PAGE_SIZE: tl.constexpr,  # tokens per page
     BLOCK_N: tl.constexpr,  # tokens per iteration
     SPLIT: tl.constexpr,  # True: write partials to the workspace; False: write the output
@@ -1338,8 +1352,10 @@ def _paged_decode_i8k_kernel(
     split = tl.program_id(1)
     seq = tl.program_id(2)
 
-    q_hi, q_lo, step = _query_int8_limbs(q_ptr + seq.to(tl.int64) * stride_qb + kv_head * G * stride_qh, stride_qh,
-                                         G, D, D_PAD, NCOL, NB_PAD, K_BLOCK)
+    hi0, lo0, hi1, lo1, step = _query_int8_limbs(q_ptr + seq.to(tl.int64) * stride_qb + kv_head * G * stride_qh,
+                                                 stride_qh, G, D, D_PAD, NCOL, NB_PAD, K_BLOCK, K_PHASES)
+    if K_PHASES == 2:
+        step = step * 0.0625  # 4-bit codes enter the dots as int8 16 * code
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
 
@@ -1352,11 +1368,17 @@ def _paged_decode_i8k_kernel(
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
         page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
-        k_codes, k_exp = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
-                                          stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
-                                          kv_head, live, D_PAD, D, K_NB, NB_PAD, NCOL, True)
-        k_codes = k_codes.to(tl.int8, bitcast=True)
-        whole = tl.dot(k_codes, q_hi, out_dtype=tl.int32) * 64 + tl.dot(k_codes, q_lo, out_dtype=tl.int32)
+        k_raw, k_exp = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                        stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                        kv_head, live, D_PAD // K_PHASES, D // K_PHASES, K_NB, NB_PAD, NCOL, True)
+        if K_PHASES == 2:  # each byte's two 4-bit codes as int8 16 * code: the low nibble moved up, the high masked
+            k0 = (k_raw << 4).to(tl.int8, bitcast=True)
+            k1 = (k_raw & 0xF0).to(tl.int8, bitcast=True)
+            whole = (tl.dot(k0, hi0, out_dtype=tl.int32) + tl.dot(k1, hi1, out_dtype=tl.int32)) * 64
+            whole += tl.dot(k0, lo0, out_dtype=tl.int32) + tl.dot(k1, lo1, out_dtype=tl.int32)
+        else:  # BFP16 codes are int8 as stored
+            k0 = k_raw.to(tl.int8, bitcast=True)
+            whole = tl.dot(k0, hi0, out_dtype=tl.int32) * 64 + tl.dot(k0, lo0, out_dtype=tl.int32)
         part = whole.to(tl.float32) * (pow2(k_exp.to(tl.int32)) * step[None, :])
         scores = _group_sum(part, NCOL, NB_PAD)  # [BLOCK_N, NCOL]: each head's score in its NB_PAD columns
         scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
@@ -1538,7 +1560,7 @@ class DecodeConfig:
     """How paged_decode_attention launches. kernel "tiles": _paged_decode_kernel (values decoded and
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
-    with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 keys' int8 codes
+    with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 / BFP12 keys' codes
     in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next tile's bytes are loaded into
     registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
     which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats).
@@ -1585,8 +1607,8 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
-    if kernel == "i8k":  # BFP16 keys (int8 codes), post-RoPE; V anything "tiles" reads
-        return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits == 8
+    if kernel == "i8k":  # BFP16 or BFP12 keys (int8 codes, or 16 x code), post-RoPE; V anything "tiles" reads
+        return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
                 and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0)
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
@@ -1903,6 +1925,7 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
                                               NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
                                               K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
+                                              K_PHASES=2 if k_fmt.mantissa_bits == 4 else 1,
                                               **{k: v for k, v in v_meta.items()}, UPCAST_DOT=INTERPRETED)
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,

@@ -231,15 +231,17 @@ I8K_CASES = {
     "k_bfp16_16-v_bf16-g3-d64-window": ("bfp16_16", "bfloat16", 3, 2, 64, [40, 3], 24),
     "k_bfp16_32-v_mxfp4-g2-d96": ("bfp16_32", "mxfp4_32", 2, 1, 96, [17, 50], 0),
     "bfp16_64-g8-d64": ("bfp16_64", "bfp16_64", 8, 1, 64, [30, 9], 0),
+    "k_bfp12_32-v_bfp16_32": ("bfp12_32", "bfp16_32", 4, 2, 128, [33, 20, 1], 0),
+    "bfp12_16-g3-d64-window": ("bfp12_16", "bfp12_16", 3, 1, 64, [40, 3], 24),
 }
 
 
 @needs_interpreter
 @pytest.mark.parametrize("case", list(I8K_CASES))
 def test_i8k_decode_matches_reference(case, seed):
-    """The int8-key kernel (BFP16 codes in int8 dots against q in two int8 limbs per head and block,
-    block-diagonal; V as "tiles" reads it) against attention_ref, split or not; a 3-block head (d96)
-    pads the block count to 4, g3 pads the heads to 4."""
+    """The int8-key kernel (BFP16 codes, or BFP12 codes as int8 16 * code, in int8 dots against q in two
+    int8 limbs per head and block, block-diagonal; V as "tiles" reads it) against attention_ref, split
+    or not; a 3-block head (d96) pads the block count to 4, g3 pads the heads to 4."""
     k_format, v_format, g, hkv, d, lens, window = I8K_CASES[case]
     q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, torch.bfloat16,
                                                                 16, seed)
@@ -251,13 +253,15 @@ def test_i8k_decode_matches_reference(case, seed):
 
 
 @needs_interpreter
-def test_i8k_runs_bfp16_keys_and_bf16_queries_only(monkeypatch):
+def test_i8k_runs_bfp16_and_bfp12_keys_and_bf16_queries_only(monkeypatch):
     """Picked where it cannot run (another K format, pre-RoPE keys, float32 queries, V not exact in
     bf16), "i8k" falls back to "tiles"; asked for explicitly there, it is an error naming the inputs."""
     fmt, cpu = pa.parse_kv_format, torch.device("cpu")
     monkeypatch.setattr(pa, "_FORCED_KERNEL", "i8k")
     assert pa.pick_decode_config(fmt("bfp16_32"), fmt("bfp12_32"), 128, 4, torch.bfloat16, cpu).kernel == "i8k"
-    for k_format, v_format, dtype, pre_rope in (("bfp12_32", "bfp16_32", torch.bfloat16, False),
+    assert pa.pick_decode_config(fmt("bfp12_32"), fmt("bfp16_32"), 128, 4, torch.bfloat16, cpu).kernel == "i8k"
+    for k_format, v_format, dtype, pre_rope in (("mxfp4_32", "bfp16_32", torch.bfloat16, False),
+                                                ("bfp14_32", "bfp16_32", torch.bfloat16, False),
                                                 ("bfp16_32", "bfp16_32", torch.bfloat16, True),
                                                 ("bfp16_32", "bfp16_32", torch.float32, False),
                                                 ("bfp16_32", "float32", torch.bfloat16, False)):
