@@ -584,12 +584,13 @@ def bench_e2e_cmd(
     bandwidth, peak = copy_bandwidth(device), matmul_peak(device)
     import fxforge
 
-    lower = {"name": "lower", "backend": "triton"}  # lower's default step fusions
-    fused = dict(lower, fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
-    if fused_step:  # the plain rows without the fusions, as peers of the +fused rows
-        lower = dict(lower, fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)
+    from fxforge.passes.lower import STEP_FUSIONS
+
+    fused = {"name": "lower", "backend": "triton"}  # lower's default: the step fusions on
+    # with --fused-step the plain rows run without the fusions, the +fused rows are their peers in this run
+    lower = dict(fused, **dict.fromkeys(STEP_FUSIONS, False)) if fused_step else fused
     optimized = {name: fxforge.optimize(base, passes=passes + [lower]) for name, passes in formats}
-    if fused_step:  # each format also with the step fusions, the unfused row its peer in this run
+    if fused_step:
         optimized.update({f"{name}+fused": fxforge.optimize(base, passes=passes + [fused]) for name, passes in formats})
     kv_bytes = int(kv_memory_gb * (1 << 30)) if kv_memory_gb is not None else None
     full_len = prompt_len + max_new_tokens + 16  # run_fxforge's max_model_len

@@ -1561,9 +1561,10 @@ class DecodeConfig:
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
     with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 / BFP12 keys' codes
-    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next tile's bytes are loaded into
-    registers before this tile's math (without it, "tiles" leaves its loads to Triton's pipeliner,
-    which stages them through shared memory, num_stages deep; "tiles" ignores it for 6-bit formats).
+    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next
+    tile's bytes are loaded into registers before this tile's math (without it, "tiles" leaves its
+    loads to Triton's pipeliner, which stages them through shared memory, num_stages deep; "tiles"
+    ignores it for 6-bit formats; "i8k" has none).
     block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
@@ -1599,17 +1600,20 @@ class DecodeConfig:
 
 
 def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int,
-                           pre_rope: bool = False) -> bool:
-    """Whether a decode kernel runs these formats. "tiles": all. "blocks" and "diag": post-RoPE keys (a
-    rotation mixes channels of different blocks) and per format dense, or 4/8-bit BFP or MXFP4;
-    "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag" >= 16 codes per
-    phase of a row and the same number of blocks (padded to a power of two) in K and V if both are packed."""
+                           pre_rope: bool = False, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether a decode kernel runs these formats for queries of `dtype`. "tiles": all. "blocks" and
+    "diag": post-RoPE keys (a rotation mixes channels of different blocks) and per format dense, or
+    4/8-bit BFP or MXFP4; "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag"
+    >= 16 codes per phase of a row and the same number of blocks (padded to a power of two) in K and V
+    if both are packed. "i8k": post-RoPE BFP16 or BFP12 keys, bf16 queries and V exact in bf16 (packed,
+    or bf16 pages): its P @ V dot runs in bf16."""
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
-    if kernel == "i8k":  # BFP16 or BFP12 keys (int8 codes, or 16 x code), post-RoPE; V anything "tiles" reads
+    if kernel == "i8k":
         return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
-                and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0)
+                and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0
+                and dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
     phases = [2 if not f.is_dense and f.mantissa_bits == 4 else 1 for f in formats]
@@ -1675,14 +1679,9 @@ def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: i
                                                                                   dtype))
     config = config or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
-    if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope) or not _query_fits(kernel, dtype, v_fmt):
+    if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope, dtype):
         kernel = "tiles"
     return config if kernel == config.kernel else DecodeConfig(**{**config.to_dict(), "kernel": kernel})
-
-
-def _query_fits(kernel: str, dtype: torch.dtype, v_fmt: KVFormat) -> bool:
-    """"i8k" runs its P @ V dot in bf16: bf16 queries, and V exact in bf16 (packed, or bf16 pages)."""
-    return kernel != "i8k" or (dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
 
 
 def _dot_config(dtype: torch.dtype, k_fmt: KVFormat, v_fmt: KVFormat) -> tuple:
@@ -1926,7 +1925,7 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
                                               NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
                                               K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
                                               K_PHASES=2 if k_fmt.mantissa_bits == 4 else 1,
-                                              **{k: v for k, v in v_meta.items()}, UPCAST_DOT=INTERPRETED)
+                                              **v_meta, UPCAST_DOT=INTERPRETED)
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
@@ -1959,8 +1958,8 @@ def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, gro
     """pick_decode_config with the caller's overrides; an explicit kernel that cannot run these
     formats is an error (a picked one falls back to "tiles")."""
     config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope)
-    if kernel is not None and kernel in DECODE_KERNELS and not (
-            decode_kernel_supports(kernel, k_fmt, v_fmt, q.shape[2], pre_rope) and _query_fits(kernel, q.dtype, v_fmt)):
+    if kernel is not None and kernel in DECODE_KERNELS and not decode_kernel_supports(kernel, k_fmt, v_fmt, q.shape[2],
+                                                                                      pre_rope, q.dtype):
         raise ValueError(f"paged_decode_attention: kernel={kernel!r} does not run K {k_fmt.name}, V {v_fmt.name}, "
                          f"head_dim {q.shape[2]}, {q.dtype} queries{' with pre-RoPE keys' if pre_rope else ''} "
                          "(see decode_kernel_supports); use kernel='tiles'")

@@ -41,6 +41,8 @@ from fxforge.ir.capture import META_KEY, NodeMeta, annotate, spec_of, traced_in
 from fxforge.ir.modules import MLP, RMSNorm
 from fxforge.passes.manager import PassConfig, PassResult, register_pass
 
+# the step-fusion options of Lower (d), on by default: the names to turn them all off by
+STEP_FUSIONS = ("fuse_projections", "fuse_add_norm", "fuse_rope_kv")
 _SILU = (F.silu,)
 _MUL = (operator.mul, torch.mul)
 
@@ -65,7 +67,7 @@ class Lower(PassConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name in ("fuse_norm", "fuse_swiglu", "fuse_projections", "fuse_add_norm", "fuse_rope_kv"):
+        for name in ("fuse_norm", "fuse_swiglu", *STEP_FUSIONS):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be true or false")
 

@@ -823,9 +823,8 @@ class TestCUDA:
         tiles = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                           kernel="tiles")
         for kernel in ("blocks", "diag", "i8k"):
-            if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128):
-                continue
-            if kernel == "i8k" and q_dtype != torch.bfloat16:
+            if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128,
+                                             dtype=q_dtype):
                 continue
             for asm in (True, False):
                 monkeypatch.setattr(pa, "_ASM_DECODE", asm)

@@ -20,13 +20,14 @@ from fxforge.ir.skip import split_layers
 from fxforge.ir.verify import verify
 from fxforge.kernels.kv_cache import allocate_kv_pair
 from fxforge.passes import BFPKVCache, KSort, Lower
+from fxforge.passes.lower import STEP_FUSIONS
 from fxforge.passes.fuse_elementwise import (FUSED_FROM, fuse_add_rmsnorm, fuse_rope_kv_write,
                                              unfuse_elementwise)
 from fxforge.runtime.engine import Engine
 from fxforge.runtime.sequence import SamplingParams
 from tests.conftest import TINY_SPECS, tiny_model
 
-UNFUSED = dict(fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)  # lower's step fusions are on by default
+UNFUSED = dict.fromkeys(STEP_FUSIONS, False)  # lower's step fusions are on by default
 PIPELINE = [KSort(block=16), BFPKVCache(k_format="bfp12", v_format="bfp16", block=16), Lower(backend="torch", **UNFUSED)]
 
 

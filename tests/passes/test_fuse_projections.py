@@ -20,6 +20,7 @@ from fxforge.ir.modules import FusedLinear
 from fxforge.ir.verify import IRVerificationError, verify
 from fxforge.kernels import kv_cache, norm, rope, rope_kv_write, swiglu
 from fxforge.passes import BFPKVCache, KSort, LayerTying, Lower
+from fxforge.passes.lower import STEP_FUSIONS
 from fxforge.passes.fuse_elementwise import fuse_add_rmsnorm, fuse_rope_kv_write
 from fxforge.passes.fuse_projections import fuse_projections
 from fxforge.passes.manager import PassConfig, PassResult, register_pass, unregister_pass
@@ -46,7 +47,7 @@ class FuseProjections(PassConfig):
     gate_up: bool = True
 
 
-UNFUSED = dict(fuse_projections=False, fuse_add_norm=False, fuse_rope_kv=False)  # lower's step fusions are on by default
+UNFUSED = dict.fromkeys(STEP_FUSIONS, False)  # lower's step fusions are on by default
 
 
 def fuse_pass(gm, config, ctx):

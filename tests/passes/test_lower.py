@@ -14,14 +14,15 @@ from fxforge.ir.model import Model
 from fxforge.ir.modules import RMSNorm
 from fxforge.ir.verify import verify
 from fxforge.passes import BFPKVCache, KSort, Lower
+from fxforge.passes.lower import STEP_FUSIONS as STEP_FUSION_NAMES
 from tests.conftest import TINY_SPECS, tiny_model
 
 
 OPS = ("rope", "kv_write", "attention", "rmsnorm", "swiglu")
 
 
-STEP_FUSIONS = dict(fuse_projections=True, fuse_add_norm=True, fuse_rope_kv=True)
-NO_STEP_FUSIONS = dict.fromkeys(STEP_FUSIONS, False)  # the plain lowering the fusions are checked against
+STEP_FUSIONS = dict.fromkeys(STEP_FUSION_NAMES, True)
+NO_STEP_FUSIONS = dict.fromkeys(STEP_FUSION_NAMES, False)  # the plain lowering the fusions are checked against
 
 def expected_counts(spec) -> tuple[int, int]:
     """(rmsnorm nodes, swiglu nodes): 2 per layer + the final norm (+2 per layer with QK-norm);
