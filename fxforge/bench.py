@@ -268,6 +268,10 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     result.profiled_seconds = profiled_seconds
     result.forward_passes = stats.forward_passes
     result.preemptions = stats.preemptions
+    # where the timed run's wall time went (the last run): steps carrying prefill vs decode-only steps
+    result.prefill_steps = stats.prefill_steps
+    result.prefill_step_seconds = stats.prefill_step_seconds
+    result.decode_step_seconds = stats.decode_step_seconds
     result.num_decode_steps = num_decode_steps
     result.max_num_seqs = max_num_seqs
     result.max_scheduled_seqs = max_scheduled

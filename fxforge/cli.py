@@ -652,7 +652,8 @@ def bench_e2e_cmd(
 
 
 E2E_COLUMNS = ("name", "tokens", "seconds", "tokens_per_second", "roofline_pct", "roofline_bytes_only_pct",
-               "gpu_busy_pct", "forward_passes", "max_scheduled_seqs", "preemptions", "speedup_vs_best_hf")
+               "gpu_busy_pct", "forward_passes", "prefill_steps", "prefill_step_seconds", "max_scheduled_seqs",
+               "preemptions", "speedup_vs_best_hf")
 
 
 def _e2e_workload(workload: str) -> bool:

@@ -32,8 +32,8 @@ import torch
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
-from fxforge.kernels.paged_attention import (DECODE_KERNELS, DecodeConfig, auto_num_splits, decode_kernel_supports,
-                                             decode_config_key, decode_config_path, paged_decode_attention)
+from fxforge.kernels.paged_attention import (ABLATIONS, DECODE_KERNELS, DecodeConfig, auto_num_splits,
+                                             decode_kernel_supports, decode_config_key, decode_config_path, paged_decode_attention)
 
 # launch variants timed by --sweep, per kernel: tile shapes, warps, stages (a packed tile's loop is
 # a chain of dependent steps, so more tokens per iteration and deeper pipelining are the first
@@ -156,9 +156,9 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
     each kernel at context 4096. A kernel's rows are left out for formats it does not run. With ablate,
-    two more rows per format (4/8-bit and dense) time the fastest "tiles" config with stages left out
-    (`ablate` 1: the loop's loads only; 2: loads and decode, no dots or softmax): what the loads, the
-    decode and the math each cost. Variants over the device's shared memory are skipped, and said so."""
+    two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
+    stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
+    no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the device's shared memory are skipped, and said so."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -193,7 +193,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     continue
                 configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
                                                if sweep and ctx == 4096 else [])
-                if ablate and kernel == "tiles":  # after the full runs: the fastest tiles config, stages left out
+                if ablate and kernel in ABLATIONS:  # after the full runs: the kernel's fastest config, stages left out
                     configs += [("ablate", None)]
                 for config_name, config in configs:
                     ablation = None
@@ -201,10 +201,11 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                         if any(not f.is_dense and f.mantissa_bits == 6 for f in (k_fmt, v_fmt)):
                             continue
                         fastest = min((r for r in rows if r["format"] == fmt_name and r["context"] == ctx
-                                       and r["kernel"] == "tiles" and "ablate" not in r), key=lambda r: r["time_us"])
+                                       and r["kernel"] == kernel and "ablate" not in r), key=lambda r: r["time_us"])
                         config = {} if fastest["config"] == "default" else json.loads(fastest["config"])
                         config = {key: val for key, val in config.items() if key != "asm"}
-                        runs = [(f"ablate={a} {fastest['config']}", dict(config, ablate=a)) for a in (1, 2)]
+                        runs = [(f"ablate={a} {fastest['config']}", dict(config, ablate=a))
+                                for a in ABLATIONS[kernel]]
                     else:
                         runs = [(config_name, config)]
                     for config_name, config in runs:
@@ -395,8 +396,8 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
                         help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
-    parser.add_argument("--ablate", action="store_true", help="also time the fastest tiles config with its math "
-                        "left out (loads only; loads + decode)")
+    parser.add_argument("--ablate", action="store_true", help="also time the fastest tiles and i8k configs with "
+                        "stages left out (tiles: loads only, loads + decode; i8k: no V stage, no K stage)")
     parser.add_argument("--sass", action="store_true", help="no GPU needed: compile each kernel for sm_90 and print "
                         "its registers and per-iteration SASS mix per format (json_path gets the rows)")
     args = parser.parse_args()

@@ -1347,6 +1347,7 @@ def _paged_decode_i8k_kernel(
     V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format (V_BLOCK 0: dense)
     V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
     UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
+    ABLATE: tl.constexpr = 0,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -1368,28 +1369,34 @@ def _paged_decode_i8k_kernel(
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
         page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
-        k_raw, k_exp = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
-                                        stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
-                                        kv_head, live, D_PAD // K_PHASES, D // K_PHASES, K_NB, NB_PAD, NCOL, True)
-        if K_PHASES == 2:  # each byte's two 4-bit codes as int8 16 * code: the low nibble moved up, the high masked
-            k0 = (k_raw << 4).to(tl.int8, bitcast=True)
-            k1 = (k_raw & 0xF0).to(tl.int8, bitcast=True)
-            whole = (tl.dot(k0, hi0, out_dtype=tl.int32) + tl.dot(k1, hi1, out_dtype=tl.int32)) * 64
-            whole += tl.dot(k0, lo0, out_dtype=tl.int32) + tl.dot(k1, lo1, out_dtype=tl.int32)
-        else:  # BFP16 codes are int8 as stored
-            k0 = k_raw.to(tl.int8, bitcast=True)
-            whole = tl.dot(k0, hi0, out_dtype=tl.int32) * 64 + tl.dot(k0, lo0, out_dtype=tl.int32)
-        part = whole.to(tl.float32) * (pow2(k_exp.to(tl.int32)) * step[None, :])
-        scores = _group_sum(part, NCOL, NB_PAD)  # [BLOCK_N, NCOL]: each head's score in its NB_PAD columns
+        if ABLATE == 4:  # K stage left out: every live key scores 0
+            scores = tl.zeros([BLOCK_N, NCOL], tl.float32)
+        else:
+            k_raw, k_exp = _load_paged_rows(k_data_ptr, k_scale_ptr, stride_kd_page, stride_kd_slot, stride_kd_head,
+                                            stride_ks_page, stride_ks_slot, stride_ks_head, page, tokens % PAGE_SIZE,
+                                            kv_head, live, D_PAD // K_PHASES, D // K_PHASES, K_NB, NB_PAD, NCOL, True)
+            if K_PHASES == 2:  # each byte's two 4-bit codes as int8 16 * code: the low nibble moved up, the high masked
+                k0 = (k_raw << 4).to(tl.int8, bitcast=True)
+                k1 = (k_raw & 0xF0).to(tl.int8, bitcast=True)
+                whole = (tl.dot(k0, hi0, out_dtype=tl.int32) + tl.dot(k1, hi1, out_dtype=tl.int32)) * 64
+                whole += tl.dot(k0, lo0, out_dtype=tl.int32) + tl.dot(k1, lo1, out_dtype=tl.int32)
+            else:  # BFP16 codes are int8 as stored
+                k0 = k_raw.to(tl.int8, bitcast=True)
+                whole = tl.dot(k0, hi0, out_dtype=tl.int32) * 64 + tl.dot(k0, lo0, out_dtype=tl.int32)
+            part = whole.to(tl.float32) * (pow2(k_exp.to(tl.int32)) * step[None, :])
+            scores = _group_sum(part, NCOL, NB_PAD)  # [BLOCK_N, NCOL]: each head's score in its NB_PAD columns
         scores = tl.where(live[:, None], scores * qk_scale, float("-inf"))
         p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
-        v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
-                                  stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head,
-                                  live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, tl.bfloat16)
-        p = p.to(tl.bfloat16)
-        acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], "tf32", UPCAST_DOT)
-        if V_PHASES == 2:
-            acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
+        if ABLATE == 3:  # V stage left out (p still feeds l_i, so the K stage stays live)
+            acc0 = acc0 * alpha[None, :]
+        else:
+            v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                      stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
+                                      kv_head, live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, tl.bfloat16)
+            p = p.to(tl.bfloat16)
+            acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], "tf32", UPCAST_DOT)
+            if V_PHASES == 2:
+                acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
 
     # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
     first = (tl.arange(0, NCOL) % NB_PAD) == 0
@@ -1553,6 +1560,8 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # ----------------------------------------------------------------------------------------------
 
 DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k")
+# benchmark ablations per kernel (paged_decode_attention(ablate=)): stages of the loop left out
+ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4)}
 
 
 @dataclass(frozen=True)
@@ -1856,8 +1865,9 @@ def paged_decode_attention(
     never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles", "blocks" or "diag", see
     DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps, num_stages and
     prefetch override the launch config (pick_decode_config: tuned per device, or the default).
-    ablate (benchmarks only; "tiles" kernel, 4/8-bit and dense formats): 1 runs the loop's loads and
-    nothing else, 2 loads and decodes; the output is then not attention.
+    ablate (benchmarks only; 4/8-bit and dense formats; ABLATIONS): "tiles" 1 runs the loop's loads and
+    nothing else, 2 loads and decodes; "i8k" 3 leaves the V stage out, 4 the K stage (every key scores
+    0); the output is then not attention.
     """
     k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
                                  seq_lens, k_format, v_format, scale, sliding_window, key_rope)
@@ -1886,10 +1896,10 @@ def paged_decode_attention(
                                             split, key_rope is not None)
     rope_args = [] if config.kernel != "tiles" else [q if key_rope is None else key_rope]  # (q: not read)
     if ablate:
-        if ablate not in (1, 2) or config.kernel != "tiles" or any(
+        if ablate not in ABLATIONS.get(config.kernel, ()) or any(
                 not f.is_dense and f.mantissa_bits == 6 for f in (k_fmt, v_fmt)):
-            raise ValueError(f"paged_decode_attention: ablate={ablate!r} needs 1 or 2, the tiles kernel and "
-                             "4/8-bit or dense formats")
+            raise ValueError(f"paged_decode_attention: ablate={ablate!r} with the {config.kernel!r} kernel; "
+                             f"ablations are {ABLATIONS} (kernel: values), 4/8-bit or dense formats only")
         constexprs["ABLATE"] = ablate
     kernel[(num_kv_heads, num_splits, batch)](
         q, q.stride(0), q.stride(1),

@@ -70,6 +70,11 @@ class EngineStats:
     generated_tokens: int = 0
     preemptions: int = 0
     seconds: float = 0.0
+    # wall time of step() (scheduling, the model, sampling and update, each step ending in a host sync)
+    # by kind: steps that carry any prefill chunk, and decode-only steps (a decode window is one)
+    prefill_steps: int = 0
+    prefill_step_seconds: float = 0.0
+    decode_step_seconds: float = 0.0
 
     @property
     def tokens_per_second(self) -> float:
@@ -132,12 +137,19 @@ class Engine:
     # -- one step ---------------------------------------------------------------------------------
     def step(self) -> list[Sequence]:
         """Schedule, run the model and sample, update; returns the sequences that finished."""
+        start = time.perf_counter()
         out = self.scheduler.schedule()
         sampling = [s.seq for s in out.scheduled if s.sample]
         num_before = [seq.num_output_tokens for seq in sampling]
         finished = self.scheduler.update(out, self.runner.execute(out))
         self._count(out, [seq.num_output_tokens - n for seq, n in zip(sampling, num_before)])
         self.runner.release(finished)
+        if not out.is_empty:
+            if out.num_prefill:
+                self.stats.prefill_steps += 1
+                self.stats.prefill_step_seconds += time.perf_counter() - start
+            else:
+                self.stats.decode_step_seconds += time.perf_counter() - start
         return finished
 
     def _count(self, out: SchedulerOutput, new_tokens: list[int]) -> None:

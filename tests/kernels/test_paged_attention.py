@@ -168,10 +168,26 @@ def test_decode_ablations_are_refused_where_they_do_not_apply(seed):
         out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.125,
                                         num_splits=1, kernel="tiles", ablate=ablate)
         assert torch.isfinite(out).all()
-    for bad, kwargs in ((3, {}), (1, {"kernel": "blocks"})):
+    for bad, kwargs in ((3, {"kernel": "tiles"}), (1, {"kernel": "blocks"}), (1, {"kernel": "i8k"})):
         with pytest.raises(ValueError, match="ablate"):
-            pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.125, num_splits=1,
-                                      ablate=bad, **kwargs)
+            pa.paged_decode_attention(q.bfloat16(), *cache, page_table, seq_lens, "bfp12_32", "bfp12_32", 0.125,
+                                      num_splits=1, ablate=bad, **kwargs)
+
+
+@needs_interpreter
+@pytest.mark.parametrize("k_format", ["bfp16_32", "bfp12_32"])
+def test_i8k_ablations_leave_out_one_stage(k_format, seed):
+    """The i8k ablations time one stage left out, and the output says which: without the V stage
+    (ablate=3) nothing reaches the accumulator (zeros); without the K stage (ablate=4) every key
+    scores 0, so the output is attention with uniform weights, the reference's answer for q = 0."""
+    q, cache, page_table, query_start, seq_lens = decode_inputs([40, 7], 4, 2, 64, k_format, "bfp16_32",
+                                                                torch.bfloat16, 16, seed)
+    launch = dict(num_splits=2, kernel="i8k", block_n=16)
+    no_v = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, "bfp16_32", 0.125, ablate=3, **launch)
+    assert torch.equal(no_v, torch.zeros_like(q))
+    no_k = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, "bfp16_32", 0.125, ablate=4, **launch)
+    uniform = reference(torch.zeros_like(q), cache, page_table, query_start, seq_lens, k_format, "bfp16_32", 0.125, 0)
+    assert_close(no_k, uniform, torch.bfloat16, f"i8k ablate=4 {k_format}", seed)
 
 
 @needs_interpreter
@@ -837,7 +853,7 @@ class TestCUDA:
                     assert_close(out, expected, q_dtype, what, seed)
                     assert_close(out, tiles.double().to(q_dtype), q_dtype, what + " vs tiles", seed)
 
-    @pytest.mark.parametrize("kernel", ["blocks", "diag"])
+    @pytest.mark.parametrize("kernel", ["blocks", "diag", "i8k"])
     def test_blocks_decode_in_a_cuda_graph(self, kernel, seed):
         fmt = "bfp12_32"
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,

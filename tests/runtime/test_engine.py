@@ -153,6 +153,18 @@ def test_stream_yields_in_finishing_order():
     assert engine.stats.generated_tokens == sum(lengths)
 
 
+def test_stats_split_wall_time_by_step_kind():
+    """prefill_steps counts the steps that carried a prefill chunk (prompts of 30 tokens, 16-token
+    budget: each takes two); the step wall times by kind are positive and fit in the run's seconds."""
+    model = tiny_model("llama-gqa")
+    engine = Engine(model, num_pages=64, page_size=4, max_num_seqs=1, max_num_batched_tokens=16)
+    engine.generate([[5] * 30, [6] * 30], SamplingParams(max_new_tokens=5, ignore_eos=True))
+    stats = engine.stats
+    assert stats.prefill_steps == 4 and stats.steps > stats.prefill_steps
+    assert stats.prefill_step_seconds > 0 and stats.decode_step_seconds > 0
+    assert stats.prefill_step_seconds + stats.decode_step_seconds <= stats.seconds
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa", "qwen3-qknorm"])
 def test_decode_windows_match_single_steps(kind):
     """Windows feed tokens back on the device; outputs (greedy with stops, and seeded sampling) and
