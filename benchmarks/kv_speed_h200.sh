@@ -26,7 +26,7 @@
 #   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP12/BFP16 keys), its sweep and tuned configs
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
 #   bash benchmarks/kv_speed_h200.sh ablate      # tiles and i8k at 4k with one stage left out each (what the loads, decode, K and V cost)
-#   bash benchmarks/kv_speed_h200.sh e2e-smol-i8k  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats (i8k where tuned)
+#   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on
 #   bash benchmarks/kv_speed_h200.sh long16x3    # long16 with the median of 3 timed runs
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
@@ -97,8 +97,8 @@ for stage in "$@"; do
       timeout 300 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ablate_h200.json" --ablate --kernels tiles i8k \
         --contexts 4096 --formats bfp12_32 bfp16_32 bfp12_32/bfp16_32 bfloat16 > "$OUT/kv_ablate_h200.log" 2>&1
       grep -v Warning "$OUT/kv_ablate_h200.log" | grep "ctx" | tail -14 ;;
-    e2e-smol-i8k)
-      e2e tuned e2e_smol_i8k smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 ;;
+    e2e-smol-real)
+      e2e tuned e2e_smol_real smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 ;;
     long16x3)
       e2e tuned long16x3 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 3 ;;
     fusion-tests)
@@ -113,7 +113,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-i8k|long16x3|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

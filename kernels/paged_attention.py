@@ -699,8 +699,9 @@ def _paged_decode_kernel(
         elif ABLATE == 2:  # decoded, no dots and no softmax
             k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
             v0, v1 = _decode_raw_tile(v_raw, v_exp, BLOCK_N, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
-            k_tile_sink = tl.maximum(k_tile_sink, tl.maximum(k0, k1))
-            v_tile_sink = tl.maximum(v_tile_sink, tl.maximum(v0, v1))
+            # (the inline-PTX decode may hand back float32 tiles: cast to the sink's dtype, a no-op otherwise)
+            k_tile_sink = tl.maximum(k_tile_sink, tl.maximum(k0, k1).to(K_TILE_DTYPE))
+            v_tile_sink = tl.maximum(v_tile_sink, tl.maximum(v0, v1).to(DOT_DTYPE))
         else:
             if PREFETCH:
                 k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
