@@ -694,14 +694,14 @@ def _paged_decode_kernel(
                     v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head, stride_vs_page,
                     stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE, kv_head, live, D, D_PAD, V_BITS, V_BLOCK)
         if ABLATE == 1:  # the bytes only: a running sum keeps the loads alive
-            k_sink = tl.maximum(k_sink, k_raw)
-            v_sink = tl.maximum(v_sink, v_raw)
+            k_sink = tl.maximum(k_sink, k_raw).to(k_sink.dtype)  # (a bf16 maximum may come back as float32)
+            v_sink = tl.maximum(v_sink, v_raw).to(v_sink.dtype)
         elif ABLATE == 2:  # decoded, no dots and no softmax
             k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
             v0, v1 = _decode_raw_tile(v_raw, v_exp, BLOCK_N, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, DOT_DTYPE)
-            # (the inline-PTX decode may hand back float32 tiles: cast to the sink's dtype, a no-op otherwise)
-            k_tile_sink = tl.maximum(k_tile_sink, tl.maximum(k0, k1).to(K_TILE_DTYPE))
-            v_tile_sink = tl.maximum(v_tile_sink, tl.maximum(v0, v1).to(DOT_DTYPE))
+            # (Triton may compute a bf16 maximum in float32: cast back to the sink's dtype, a no-op otherwise)
+            k_tile_sink = tl.maximum(k_tile_sink, tl.maximum(k0, k1)).to(K_TILE_DTYPE)
+            v_tile_sink = tl.maximum(v_tile_sink, tl.maximum(v0, v1)).to(DOT_DTYPE)
         else:
             if PREFETCH:
                 k0, k1 = _decode_raw_tile(k_raw, k_exp, BLOCK_N, D_PAD, K_BITS, K_MXFP4, K_BLOCK, K_ASM, K_TILE_DTYPE)
