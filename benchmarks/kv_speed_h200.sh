@@ -29,7 +29,7 @@
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on
 #   bash benchmarks/kv_speed_h200.sh long16x3    # long16 with the median of 3 timed runs
 #   bash benchmarks/kv_speed_h200.sh long16x3-tiles  # its packed row with the tiles kernel forced
-#   bash benchmarks/kv_speed_h200.sh i8          # the int8 K-and-V kernel vs i8k at 4k, and the packed kernels' GPU tests
+#   bash benchmarks/kv_speed_h200.sh i8          # (at commit dda71b2, where the i8 kernel exists) i8 vs i8k at 4k, and GPU tests
 #   bash benchmarks/kv_speed_h200.sh e2e-8b-packed  # e2e-8b's bf16 and BFP12-K/BFP16-V rows, no HF, median of 2
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)

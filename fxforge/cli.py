@@ -471,10 +471,9 @@ def bench_attention_cmd(
     head_dim: int = typer.Option(128, help="head dim"),
     contexts: str = typer.Option("1024,4096,16384", help="context lengths"),
     formats: str = typer.Option("bfp12_32,bfp16_32,bfloat16", help="KV formats (K/V pairs as bfp12_32/bfp16_32)"),
-    kernels: str = typer.Option("tiles,blocks,diag,i8k,i8", help="our decode kernels to time, each in the same run: "
+    kernels: str = typer.Option("tiles,blocks,diag,i8k", help="our decode kernels to time, each in the same run: "
                                 "tiles (per-value scales, the pre-issue-14 kernel), blocks and diag (per-block "
-                                "scales), i8k (BFP16/BFP12 keys in int8 dots), i8 (keys and values in int8 dots); "
-                                "each only where it runs the formats"),
+                                "scales), i8k (BFP16/BFP12 keys in int8 dots); each only where it runs the formats"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Paged decode attention (our Triton kernels per KV format) vs SDPA over bf16 KV."""

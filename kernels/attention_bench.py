@@ -54,7 +54,6 @@ SWEEP["diag"] = SWEEP["blocks"]
 SWEEP["i8k"] = ([dict(block_n=n, num_warps=w, num_stages=st)
                  for n, w, st in ((64, 4, 3), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 3))]
                 + [dict(programs_per_sm=pps) for pps in (4, 16)])
-SWEEP["i8"] = SWEEP["i8k"]
 
 
 def _do_bench(fn) -> float:

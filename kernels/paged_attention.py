@@ -1315,31 +1315,6 @@ def _query_int8_limbs(q_base, stride_qh, G: tl.constexpr, D: tl.constexpr, D_PAD
 
 
 @jit
-def _int8_values(p, v_raw, v_exp, acc0, acc1, alpha, V_PHASES: tl.constexpr):
-    # "i8" kernel: acc^T [D_PAD / V_PHASES, NCOL] * alpha + V's codes^T @ P', block-diagonal as in
-    # _diag_values: P'[t, c] = p[t, c] * 2^e(t, block c % NB_PAD) >= 0, split per column into two int8
-    # limbs of one power-of-two step (13 significant bits against the column's largest weight in the
-    # tile: error <= 2^-13 of it, where p in bf16 errs by 2^-9 of each weight), so both dots are int8
-    # with int32 sums (|sum| < 64 keys x 128 x 64 x 64 < 2^31 for 64-key tiles); BFP12 codes enter as
-    # int8 16 * code (even channels from the low nibbles, odd from the high)
-    weights = p * pow2(v_exp.to(tl.int32))
-    biased = (tl.max(weights, 0).to(tl.int32, bitcast=True) >> 23) & 0xFF
-    step = pow2(tl.maximum(biased - 11, 1))  # 2^(exponent of the column's largest weight - 11)
-    hi, lo = _int8_limbs(weights, step[None, :])
-    if V_PHASES == 2:
-        step = step * 0.0625
-        v0 = tl.trans((v_raw << 4).to(tl.int8, bitcast=True))
-        v1 = tl.trans((v_raw & 0xF0).to(tl.int8, bitcast=True))
-        part1 = tl.dot(v1, hi, out_dtype=tl.int32) * 64 + tl.dot(v1, lo, out_dtype=tl.int32)
-        acc1 = acc1 * alpha[None, :] + part1.to(tl.float32) * step[None, :]
-    else:
-        v0 = tl.trans(v_raw.to(tl.int8, bitcast=True))
-    part0 = tl.dot(v0, hi, out_dtype=tl.int32) * 64 + tl.dot(v0, lo, out_dtype=tl.int32)
-    acc0 = acc0 * alpha[None, :] + part0.to(tl.float32) * step[None, :]
-    return acc0, acc1
-
-
-@jit
 def _paged_decode_i8k_kernel(
     q_ptr,  # *bf16 [B, Hq, D]: one query per sequence (last dim contiguous)
     stride_qb, stride_qh,  # q strides (elements)
@@ -1373,8 +1348,6 @@ def _paged_decode_i8k_kernel(
     V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format (V_BLOCK 0: dense)
     V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
     UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
-    V_INT8: tl.constexpr,  # "i8" kernel: V's codes (BFP16 / BFP12, K's block) in int8 dots too
-    V_NB: tl.constexpr,  # V blocks per row (V_INT8)
     ABLATE: tl.constexpr,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage
 ):
     kv_head = tl.program_id(0)
@@ -1417,37 +1390,25 @@ def _paged_decode_i8k_kernel(
         p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
         if ABLATE == 3:  # V stage left out (p still feeds l_i, so the K stage stays live)
             acc0 = acc0 * alpha[None, :]
-        elif V_INT8:
-            v_raw, v_exp = _load_paged_rows(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
-                                            stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
-                                            kv_head, live, D_PAD // V_PHASES, D // V_PHASES, V_NB, NB_PAD, NCOL,
-                                            True)
-            acc0, acc1 = _int8_values(p, v_raw, v_exp, acc0, acc1, alpha, V_PHASES)
         else:
             v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
                                       stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
                                       kv_head, live, BLOCK_N, D, D_PAD, V_BITS, V_MXFP4, V_BLOCK, V_ASM, tl.bfloat16)
-            p16 = p.to(tl.bfloat16)
-            acc0 = _dot(tl.trans(v0), p16, acc0 * alpha[None, :], "tf32", UPCAST_DOT)
+            p = p.to(tl.bfloat16)
+            acc0 = _dot(tl.trans(v0), p, acc0 * alpha[None, :], "tf32", UPCAST_DOT)
             if V_PHASES == 2:
-                acc1 = _dot(tl.trans(v1), p16, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
+                acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
 
-    if V_INT8:  # column h * NB_PAD + b holds head h's output on block b's channels
-        _store_decode_diag(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, kv_head, split, num_splits,
-                           acc0, acc1, m_i, l_i, G, D, D_PAD // V_PHASES, NCOL, NB_PAD, K_BLOCK, V_PHASES, SPLIT)
-    else:
-        # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
-        first = (tl.arange(0, NCOL) % NB_PAD) == 0
-        rows = tl.arange(0, NCOL // NB_PAD)
-        out0 = tl.sum(tl.reshape(tl.where(first[None, :], acc0, 0.0),
-                                 (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
-        out1 = tl.sum(tl.reshape(tl.where(first[None, :], acc1, 0.0),
-                                 (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
-        m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
-        l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
-        _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
-                            kv_head * G + rows, rows < G, tl.trans(out0), tl.trans(out1), m_h, l_h, G, D, D_PAD,
-                            V_PHASES, SPLIT)
+    # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
+    first = (tl.arange(0, NCOL) % NB_PAD) == 0
+    rows = tl.arange(0, NCOL // NB_PAD)
+    out0 = tl.sum(tl.reshape(tl.where(first[None, :], acc0, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
+    out1 = tl.sum(tl.reshape(tl.where(first[None, :], acc1, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
+    m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
+    l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
+    _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
+                        kv_head * G + rows, rows < G, tl.trans(out0), tl.trans(out1), m_h, l_h, G, D, D_PAD, V_PHASES,
+                        SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1599,9 +1560,9 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
 # ----------------------------------------------------------------------------------------------
 
-DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k", "i8")
+DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k")
 # benchmark ablations per kernel (paged_decode_attention(ablate=)): stages of the loop left out
-ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4), "i8": (3, 4)}
+ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4)}
 
 
 @dataclass(frozen=True)
@@ -1610,8 +1571,7 @@ class DecodeConfig:
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
     with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 / BFP12 keys' codes
-    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries); "i8": the same
-    kernel with V's codes in int8 dots too (against P scaled per block, in two int8 limbs). prefetch: the next
+    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next
     tile's bytes are loaded into registers before this tile's math (without it, "tiles" leaves its
     loads to Triton's pipeliner, which stages them through shared memory, num_stages deep; "tiles"
     ignores it for 6-bit formats; "i8k" has none).
@@ -1656,17 +1616,14 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     4/8-bit BFP or MXFP4; "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag"
     >= 16 codes per phase of a row and the same number of blocks (padded to a power of two) in K and V
     if both are packed. "i8k": post-RoPE BFP16 or BFP12 keys, bf16 queries and V exact in bf16 (packed,
-    or bf16 pages): its P @ V dot runs in bf16. "i8": as "i8k", with V BFP16 or BFP12 of K's block size."""
+    or bf16 pages): its P @ V dot runs in bf16."""
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
-    if kernel in ("i8k", "i8"):
-        keys = (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
+    if kernel == "i8k":
+        return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
                 and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0
-                and dtype == torch.bfloat16)
-        if kernel == "i8":
-            return keys and v_fmt.kind == "bfp" and v_fmt.mantissa_bits in (4, 8) and v_fmt.block == k_fmt.block
-        return keys and (not v_fmt.is_dense or v_fmt.name == "bfloat16")
+                and dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
     phases = [2 if not f.is_dense and f.mantissa_bits == 4 else 1 for f in formats]
@@ -1971,17 +1928,15 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
                                           PREFETCH=prefetch, ABLATE=0,
                                           **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
-    if config.kernel in ("i8k", "i8"):
+    if config.kernel == "i8k":
         d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))
         nb_pad = d_pad // k_fmt.block
         v_meta = _format_meta(v_fmt, "V", tl.bfloat16, device)
-        int8_v = dict(V_INT8=config.kernel == "i8", V_NB=head_dim // v_fmt.block if config.kernel == "i8" else 1,
-                      ABLATE=0)  # (every constexpr given: the ahead-of-time compile of decode_kernel_spec needs them)
         return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
                                               NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
                                               K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
                                               K_PHASES=2 if k_fmt.mantissa_bits == 4 else 1,
-                                              **v_meta, **int8_v, UPCAST_DOT=INTERPRETED)
+                                              **v_meta, UPCAST_DOT=INTERPRETED, ABLATE=0)
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)

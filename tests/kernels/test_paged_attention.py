@@ -268,51 +268,6 @@ def test_i8k_decode_matches_reference(case, seed):
         assert_close(out, expected, torch.bfloat16, f"i8k decode {case} num_splits={num_splits}", seed)
 
 
-I8_CASES = {
-    "bfp16_32-g4-d128": ("bfp16_32", "bfp16_32", 4, 2, 128, [33, 20, 1], 0),
-    "k_bfp16_32-v_bfp12_32-g3-d96": ("bfp16_32", "bfp12_32", 3, 1, 96, [70, 17], 0),
-    "k_bfp12_32-v_bfp16_32-window": ("bfp12_32", "bfp16_32", 4, 2, 128, [45, 20], 24),
-    "bfp12_16-g3-d64": ("bfp12_16", "bfp12_16", 3, 1, 64, [40, 3], 0),
-    "bfp16_64-g8-d64": ("bfp16_64", "bfp16_64", 8, 1, 64, [30, 9], 0),
-}
-
-
-@needs_interpreter
-@pytest.mark.parametrize("case", list(I8_CASES))
-def test_i8_decode_matches_reference(case, seed):
-    """The int8 K-and-V kernel (V's codes in int8 dots against P scaled per V block, in two int8
-    limbs per column) against attention_ref, split or not, and against "i8k" (V in bf16 dots)."""
-    k_format, v_format, g, hkv, d, lens, window = I8_CASES[case]
-    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, torch.bfloat16,
-                                                                16, seed)
-    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
-    for num_splits in (1, 2):
-        out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, d**-0.5, window,
-                                        num_splits=num_splits, kernel="i8", block_n=32)
-        assert_close(out, expected, torch.bfloat16, f"i8 decode {case} num_splits={num_splits}", seed)
-
-
-@needs_interpreter
-def test_i8_weights_keep_thirteen_bits_of_each_columns_largest():
-    """One key dominates a tile and the others weigh 2^-20 of it: int8 limbs of the column's step
-    keep the large weight to 2^-13 and round the tiny ones to zero, an error the reference's float32
-    sum also carries at this ratio; the output is the dominant key's value."""
-    q, cache, page_table, query_start, seq_lens = decode_inputs([32], 4, 1, 64, "bfp16_32", "bfp16_32",
-                                                                torch.bfloat16, 16, 0)
-    expected = reference(q, cache, page_table, query_start, seq_lens, "bfp16_32", "bfp16_32", 30.0, 0)
-    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, "bfp16_32", "bfp16_32", 30.0, num_splits=1,
-                                    kernel="i8", block_n=32)
-    assert_close(out, expected, torch.bfloat16, "i8 decode, one key dominating", 0)
-
-
-def test_i8_needs_packed_v_of_the_key_block():
-    fmt = pa.parse_kv_format
-    assert pa.decode_kernel_supports("i8", fmt("bfp12_32"), fmt("bfp16_32"), 128)
-    for k_format, v_format in (("bfp16_32", "bfloat16"), ("bfp16_32", "bfp16_16"), ("bfp16_32", "mxfp4_32"),
-                               ("mxfp4_32", "bfp16_32")):
-        assert not pa.decode_kernel_supports("i8", fmt(k_format), fmt(v_format), 128), (k_format, v_format)
-
-
 @needs_interpreter
 def test_i8k_runs_bfp16_and_bfp12_keys_and_bf16_queries_only(monkeypatch):
     """Picked where it cannot run (another K format, pre-RoPE keys, float32 queries, V not exact in
@@ -875,15 +830,15 @@ class TestCUDA:
                                                    ("bfloat16", "bfloat16"), ("bfp12_64", "bfp16_16"),
                                                    ("bfp12_16", "bfp16_16")])
     def test_blocks_decode_matches_reference(self, k_format, v_format, q_dtype, seed, monkeypatch):
-        """The "blocks", "diag", "i8k" and "i8" kernels natively (where they run the formats and the
-        query dtype), with the inline-PTX and the portable decode, split or not, with and without the
-        register prefetch ("i8k" and "i8" have none), and against "tiles"."""
+        """The "blocks", "diag" and "i8k" kernels natively (where they run the formats and the query
+        dtype), with the inline-PTX and the portable decode, split or not, with and without the register
+        prefetch ("i8k" has none), and against "tiles"."""
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, k_format, v_format, q_dtype,
                                                                     16, seed, "cuda")
         expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, 128**-0.5, 0)
         tiles = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                           kernel="tiles")
-        for kernel in ("blocks", "diag", "i8k", "i8"):
+        for kernel in ("blocks", "diag", "i8k"):
             if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128,
                                              dtype=q_dtype):
                 continue
