@@ -195,7 +195,11 @@ class ModelRunner:
 
     # -- CUDA graphs for decode -------------------------------------------------------------------
     def _buckets(self) -> list[int]:
-        return [b for b in GRAPH_BATCH_SIZES if b <= self.config.max_num_seqs]
+        """Batch sizes with a decode graph: GRAPH_BATCH_SIZES below max_num_seqs, and max_num_seqs itself,
+        so a full batch never runs eagerly (with 15 or 39 sequences, a capacity the KV memory sets, the
+        largest bucket below was 8 or 32 and every decode step of a full batch ran eagerly)."""
+        size = self.config.max_num_seqs
+        return [b for b in GRAPH_BATCH_SIZES if b < size] + [size]
 
     def _static_inputs(self, batch_size: int) -> BatchInputs:
         dev, scratch, ps = self.device, self.scratch_page, self.config.page_size

@@ -214,6 +214,33 @@ def test_cuda_graph_windows_match_single_steps_and_reference(passes):
         assert runs[1] == reference
 
 
+@pytest.mark.parametrize("max_num_seqs,buckets", [(15, [1, 2, 4, 8, 15]), (39, [1, 2, 4, 8, 16, 24, 32, 39]),
+                                                   (256, [1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 256])])
+def test_decode_graph_buckets_end_at_max_num_seqs(max_num_seqs, buckets):
+    """A full batch has a graph of its own size (the KV memory can set max_num_seqs to any number)."""
+    engine = Engine(tiny_model("llama-gqa"), num_pages=64, page_size=4, max_num_seqs=max_num_seqs)
+    assert engine.runner._buckets() == buckets
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_full_batch_of_an_odd_size_decodes_by_graph_replay(monkeypatch):
+    """max_num_seqs = 5 (no GRAPH_BATCH_SIZES entry): once all five decode, no step runs eagerly."""
+    pytest.importorskip("triton")
+    import fxforge
+
+    lowered = fxforge.optimize(tiny_model("llama-gqa"), passes=[{"name": "lower", "backend": "triton"}])
+    lowered.module.cuda()
+    engine = Engine(lowered, num_pages=256, page_size=16, max_num_seqs=5, max_num_batched_tokens=4096,
+                    num_decode_steps=4)
+    assert 5 in engine.runner.graphs, engine.runner.graph_error
+    eager = []
+    run_eagerly = engine.runner._eager
+    monkeypatch.setattr(engine.runner, "_eager", lambda *args: eager.append(1) or run_eagerly(*args))
+    engine.generate(_prompts(5, seed=4), SamplingParams(max_new_tokens=12, ignore_eos=True))
+    assert len(eager) == engine.stats.prefill_steps == 1  # the one prefill step; every decode step replayed
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-moe"])
 def test_eager_steps_skip_torch_library_dispatch_with_the_same_tokens(kind, monkeypatch):
     """Eager steps run the lowered graph with its custom ops called directly (ir/ops.py DIRECT): every
