@@ -20,6 +20,7 @@ fxforge::moe ops fill), so the experts' weights a run had to read are known with
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections.abc import Callable
 
 import numpy as np
@@ -113,15 +114,16 @@ class ModelRunner:
         query_start = np.zeros(n_seq + 1, dtype=np.int64)
         np.cumsum(counts, out=query_start[1:])
         total = int(query_start[-1])
-        ids = np.empty(total, dtype=np.int64)
-        for s, begin in zip(scheduled, query_start[:-1].tolist()):
-            ids[begin:begin + s.num_tokens] = s.seq.token_slice(s.start_position, s.start_position + s.num_tokens)
+        ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64, count=total)
         seq_index = np.repeat(np.arange(n_seq), counts)
         positions = np.arange(total) - query_start[:-1][seq_index] + starts[seq_index]
-        width = max(len(s.seq.page_ids) for s in scheduled)
-        table = np.zeros((n_seq, width), dtype=np.int64)
-        for row, s in enumerate(scheduled):
-            table[row, :len(s.seq.page_ids)] = s.seq.page_ids
+        # the page table, rows padded with zeros, filled in one scatter (no per-row list conversion)
+        num_pages = np.fromiter((len(s.seq.page_ids) for s in scheduled), dtype=np.int64, count=n_seq)
+        table = np.zeros((n_seq, int(num_pages.max())), dtype=np.int64)
+        page_rows = np.repeat(np.arange(n_seq), num_pages)
+        page_cols = np.arange(len(page_rows)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+        table[page_rows, page_cols] = np.fromiter(itertools.chain.from_iterable(s.seq.page_ids for s in scheduled),
+                                                  dtype=np.int64, count=len(page_rows))
         page_size = self.config.page_size
         slots = table[seq_index, positions // page_size] * page_size + positions % page_size
         sample_rows = np.fromiter((s.sample for s in scheduled), dtype=bool, count=n_seq)

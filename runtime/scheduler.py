@@ -257,12 +257,17 @@ class Scheduler:
             if len(tokens) != sched.num_steps:
                 raise ValueError(f"RunnerOutput has {len(tokens)} sampled tokens for sequence {sched.seq.seq_id}, "
                                  f"which ran {sched.num_steps} model steps: one token per step")
+        flat = list(itertools.chain.from_iterable(token_lists))
+        if set(map(type, flat)) <= {int} and (not flat or min(flat) >= 0):
+            return token_lists  # plain ints >= 0 (a runner's tensor.tolist()): nothing to convert
         return [[_token_id(token) for token in tokens] for tokens in token_lists]
 
     def _until_stop(self, seq: Sequence, tokens: list[int]) -> list[int]:
         """`tokens` up to and including the first that stops `seq` (its stop ids, or EOS unless ignored)."""
         params = seq.sampling_params
         eos = None if params.ignore_eos else self.config.eos_token_id
+        if (eos is None or eos not in tokens) and params.stop_token_ids == ():
+            return tokens
         for i, token in enumerate(tokens):
             if token == eos or token in params.stop_token_ids:
                 return tokens[: i + 1]
