@@ -33,7 +33,8 @@ from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
 from fxforge.kernels.paged_attention import (ABLATIONS, DECODE_KERNELS, DecodeConfig, auto_num_splits,
-                                             decode_kernel_supports, decode_config_key, decode_config_path, paged_decode_attention)
+                                             decode_kernel_supports, decode_config_key, decode_config_path,
+                                             paged_decode_attention)
 
 # launch variants timed by --sweep, per kernel: tile shapes, warps, stages (a packed tile's loop is
 # a chain of dependent steps, so more tokens per iteration and deeper pipelining are the first
@@ -158,7 +159,8 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     each kernel at context 4096. A kernel's rows are left out for formats it does not run. With ablate,
     two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
     stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
-    no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the device's shared memory are skipped, and said so."""
+    no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the
+    device's shared memory are skipped, and said so."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
