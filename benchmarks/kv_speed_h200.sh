@@ -7,8 +7,9 @@
 # (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage: run tests+attention, tune, e2e-8b and long
-# first; then tune-smol, e2e-smol, fixed-kv, e2e-8b-tiles, long-tiles.
+# The session's 30 device-minutes do not hold every stage. Next, after the third session: long16x3 (the
+# decode-graph fix for full batches of 15 / 39 sequences is unmeasured), e2e-8b-packed (i8k end to end),
+# then e2e-smol-real (the host fast paths; both device_env calls) and the bf16 rows of ablate.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
