@@ -7,6 +7,7 @@ shared or misplaced page, a wrong position or a skipped chunk changes the output
 computes the same tokens from the token list alone, with no scheduler at all.
 """
 
+import dataclasses
 import random
 
 import numpy as np
@@ -14,7 +15,7 @@ import pytest
 
 from fxforge.runtime.config import EngineConfig
 from fxforge.runtime.page_pool import PagePool
-from fxforge.runtime.scheduler import RunnerOutput, Scheduler, SchedulerOutput
+from fxforge.runtime.scheduler import RunnerOutput, ScheduledSeq, Scheduler, SchedulerOutput
 from fxforge.runtime.sequence import SamplingParams, Sequence, SequenceStatus
 
 EOS = 0
@@ -541,3 +542,16 @@ def test_window_update_checks_the_token_counts():
     assert _update_state(sched, seq) == before  # rejected updates changed nothing
     sched.update(out, sampled([np.int64(t) for t in range(5)]))
     assert seq.output_token_ids == [5, 0, 1, 2, 3, 4]
+
+
+def test_decode_entry_equals_the_constructors():
+    """ScheduledSeq.decode (the decode window's fast path) sets every field, as the frozen __init__
+    would, and stays frozen."""
+    seq = Sequence([1, 2, 3])
+    seq.num_computed_tokens = 2
+    entry = ScheduledSeq.decode(seq, 5)
+    assert entry == ScheduledSeq(seq, 1, 2, is_prefill=False, sample=True, num_steps=5)
+    assert set(vars(entry)) == {f.name for f in dataclasses.fields(ScheduledSeq)}
+    assert hash(entry) == hash(ScheduledSeq(seq, 1, 2, is_prefill=False, sample=True, num_steps=5))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.num_steps = 1
