@@ -30,7 +30,6 @@
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on
 #   bash benchmarks/kv_speed_h200.sh long16x3    # long16 with the median of 3 timed runs
 #   bash benchmarks/kv_speed_h200.sh long16x3-tiles  # its packed row with the tiles kernel forced
-#   bash benchmarks/kv_speed_h200.sh i8          # (at commit dda71b2, where the i8 kernel exists) i8 vs i8k at 4k, and GPU tests
 #   bash benchmarks/kv_speed_h200.sh e2e-8b-packed  # e2e-8b's bf16 and BFP12-K/BFP16-V rows, no HF, median of 2
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
@@ -110,11 +109,6 @@ for stage in "$@"; do
     e2e-8b-packed)  # e2e-8b without HF and BFP16, median of 2: bf16 against BFP12-K/BFP16-V with the tuned kernel (i8k)
       e2e tuned e2e_8b_packed llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --repeats 2 ;;
-    i8)  # the int8 K-and-V kernel against i8k at 4k, then the GPU tests of the packed kernels (i8 among them)
-      timeout 130 fxforge bench attention --formats bfp12_32,bfp16_32,bfp12_32/bfp16_32 --kernels i8k,i8 \
-        --contexts 4096 --json-out "$OUT/kv_attention_i8_h200.json" 2>&1 | grep -v Warn | tail -8
-      timeout 100 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
-        -k "blocks_decode_matches" 2>&1 | tee "$OUT/kv_i8_tests_h200.log" | tail -4 ;;
     fusion-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_norm.py tests/kernels/test_rope_kv_write.py \
         tests/kernels/test_rope.py tests/kernels/test_kv_write.py tests/kernels/test_swiglu.py \
@@ -127,7 +121,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|i8|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

@@ -1402,8 +1402,8 @@ def _paged_decode_i8k_kernel(
     # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
     first = (tl.arange(0, NCOL) % NB_PAD) == 0
     rows = tl.arange(0, NCOL // NB_PAD)
-    out0 = tl.sum(tl.reshape(tl.where(first[None, :], acc0, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
-    out1 = tl.sum(tl.reshape(tl.where(first[None, :], acc1, 0.0), (D_PAD // V_PHASES, NCOL // NB_PAD, NB_PAD)), 2)
+    out0 = _diag_head_values(acc0, first[None, :], NCOL // NB_PAD, NB_PAD)
+    out1 = _diag_head_values(acc1, first[None, :], NCOL // NB_PAD, NB_PAD)
     m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
     l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
     _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
@@ -1609,6 +1609,12 @@ class DecodeConfig:
         return cls(**data)
 
 
+def _head_dim_pad(head_dim: int) -> int:
+    """A tile row's length in values: the next power of two >= head_dim, at least 32 (4-bit formats
+    split it in two halves, and each dot dim is >= 16)."""
+    return max(2 * _MIN_DOT, next_pow2(head_dim))
+
+
 def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int,
                            pre_rope: bool = False, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether a decode kernel runs these formats for queries of `dtype`. "tiles": all. "blocks" and
@@ -1622,7 +1628,7 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     formats = (k_fmt, v_fmt)
     if kernel == "i8k":
         return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
-                and head_dim % k_fmt.block == 0 and max(2 * _MIN_DOT, next_pow2(head_dim)) % k_fmt.block == 0
+                and head_dim % k_fmt.block == 0 and _head_dim_pad(head_dim) % k_fmt.block == 0
                 and dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
@@ -1638,7 +1644,7 @@ def _diag_row(fmt: KVFormat, head_dim: int, nb_pad: int) -> tuple[int, int]:
     """(padded row length in values, head columns per block) of a format in the "diag" kernel: packed
     rows pad to nb_pad whole blocks; dense ones to a power of two >= 32, cut in nb_pad blocks of scale 1."""
     if fmt.is_dense:
-        d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))
+        d_pad = _head_dim_pad(head_dim)
         return d_pad, d_pad // nb_pad
     return nb_pad * fmt.block, fmt.block
 
@@ -1890,7 +1896,7 @@ def paged_decode_attention(
     out = torch.empty_like(q)
     if batch == 0:
         return out
-    d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))  # 4-bit formats split it in two halves
+    d_pad = _head_dim_pad(head_dim)
     split = num_splits > 1
     ws_acc, ws_ml = _decode_workspace(q, num_splits) if split else (out, out)  # (out: not written)
     kernel, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, q.dtype, q.device, page_size,
@@ -1925,11 +1931,11 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
     g_pad = max(_MIN_DOT, next_pow2(group))
     if config.kernel == "tiles":
         prefetch = config.prefetch and all(f.is_dense or f.mantissa_bits != 6 for f in (k_fmt, v_fmt))
-        return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)),
+        return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=_head_dim_pad(head_dim),
                                           PREFETCH=prefetch, ABLATE=0,
                                           **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
     if config.kernel == "i8k":
-        d_pad = max(2 * _MIN_DOT, next_pow2(head_dim))
+        d_pad = _head_dim_pad(head_dim)
         nb_pad = d_pad // k_fmt.block
         v_meta = _format_meta(v_fmt, "V", tl.bfloat16, device)
         return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
@@ -2003,7 +2009,7 @@ def _diag_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dot_
 def _blocks_format_meta(fmt: KVFormat, prefix: str, head_dim: int, dot_dtype, device: torch.device) -> dict:
     """Constexprs of one cache format for _paged_decode_blocks_kernel."""
     if fmt.is_dense:
-        block = max(2 * _MIN_DOT, next_pow2(head_dim))
+        block = _head_dim_pad(head_dim)
         meta = dict(BITS=torch.finfo(fmt.storage_dtype()).bits, MXFP4=False, PACKED=False, ASM=False, BLOCK=block,
                     NB=1, NB_PAD=1, PHASES=1, BW=block)
     else:
@@ -2078,7 +2084,7 @@ def paged_prefill_attention(
         page_table, page_table.stride(0), seq_lens, query_start, tile_seq, tile_index,
         q if key_rope is None else key_rope,  # (q: not read)
         out, out.stride(0), out.stride(1), num_seqs, float(scale) * _LOG2E, sliding_window,
-        G=group, D=head_dim, D_PAD=max(2 * _MIN_DOT, next_pow2(head_dim)), PAGE_SIZE=page_size,
+        G=group, D=head_dim, D_PAD=_head_dim_pad(head_dim), PAGE_SIZE=page_size,
         BLOCK_M=block_m, TOKENS_PER_TILE=tokens_per_tile, BLOCK_N=block_n,
         **_kernel_meta(k_fmt, v_fmt, q.dtype, q.device, key_rope is not None), num_warps=num_warps,
         num_stages=num_stages,

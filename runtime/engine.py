@@ -142,22 +142,22 @@ class Engine:
         sampling = [s.seq for s in out.scheduled if s.sample]
         num_before = [seq.num_output_tokens for seq in sampling]
         finished = self.scheduler.update(out, self.runner.execute(out))
-        self._count(out, [seq.num_output_tokens - n for seq, n in zip(sampling, num_before)])
         self.runner.release(finished)
-        if not out.is_empty:
-            if out.num_prefill:
-                self.stats.prefill_steps += 1
-                self.stats.prefill_step_seconds += time.perf_counter() - start
-            else:
-                self.stats.decode_step_seconds += time.perf_counter() - start
+        self._count(out, [seq.num_output_tokens - n for seq, n in zip(sampling, num_before)],
+                    time.perf_counter() - start)
         return finished
 
-    def _count(self, out: SchedulerOutput, new_tokens: list[int]) -> None:
-        """new_tokens: tokens each sampling entry of `out` kept."""
+    def _count(self, out: SchedulerOutput, new_tokens: list[int], seconds: float) -> None:
+        """new_tokens: tokens each sampling entry of `out` kept; seconds: the step's wall time."""
         if out.is_empty:  # nothing ran
             return
         stats = self.stats
         stats.steps += 1
+        if out.num_prefill:
+            stats.prefill_steps += 1
+            stats.prefill_step_seconds += seconds
+        else:
+            stats.decode_step_seconds += seconds
         stats.preemptions += len(out.preempted)
         stats.generated_tokens += sum(new_tokens)
         if out.num_steps == 1:
