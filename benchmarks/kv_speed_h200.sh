@@ -32,6 +32,8 @@
 #   bash benchmarks/kv_speed_h200.sh long16x3-tiles  # its packed row with the tiles kernel forced
 #   bash benchmarks/kv_speed_h200.sh e2e-8b-packed  # e2e-8b's bf16 and BFP12-K/BFP16-V rows, no HF, median of 2
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
+#   bash benchmarks/kv_speed_h200.sh prefill-tests  # GPU prefill tests, packed pages decoded in the loop and once
+#   bash benchmarks/kv_speed_h200.sh prefill-pages  # prefill attention: in-loop decode vs pages decoded once vs bf16
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
 set -o pipefail
 source benchmarks/device_env.sh
@@ -114,6 +116,11 @@ for stage in "$@"; do
         tests/kernels/test_rope.py tests/kernels/test_kv_write.py tests/kernels/test_swiglu.py \
         tests/passes/test_fuse_projections.py tests/passes/test_fuse_elementwise.py \
         2>&1 | tee "$OUT/fusion_tests_h200.log" | tail -15 ;;
+    prefill-tests)  # GPU prefill tests: packed tiles decoded in the loop and the step's pages decoded once
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py -k "prefill" \
+        2>&1 | tee "$OUT/prefill_tests_h200.log" | tail -6 ;;
+    prefill-pages)  # one prefill step's attention (8B shape, 4 x 8192 and 18 x 1792 tokens): in-loop decode vs decoded once vs bf16
+      timeout 300 python3 benchmarks/prefill_pages.py "$OUT/prefill_pages_h200.json" 2>&1 | tail -12 ;;
     long16)
       e2e tuned long16 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 1 ;;
     fixed-kv)
@@ -121,7 +128,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

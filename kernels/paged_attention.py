@@ -87,7 +87,7 @@ from typing import ClassVar
 
 import torch
 
-from fxforge.kernels.bfp import decode_e2m1_bits, pow2
+from fxforge.kernels.bfp import decode_e2m1_bits, dequantize, pow2
 from fxforge.kernels.formats import KVFormat, parse_kv_format
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
@@ -105,6 +105,8 @@ CONFIG_DIR = Path(os.environ.get("FXFORGE_DECODE_CONFIG_DIR") or Path(__file__).
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
 _MAX_SPLITS = 256
+_DECODE_PAGES_MIN_TILES = 4  # prefill: query tiles per sequence (average) from which pages are decoded once
+_DECODE_PAGES_MAX_BYTES = 4 << 30  # prefill: the largest decoded copy of a step's pages
 _MIN_TOKENS_PER_SPLIT = 256  # below this a slice's partial results cost more than its parallelism
 _DEFAULT_SMS = 132  # H100 SXM; used on CPU (interpreter), read off the device on CUDA
 _SM_COUNTS: dict[int, int] = {}
@@ -2045,11 +2047,51 @@ def _check_query_start(op: str, query_start, num_seqs: int, device: torch.device
     _check_device("query_start", query_start, device)
 
 
+def _prefill_decodes_pages_first(decode_pages: bool | None, k_fmt: KVFormat, v_fmt: KVFormat, num_tokens: int,
+                                 num_seqs: int, tokens_per_tile: int) -> bool:
+    """Whether the prefill kernel reads a decoded copy of the step's pages instead of the packed cache:
+    asked for (decode_pages), or by default when a format is packed and the step averages at least
+    _DECODE_PAGES_MIN_TILES query tiles per sequence (the kernel decodes a key once per query tile
+    that sees it, so a long chunk decodes its context many times over)."""
+    if k_fmt.is_dense and v_fmt.is_dense:
+        return False
+    if decode_pages is not None:
+        return bool(decode_pages)
+    return num_tokens >= _DECODE_PAGES_MIN_TILES * tokens_per_tile * num_seqs
+
+
+def _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int,
+                   dot_dtype) -> tuple[list, torch.Tensor, KVFormat, KVFormat] | None:
+    """The pages `page_table` names, gathered in table order and the packed ones decoded (to bf16 when
+    the dots run in bf16, where BFP and MXFP4 values are exact, else float32): ([k_data, k_scale,
+    v_data, v_scale] of a dense cache of S * W pages, its page table, the two formats). None when the
+    copy would pass _DECODE_PAGES_MAX_BYTES or does not fit in free memory (the caller reads the packed
+    cache instead). Table entries past a sequence's pages may hold any id; they are clamped, never read."""
+    pages = page_table.reshape(-1).to(torch.int64).clamp(0, k_data.shape[0] - 1)
+    dtype = torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
+    per_page = k_data.shape[1] * k_data.shape[2] * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
+    if pages.numel() * per_page > _DECODE_PAGES_MAX_BYTES:
+        return None
+    out, fmts = [], []
+    try:
+        for data, scale_, fmt in ((k_data, k_scale, k_fmt), (v_data, v_scale, v_fmt)):
+            rows = data.index_select(0, pages)
+            if not fmt.is_dense:
+                rows = dequantize(rows, scale_.index_select(0, pages), fmt, head_dim, dtype)
+                fmt = parse_kv_format("bfloat16" if dtype == torch.bfloat16 else "float32")
+            out += [rows, rows.new_empty(*rows.shape[:3], 0, dtype=torch.uint8)]
+            fmts.append(fmt)
+    except torch.OutOfMemoryError:
+        return None
+    table = torch.arange(pages.numel(), dtype=torch.int32, device=page_table.device).view(page_table.shape)
+    return out, table, fmts[0], fmts[1]
+
+
 def paged_prefill_attention(
     q: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor, v_data: torch.Tensor, v_scale: torch.Tensor,
     page_table: torch.Tensor, query_start: torch.Tensor, seq_lens: torch.Tensor, k_format: str, v_format: str,
     scale: float, sliding_window: int = 0, *, key_rope: torch.Tensor | None = None, block_m: int = 64,
-    block_n: int = 64, num_warps: int = 4, num_stages: int = 2,
+    block_n: int = 64, num_warps: int = 4, num_stages: int = 2, decode_pages: bool | None = None,
 ) -> torch.Tensor:
     """Causal attention of a variable-length, possibly chunked batch (q [T, Hq, D]) over the paged
     cache, the new tokens' K/V already written: out [T, Hq, D] in q's dtype, = attention_ref
@@ -2059,6 +2101,12 @@ def paged_prefill_attention(
     every earlier token (earlier chunks) and its own chunk causally, all read in the cache's format.
     block_m (rows = query tokens x group heads per tile), block_n (keys per iteration), num_warps and
     num_stages are tuning knobs (powers of two >= 16 for the blocks).
+
+    With a packed format the kernel can read the cache two ways, with the same values in its dots:
+    decoding each key tile in the loop (once per query tile that sees it), or from a copy of the
+    step's pages decoded once (see _decoded_pages; memory S x W pages in bf16 or float32).
+    decode_pages picks one (True: the copy, False: in the loop); None (default) takes the copy when
+    the step averages at least _DECODE_PAGES_MIN_TILES query tiles per sequence.
     """
     op = "paged_prefill_attention"
     k_fmt, v_fmt = _check_common(op, q, k_data, k_scale, v_data, v_scale, page_table, seq_lens,
@@ -2077,6 +2125,11 @@ def paged_prefill_attention(
     out = torch.zeros_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
+    if _prefill_decodes_pages_first(decode_pages, k_fmt, v_fmt, num_tokens, num_seqs, tokens_per_tile):
+        decoded = _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt, v_fmt, head_dim,
+                                 _dot_config(q.dtype, k_fmt, v_fmt)[0])
+        if decoded is not None:
+            (k_data, k_scale, v_data, v_scale), page_table, k_fmt, v_fmt = decoded
     tile_seq, tile_index = _query_tiles(query_start, num_tokens, tokens_per_tile)
     _paged_prefill_kernel[(tile_seq.shape[0], num_kv_heads)](
         q, q.stride(0), q.stride(1),

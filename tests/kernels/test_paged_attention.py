@@ -6,9 +6,11 @@ run under the interpreter on CPU (tiny shapes) and natively on CUDA (class TestC
 Inputs are drawn fresh on every run; failures print the seed.
 """
 
+import functools
 import os
 import secrets
 import sys
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -25,6 +27,7 @@ from fxforge.kernels import paged_attention as pa  # noqa: E402
 from fxforge.kernels import triton_support  # noqa: E402
 from fxforge.kernels.attention import attention_ref  # noqa: E402
 from fxforge.kernels.bfp import valid_format_names  # noqa: E402
+from fxforge.kernels.formats import parse_kv_format  # noqa: E402
 from fxforge.kernels.kv_cache import allocate_kv_pair, kv_read_ref, kv_write_ref  # noqa: E402
 from fxforge.kernels.rope import key_rope_table, rope_ref, rotate_keys_ref  # noqa: E402
 
@@ -417,6 +420,54 @@ def test_prefill_matches_reference(case, seed):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("case", [c for c in PREFILL_CASES if "bfp" in c or "mxfp" in c])
+def test_prefill_over_pages_decoded_once_equals_decoding_in_the_loop(case, seed):
+    """A packed cache read from a copy of the step's pages decoded once (decode_pages=True) gives the
+    outputs of decoding each key tile in the loop (the dots see the same values; 4-bit codes sum their
+    even and odd channels in two dots there, one here, so float32 sums may differ in the last bits),
+    though the page table is padded with ids past the cache; the default takes the copy for long
+    chunks and, past the copy's byte cap, reads the packed cache."""
+    k_format, v_format, g, hkv, d, q_dtype, chunks, page_size, window = PREFILL_CASES[case]
+    q, cache, page_table, query_start, seq_lens = prefill_inputs(chunks, g, hkv, d, k_format, v_format, q_dtype,
+                                                                 page_size, seed)
+    assert int(page_table.max()) >= cache[0].shape[0], "the table should name pages past the cache"
+    k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
+    run = functools.partial(pa.paged_prefill_attention, q, *cache, page_table, query_start, seq_lens, k_format,
+                            v_format, d**-0.5, window, block_m=32, block_n=32)
+    with mock.patch.object(pa, "dequantize", wraps=pa.dequantize) as decodes:
+        in_loop = run(decode_pages=False)
+        assert decodes.call_count == 0
+        copied = run(decode_pages=True)
+        assert decodes.call_count == (not k_fmt.is_dense) + (not v_fmt.is_dense)
+    diff = (copied.float() - in_loop.float()).abs().max()
+    assert diff <= 1e-5 * (1 + in_loop.float().abs().max()), f"{case}: max diff {diff}"
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
+    assert_close(copied, expected, q_dtype, f"prefill over decoded pages {case}", seed)
+    tokens_per_tile = 32 // g
+    assert pa._prefill_decodes_pages_first(None, k_fmt, v_fmt, 4 * tokens_per_tile * 2, 2, tokens_per_tile)
+    assert not pa._prefill_decodes_pages_first(None, k_fmt, v_fmt, 4 * tokens_per_tile * 2 - 1, 2, tokens_per_tile)
+    dense = parse_kv_format("bfloat16")
+    assert not pa._prefill_decodes_pages_first(True, dense, dense, 10**6, 1, tokens_per_tile)
+    with mock.patch.object(pa, "_DECODE_PAGES_MAX_BYTES", 0):
+        assert pa._decoded_pages(*cache, page_table, k_fmt, v_fmt, d, pa.tl.float32) is None
+        assert torch.equal(run(decode_pages=True), in_loop)  # the cap sends it back to the loop
+
+
+@needs_interpreter
+def test_pre_rope_prefill_over_pages_decoded_once(seed):
+    """Pre-RoPE BFP keys (rotated in float32 after decoding) give the same prefill outputs from the
+    decoded copy as from the packed cache."""
+    k_format, v_format, d = "bfp16_32", "bfp12_32", 64
+    key_rope = random_key_rope(2, d, torch.Generator().manual_seed(seed))
+    q, cache, page_table, query_start, seq_lens = prefill_inputs([(30, 21), (0, 17)], 2, 2, d, k_format, v_format,
+                                                                 torch.bfloat16, 16, seed)
+    outs = [pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5,
+                                       key_rope=key_rope, block_m=32, block_n=32, decode_pages=flag)
+            for flag in (False, True)]
+    assert torch.equal(outs[0], outs[1]), f"max diff {(outs[0].float() - outs[1].float()).abs().max()}"
+
+
+@needs_interpreter
 def test_chunked_prefill_equals_whole_prompt(seed):
     """Prefilling a prompt in two chunks (the second reading the first from the cache) gives the same
     outputs as prefilling it at once, row for row."""
@@ -779,8 +830,11 @@ class TestCUDA:
                                                                      seed, "cuda")
         for window in (0, 256):
             expected = reference(q, cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5, window)
-            out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5, window)
-            assert_close(out, expected, q_dtype, f"cuda prefill {fmt} g={g} d={d} window={window}", seed)
+            for decode_pages in (False, True):  # packed tiles decoded in the loop / the step's pages decoded once
+                out = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, d**-0.5,
+                                                 window, decode_pages=decode_pages)
+                assert_close(out, expected, q_dtype,
+                             f"cuda prefill {fmt} g={g} d={d} window={window} decode_pages={decode_pages}", seed)
 
     @pytest.mark.parametrize("fmt", ["bfp12_16", "bfp12_32", "bfp12_64", "bfp16_16", "bfp16_32", "bfp16_64",
                                      "mxfp4_32"])
