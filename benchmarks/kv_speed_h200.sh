@@ -121,6 +121,8 @@ for stage in "$@"; do
         2>&1 | tee "$OUT/prefill_tests_h200.log" | tail -6 ;;
     prefill-pages)  # one prefill step's attention (8B shape, 4 x 8192 and 18 x 1792 tokens): in-loop decode vs decoded once vs bf16
       timeout 300 python3 benchmarks/prefill_pages.py "$OUT/prefill_pages_h200.json" 2>&1 | tail -12 ;;
+    prefill-sweep)  # the same with the prefill kernel's launch variants timed on the bf16 cache
+      timeout 400 python3 benchmarks/prefill_pages.py "$OUT/prefill_sweep_h200.json" --sweep 2>&1 | tail -30 ;;
     long16)
       e2e tuned long16 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 1 ;;
     fixed-kv)
@@ -128,7 +130,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|prefill-sweep|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done
