@@ -34,7 +34,7 @@ from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
 from fxforge.kernels.paged_attention import (ABLATIONS, DECODE_KERNELS, DecodeConfig, auto_num_splits,
                                              decode_kernel_supports, decode_config_key, decode_config_path,
-                                             paged_decode_attention)
+                                             paged_decode_attention, to_channels_by_tokens)
 
 # launch variants timed by --sweep, per kernel: tile shapes, warps, stages (a packed tile's loop is
 # a chain of dependent steps, so more tokens per iteration and deeper pipelining are the first
@@ -55,6 +55,7 @@ SWEEP["diag"] = SWEEP["blocks"]
 SWEEP["i8k"] = ([dict(block_n=n, num_warps=w, num_stages=st)
                  for n, w, st in ((64, 4, 3), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 3))]
                 + [dict(programs_per_sm=pps) for pps in (4, 16)])
+SWEEP["i8t"] = SWEEP["i8k"] + [dict(block_n=32, num_warps=4, num_stages=st) for st in (2, 3)]
 
 
 def _do_bench(fn) -> float:
@@ -193,6 +194,10 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
             for kernel in kernels:
                 if not decode_kernel_supports(kernel, k_fmt, v_fmt, d):
                     continue
+                kernel_copies = copies
+                if kernel == "i8t":  # the same values, V stored channels by tokens (the layout i8t reads)
+                    kernel_copies = [[c[0], c[1], to_channels_by_tokens(c[2]), to_channels_by_tokens(c[3])]
+                                     for c in copies]
                 configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
                                                if sweep and ctx == 4096 else [])
                 if ablate and kernel in ABLATIONS:  # after the full runs: the kernel's fastest config, stages left out
@@ -212,8 +217,8 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                         runs = [(config_name, config)]
                     for config_name, config in runs:
                         try:
-                            time_us, max_diff = _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale,
-                                                             ref, kernel, config, ctx, page_size)
+                            time_us, max_diff = _time_kernel(q, kernel_copies, page_table, seq_lens, k_name, v_name,
+                                                             scale, ref, kernel, config, ctx, page_size)
                         except Exception as err:  # e.g. a variant over the shared-memory limit: skipped, said
                             if type(err).__name__ != "OutOfResources":
                                 raise
@@ -271,7 +276,9 @@ def tuned_entries(rows: list[dict]) -> dict:
     context 4096 among every kernel and variant timed (the "tiles" default is the baseline)."""
     entries = {}
     for fmt_name in dict.fromkeys(r["format"] for r in rows):
-        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r]
+        # "i8t" reads V stored channels by tokens, which the engine's cache is not: never a tuned pick
+        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r
+                 and r["kernel"] != "i8t"]
         if not timed:
             continue
         best = min(timed, key=lambda r: r["time_us"])
@@ -345,13 +352,16 @@ def sass_summary(kernel: str, k_format: str, v_format: str, group: int = 4, head
     fn, constexprs, pointers = paged_attention.decode_kernel_spec(kernel, parse_kv_format(k_format),
                                                                   parse_kv_format(v_format), head_dim, group,
                                                                   q_dtype, DecodeConfig(kernel=kernel, **config), asm)
+    if "stride_vd_col" in fn.arg_names:  # i8k / i8t: V's layout (Triton specializes strides of 1 as constants)
+        ones = ("stride_vd_slot", "stride_vs_slot") if kernel == "i8t" else ("stride_vd_col", "stride_vs_col")
+        constexprs = {**constexprs, **dict.fromkeys(ones, 1)}
     scalar = {"qk_scale": "fp32"}
     signature = {name: "constexpr" if name in constexprs else pointers.get(name, scalar.get(name, "i32"))
                  for name in fn.arg_names}
     # pointers and strides taken as multiples of 16 (as Triton specializes them at the benchmark's
     # shapes), except the scale bytes' per-head strides (head_dim / block)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-               if name in pointers or (name.startswith("stride") and not name.endswith("s_head"))}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names) if name not in constexprs
+               and (name in pointers or (name.startswith("stride") and not name.endswith("s_head")))}
     source = ASTSource(fn=fn, signature=signature, attrs=aligned,
                        constexprs={(fn.arg_names.index(k),): v for k, v in constexprs.items()})
     options = dict(num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 2))

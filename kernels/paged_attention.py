@@ -92,8 +92,8 @@ from fxforge.kernels.formats import KVFormat, parse_kv_format
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
-           "DECODE_KERNELS", "decode_kernel_supports", "default_decode_config", "pick_decode_config",
-           "decode_kernel_spec",
+           "DECODE_KERNELS", "decode_kernel_supports", "v_channels_by_tokens", "to_channels_by_tokens",
+           "default_decode_config", "pick_decode_config", "decode_kernel_spec",
            "decode_config_path", "tuned_decode_configs", "decode_config_key"]
 
 # On CUDA, 4- and 8-bit BFP and MXFP4 pages are decoded with inline PTX (bf16x2 math) when the dots run
@@ -1317,6 +1317,63 @@ def _query_int8_limbs(q_base, stride_qh, G: tl.constexpr, D: tl.constexpr, D_PAD
 
 
 @jit
+def _load_paged_columns(data_ptr, scale_ptr, stride_data_page, stride_data_slot, stride_data_head, stride_data_col,
+                        stride_scale_page, stride_scale_slot, stride_scale_head, stride_scale_col, page, slot, kv_head,
+                        row_mask, WIDTH: tl.constexpr, VALID: tl.constexpr, NB: tl.constexpr, NB_PAD: tl.constexpr,
+                        NCOL: tl.constexpr, RUN: tl.constexpr):
+    # "i8t": the tokens' rows of one KV head from a cache stored channels by tokens (a page's tokens
+    # adjacent per byte column), as ([WIDTH, ROWS] bytes transposed: column t is token t; columns >=
+    # VALID are zeros, [ROWS, NCOL] scale byte of block c % NB_PAD for column c, 0 for masked tokens).
+    # The tile covers whole runs of RUN tokens of one page each (the caller aligns it and gives every
+    # token of a run its run's page), so each run's bytes are adjacent and RUN-aligned: loaded as
+    # vectors, unmasked by token. Bytes of tokens that are not live are read, finite (int8 codes), and
+    # must be weighted 0 by the caller.
+    tokens = page * stride_data_page + slot * stride_data_slot + kv_head * stride_data_head
+    tokens = tl.max_contiguous(tl.multiple_of(tokens, RUN), RUN)
+    cols = tl.arange(0, WIDTH)
+    ptrs = data_ptr + cols[:, None] * stride_data_col + tokens[None, :]
+    if VALID < WIDTH:
+        raw = tl.load(ptrs, mask=cols[:, None] < VALID, other=0)
+    else:
+        raw = tl.load(ptrs)
+    block = tl.arange(0, NB_PAD)
+    scale_tokens = page * stride_scale_page + slot * stride_scale_slot + kv_head * stride_scale_head
+    scale_tokens = tl.max_contiguous(tl.multiple_of(scale_tokens, RUN), RUN)
+    scale = tl.load(scale_ptr + scale_tokens[:, None] + block[None, :] * stride_scale_col,
+                    mask=row_mask[:, None] & (block[None, :] < NB), other=0)
+    scale = tl.reshape(tl.broadcast_to(scale[:, None, :], (row_mask.shape[0], NCOL // NB_PAD, NB_PAD)),
+                       (row_mask.shape[0], NCOL))
+    return raw, scale
+
+
+@jit
+def _int8_values(p, v_raw_t, v_exp, acc0, acc1, alpha, V_PHASES: tl.constexpr):
+    # "i8t": acc^T [D_PAD / V_PHASES, NCOL] * alpha + V's codes^T @ P', block-diagonal as in
+    # _diag_values: P'[t, c] = p[t, c] * 2^e(t, block c % NB_PAD) >= 0, split per column into two int8
+    # limbs of one power-of-two step (13 significant bits against the column's largest weight in the
+    # tile: error <= 2^-13 of it, where p in bf16 errs by 2^-9 of each weight), so both dots are int8
+    # with int32 sums (|sum| < 64 keys x 128 x 64 x 64 < 2^31 for 64-key tiles); BFP12 codes enter as
+    # int8 16 * code (even channels from the low nibbles, odd from the high). v_raw_t is V's tile
+    # transposed as stored ([bytes, tokens]), so the codes reach the dot with tokens, the contraction,
+    # contiguous, as K's bytes do in the K dot.
+    weights = p * pow2(v_exp.to(tl.int32))
+    biased = (tl.max(weights, 0).to(tl.int32, bitcast=True) >> 23) & 0xFF
+    step = pow2(tl.maximum(biased - 11, 1))  # 2^(exponent of the column's largest weight - 11)
+    hi, lo = _int8_limbs(weights, step[None, :])
+    if V_PHASES == 2:
+        step = step * 0.0625
+        v0 = (v_raw_t << 4).to(tl.int8, bitcast=True)
+        v1 = (v_raw_t & 0xF0).to(tl.int8, bitcast=True)
+        part1 = tl.dot(v1, hi, out_dtype=tl.int32) * 64 + tl.dot(v1, lo, out_dtype=tl.int32)
+        acc1 = acc1 * alpha[None, :] + part1.to(tl.float32) * step[None, :]
+    else:
+        v0 = v_raw_t.to(tl.int8, bitcast=True)
+    part0 = tl.dot(v0, hi, out_dtype=tl.int32) * 64 + tl.dot(v0, lo, out_dtype=tl.int32)
+    acc0 = acc0 * alpha[None, :] + part0.to(tl.float32) * step[None, :]
+    return acc0, acc1
+
+
+@jit
 def _paged_decode_i8k_kernel(
     q_ptr,  # *bf16 [B, Hq, D]: one query per sequence (last dim contiguous)
     stride_qb, stride_qh,  # q strides (elements)
@@ -1336,6 +1393,7 @@ def _paged_decode_i8k_kernel(
     num_splits,  # context slices per sequence (grid axis 1)
     qk_scale,  # softmax scale * log2(e): scores go straight to exp2
     sliding_window,  # > 0: a query sees only its last `sliding_window` positions
+    stride_vd_col, stride_vs_col,  # V_T: strides between V's byte columns and its scale columns (1 otherwise)
     G: tl.constexpr,  # query heads per KV head
     D: tl.constexpr,  # head_dim
     D_PAD: tl.constexpr,  # max(32, next power of two >= D) = K_NB_PAD * K_BLOCK
@@ -1351,6 +1409,8 @@ def _paged_decode_i8k_kernel(
     V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
     UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
     ABLATE: tl.constexpr,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage
+    V_T: tl.constexpr = False,  # "i8t": V stored channels by tokens, its codes in int8 dots (_int8_values)
+    V_NB: tl.constexpr = 1,  # "i8t": V blocks per row (V's block is K's)
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -1362,6 +1422,10 @@ def _paged_decode_i8k_kernel(
         step = step * 0.0625  # 4-bit codes enter the dots as int8 16 * code
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+    first = lo
+    V_RUN: tl.constexpr = min(PAGE_SIZE, BLOCK_N)  # "i8t": tokens of one page adjacent in V's columns
+    if V_T:  # tiles start on a run (a sliding window's slice may not); tokens before `first` are masked
+        lo = tl.where(lo < hi, lo - lo % V_RUN, lo)  # (an empty slice stays empty)
 
     m_i = tl.full([NCOL], float("-inf"), tl.float32)
     l_i = tl.zeros([NCOL], tl.float32)
@@ -1371,7 +1435,11 @@ def _paged_decode_i8k_kernel(
     for n0 in range(lo, hi, BLOCK_N):
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
-        page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
+        if V_T:  # every token of a run that starts before hi gets the run's page (its V bytes load as one)
+            live = live & (tokens >= first)
+            page = _load_page_ids(page_row, tokens, (tokens - tokens % V_RUN) < hi, PAGE_SIZE)
+        else:
+            page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
         if ABLATE == 4:  # K stage left out: every live key scores 0
             scores = tl.zeros([BLOCK_N, NCOL], tl.float32)
         else:
@@ -1392,6 +1460,12 @@ def _paged_decode_i8k_kernel(
         p, alpha, m_i, l_i = _online_softmax_step(scores, m_i, l_i, KEY_AXIS=0, MAY_SEE_NOTHING=False)
         if ABLATE == 3:  # V stage left out (p still feeds l_i, so the K stage stays live)
             acc0 = acc0 * alpha[None, :]
+        elif V_T:
+            v_raw, v_exp = _load_paged_columns(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
+                                               stride_vd_col, stride_vs_page, stride_vs_slot, stride_vs_head,
+                                               stride_vs_col, page, tokens % PAGE_SIZE, kv_head, live,
+                                               D_PAD // V_PHASES, D // V_PHASES, V_NB, NB_PAD, NCOL, V_RUN)
+            acc0, acc1 = _int8_values(p, v_raw, v_exp, acc0, acc1, alpha, V_PHASES)
         else:
             v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
                                       stride_vs_page, stride_vs_slot, stride_vs_head, page, tokens % PAGE_SIZE,
@@ -1401,16 +1475,19 @@ def _paged_decode_i8k_kernel(
             if V_PHASES == 2:
                 acc1 = _dot(tl.trans(v1), p, acc1 * alpha[None, :], "tf32", UPCAST_DOT)
 
-    # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
-    first = (tl.arange(0, NCOL) % NB_PAD) == 0
-    rows = tl.arange(0, NCOL // NB_PAD)
-    out0 = _diag_head_values(acc0, first[None, :], NCOL // NB_PAD, NB_PAD)
-    out1 = _diag_head_values(acc1, first[None, :], NCOL // NB_PAD, NB_PAD)
-    m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
-    l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
-    _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
-                        kv_head * G + rows, rows < G, tl.trans(out0), tl.trans(out1), m_h, l_h, G, D, D_PAD, V_PHASES,
-                        SPLIT)
+    if V_T:  # column h * NB_PAD + b holds head h's output on block b's channels
+        _store_decode_diag(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, kv_head, split, num_splits,
+                           acc0, acc1, m_i, l_i, G, D, D_PAD // V_PHASES, NCOL, NB_PAD, K_BLOCK, V_PHASES, SPLIT)
+    else:  # column h * NB_PAD of each head (all NB_PAD of its columns hold the same values)
+        first = (tl.arange(0, NCOL) % NB_PAD) == 0
+        rows = tl.arange(0, NCOL // NB_PAD)
+        out0 = _diag_head_values(acc0, first[None, :], NCOL // NB_PAD, NB_PAD)
+        out1 = _diag_head_values(acc1, first[None, :], NCOL // NB_PAD, NB_PAD)
+        m_h = tl.max(tl.reshape(m_i, (NCOL // NB_PAD, NB_PAD)), 1)
+        l_h = tl.max(tl.reshape(l_i, (NCOL // NB_PAD, NB_PAD)), 1)
+        _store_decode_slice(out_ptr, stride_ob, stride_oh, ws_acc_ptr, ws_ml_ptr, seq, split, num_splits,
+                            kv_head * G + rows, rows < G, tl.trans(out0), tl.trans(out1), m_h, l_h, G, D, D_PAD,
+                            V_PHASES, SPLIT)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1562,9 +1639,9 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 # Decode launch configs (data: kernels/configs/paged_decode_<device>.json, written by the tuner)
 # ----------------------------------------------------------------------------------------------
 
-DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k")
+DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k", "i8t")
 # benchmark ablations per kernel (paged_decode_attention(ablate=)): stages of the loop left out
-ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4)}
+ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4), "i8t": (3, 4)}
 
 
 @dataclass(frozen=True)
@@ -1573,10 +1650,12 @@ class DecodeConfig:
     scaled per value into bf16/fp32 tiles); "blocks": _paged_decode_blocks_kernel (codes unscaled into
     batched per-block dots, scales applied per block); "diag": _paged_decode_diag_kernel (the same
     with 2-d dots against a block-diagonal q); "i8k": _paged_decode_i8k_kernel (BFP16 / BFP12 keys' codes
-    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries). prefetch: the next
+    in int8 dots against q in two int8 limbs, V as "tiles" reads it; bf16 queries); "i8t": "i8k" over a V
+    cache stored channels by tokens (v_channels_by_tokens), V's codes in int8 dots too, against P scaled
+    per V block. prefetch: the next
     tile's bytes are loaded into registers before this tile's math (without it, "tiles" leaves its
     loads to Triton's pipeliner, which stages them through shared memory, num_stages deep; "tiles"
-    ignores it for 6-bit formats; "i8k" has none).
+    ignores it for 6-bit formats; "i8k" and "i8t" have none).
     block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
@@ -1624,10 +1703,13 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     4/8-bit BFP or MXFP4; "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag"
     >= 16 codes per phase of a row and the same number of blocks (padded to a power of two) in K and V
     if both are packed. "i8k": post-RoPE BFP16 or BFP12 keys, bf16 queries and V exact in bf16 (packed,
-    or bf16 pages): its P @ V dot runs in bf16."""
+    or bf16 pages): its P @ V dot runs in bf16. "i8t": as "i8k", with V BFP16 or BFP12 of K's block size."""
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
+    if kernel == "i8t":
+        return (decode_kernel_supports("i8k", k_fmt, v_fmt, head_dim, pre_rope, dtype) and v_fmt.kind == "bfp"
+                and v_fmt.mantissa_bits in (4, 8) and v_fmt.block == k_fmt.block)
     if kernel == "i8k":
         return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
                 and head_dim % k_fmt.block == 0 and _head_dim_pad(head_dim) % k_fmt.block == 0
@@ -1780,10 +1862,27 @@ def _check_cache(op: str, name: str, data, scale, fmt: str | KVFormat, head_dim:
     if scale.dtype != torch.uint8 or tuple(scale.shape) != (*data.shape[:3], fmt.scale_cols(head_dim)):
         raise ValueError(f"{op}: {name}_scale for format {fmt.name} must be uint8 "
                          f"{(*data.shape[:3], fmt.scale_cols(head_dim))}, got {scale.dtype} {tuple(scale.shape)}")
-    if data.stride(-1) != 1 or (not fmt.is_dense and scale.stride(-1) != 1):
-        raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous, got strides "
-                         f"{data.stride()} / {scale.stride()}")
+    rows = data.stride(-1) == 1 and (fmt.is_dense or scale.stride(-1) == 1)
+    if not rows and not (name == "v" and v_channels_by_tokens(data) and (fmt.is_dense or v_channels_by_tokens(scale))):
+        raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous (or, for V, the "
+                         f"tokens of a page: see v_channels_by_tokens), got strides {data.stride()} / {scale.stride()}")
     return fmt
+
+
+def v_channels_by_tokens(data: torch.Tensor) -> bool:
+    """Whether a cache tensor [pages, page_size, Hkv, cols] is stored channels by tokens: for each page,
+    head and column, the page's tokens adjacent (strides: slot 1, column page_size), as
+    to_channels_by_tokens lays it out. The "i8t" decode kernel reads V this way (its P @ V dot
+    contracts over tokens); the other decode kernels read rows (last dim contiguous)."""
+    return (isinstance(data, torch.Tensor) and data.dim() == 4 and data.shape[1] > 1 and data.stride(1) == 1
+            and data.stride(3) == data.shape[1] and data.stride(0) % data.shape[1] == 0
+            and data.stride(2) % data.shape[1] == 0)
+
+
+def to_channels_by_tokens(data: torch.Tensor) -> torch.Tensor:
+    """A copy of a cache tensor [pages, page_size, Hkv, cols] with the same values, stored channels by
+    tokens (v_channels_by_tokens): physically [pages, Hkv, cols, page_size]."""
+    return data.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def _check_page_table(op: str, page_table, seq_lens, device: torch.device) -> None:
@@ -1886,8 +1985,20 @@ def paged_decode_attention(
                          f"page_table have {page_table.shape[0]}")
     page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
     group = num_q_heads // num_kv_heads
+    v_t = v_channels_by_tokens(v_data)
+    if kernel is None and v_t:
+        kernel = "i8t"  # the one kernel that reads V stored channels by tokens
     config = _decode_launch_config(k_fmt, v_fmt, q, group, key_rope is not None, kernel, block_n, num_warps,
                                    num_stages, prefetch)
+    if config.kernel == "i8t" and not v_t:
+        if kernel is not None:
+            raise ValueError(f"paged_decode_attention: kernel='i8t' reads V stored channels by tokens "
+                             f"(v_channels_by_tokens: strides slot 1, column page_size), got v_data strides "
+                             f"{v_data.stride()}; use to_channels_by_tokens, or kernel='i8k'")
+        config = DecodeConfig(**{**config.to_dict(), "kernel": "i8k"})  # a tuned "i8t" over a row-major V
+    if v_t and config.kernel != "i8t":
+        raise ValueError(f"paged_decode_attention: V stored channels by tokens (v_data strides {v_data.stride()}) "
+                         f"is read only by kernel='i8t', not {config.kernel!r}")
     if num_splits is None:
         capacity = page_table.shape[1] * page_size
         if sliding_window > 0:
@@ -1904,6 +2015,8 @@ def paged_decode_attention(
     kernel, constexprs = _decode_constexprs(config, k_fmt, v_fmt, head_dim, group, q.dtype, q.device, page_size,
                                             split, key_rope is not None)
     rope_args = [] if config.kernel != "tiles" else [q if key_rope is None else key_rope]  # (q: not read)
+    # i8k / i8t: the strides between V's byte columns and between its scale columns
+    column_args = [v_data.stride(3), v_scale.stride(3)] if config.kernel in ("i8k", "i8t") else []
     if ablate:
         if ablate not in ABLATIONS.get(config.kernel, ()) or any(
                 not f.is_dense and f.mantissa_bits == 6 for f in (k_fmt, v_fmt)):
@@ -1915,7 +2028,7 @@ def paged_decode_attention(
         *_cache_args(k_data, k_scale, v_data, v_scale, k_fmt, v_fmt),
         page_table, page_table.stride(0), seq_lens, *rope_args,
         out, out.stride(0), out.stride(1),
-        ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window,
+        ws_acc, ws_ml, num_splits, float(scale) * _LOG2E, sliding_window, *column_args,
         **constexprs, num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
@@ -1936,15 +2049,17 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         return _paged_decode_kernel, dict(common, G_PAD=g_pad, D_PAD=_head_dim_pad(head_dim),
                                           PREFETCH=prefetch, ABLATE=0,
                                           **_kernel_meta(k_fmt, v_fmt, dtype, device, pre_rope))
-    if config.kernel == "i8k":
+    if config.kernel in ("i8k", "i8t"):
         d_pad = _head_dim_pad(head_dim)
         nb_pad = d_pad // k_fmt.block
         v_meta = _format_meta(v_fmt, "V", tl.bfloat16, device)
+        v_t = config.kernel == "i8t"
         return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
                                               NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
                                               K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
                                               K_PHASES=2 if k_fmt.mantissa_bits == 4 else 1,
-                                              **v_meta, UPCAST_DOT=INTERPRETED, ABLATE=0)
+                                              **v_meta, UPCAST_DOT=INTERPRETED, ABLATE=0, V_T=v_t,
+                                              V_NB=head_dim // v_fmt.block if v_t else 1)
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)
@@ -2075,7 +2190,7 @@ def _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt: KVFormat
     out, fmts = [], []
     try:
         for data, scale_, fmt in ((k_data, k_scale, k_fmt), (v_data, v_scale, v_fmt)):
-            rows = data.index_select(0, pages)
+            rows = data.index_select(0, pages).contiguous()  # (rows, whatever the cache's layout)
             if not fmt.is_dense:
                 rows = dequantize(rows, scale_.index_select(0, pages), fmt, head_dim, dtype)
                 fmt = parse_kv_format("bfloat16" if dtype == torch.bfloat16 else "float32")
@@ -2125,11 +2240,16 @@ def paged_prefill_attention(
     out = torch.zeros_like(q)
     if num_tokens == 0 or num_seqs == 0:
         return out
-    if _prefill_decodes_pages_first(decode_pages, k_fmt, v_fmt, num_tokens, num_seqs, tokens_per_tile):
+    v_t = v_channels_by_tokens(v_data)  # read only through the decoded copy
+    if _prefill_decodes_pages_first(True if v_t else decode_pages, k_fmt, v_fmt, num_tokens, num_seqs,
+                                    tokens_per_tile):
         decoded = _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt, v_fmt, head_dim,
                                  _dot_config(q.dtype, k_fmt, v_fmt)[0])
         if decoded is not None:
             (k_data, k_scale, v_data, v_scale), page_table, k_fmt, v_fmt = decoded
+    if v_channels_by_tokens(v_data):
+        raise ValueError(f"{op}: V stored channels by tokens is read through a decoded copy of the step's pages, "
+                         f"which {'a dense V does not take' if v_fmt.is_dense else 'did not fit in memory'}")
     tile_seq, tile_index = _query_tiles(query_start, num_tokens, tokens_per_tile)
     _paged_prefill_kernel[(tile_seq.shape[0], num_kv_heads)](
         q, q.stride(0), q.stride(1),

@@ -271,6 +271,90 @@ def test_i8k_decode_matches_reference(case, seed):
         assert_close(out, expected, torch.bfloat16, f"i8k decode {case} num_splits={num_splits}", seed)
 
 
+# "i8t": id: (k_format, v_format, g, Hkv, head_dim, context lengths, sliding window); V stored channels by tokens
+I8T_CASES = {
+    "bfp16_32-g4-d128": ("bfp16_32", "bfp16_32", 4, 2, 128, [33, 20, 1], 0),
+    "k_bfp12_32-v_bfp16_32": ("bfp12_32", "bfp16_32", 4, 2, 128, [70, 17], 0),
+    "bfp12_32-g4-d128": ("bfp12_32", "bfp12_32", 4, 1, 128, [33, 64], 0),
+    "bfp16_32-g3-d96-window": ("bfp16_32", "bfp16_32", 3, 1, 96, [50, 3], 24),
+    "bfp12_16-g3-d64": ("bfp12_16", "bfp12_16", 3, 2, 64, [40, 9], 0),
+}
+
+
+def channels_by_tokens_cache(cache):
+    """The same cache with V (data and scale) stored channels by tokens, the layout "i8t" reads."""
+    k_data, k_scale, v_data, v_scale = cache
+    v_data, v_scale = pa.to_channels_by_tokens(v_data), pa.to_channels_by_tokens(v_scale)
+    assert pa.v_channels_by_tokens(v_data) and pa.v_channels_by_tokens(v_scale)
+    assert not pa.v_channels_by_tokens(cache[2])
+    return [k_data, k_scale, v_data, v_scale]
+
+
+@needs_interpreter
+@pytest.mark.parametrize("case", list(I8T_CASES))
+def test_i8t_decode_over_v_stored_channels_by_tokens_matches_reference(case, seed):
+    """"i8t": "i8k" with V stored channels by tokens and V's codes in int8 dots against P scaled per V
+    block (two int8 limbs per column), against attention_ref over the same values, split or not; the
+    layout alone picks the kernel."""
+    k_format, v_format, g, hkv, d, lens, window = I8T_CASES[case]
+    q, cache, page_table, query_start, seq_lens = decode_inputs(lens, g, hkv, d, k_format, v_format, torch.bfloat16,
+                                                                16, seed)
+    expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window)
+    t_cache = channels_by_tokens_cache(cache)
+    assert torch.equal(reference(q, t_cache, page_table, query_start, seq_lens, k_format, v_format, d**-0.5, window),
+                       expected)  # the layout changes no value
+    runs = ((1, "i8t"), (2, None))
+    outs = [pa.paged_decode_attention(q, *t_cache, page_table, seq_lens, k_format, v_format, d**-0.5, window,
+                                      num_splits=num_splits, kernel=kernel, block_n=32) for num_splits, kernel in runs]
+    for (num_splits, _), out in zip(runs, outs):
+        assert_close(out, expected, torch.bfloat16, f"i8t decode {case} num_splits={num_splits}", seed)
+    # "i8t" loads whole runs of a page's tokens, past a sequence's end too, and pages past its last as
+    # page 0: poison every V byte the reference does not read (random codes, scale bytes 255, which
+    # decode to inf); the outputs must not change by a bit
+    live = torch.zeros(t_cache[2].shape[:2], dtype=torch.bool)
+    for row, n in zip(page_table, seq_lens.tolist()):
+        for pos in range(n):
+            live[row[pos // 16], pos % 16] = True
+    gen = torch.Generator().manual_seed(seed)
+    t_cache[2][~live] = torch.randint(0, 256, t_cache[2][~live].shape, generator=gen, dtype=torch.uint8)
+    t_cache[3][~live] = 255
+    for (num_splits, kernel), out in zip(runs, outs):
+        poisoned = pa.paged_decode_attention(q, *t_cache, page_table, seq_lens, k_format, v_format, d**-0.5, window,
+                                             num_splits=num_splits, kernel=kernel, block_n=32)
+        assert torch.equal(poisoned, out), f"i8t {case} num_splits={num_splits}: unread bytes changed the output"
+
+
+@needs_interpreter
+def test_v_stored_channels_by_tokens_is_read_by_i8t_and_the_decoded_prefill_only(seed):
+    """Only "i8t" reads V stored channels by tokens, and "i8t" reads nothing else: either mismatch is
+    an error naming the layout, never a wrong answer. Prefill reads that V through the decoded copy."""
+    fmt = "bfp16_32"
+    q, cache, page_table, query_start, seq_lens = decode_inputs([40, 9], 4, 1, 64, fmt, fmt, torch.bfloat16, 16, seed)
+    t_cache = channels_by_tokens_cache(cache)
+    with pytest.raises(ValueError, match="read only by kernel='i8t', not 'tiles'"):
+        pa.paged_decode_attention(q, *t_cache, page_table, seq_lens, fmt, fmt, 0.125, kernel="tiles")
+    with pytest.raises(ValueError, match="kernel='i8t' reads V stored channels by tokens"):
+        pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, kernel="i8t")
+    with pytest.raises(ValueError, match="kernel='i8t' does not run K bfp16_32, V bfp12_16"):
+        pa.paged_decode_attention(q, *cache[:2], *channels_by_tokens_cache(
+            decode_inputs([40, 9], 4, 1, 64, fmt, "bfp12_16", torch.bfloat16, 16, seed)[1])[2:], page_table, seq_lens,
+            fmt, "bfp12_16", 0.125, kernel="i8t")
+    with pytest.raises(ValueError, match="must be contiguous"):  # K has no such layout
+        pa.paged_decode_attention(q, pa.to_channels_by_tokens(cache[0]), *cache[1:], page_table, seq_lens, fmt, fmt,
+                                  0.125)
+    q, cache, page_table, query_start, seq_lens = prefill_inputs([(20, 13), (0, 9)], 4, 1, 64, fmt, fmt,
+                                                                 torch.bfloat16, 16, seed)
+    t_cache = channels_by_tokens_cache(cache)
+    expected = pa.paged_prefill_attention(q, *cache, page_table, query_start, seq_lens, fmt, fmt, 0.125,
+                                          block_m=32, block_n=32, decode_pages=True)
+    for decode_pages in (None, False):  # the copy is taken whatever was asked
+        out = pa.paged_prefill_attention(q, *t_cache, page_table, query_start, seq_lens, fmt, fmt, 0.125,
+                                         block_m=32, block_n=32, decode_pages=decode_pages)
+        assert torch.equal(out, expected)
+    with mock.patch.object(pa, "_DECODE_PAGES_MAX_BYTES", 0), pytest.raises(ValueError, match="did not fit"):
+        pa.paged_prefill_attention(q, *t_cache, page_table, query_start, seq_lens, fmt, fmt, 0.125)
+
+
 @needs_interpreter
 def test_i8k_runs_bfp16_and_bfp12_keys_and_bf16_queries_only(monkeypatch):
     """Picked where it cannot run (another K format, pre-RoPE keys, float32 queries, V not exact in
@@ -350,7 +434,8 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
             row("bfp12_32", "blocks", variant, 150.0), row("bfp12_32", "blocks", "default", 10.0, context=1024),
             row("bfloat16", "tiles", "default", 260.0), row("bfloat16", "tiles", '{"asm": false}', 250.0),
             row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0),
-            dict(row("bfp12_32/bfp16_32", "tiles", "ablate=1 default", 90.0), ablate=1)]  # not a config
+            dict(row("bfp12_32/bfp16_32", "tiles", "ablate=1 default", 90.0), ablate=1),  # not a config
+            row("bfp12_32/bfp16_32", "i8t", "default", 80.0)]  # needs a V layout the engine does not keep
     entries = tuned_entries(rows)
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
     tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
@@ -361,7 +446,7 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
 
 
 @pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")
-@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles-prefetch", "i8k"])
+@pytest.mark.parametrize("kernel", ["blocks", "diag", "tiles-prefetch", "i8k", "i8t"])
 def test_block_scaled_kernels_compile_for_hopper(kernel):
     """The interpreter does not lower layouts or inline PTX: compile the issue-14 kernels (and tiles with
     the register prefetch) for sm_90 (no GPU needed) with the PTX decode of 4- and 8-bit codes, and
@@ -369,14 +454,17 @@ def test_block_scaled_kernels_compile_for_hopper(kernel):
     from fxforge.kernels.attention_bench import sass_summary
 
     config = dict(prefetch=True, num_stages=1) if kernel == "tiles-prefetch" else {}
-    k_format = "bfp16_32" if kernel == "i8k" else "bfp12_32"
+    k_format = "bfp16_32" if kernel in ("i8k", "i8t") else "bfp12_32"
     try:
         summary = sass_summary(kernel.removesuffix("-prefetch"), k_format, "bfp16_32", **config)
     except (ImportError, FileNotFoundError) as exc:  # a triton build without the NVIDIA backend's tools
         pytest.skip(f"no sm_90 toolchain in this triton: {exc}")
-    assert summary["registers"] <= 255 and summary.get("HGMMA", 0) + summary.get("HMMA", 0) > 0, summary
-    if kernel == "i8k":  # q . k as int8 tensor-core dots, K's bytes staged by cp.async
+    assert summary["registers"] <= 255, summary
+    assert summary.get("HGMMA", 0) + summary.get("HMMA", 0) + summary.get("IGMMA", 0) + summary.get("IMMA", 0), summary
+    if kernel in ("i8k", "i8t"):  # q . k as int8 tensor-core dots, K's bytes staged by cp.async
         assert summary.get("IGMMA", 0) > 0 and summary.get("LDGSTS", 0) > 0, summary
+    if kernel == "i8t":  # P . V too: no bf16 dot left
+        assert summary.get("HGMMA", 0) + summary.get("HMMA", 0) == 0, summary
 
 
 @needs_interpreter
@@ -892,14 +980,15 @@ class TestCUDA:
         expected = reference(q, cache, page_table, query_start, seq_lens, k_format, v_format, 128**-0.5, 0)
         tiles = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                           kernel="tiles")
-        for kernel in ("blocks", "diag", "i8k"):
+        for kernel in ("blocks", "diag", "i8k", "i8t"):
             if not pa.decode_kernel_supports(kernel, pa.parse_kv_format(k_format), pa.parse_kv_format(v_format), 128,
                                              dtype=q_dtype):
                 continue
+            layout = channels_by_tokens_cache(cache) if kernel == "i8t" else cache
             for asm in (True, False):
                 monkeypatch.setattr(pa, "_ASM_DECODE", asm)
                 for num_splits, prefetch, block_n in ((None, True, 64), (1, True, 128), (7, False, 64)):
-                    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 128**-0.5,
+                    out = pa.paged_decode_attention(q, *layout, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                                     num_splits=num_splits, kernel=kernel, prefetch=prefetch,
                                                     block_n=block_n)
                     what = (f"cuda {kernel} decode {k_format}/{v_format} asm={asm} splits={num_splits} "
@@ -907,15 +996,16 @@ class TestCUDA:
                     assert_close(out, expected, q_dtype, what, seed)
                     assert_close(out, tiles.double().to(q_dtype), q_dtype, what + " vs tiles", seed)
 
-    @pytest.mark.parametrize("kernel", ["blocks", "diag", "i8k"])
+    @pytest.mark.parametrize("kernel", ["blocks", "diag", "i8k", "i8t"])
     def test_blocks_decode_in_a_cuda_graph(self, kernel, seed):
         fmt = "bfp12_32"
         q, cache, page_table, query_start, seq_lens = decode_inputs(GPU_LENS, 4, 8, 128, fmt, fmt, torch.bfloat16,
                                                                     16, seed, "cuda")
         static_lens = (seq_lens - 500).clamp(min=1)
+        layout = channels_by_tokens_cache(cache) if kernel == "i8t" else cache
 
         def run():
-            return pa.paged_decode_attention(q, *cache, page_table, static_lens, fmt, fmt, 0.1, kernel=kernel)
+            return pa.paged_decode_attention(q, *layout, page_table, static_lens, fmt, fmt, 0.1, kernel=kernel)
 
         run()
         graph = torch.cuda.CUDAGraph()
