@@ -26,6 +26,7 @@
 #   bash benchmarks/kv_speed_h200.sh fused-8b    # the same on the 8B shape (64 x 1,792 + 256), bf16 and BFP12-K/BFP16-V
 #   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP12/BFP16 keys), its sweep and tuned configs
 #   bash benchmarks/kv_speed_h200.sh i8t         # "i8t" (V stored channels by tokens) vs i8k, its sweep, ablations, SmolLM2 shape
+#   bash benchmarks/kv_speed_h200.sh warps       # 1-2 warps per program for tiles / i8k / i8t, 8B and SmolLM2 shapes
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
 #   bash benchmarks/kv_speed_h200.sh ablate      # tiles and i8k at 4k with one stage left out each (what the loads, decode, K and V cost)
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on
@@ -104,6 +105,14 @@ for stage in "$@"; do
       grep -v Warning "$OUT/kv_sweep_i8t_h200.log" | grep "ctx" | tail -30
       timeout 120 python3 -m fxforge.kernels.attention_bench "$OUT/kv_smol_i8t_h200.json" --kernels tiles i8k i8t \
         --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 2>&1 | grep "ctx" | tail -8 ;;
+    warps)  # fewer warps per program (1-2: the token-axis reductions stay in a warp), 8B and SmolLM2 shapes
+      W='[{"num_warps": 2}, {"num_warps": 2, "block_n": 32}, {"num_warps": 1, "block_n": 32}, {"num_warps": 2, "num_stages": 3}, {"num_warps": 1}]'
+      timeout 280 python3 -m fxforge.kernels.attention_bench "$OUT/kv_warps_8b_h200.json" --sweep --variants "$W" \
+        --kernels tiles i8k i8t --contexts 4096 --formats bfp12_32 bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_warps_8b_h200.log" 2>&1; grep -v Warning "$OUT/kv_warps_8b_h200.log" | grep "ctx" | tail -50
+      timeout 170 python3 -m fxforge.kernels.attention_bench "$OUT/kv_warps_smol_h200.json" --sweep --variants "$W" \
+        --kernels tiles i8k --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_warps_smol_h200.log" 2>&1; grep -v Warning "$OUT/kv_warps_smol_h200.log" | grep "ctx" | tail -30 ;;
     i8k-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "blocks_decode or cuda_graph" 2>&1 | tee "$OUT/kv_i8k_tests_h200.log" | tail -8 ;;
@@ -139,7 +148,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8t|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|prefill-sweep|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8t|warps|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|prefill-sweep|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

@@ -153,7 +153,8 @@ def _sdpa_variants(q4, kv_copies, group):
 
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
-                 seed: int = 0, kernels=("tiles", "blocks", "diag"), ablate: bool = False) -> list[dict]:
+                 seed: int = 0, kernels=("tiles", "blocks", "diag"), ablate: bool = False,
+                 variants: list[dict] | None = None) -> list[dict]:
     """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
@@ -198,7 +199,8 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                 if kernel == "i8t":  # the same values, V stored channels by tokens (the layout i8t reads)
                     kernel_copies = [[c[0], c[1], to_channels_by_tokens(c[2]), to_channels_by_tokens(c[3])]
                                      for c in copies]
-                configs = [("default", {})] + ([(json.dumps(c), c) for c in SWEEP[kernel]]
+                configs = [("default", {})] + ([(json.dumps(c), c) for c in (SWEEP[kernel] if variants is None
+                                                                             else variants)]
                                                if sweep and ctx == 4096 else [])
                 if ablate and kernel in ABLATIONS:  # after the full runs: the kernel's fastest config, stages left out
                     configs += [("ablate", None)]
@@ -401,6 +403,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json_path", help="where to write the rows as JSON")
     parser.add_argument("--sweep", action="store_true", help="also time kernel variants at context 4096")
+    parser.add_argument("--variants", type=json.loads, default=None, metavar="JSON",
+                        help="with --sweep: these launch variants (a JSON list of paged_decode_attention keywords, "
+                        "e.g. '[{\"num_warps\": 2}]') for every kernel instead of SWEEP")
     parser.add_argument("--tune", type=Path, default=None, metavar="DIR",
                         help="with --sweep: write the fastest config per format to DIR/paged_decode_<device>.json")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
@@ -422,7 +427,7 @@ def main() -> None:
     props = torch.cuda.get_device_properties(0)
     batch, hq, hkv, d = args.shape
     rows = bench_decode(batch, hq, hkv, d, contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
-                        kernels=tuple(args.kernels), ablate=args.ablate)
+                        kernels=tuple(args.kernels), ablate=args.ablate, variants=args.variants)
     _print_table(rows)
     with open(args.json_path, "w") as f:
         json.dump(dict(version=1, device=props.name, torch=torch.__version__,
