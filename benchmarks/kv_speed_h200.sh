@@ -7,9 +7,10 @@
 # (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. Next, after the third session: long16x3 (the
-# decode-graph fix for full batches of 15 / 39 sequences is unmeasured), e2e-8b-packed (i8k end to end),
-# then e2e-smol-real (the host fast paths; both device_env calls) and the bf16 rows of ablate.
+# The session's 30 device-minutes do not hold every stage. Next, after the fourth session: i8k-tests (the
+# GPU tests now include one-warp launches and i8t), e2e-smol-real (both device_env calls: SmolLM2's packed
+# shapes now pick one-warp i8k, unmeasured end to end), then the split target (programs_per_sm) of the
+# one-warp configs, e.g. attention_bench --sweep --variants with num_warps 1 and programs_per_sm 16 / 32.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)

@@ -987,12 +987,14 @@ class TestCUDA:
             layout = channels_by_tokens_cache(cache) if kernel == "i8t" else cache
             for asm in (True, False):
                 monkeypatch.setattr(pa, "_ASM_DECODE", asm)
-                for num_splits, prefetch, block_n in ((None, True, 64), (1, True, 128), (7, False, 64)):
+                # (one warp a program: the tuned pick for i8k at some shapes)
+                for num_splits, prefetch, block_n, warps in ((None, True, 64, None), (1, True, 128, None),
+                                                             (7, False, 64, None), (None, False, 32, 1)):
                     out = pa.paged_decode_attention(q, *layout, page_table, seq_lens, k_format, v_format, 128**-0.5,
                                                     num_splits=num_splits, kernel=kernel, prefetch=prefetch,
-                                                    block_n=block_n)
+                                                    block_n=block_n, num_warps=warps)
                     what = (f"cuda {kernel} decode {k_format}/{v_format} asm={asm} splits={num_splits} "
-                            f"prefetch={prefetch}")
+                            f"prefetch={prefetch} block_n={block_n} num_warps={warps}")
                     assert_close(out, expected, q_dtype, what, seed)
                     assert_close(out, tiles.double().to(q_dtype), q_dtype, what + " vs tiles", seed)
 
