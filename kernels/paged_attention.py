@@ -1422,9 +1422,9 @@ def _paged_decode_i8k_kernel(
         step = step * 0.0625  # 4-bit codes enter the dots as int8 16 * code
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
-    first = lo
+    slice_start = lo
     V_RUN: tl.constexpr = min(PAGE_SIZE, BLOCK_N)  # "i8t": tokens of one page adjacent in V's columns
-    if V_T:  # tiles start on a run (a sliding window's slice may not); tokens before `first` are masked
+    if V_T:  # tiles start on a run (a sliding window's slice may not); tokens before slice_start are masked
         lo = tl.where(lo < hi, lo - lo % V_RUN, lo)  # (an empty slice stays empty)
 
     m_i = tl.full([NCOL], float("-inf"), tl.float32)
@@ -1436,7 +1436,7 @@ def _paged_decode_i8k_kernel(
         tokens = n0 + tl.arange(0, BLOCK_N)
         live = tokens < hi
         if V_T:  # every token of a run that starts before hi gets the run's page (its V bytes load as one)
-            live = live & (tokens >= first)
+            live = live & (tokens >= slice_start)
             page = _load_page_ids(page_row, tokens, (tokens - tokens % V_RUN) < hi, PAGE_SIZE)
         else:
             page = _load_page_ids(page_row, tokens, live, PAGE_SIZE)
@@ -1863,9 +1863,11 @@ def _check_cache(op: str, name: str, data, scale, fmt: str | KVFormat, head_dim:
         raise ValueError(f"{op}: {name}_scale for format {fmt.name} must be uint8 "
                          f"{(*data.shape[:3], fmt.scale_cols(head_dim))}, got {scale.dtype} {tuple(scale.shape)}")
     rows = data.stride(-1) == 1 and (fmt.is_dense or scale.stride(-1) == 1)
-    if not rows and not (name == "v" and v_channels_by_tokens(data) and (fmt.is_dense or v_channels_by_tokens(scale))):
-        raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous (or, for V, the "
-                         f"tokens of a page: see v_channels_by_tokens), got strides {data.stride()} / {scale.stride()}")
+    if not rows and not (name == "v" and not fmt.is_dense and v_channels_by_tokens(data)
+                         and v_channels_by_tokens(scale)):
+        raise ValueError(f"{op}: the last dim of {name}_data / {name}_scale must be contiguous (or, for a packed V, "
+                         f"the tokens of a page: see v_channels_by_tokens), got strides {data.stride()} / "
+                         f"{scale.stride()}")
     return fmt
 
 
@@ -1986,6 +1988,10 @@ def paged_decode_attention(
     page_size, num_kv_heads = k_data.shape[1], k_data.shape[2]
     group = num_q_heads // num_kv_heads
     v_t = v_channels_by_tokens(v_data)
+    if v_t and not decode_kernel_supports("i8t", k_fmt, v_fmt, head_dim, key_rope is not None, q.dtype):
+        raise ValueError(f"paged_decode_attention: V stored channels by tokens is read only by kernel='i8t', which "
+                         f"does not run K {k_fmt.name}, V {v_fmt.name}, head_dim {head_dim}, {q.dtype} queries"
+                         f"{' with pre-RoPE keys' if key_rope is not None else ''}; store V row by row")
     if kernel is None and v_t:
         kernel = "i8t"  # the one kernel that reads V stored channels by tokens
     config = _decode_launch_config(k_fmt, v_fmt, q, group, key_rope is not None, kernel, block_n, num_warps,
@@ -2249,7 +2255,7 @@ def paged_prefill_attention(
             (k_data, k_scale, v_data, v_scale), page_table, k_fmt, v_fmt = decoded
     if v_channels_by_tokens(v_data):
         raise ValueError(f"{op}: V stored channels by tokens is read through a decoded copy of the step's pages, "
-                         f"which {'a dense V does not take' if v_fmt.is_dense else 'did not fit in memory'}")
+                         "which did not fit in memory")
     tile_seq, tile_index = _query_tiles(query_start, num_tokens, tokens_per_tile)
     _paged_prefill_kernel[(tile_seq.shape[0], num_kv_heads)](
         q, q.stride(0), q.stride(1),

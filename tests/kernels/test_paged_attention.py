@@ -335,10 +335,16 @@ def test_v_stored_channels_by_tokens_is_read_by_i8t_and_the_decoded_prefill_only
         pa.paged_decode_attention(q, *t_cache, page_table, seq_lens, fmt, fmt, 0.125, kernel="tiles")
     with pytest.raises(ValueError, match="kernel='i8t' reads V stored channels by tokens"):
         pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, kernel="i8t")
-    with pytest.raises(ValueError, match="kernel='i8t' does not run K bfp16_32, V bfp12_16"):
-        pa.paged_decode_attention(q, *cache[:2], *channels_by_tokens_cache(
-            decode_inputs([40, 9], 4, 1, 64, fmt, "bfp12_16", torch.bfloat16, 16, seed)[1])[2:], page_table, seq_lens,
-            fmt, "bfp12_16", 0.125, kernel="i8t")
+    other_v = channels_by_tokens_cache(decode_inputs([40, 9], 4, 1, 64, fmt, "bfp12_16", torch.bfloat16, 16,
+                                                     seed)[1])[2:]
+    for kernel in ("i8t", None):  # V's blocks are not K's
+        with pytest.raises(ValueError, match="read only by kernel='i8t', which does not run K bfp16_32, V bfp12_16"):
+            pa.paged_decode_attention(q, *cache[:2], *other_v, page_table, seq_lens, fmt, "bfp12_16", 0.125,
+                                      kernel=kernel)
+    dense = decode_inputs([40, 9], 4, 1, 64, fmt, "bfloat16", torch.bfloat16, 16, seed)[1]
+    with pytest.raises(ValueError, match="for a packed V, the tokens of a page"):  # a dense V keeps its rows
+        pa.paged_decode_attention(q, *dense[:2], pa.to_channels_by_tokens(dense[2]), dense[3], page_table, seq_lens,
+                                  fmt, "bfloat16", 0.125)
     with pytest.raises(ValueError, match="must be contiguous"):  # K has no such layout
         pa.paged_decode_attention(q, pa.to_channels_by_tokens(cache[0]), *cache[1:], page_table, seq_lens, fmt, fmt,
                                   0.125)
