@@ -89,6 +89,7 @@ import torch
 
 from fxforge.kernels.bfp import decode_e2m1_bits, dequantize, pow2
 from fxforge.kernels.formats import KVFormat, parse_kv_format
+from fxforge.kernels.kv_cache import to_channels_by_tokens, v_channels_by_tokens
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
@@ -1869,22 +1870,6 @@ def _check_cache(op: str, name: str, data, scale, fmt: str | KVFormat, head_dim:
                          f"the tokens of a page: see v_channels_by_tokens), got strides {data.stride()} / "
                          f"{scale.stride()}")
     return fmt
-
-
-def v_channels_by_tokens(data: torch.Tensor) -> bool:
-    """Whether a cache tensor [pages, page_size, Hkv, cols] is stored channels by tokens: for each page,
-    head and column, the page's tokens adjacent (strides: slot 1, column page_size), as
-    to_channels_by_tokens lays it out. The "i8t" decode kernel reads V this way (its P @ V dot
-    contracts over tokens); the other decode kernels read rows (last dim contiguous)."""
-    return (isinstance(data, torch.Tensor) and data.dim() == 4 and data.shape[1] > 1 and data.stride(1) == 1
-            and data.stride(3) == data.shape[1] and data.stride(0) % data.shape[1] == 0
-            and data.stride(2) % data.shape[1] == 0)
-
-
-def to_channels_by_tokens(data: torch.Tensor) -> torch.Tensor:
-    """A copy of a cache tensor [pages, page_size, Hkv, cols] with the same values, stored channels by
-    tokens (v_channels_by_tokens): physically [pages, Hkv, cols, page_size]."""
-    return data.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
 def _check_page_table(op: str, page_table, seq_lens, device: torch.device) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
-from fxforge.kernels.kv_cache import _check_write, kv_write_pair_ref
+from fxforge.kernels.kv_cache import _check_write, _store_packed_blocks, kv_write_pair_ref
 from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables, rotated
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
@@ -89,8 +89,10 @@ def _row_values(
 @jit
 def _write_rows(
     row_ptr,  # pointer to head 0 of the program's heads (K or V), for this token
-    data_ptr,  # *storage dtype: the cache's data viewed flat
-    scale_ptr,  # *uint8: the cache's shared exponents viewed flat (packed formats)
+    data_ptr,  # *storage dtype: the cache's data (dense: contiguous, viewed flat)
+    scale_ptr,  # *uint8: the cache's shared exponents (packed formats)
+    stride_dp, stride_ds, stride_dh, stride_dc,  # data strides (page, slot in page, head, byte; packed formats)
+    stride_sp, stride_ss, stride_sh, stride_sc,  # scale strides (rows, or a V channels by tokens)
     slot,  # int64: the token's slot
     first_head,  # first KV head of this program
     live_values,  # values this program writes (0 for a skipped slot)
@@ -108,6 +110,7 @@ def _write_rows(
     BLOCK: tl.constexpr,  # values per shared exponent (packed)
     TO_BF16: tl.constexpr,  # dense bfloat16 cache: rounded via round_to_bf16, as kv_write_triton does
     BLOCK_VALUES: tl.constexpr,  # power of two >= the values one program writes
+    PAGE_SIZE: tl.constexpr,  # tokens per page
 ):
     if MANTISSA_BITS == 0:  # _kv_write_dense_kernel's store
         values = tl.arange(0, BLOCK_VALUES)
@@ -138,14 +141,10 @@ def _write_rows(
             head = first // HEAD_DIM
             word, biased, nonfinite = encode_groups(row_ptr + head * stride_h + first % HEAD_DIM, live,
                                                     MANTISSA_BITS, MXFP4)
-        token_blocks = NUM_HEADS * HEAD_DIM // BLOCK
         block_ids = first_head * (HEAD_DIM // BLOCK) + blocks
-        group_bytes = (data_ptr + slot * (token_blocks * BLOCK * MANTISSA_BITS // 8)
-                       + block_ids[:, None] * (BLOCK * MANTISSA_BITS // 8) + groups * (MANTISSA_BITS // 2))
-        for j in tl.static_range(MANTISSA_BITS // 2):
-            tl.store(group_bytes + j, ((word >> (8 * j)) & 0xFF).to(tl.uint8), mask=live[:, None])
-        tl.store(scale_ptr + slot * token_blocks + block_ids, tl.where(nonfinite, 255, biased).to(tl.uint8),
-                 mask=live)
+        _store_packed_blocks(data_ptr, scale_ptr, slot, block_ids, groups, live, word, biased, nonfinite,
+                             stride_dp, stride_ds, stride_dh, stride_dc, stride_sp, stride_ss, stride_sh, stride_sc,
+                             PAGE_SIZE, HEAD_DIM // BLOCK, MANTISSA_BITS, BLOCK)
 
 
 @jit
@@ -164,6 +163,11 @@ def _rope_kv_write_kernel(
     stride_kh,  # k stride between heads (elements)
     stride_vt,  # v stride between tokens (elements)
     stride_vh,  # v stride between heads (elements)
+    stride_kdp, stride_kds, stride_kdh, stride_kdc,  # K data strides (page, slot in page, head, byte)
+    stride_ksp, stride_kss, stride_ksh, stride_ksc,  # K scale strides
+    stride_vdp, stride_vds, stride_vdh, stride_vdc,  # V data strides (rows, or channels by tokens)
+    stride_vsp, stride_vss, stride_vsh, stride_vsc,  # V scale strides
+    PAGE_SIZE: tl.constexpr,  # tokens per page
     NUM_HEADS: tl.constexpr,  # Hkv
     HEAD_DIM: tl.constexpr,  # D
     HEADS_PER_PROGRAM: tl.constexpr,  # KV heads one program writes
@@ -185,17 +189,26 @@ def _rope_kv_write_kernel(
     heads = tl.minimum(HEADS_PER_PROGRAM, NUM_HEADS - first_head)
     live_values = tl.where(slot >= 0, heads * HEAD_DIM, 0)
     position = tl.load(positions_ptr + token).to(tl.float32)
-    _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, slot, first_head,
+    _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, stride_kdp, stride_kds,
+                stride_kdh, stride_kdc, stride_ksp, stride_kss, stride_ksh, stride_ksc, slot, first_head,
                 live_values, position, inv_freq_ptr, table_ptr + first_head * HEAD_DIM, stride_kh, NUM_HEADS,
-                HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16, BLOCK_VALUES)
-    _write_rows(v_ptr + token * stride_vt + first_head * stride_vh, v_data_ptr, v_scale_ptr, slot, first_head,
+                HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16, BLOCK_VALUES,
+                PAGE_SIZE)
+    _write_rows(v_ptr + token * stride_vt + first_head * stride_vh, v_data_ptr, v_scale_ptr, stride_vdp, stride_vds,
+                stride_vdh, stride_vdc, stride_vsp, stride_vss, stride_vsh, stride_vsc, slot, first_head,
                 live_values, position, inv_freq_ptr, table_ptr, stride_vh, NUM_HEADS, HEAD_DIM, False, False, False,
-                V_MANTISSA_BITS, V_MXFP4, V_BLOCK, V_TO_BF16, BLOCK_VALUES)
+                V_MANTISSA_BITS, V_MXFP4, V_BLOCK, V_TO_BF16, BLOCK_VALUES, PAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------
 # Launcher
 # ----------------------------------------------------------------------------------------------
+
+
+def _cache_strides(data: torch.Tensor, scale: torch.Tensor) -> tuple[int, ...]:
+    """A cache's (data page, slot, head, byte) and (scale page, slot, head, column) strides; a dense
+    format's empty scale gives 0s (never read)."""
+    return (*data.stride(), *(scale.stride() if scale.numel() else (0, 0, 0, 0)))
 
 
 def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
@@ -230,7 +243,8 @@ def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor,
     grid = (tokens, triton.cdiv(heads, per_program))
     _rope_kv_write_kernel[grid](
         k, v, k_data, k_scale, v_data, v_scale, slot_mapping.contiguous(), positions.contiguous(),
-        inv_freq.contiguous(), table, k.stride(0), k.stride(1), v.stride(0), v.stride(1), NUM_HEADS=heads,
+        inv_freq.contiguous(), table, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        *_cache_strides(k_data, k_scale), *_cache_strides(v_data, v_scale), PAGE_SIZE=k_data.shape[1], NUM_HEADS=heads,
         HEAD_DIM=head_dim, HEADS_PER_PROGRAM=per_program,
         BLOCK_VALUES=triton.next_power_of_2(per_program * head_dim), INTERLEAVED=bool(interleaved),
         PERMUTED=channel_perm is not None, **_format_meta("K", k_fmt, k_data), **_format_meta("V", v_fmt, v_data),

@@ -16,7 +16,7 @@ from tests.kernels.checks import Spy
 from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import kv_cache
-from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref
+from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref, v_channels_by_tokens
 
 INTERPRETER = is_interpreted(kv_cache._kv_write_packed_kernel)
 needs_interpreter = interpreter_mark(INTERPRETER)
@@ -54,9 +54,9 @@ def scattered_slots(tokens: int, gen: torch.Generator) -> torch.Tensor:
     return pages[positions // PAGE_SIZE] * PAGE_SIZE + positions % PAGE_SIZE
 
 
-def random_cache(heads, head_dim, k_format, v_format, gen, device="cpu"):
-    """A cache full of random bytes (two identical copies), so untouched bytes can be checked."""
-    cache = allocate_kv_pair(NUM_PAGES, PAGE_SIZE, heads, head_dim, k_format, v_format)
+def random_cache(heads, head_dim, k_format, v_format, gen, device="cpu", v_layout="rows"):
+    """A cache full of random bytes (two identical copies, laid out alike), so untouched bytes can be checked."""
+    cache = allocate_kv_pair(NUM_PAGES, PAGE_SIZE, heads, head_dim, k_format, v_format, v_layout=v_layout)
     for t in cache:
         raw = t.view(torch.uint8)
         raw.copy_(torch.randint(0, 256, raw.shape, generator=gen, dtype=torch.uint8))
@@ -82,11 +82,12 @@ def assert_same_bytes(actual, expected, what, shape, seed):
                     f"differ, max value diff {diff:.3g}")
 
 
-def check_against_reference(shape, dtype, k_format, v_format, seed, device):
+def check_against_reference(shape, dtype, k_format, v_format, seed, device, v_layout="rows"):
     gen = torch.Generator().manual_seed(seed)
     k, v = kv_like(shape, dtype, gen), kv_like(shape, dtype, gen)
     slots = scattered_slots(shape[0], gen)
-    actual, expected = random_cache(shape[1], shape[2], k_format, v_format, gen, device)
+    actual, expected = random_cache(shape[1], shape[2], k_format, v_format, gen, device, v_layout)
+    assert v_channels_by_tokens(actual[2]) == (v_layout == "channels") == v_channels_by_tokens(expected[2])
     kv_write_ref(k, expected[0], expected[1], slots, k_format)
     kv_write_ref(v, expected[2], expected[3], slots, v_format)
     kv_cache.kv_write_triton(k.to(device), v.to(device), *actual, slots.to(device), k_format, v_format)
@@ -144,6 +145,25 @@ def test_triton_negative_slots_are_skipped(fmt, seed):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("v_format", ["bfp12_32", "bfp16_16", "bfp14_32", "mxfp4_32"])
+def test_triton_writes_v_stored_channels_by_tokens(v_format, seed):
+    """A packed V stored channels by tokens (allocate_kv_pair(v_layout="channels"), the layout the
+    "i8t" decode kernel reads) gets the bytes kv_write_ref puts in the same logical places, and no
+    other byte changes."""
+    check_against_reference((11, 3, 64), torch.float32, "bfp12_32", v_format, seed, "cpu", v_layout="channels")
+
+
+def test_v_layout_is_checked_at_allocation():
+    k_data, k_scale, v_data, v_scale = allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfp16_32", v_layout="channels")
+    assert v_channels_by_tokens(v_data) and v_channels_by_tokens(v_scale)
+    assert k_data.is_contiguous() and k_scale.is_contiguous() and v_data.shape == (3, 8, 2, 64)
+    with pytest.raises(ValueError, match="v_layout='channels' needs a packed V format"):
+        allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfloat16", v_layout="channels")
+    with pytest.raises(ValueError, match=r"v_layout='columns' must be one of \('rows', 'channels'\)"):
+        allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfp16_32", v_layout="columns")
+
+
+@needs_interpreter
 def test_triton_validates_both_tensors_before_writing(seed):
     gen = torch.Generator().manual_seed(seed)
     k = torch.randn(3, 2, 64)
@@ -171,6 +191,10 @@ class TestCUDA:
     @pytest.mark.parametrize("shape, dtype, k_format, v_format", cases(every_dtype=True))
     def test_matches_reference(self, shape, dtype, k_format, v_format, seed):
         check_against_reference(shape, dtype, k_format, v_format, seed, "cuda")
+
+    @pytest.mark.parametrize("v_format", ["bfp12_32", "bfp16_32", "mxfp4_32"])
+    def test_v_stored_channels_by_tokens(self, v_format, seed):
+        check_against_reference((300, 8, 128), torch.bfloat16, "bfp12_32", v_format, seed, "cuda", v_layout="channels")
 
     @pytest.mark.parametrize("fmt", ["bfloat16", "bfp12_32", "bfp14_64", "mxfp4_32"])
     def test_prefill_sized_write(self, fmt, seed, monkeypatch):

@@ -65,10 +65,10 @@ def rope_inputs(shape, dtype, permuted, gen, device="cpu"):
             for t in (k, v, scattered_slots(tokens, gen), positions, inv_freq, perm)]
 
 
-def check_against_the_pair(shape, dtype, k_format, v_format, interleaved, permuted, seed, device):
+def check_against_the_pair(shape, dtype, k_format, v_format, interleaved, permuted, seed, device, v_layout="rows"):
     gen = torch.Generator().manual_seed(seed)
     k, v, slots, positions, inv_freq, perm = rope_inputs(shape, dtype, permuted, gen, device)
-    fused, untouched = random_cache(shape[1], shape[2], k_format, v_format, gen, device)
+    fused, untouched = random_cache(shape[1], shape[2], k_format, v_format, gen, device, v_layout)
     unfused, by_reference = [t.to(device) for t in untouched], [t.clone() for t in untouched]
     rope_kv_write.rope_kv_write_triton(k, v, *fused, slots, positions, inv_freq, interleaved, perm, k_format, v_format)
     k_rot = rope.rope_triton(k, positions, inv_freq, interleaved, perm)
@@ -108,6 +108,14 @@ def test_reference_is_rope_then_the_pair_write(k_format, v_format, seed):
 @pytest.mark.parametrize("shape, dtype, k_format, v_format, interleaved, permuted", cases(every=False))
 def test_triton_matches_the_unfused_pair(shape, dtype, k_format, v_format, interleaved, permuted, seed):
     check_against_the_pair(shape, dtype, k_format, v_format, interleaved, permuted, seed, "cpu")
+
+
+@needs_interpreter
+@pytest.mark.parametrize("k_format, v_format", [("bfp12_32", "bfp16_32"), ("bfloat16", "bfp12_16")])
+def test_triton_writes_v_stored_channels_by_tokens(k_format, v_format, seed):
+    """The fused write stores a packed V kept channels by tokens where the unfused write and the
+    reference do (allocate_kv_pair(v_layout="channels"))."""
+    check_against_the_pair((9, 3, 64), torch.float32, k_format, v_format, False, True, seed, "cpu", v_layout="channels")
 
 
 @needs_interpreter
@@ -191,6 +199,10 @@ test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k",
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCUDA:
+    def test_v_stored_channels_by_tokens(self, seed):
+        check_against_the_pair((300, 8, 128), torch.bfloat16, "bfp12_32", "bfp16_32", False, True, seed, "cuda",
+                               v_layout="channels")
+
     @pytest.mark.parametrize("shape, dtype, k_format, v_format, interleaved, permuted", cases(every=True))
     def test_matches_the_unfused_pair(self, shape, dtype, k_format, v_format, interleaved, permuted, seed):
         check_against_the_pair(shape, dtype, k_format, v_format, interleaved, permuted, seed, "cuda")
