@@ -7,10 +7,10 @@
 # (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. Next, after the fourth session: i8k-tests (the
-# GPU tests now include one-warp launches and i8t), e2e-smol-real (both device_env calls: SmolLM2's packed
-# shapes now pick one-warp i8k, unmeasured end to end), then the split target (programs_per_sm) of the
-# one-warp configs, e.g. attention_bench --sweep --variants with num_warps 1 and programs_per_sm 16 / 32.
+# The session's 30 device-minutes do not hold every stage. Next, after the fourth session: vt-tests (one-warp
+# launches, i8t, the channels-by-tokens V writes and engine), vt (i8t end to end), e2e-smol-real (both
+# device_env calls: SmolLM2's packed shapes now pick one-warp i8k, unmeasured end to end), then the split
+# target (programs_per_sm) of the one-warp configs (attention_bench --sweep --variants, programs_per_sm 16 / 32).
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
@@ -28,6 +28,8 @@
 #   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP12/BFP16 keys), its sweep and tuned configs
 #   bash benchmarks/kv_speed_h200.sh i8t         # "i8t" (V stored channels by tokens) vs i8k, its sweep, ablations, SmolLM2 shape
 #   bash benchmarks/kv_speed_h200.sh warps       # 1-2 warps per program for tiles / i8k / i8t, 8B and SmolLM2 shapes
+#   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
+#   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
 #   bash benchmarks/kv_speed_h200.sh ablate      # tiles and i8k at 4k with one stage left out each (what the loads, decode, K and V cost)
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on
@@ -114,6 +116,14 @@ for stage in "$@"; do
       timeout 170 python3 -m fxforge.kernels.attention_bench "$OUT/kv_warps_smol_h200.json" --sweep --variants "$W" \
         --kernels tiles i8k --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
         > "$OUT/kv_warps_smol_h200.log" 2>&1; grep -v Warning "$OUT/kv_warps_smol_h200.log" | grep "ctx" | tail -30 ;;
+    vt-tests)  # GPU tests of V stored channels by tokens: the KV writes, i8t decode, the engine with v_layout=channels
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_kv_write.py \
+        tests/kernels/test_rope_kv_write.py tests/kernels/test_paged_attention.py tests/runtime/test_engine.py \
+        -k "channels or i8t or blocks_decode or odd_size" 2>&1 | tee "$OUT/vt_tests_h200.log" | tail -6 ;;
+    vt)  # end to end, V row by row against channels by tokens (i8t), same run: the 8B shape and long context
+      e2e tuned vt_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfp12/bfp16,bfp12 --hf-batch "" \
+        --repeats 2 --v-layout rows,channels
+      e2e tuned vt_long --workload long-context --kv bfp12/bfp16 --kv-memory-gb 16 --repeats 2 --v-layout rows,channels ;;
     i8k-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "blocks_decode or cuda_graph" 2>&1 | tee "$OUT/kv_i8k_tests_h200.log" | tail -8 ;;
@@ -149,7 +159,7 @@ for stage in "$@"; do
         e2e "$kernel" fixed_kv smollm2-135m --prompt-len 1024 --kv-memory-gb 4 --kv "$KV" --hf-batch "" --no-check \
           --repeats 2
       done ;;
-    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8t|warps|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|prefill-sweep|fixed-kv ..." >&2
+    *) echo "usage: $0 tests|attention|tune|tune-smol|e2e-smol|e2e-8b|e2e-8b-tiles|long|long-tiles|long16|fused-smol|e2e-smol-fused|fused-8b|fusion-tests|i8k|i8t|warps|vt-tests|vt|i8k-tests|ablate|e2e-smol-real|long16x3|long16x3-tiles|e2e-8b-packed|prefill-tests|prefill-pages|prefill-sweep|fixed-kv ..." >&2
        exit 2 ;;
   esac
 done

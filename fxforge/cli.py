@@ -531,6 +531,9 @@ def bench_e2e_cmd(
     max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
     decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
     max_batched_tokens: int = typer.Option(32768, help="fxforge token budget of one step (prefill chunk size)"),
+    v_layout: str = typer.Option("rows", "--v-layout", help="fxforge V cache layouts to run (comma-separated): rows, "
+                                 "or channels (a packed V stored channels by tokens, decoded by the i8t kernel; "
+                                 "rows FORMAT+vt; formats with a dense V run rows only)"),
     repeats: int = typer.Option(3, help="timed generations per run (the median is reported)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
@@ -547,10 +550,12 @@ def bench_e2e_cmd(
     Every row carries its FLOPs, weight and KV bytes and the roofline: the sum over passes of
     max(FLOPs / matmul peak, bytes / copy bandwidth), both measured in this run."""
     import gc
+    import itertools
 
     import torch
 
     from fxforge.artifact import check_output_file
+    from fxforge.kernels.formats import parse_kv_format
     from fxforge.bench import (chat_prompts, copy_bandwidth, greedy_agreement, matmul_peak, random_prompts,
                                run_fxforge, run_hf_best, seats_in_kv_memory)
 
@@ -563,6 +568,9 @@ def bench_e2e_cmd(
         kv_memory_gb = 60.0 if kv_memory_gb is None else kv_memory_gb
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     formats = _kv_pairs(kv)
+    layouts = [x for x in v_layout.split(",") if x]
+    if not layouts or set(layouts) - {"rows", "channels"}:
+        raise FxforgeError(f"--v-layout {v_layout!r}: expected rows and/or channels, comma-separated")
     for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
         if value is not None and value < least:
@@ -613,13 +621,18 @@ def bench_e2e_cmd(
     for fmt in list(optimized):
         opt = optimized.pop(fmt)
         pages, seats = fits.get(fmt, (None, None))
+        packed_v = not parse_kv_format(opt.kv_formats()[0][1]).is_dense
         for limit in [seats] if seats else seat_limits:
-            for k in windows:
-                run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth, f"fxforge-{fmt}-s{limit}-k{k}",
-                                  num_decode_steps=k, max_num_batched_tokens=max_batched_tokens, repeats=repeats,
-                                  peak_flops=peak, num_pages=pages)
+            for k, layout in itertools.product(windows, layouts):
+                if layout == "channels" and not packed_v:
+                    continue  # only a packed V has that layout
+                suffix = "+vt" if layout == "channels" else ""
+                run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth,
+                                  f"fxforge-{fmt}{suffix}-s{limit}-k{k}", num_decode_steps=k,
+                                  max_num_batched_tokens=max_batched_tokens, repeats=repeats, peak_flops=peak,
+                                  num_pages=pages, v_layout=layout)
                 row = run.to_dict()
-                row.update(kv_format=fmt, seats_that_fit=seats)
+                row.update(kv_format=fmt, seats_that_fit=seats, v_layout=layout)
                 results["runs"].append(row)
                 console.print(row)
                 gc.collect()
@@ -687,7 +700,8 @@ def _kv_pairs(text: str) -> list[tuple[str, list[dict]]]:
 def _fixed_kv_summary(runs: list[dict]) -> dict:
     """Per KV format in the fixed-KV-memory mode: sequences that fit, most scheduled at once,
     tokens/s, and both against the bfloat16 row (if one ran)."""
-    rows = {r["kv_format"]: r for r in runs if r.get("seats_that_fit")}
+    rows = {r["kv_format"] + ("+vt" if r.get("v_layout") == "channels" else ""): r for r in runs
+            if r.get("seats_that_fit")}
     base = rows.get("bfloat16")
     summary = {}
     for fmt, r in rows.items():

@@ -130,15 +130,16 @@ class Model:
         return kv_bytes_per_token(self.spec, self.kv_formats())
 
     def new_kv_cache(self, num_pages: int | list[int], page_size: int = DEFAULT_PAGE_SIZE,
-                     device=None) -> list[torch.Tensor]:
-        """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer."""
+                     device=None, v_layout: str = "rows") -> list[torch.Tensor]:
+        """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer; v_layout
+        "channels" stores every layer's (packed) V channels by tokens (kernels/kv_cache.allocate_kv_pair)."""
         pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
         if len(pages) != self.spec.num_layers:
             raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")
         cache = []
         for layer_pages, (k_fmt, v_fmt) in zip(pages, self.kv_formats()):
             cache += allocate_kv_pair(layer_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
-                                      k_fmt, v_fmt, device or self.device)
+                                      k_fmt, v_fmt, device or self.device, v_layout)
         assert len(cache) == TENSORS_PER_LAYER * self.spec.num_layers
         return cache
 

@@ -132,8 +132,10 @@ class DepthwiseModel:
         self.blocks, self.loops = plan.loop_layout()
         self.embed, self.loop_body, self.head = split_loop(model.module, self.blocks)
 
-    def new_kv_cache(self, pages_per_loop: int, page_size: int, device=None) -> list[torch.Tensor]:
-        """4 tensors per block (kv_cache order of depths 0..K-1), each of loops * pages_per_loop pages."""
+    def new_kv_cache(self, pages_per_loop: int, page_size: int, device=None,
+                     v_layout: str = "rows") -> list[torch.Tensor]:
+        """4 tensors per block (kv_cache order of depths 0..K-1), each of loops * pages_per_loop pages
+        (v_layout: as Model.new_kv_cache)."""
         formats = self.model.kv_formats()
         for depth, fmt in enumerate(formats):
             if fmt != formats[depth % self.blocks]:
@@ -142,7 +144,7 @@ class DepthwiseModel:
         spec, cache = self.model.spec, []
         for k_format, v_format in formats[: self.blocks]:
             cache += allocate_kv_pair(self.loops * pages_per_loop, page_size, spec.num_kv_heads, spec.head_dim,
-                                      k_format, v_format, device or self.model.device)
+                                      k_format, v_format, device or self.model.device, v_layout)
         return cache
 
     def loop(self, hidden, batch, loop_starts: torch.Tensor, kv_cache: list[torch.Tensor]) -> torch.Tensor:

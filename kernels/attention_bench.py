@@ -278,21 +278,25 @@ def tuned_entries(rows: list[dict]) -> dict:
     context 4096 among every kernel and variant timed (the "tiles" default is the baseline)."""
     entries = {}
     for fmt_name in dict.fromkeys(r["format"] for r in rows):
-        # "i8t" reads V stored channels by tokens, which the engine's cache is not: never a tuned pick
-        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r
-                 and r["kernel"] != "i8t"]
+        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r]
         if not timed:
             continue
-        best = min(timed, key=lambda r: r["time_us"])
         default = next(r for r in timed if r["kernel"] == "tiles" and r["config"] == "default")
-        variant = {} if best["config"] == "default" else json.loads(best["config"])
-        if "asm" in variant:  # the portable decode is a process-wide switch, not a launch config
-            continue
-        config = DecodeConfig(kernel=best["kernel"], **variant)
-        k_name, _, v_name = fmt_name.partition("/")
-        key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
-                                best["hq"] // best["hkv"], torch.bfloat16)
-        entries[key] = {"config": config.to_dict(), "time_us": best["time_us"], "default_time_us": default["time_us"]}
+        # "i8t" reads V stored channels by tokens (EngineConfig.v_layout "channels"): keys of their own
+        for layout, kernels_ok in (("rows", lambda k: k != "i8t"), ("channels", lambda k: k == "i8t")):
+            candidates = [r for r in timed if kernels_ok(r["kernel"])]
+            if not candidates:
+                continue
+            best = min(candidates, key=lambda r: r["time_us"])
+            variant = {} if best["config"] == "default" else json.loads(best["config"])
+            if "asm" in variant:  # the portable decode is a process-wide switch, not a launch config
+                continue
+            config = DecodeConfig(kernel=best["kernel"], **variant)
+            k_name, _, v_name = fmt_name.partition("/")
+            key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
+                                    best["hq"] // best["hkv"], torch.bfloat16, layout)
+            entries[key] = {"config": config.to_dict(), "time_us": best["time_us"],
+                            "default_time_us": default["time_us"]}
     return entries
 
 

@@ -1740,9 +1740,11 @@ def default_decode_config(k_fmt: KVFormat, v_fmt: KVFormat) -> DecodeConfig:
     return DecodeConfig()
 
 
-def decode_config_key(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype) -> str:
-    """Key of one decode shape in a config file."""
-    return f"K={k_fmt.name},V={v_fmt.name},D={head_dim},G={group},dtype={str(dtype).removeprefix('torch.')}"
+def decode_config_key(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
+                      v_layout: str = "rows") -> str:
+    """Key of one decode shape in a config file (a V stored channels by tokens has keys of its own)."""
+    key = f"K={k_fmt.name},V={v_fmt.name},D={head_dim},G={group},dtype={str(dtype).removeprefix('torch.')}"
+    return key if v_layout == "rows" else f"{key},v_layout={v_layout}"
 
 
 def decode_config_path(device_name: str, directory: Path | None = None) -> Path:
@@ -1771,14 +1773,17 @@ def _device_name(device: torch.device) -> str:
 
 
 def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
-                       device: torch.device, pre_rope: bool = False) -> DecodeConfig:
+                       device: torch.device, pre_rope: bool = False, v_layout: str = "rows") -> DecodeConfig:
     """The tuned config of this CUDA device and shape, else default_decode_config; FXFORGE_DECODE_KERNEL
-    overrides the kernel. A kernel that cannot run the formats falls back to "tiles" (decode_kernel_supports)."""
-    config = None
-    if device.type == "cuda":
-        config = tuned_decode_configs(_device_name(device)).get(decode_config_key(k_fmt, v_fmt, head_dim, group,
-                                                                                  dtype))
-    config = config or default_decode_config(k_fmt, v_fmt)
+    overrides the kernel. A kernel that cannot run the formats falls back to "tiles" (decode_kernel_supports).
+    A V stored channels by tokens (v_layout "channels") is read by "i8t" only: its tuned config, else the
+    rows config's launch with kernel "i8t"."""
+    tuned = tuned_decode_configs(_device_name(device)) if device.type == "cuda" else {}
+    key = functools.partial(decode_config_key, k_fmt, v_fmt, head_dim, group, dtype)
+    if v_layout != "rows":
+        config = tuned.get(key(v_layout)) or tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
+        return DecodeConfig(**{**config.to_dict(), "kernel": "i8t"})
+    config = tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
     if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope, dtype):
         kernel = "tiles"
@@ -1977,10 +1982,8 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: V stored channels by tokens is read only by kernel='i8t', which "
                          f"does not run K {k_fmt.name}, V {v_fmt.name}, head_dim {head_dim}, {q.dtype} queries"
                          f"{' with pre-RoPE keys' if key_rope is not None else ''}; store V row by row")
-    if kernel is None and v_t:
-        kernel = "i8t"  # the one kernel that reads V stored channels by tokens
     config = _decode_launch_config(k_fmt, v_fmt, q, group, key_rope is not None, kernel, block_n, num_warps,
-                                   num_stages, prefetch)
+                                   num_stages, prefetch, "channels" if v_t else "rows")
     if config.kernel == "i8t" and not v_t:
         if kernel is not None:
             raise ValueError(f"paged_decode_attention: kernel='i8t' reads V stored channels by tokens "
@@ -2079,10 +2082,10 @@ def decode_kernel_spec(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: 
 
 def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, group: int, pre_rope: bool,
                           kernel: str | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-                          prefetch: bool | None) -> DecodeConfig:
+                          prefetch: bool | None, v_layout: str = "rows") -> DecodeConfig:
     """pick_decode_config with the caller's overrides; an explicit kernel that cannot run these
     formats is an error (a picked one falls back to "tiles")."""
-    config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope)
+    config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope, v_layout)
     if kernel is not None and kernel in DECODE_KERNELS and not decode_kernel_supports(kernel, k_fmt, v_fmt, q.shape[2],
                                                                                       pre_rope, q.dtype):
         raise ValueError(f"paged_decode_attention: kernel={kernel!r} does not run K {k_fmt.name}, V {v_fmt.name}, "

@@ -67,7 +67,8 @@ class ModelRunner:
                 torch.cuda.synchronize()
 
     def _new_kv_cache(self) -> list[torch.Tensor]:
-        return self.model.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device)
+        return self.model.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device,
+                                       self.config.v_layout)
 
     # -- one engine step --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -171,11 +171,14 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--workload", "long-context", "--smoke",
                                       "--prompt-len", "20", "--max-new-tokens", "3", "--kv", "bfloat16,bfp12/bfp16",
                                       "--kv-memory-gb", str(kv_gib), "--decode-steps", "2", "--repeats", "1",
-                                      "--json-out", str(out)])
+                                      "--v-layout", "rows,channels", "--json-out", str(out)])
     assert result.exit_code == 0, result.output
     results = json.loads(out.read_text())
-    runs = {r["kv_format"]: r for r in results["runs"]}
-    assert sorted(runs) == ["bfloat16", "bfp12/bfp16"] and results["workload"] == "long-context"
+    runs = {r["kv_format"] + ("+vt" if r["v_layout"] == "channels" else ""): r for r in results["runs"]}
+    # V stored channels by tokens: packed V only (bf16's V has no such row)
+    assert sorted(runs) == ["bfloat16", "bfp12/bfp16", "bfp12/bfp16+vt"] and results["workload"] == "long-context"
+    assert runs["bfp12/bfp16+vt"]["name"].startswith("fxforge-bfp12/bfp16+vt-")
+    assert runs["bfp12/bfp16+vt"]["tokens"] == runs["bfp12/bfp16"]["tokens"]
     assert runs["bfloat16"]["seats_that_fit"] == pages // 3  # 20 + 3 + 16 tokens: 3 pages each
     packed = runs["bfp12/bfp16"]
     assert packed["seats_that_fit"] == (pages * 16 * 512 // packed["kv_bytes_per_token"]) // 16 // 3
@@ -186,6 +189,7 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
         assert r["tokens"] == 3 * results["prompts"] and r["flops"] > 0 and r["weight_bytes"] > 0 and r["kv_bytes"] > 0
     summary = results["fixed_kv_memory"]["bfp12/bfp16"]
     assert summary["seats_vs_bfloat16"] == packed["seats_that_fit"] / runs["bfloat16"]["seats_that_fit"] > 2.5
+    assert sorted(results["fixed_kv_memory"]) == ["bfloat16", "bfp12/bfp16", "bfp12/bfp16+vt"]
 
 
 @pytest.mark.parametrize("args, message", [
@@ -194,7 +198,8 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     (["--workload", "huge"], "--workload 'huge' is not valid"),
     (["--kv", "bfp13"], "--kv 'bfp13': unknown KV format"),
     (["--kv-memory-gb", "1e-9", "--prompt-len", "8", "--smoke"], "not one sequence of 264 tokens fits"),
-], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits"])
+    (["--v-layout", "rows,cols"], "--v-layout 'rows,cols': expected rows and/or channels"),
+], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits", "v-layout"])
 def test_bench_e2e_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     source = write_tiny_checkpoint(tmp_path / "hf")
     out = tmp_path / "e2e.json"

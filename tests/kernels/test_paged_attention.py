@@ -427,6 +427,27 @@ def test_decode_config_pick_tuned_file_and_fallbacks(tmp_path, monkeypatch):
     assert pa.pick_decode_config(fmt("bfloat16"), fmt("bfp16_16"), 128, 4, torch.bfloat16, cpu).kernel == "diag"
 
 
+def test_a_v_stored_channels_by_tokens_picks_i8t_configs(monkeypatch):
+    """v_layout "channels" looks up its own tuned key, then the rows key's launch, always with "i8t";
+    rows never get an i8t entry's launch."""
+    fmt, cuda = pa.parse_kv_format, torch.device("cuda")  # (a device object; nothing runs on it)
+    k_fmt, v_fmt = fmt("bfp12_32"), fmt("bfp16_32")
+    rows_key = pa.decode_config_key(k_fmt, v_fmt, 128, 4, torch.bfloat16)
+    channels_key = pa.decode_config_key(k_fmt, v_fmt, 128, 4, torch.bfloat16, "channels")
+    assert channels_key == rows_key + ",v_layout=channels"
+    tuned = {rows_key: pa.DecodeConfig(kernel="i8k", num_warps=1),
+             channels_key: pa.DecodeConfig(kernel="i8t", block_n=32, num_warps=1)}
+    monkeypatch.setattr(pa, "_device_name", lambda device: "test")
+    monkeypatch.setattr(pa, "tuned_decode_configs", lambda name: tuned)
+    pick = functools.partial(pa.pick_decode_config, k_fmt, v_fmt, 128, 4, torch.bfloat16, cuda)
+    assert pick() == pa.DecodeConfig(kernel="i8k", num_warps=1)
+    assert pick(v_layout="channels") == pa.DecodeConfig(kernel="i8t", block_n=32, num_warps=1)
+    del tuned[channels_key]
+    assert pick(v_layout="channels") == pa.DecodeConfig(kernel="i8t", num_warps=1)
+    assert pa.pick_decode_config(k_fmt, v_fmt, 128, 4, torch.bfloat16, torch.device("cpu"),
+                                 v_layout="channels") == pa.DecodeConfig(kernel="i8t")
+
+
 def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     """attention_bench.tuned_entries: the fastest row at 4k context per format (any kernel, any
     variant) becomes the config; the tiles default is the baseline; portable-decode rows are not configs."""
@@ -441,7 +462,7 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
             row("bfloat16", "tiles", "default", 260.0), row("bfloat16", "tiles", '{"asm": false}', 250.0),
             row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0),
             dict(row("bfp12_32/bfp16_32", "tiles", "ablate=1 default", 90.0), ablate=1),  # not a config
-            row("bfp12_32/bfp16_32", "i8t", "default", 80.0)]  # needs a V layout the engine does not keep
+            row("bfp12_32/bfp16_32", "i8t", "default", 80.0)]  # reads V stored channels by tokens: its own key
     entries = tuned_entries(rows)
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
     tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
@@ -449,6 +470,9 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     assert "K=bfloat16,V=bfloat16,D=128,G=4,dtype=bfloat16" not in entries  # its fastest was asm=False
     mixed = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"]
     assert mixed["config"] == pa.DecodeConfig().to_dict() and mixed["time_us"] == 280.0
+    channels = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16,v_layout=channels"]
+    assert channels["config"] == pa.DecodeConfig(kernel="i8t").to_dict() and channels["time_us"] == 80.0
+    assert sum(k.endswith("v_layout=channels") for k in entries) == 1
 
 
 @pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")

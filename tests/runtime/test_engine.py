@@ -241,6 +241,51 @@ def test_a_full_batch_of_an_odd_size_decodes_by_graph_replay(monkeypatch):
     assert len(eager) == engine.stats.prefill_steps == 1  # the one prefill step; every decode step replayed
 
 
+def test_packed_v_stored_channels_by_tokens_gives_the_same_tokens():
+    """EngineConfig.v_layout="channels" keeps every layer's packed V channels by tokens (the layout the
+    "i8t" decode kernel reads): the same greedy tokens as rows; a V that is not packed is refused."""
+    import fxforge
+    from fxforge.kernels.kv_cache import v_channels_by_tokens
+
+    model = fxforge.optimize(tiny_model("llama-gqa"), passes=["bfp-kv", "lower"])
+    prompts, params = _prompts(5, seed=8), SamplingParams(max_new_tokens=8, ignore_eos=True)
+    settings = dict(num_pages=64, page_size=4, max_num_batched_tokens=32)
+    rows, channels = Engine(model, **settings), Engine(model, v_layout="channels", **settings)
+    assert all(v_channels_by_tokens(t) for t in channels.runner.kv_cache[2::4] + channels.runner.kv_cache[3::4])
+    assert not any(v_channels_by_tokens(t) for t in rows.runner.kv_cache)
+    assert ([o.token_ids for o in channels.generate(prompts, params)]
+            == [o.token_ids for o in rows.generate(prompts, params)])
+    with pytest.raises(ValueError, match="v_layout='channels' needs a packed V format"):
+        Engine(tiny_model("llama-gqa"), v_layout="channels", **settings)
+    with pytest.raises(ValueError, match="EngineConfig.v_layout must be one of"):
+        EngineConfig(v_layout="columns")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_packed_v_stored_channels_by_tokens_decodes_with_i8t_on_cuda(monkeypatch):
+    """On CUDA with the Triton kernels and bf16, the channels layout decodes by "i8t" (in CUDA graphs)
+    and generates what rows do, but for near-ties (i8t weighs V in int8 limbs of P, i8k in bf16 P)."""
+    pytest.importorskip("triton")
+    import fxforge
+    from fxforge.kernels import paged_attention as pa
+
+    model = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+                             passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
+    model.module.cuda()
+    prompts, params = _prompts(8, seed=9), SamplingParams(max_new_tokens=16, ignore_eos=True)
+    settings = dict(num_pages=256, page_size=16, max_num_seqs=8, max_num_batched_tokens=4096, num_decode_steps=4)
+    expected = [o.token_ids for o in Engine(model, **settings).generate(prompts, params)]
+    kernels = []
+    real = pa._decode_constexprs
+    monkeypatch.setattr(pa, "_decode_constexprs", lambda config, *a: kernels.append(config.kernel) or real(config, *a))
+    engine = Engine(model, v_layout="channels", **settings)
+    got = [o.token_ids for o in engine.generate(prompts, params)]
+    assert kernels and set(kernels) == {"i8t"}, kernels
+    same = sum(a == b for x, y in zip(got, expected) for a, b in zip(x, y))
+    assert same >= 0.9 * sum(map(len, expected)), (got, expected)
+
+
 @pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-moe"])
 def test_eager_steps_skip_torch_library_dispatch_with_the_same_tokens(kind, monkeypatch):
     """Eager steps run the lowered graph with its custom ops called directly (ir/ops.py DIRECT): every
