@@ -2170,16 +2170,16 @@ def _prefill_decodes_pages_first(decode_pages: bool | None, k_fmt: KVFormat, v_f
 
 
 def _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int,
-                   dot_dtype) -> tuple[list, torch.Tensor, KVFormat, KVFormat] | None:
+                   dot_dtype, capped: bool = True) -> tuple[list, torch.Tensor, KVFormat, KVFormat] | None:
     """The pages `page_table` names, gathered in table order and the packed ones decoded (to bf16 when
     the dots run in bf16, where BFP and MXFP4 values are exact, else float32): ([k_data, k_scale,
     v_data, v_scale] of a dense cache of S * W pages, its page table, the two formats). None when the
-    copy would pass _DECODE_PAGES_MAX_BYTES or does not fit in free memory (the caller reads the packed
-    cache instead). Table entries past a sequence's pages may hold any id; they are clamped, never read."""
+    copy would pass _DECODE_PAGES_MAX_BYTES (if capped) or does not fit in free memory (the caller reads
+    the packed cache instead). Table entries past a sequence's pages may hold any id; they are clamped, never read."""
     pages = page_table.reshape(-1).to(torch.int64).clamp(0, k_data.shape[0] - 1)
     dtype = torch.bfloat16 if dot_dtype == tl.bfloat16 else torch.float32
     per_page = k_data.shape[1] * k_data.shape[2] * head_dim * 2 * torch.empty((), dtype=dtype).element_size()
-    if pages.numel() * per_page > _DECODE_PAGES_MAX_BYTES:
+    if capped and pages.numel() * per_page > _DECODE_PAGES_MAX_BYTES:
         return None
     out, fmts = [], []
     try:
@@ -2238,12 +2238,13 @@ def paged_prefill_attention(
     if _prefill_decodes_pages_first(True if v_t else decode_pages, k_fmt, v_fmt, num_tokens, num_seqs,
                                     tokens_per_tile):
         decoded = _decoded_pages(k_data, k_scale, v_data, v_scale, page_table, k_fmt, v_fmt, head_dim,
-                                 _dot_config(q.dtype, k_fmt, v_fmt)[0])
+                                 _dot_config(q.dtype, k_fmt, v_fmt)[0], capped=not v_t)  # (a must for v_t)
         if decoded is not None:
             (k_data, k_scale, v_data, v_scale), page_table, k_fmt, v_fmt = decoded
     if v_channels_by_tokens(v_data):
         raise ValueError(f"{op}: V stored channels by tokens is read through a decoded copy of the step's pages, "
-                         "which did not fit in memory")
+                         "which did not fit in GPU memory; use fewer tokens a step (max_num_batched_tokens) or "
+                         "v_layout='rows'")
     tile_seq, tile_index = _query_tiles(query_start, num_tokens, tokens_per_tile)
     _paged_prefill_kernel[(tile_seq.shape[0], num_kv_heads)](
         q, q.stride(0), q.stride(1),
