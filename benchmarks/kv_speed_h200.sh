@@ -116,10 +116,13 @@ for stage in "$@"; do
       timeout 170 python3 -m fxforge.kernels.attention_bench "$OUT/kv_warps_smol_h200.json" --sweep --variants "$W" \
         --kernels tiles i8k --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
         > "$OUT/kv_warps_smol_h200.log" 2>&1; grep -v Warning "$OUT/kv_warps_smol_h200.log" | grep "ctx" | tail -30 ;;
-    vt-tests)  # GPU tests of V stored channels by tokens: the KV writes, i8t decode, the engine with v_layout=channels
+    vt-tests)  # GPU tests: the KV writes (now through the cache's strides, both layouts), i8t and one-warp decode,
+               # the engine with v_layout=channels
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_kv_write.py \
-        tests/kernels/test_rope_kv_write.py tests/kernels/test_paged_attention.py tests/runtime/test_engine.py \
-        -k "channels or i8t or blocks_decode or odd_size" 2>&1 | tee "$OUT/vt_tests_h200.log" | tail -6 ;;
+        tests/kernels/test_rope_kv_write.py 2>&1 | tee "$OUT/vt_tests_h200.log" | tail -4
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
+        tests/runtime/test_engine.py -k "channels or i8t or blocks_decode or odd_size or prefill" 2>&1 \
+        | tee -a "$OUT/vt_tests_h200.log" | tail -6 ;;
     vt)  # end to end, V row by row against channels by tokens (i8t), same run: the 8B shape and long context
       e2e tuned vt_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfp12/bfp16,bfp12 --hf-batch "" \
         --repeats 2 --v-layout rows,channels
