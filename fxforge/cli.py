@@ -555,9 +555,9 @@ def bench_e2e_cmd(
     import torch
 
     from fxforge.artifact import check_output_file
-    from fxforge.kernels.formats import parse_kv_format
     from fxforge.bench import (chat_prompts, copy_bandwidth, greedy_agreement, matmul_peak, random_prompts,
                                run_fxforge, run_hf_best, seats_in_kv_memory)
+    from fxforge.kernels.formats import parse_kv_format
 
     long_context = _e2e_workload(workload)
     model = model or (LONG_CONTEXT["model"] if long_context else DEFAULT_MODEL)
@@ -621,7 +621,7 @@ def bench_e2e_cmd(
     for fmt in list(optimized):
         opt = optimized.pop(fmt)
         pages, seats = fits.get(fmt, (None, None))
-        packed_v = not parse_kv_format(opt.kv_formats()[0][1]).is_dense
+        packed_v = all(not parse_kv_format(v).is_dense for _, v in opt.kv_formats())  # every layer's V
         for limit in [seats] if seats else seat_limits:
             for k, layout in itertools.product(windows, layouts):
                 if layout == "channels" and not packed_v:
