@@ -558,6 +558,7 @@ def bench_e2e_cmd(
     from fxforge.bench import (chat_prompts, copy_bandwidth, greedy_agreement, matmul_peak, random_prompts,
                                run_fxforge, run_hf_best, seats_in_kv_memory)
     from fxforge.kernels.formats import parse_kv_format
+    from fxforge.runtime.config import V_LAYOUTS
 
     long_context = _e2e_workload(workload)
     model = model or (LONG_CONTEXT["model"] if long_context else DEFAULT_MODEL)
@@ -569,8 +570,8 @@ def bench_e2e_cmd(
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     formats = _kv_pairs(kv)
     layouts = [x for x in v_layout.split(",") if x]
-    if not layouts or set(layouts) - {"rows", "channels"}:
-        raise FxforgeError(f"--v-layout {v_layout!r}: expected rows and/or channels, comma-separated")
+    if not layouts or set(layouts) - set(V_LAYOUTS):
+        raise FxforgeError(f"--v-layout {v_layout!r}: expected {' and/or '.join(V_LAYOUTS)}, comma-separated")
     for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
         if value is not None and value < least:

@@ -65,6 +65,12 @@ def to_channels_by_tokens(data: torch.Tensor) -> torch.Tensor:
     return data.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
 
 
+def _write_strides(data: torch.Tensor, scale: torch.Tensor) -> tuple[int, ...]:
+    """The write kernels' view of a cache: (data page, slot, head, byte) and (scale page, slot, head,
+    column) strides; a dense format's empty scale gives 0s (never read)."""
+    return (*data.stride(), *(scale.stride() if scale.numel() else (0, 0, 0, 0)))
+
+
 def _itemsize(fmt: KVFormat) -> int:
     return torch.empty((), dtype=fmt.storage_dtype()).element_size()
 
@@ -223,7 +229,7 @@ def _write_one(x: torch.Tensor, data: torch.Tensor, scale: torch.Tensor, slot_ma
     token_blocks = heads * head_dim // fmt.block
     per_program = min(triton.next_power_of_2(token_blocks), _PACKED_VALUES_PER_PROGRAM // fmt.block)
     grid = (tokens, triton.cdiv(token_blocks, per_program))
-    _kv_write_packed_kernel[grid](x, data, scale, slots, x.stride(0), *data.stride(), *scale.stride(),
+    _kv_write_packed_kernel[grid](x, data, scale, slots, x.stride(0), *_write_strides(data, scale),
                                   PAGE_SIZE=data.shape[1], TOKEN_BLOCKS=token_blocks,
                                   HEAD_BLOCKS=head_dim // fmt.block, MANTISSA_BITS=fmt.mantissa_bits,
                                   MXFP4=fmt.kind == "mxfp4", BLOCK=fmt.block, BLOCKS_PER_PROGRAM=per_program,

@@ -1410,8 +1410,8 @@ def _paged_decode_i8k_kernel(
     V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
     UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
     ABLATE: tl.constexpr,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage
-    V_T: tl.constexpr = False,  # "i8t": V stored channels by tokens, its codes in int8 dots (_int8_values)
-    V_NB: tl.constexpr = 1,  # "i8t": V blocks per row (V's block is K's)
+    V_T: tl.constexpr = False,  # "i8t": V stored channels by tokens, its codes in int8 dots (_int8_values);
+    #                              V's block is K's, so V has K_NB blocks a row
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -1465,7 +1465,7 @@ def _paged_decode_i8k_kernel(
             v_raw, v_exp = _load_paged_columns(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
                                                stride_vd_col, stride_vs_page, stride_vs_slot, stride_vs_head,
                                                stride_vs_col, page, tokens % PAGE_SIZE, kv_head, live,
-                                               D_PAD // V_PHASES, D // V_PHASES, V_NB, NB_PAD, NCOL, V_RUN)
+                                               D_PAD // V_PHASES, D // V_PHASES, K_NB, NB_PAD, NCOL, V_RUN)
             acc0, acc1 = _int8_values(p, v_raw, v_exp, acc0, acc1, alpha, V_PHASES)
         else:
             v0, v1 = _load_paged_tile(v_data_ptr, v_scale_ptr, stride_vd_page, stride_vd_slot, stride_vd_head,
@@ -2047,13 +2047,11 @@ def _decode_constexprs(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, h
         d_pad = _head_dim_pad(head_dim)
         nb_pad = d_pad // k_fmt.block
         v_meta = _format_meta(v_fmt, "V", tl.bfloat16, device)
-        v_t = config.kernel == "i8t"
         return _paged_decode_i8k_kernel, dict(common, D_PAD=d_pad, NB_PAD=nb_pad,
                                               NCOL=max(_MIN_DOT, next_pow2(group) * nb_pad),
                                               K_NB=head_dim // k_fmt.block, K_BLOCK=k_fmt.block,
                                               K_PHASES=2 if k_fmt.mantissa_bits == 4 else 1,
-                                              **v_meta, UPCAST_DOT=INTERPRETED, ABLATE=0, V_T=v_t,
-                                              V_NB=head_dim // v_fmt.block if v_t else 1)
+                                              **v_meta, UPCAST_DOT=INTERPRETED, ABLATE=0, V_T=config.kernel == "i8t")
     dot_dtype, precision = _dot_config(dtype, k_fmt, v_fmt)
     common.update(PREFETCH=config.prefetch, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
                   UPCAST_DOT=INTERPRETED and dot_dtype == tl.bfloat16)

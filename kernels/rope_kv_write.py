@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
-from fxforge.kernels.kv_cache import _check_write, _store_packed_blocks, kv_write_pair_ref
+from fxforge.kernels.kv_cache import _check_write, _store_packed_blocks, _write_strides, kv_write_pair_ref
 from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables, rotated
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
@@ -205,12 +205,6 @@ def _rope_kv_write_kernel(
 # ----------------------------------------------------------------------------------------------
 
 
-def _cache_strides(data: torch.Tensor, scale: torch.Tensor) -> tuple[int, ...]:
-    """A cache's (data page, slot, head, byte) and (scale page, slot, head, column) strides; a dense
-    format's empty scale gives 0s (never read)."""
-    return (*data.stride(), *(scale.stride() if scale.numel() else (0, 0, 0, 0)))
-
-
 def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
     packed = not fmt.is_dense
     return {f"{prefix}_MANTISSA_BITS": fmt.mantissa_bits if packed else 0, f"{prefix}_MXFP4": fmt.kind == "mxfp4",
@@ -244,7 +238,7 @@ def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor,
     _rope_kv_write_kernel[grid](
         k, v, k_data, k_scale, v_data, v_scale, slot_mapping.contiguous(), positions.contiguous(),
         inv_freq.contiguous(), table, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        *_cache_strides(k_data, k_scale), *_cache_strides(v_data, v_scale), PAGE_SIZE=k_data.shape[1], NUM_HEADS=heads,
+        *_write_strides(k_data, k_scale), *_write_strides(v_data, v_scale), PAGE_SIZE=k_data.shape[1], NUM_HEADS=heads,
         HEAD_DIM=head_dim, HEADS_PER_PROGRAM=per_program,
         BLOCK_VALUES=triton.next_power_of_2(per_program * head_dim), INTERLEAVED=bool(interleaved),
         PERMUTED=channel_perm is not None, **_format_meta("K", k_fmt, k_data), **_format_meta("V", v_fmt, v_data),

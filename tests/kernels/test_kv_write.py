@@ -154,6 +154,9 @@ def test_triton_writes_v_stored_channels_by_tokens(v_format, seed):
 
 
 def test_v_layout_is_checked_at_allocation():
+    from fxforge.runtime.config import V_LAYOUTS  # the engine's copy (runtime/config.py imports nothing heavy)
+
+    assert V_LAYOUTS == kv_cache.V_LAYOUTS
     k_data, k_scale, v_data, v_scale = allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfp16_32", v_layout="channels")
     assert v_channels_by_tokens(v_data) and v_channels_by_tokens(v_scale)
     assert k_data.is_contiguous() and k_scale.is_contiguous() and v_data.shape == (3, 8, 2, 64)
