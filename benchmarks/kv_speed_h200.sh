@@ -28,6 +28,7 @@
 #   bash benchmarks/kv_speed_h200.sh i8k         # the int8-key decode kernel vs tiles (BFP12/BFP16 keys), its sweep and tuned configs
 #   bash benchmarks/kv_speed_h200.sh i8t         # "i8t" (V stored channels by tokens) vs i8k, its sweep, ablations, SmolLM2 shape
 #   bash benchmarks/kv_speed_h200.sh warps       # 1-2 warps per program for tiles / i8k / i8t, 8B and SmolLM2 shapes
+#   bash benchmarks/kv_speed_h200.sh split       # programs_per_sm 4/16/32 for one-warp tiles / i8k / i8t, 8B shape (split-smol: SmolLM2's)
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
 #   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
@@ -116,6 +117,26 @@ for stage in "$@"; do
       timeout 170 python3 -m fxforge.kernels.attention_bench "$OUT/kv_warps_smol_h200.json" --sweep --variants "$W" \
         --kernels tiles i8k --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
         > "$OUT/kv_warps_smol_h200.log" 2>&1; grep -v Warning "$OUT/kv_warps_smol_h200.log" | grep "ctx" | tail -30 ;;
+    split)  # the split-K target (programs_per_sm) of one-warp programs: i8k / i8t / tiles, 8B shape
+      S='[{"num_warps": 1, "programs_per_sm": 4}, {"num_warps": 1, "programs_per_sm": 16}, {"num_warps": 1, "programs_per_sm": 32}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 16}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 32}]'
+      timeout 300 python3 -m fxforge.kernels.attention_bench "$OUT/kv_split_8b_h200.json" --sweep --variants "$S" \
+        --kernels tiles i8k i8t --contexts 4096 --formats bfp12_32 bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_split_8b_h200.log" 2>&1; grep -v Warning "$OUT/kv_split_8b_h200.log" | grep "ctx" | tail -60 ;;
+    split-smol)  # the same at SmolLM2's shape (256 x 9/3 heads, d64)
+      S='[{"num_warps": 1, "programs_per_sm": 4}, {"num_warps": 1, "programs_per_sm": 16}, {"num_warps": 1, "programs_per_sm": 32}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 16}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 32}]'
+      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_split_smol_h200.json" --sweep --variants "$S" \
+        --kernels tiles i8k i8t --contexts 4096 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_split_smol_h200.log" 2>&1; grep -v Warning "$OUT/kv_split_smol_h200.log" | grep "ctx" | tail -40 ;;
+    split2)  # programs_per_sm 2 (one split at B=64 x 8 KV heads) against 4 for one-warp i8k / i8t, 8B shape
+      S='[{"num_warps": 1, "programs_per_sm": 2}, {"num_warps": 1, "programs_per_sm": 4}]'
+      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_split2_8b_h200.json" --sweep --variants "$S" \
+        --kernels i8k i8t --contexts 4096 --formats bfp12_32 bfp16_32 bfp12_32/bfp16_32 \
+        > "$OUT/kv_split2_8b_h200.log" 2>&1; grep -v Warning "$OUT/kv_split2_8b_h200.log" | grep "ctx" | tail -20 ;;
+    smol-short)  # SmolLM2's shape at 512 tokens of context (its GSM8K run's regime): 4-warp tiles vs one-warp i8k
+      S='[{"num_warps": 1}, {"num_warps": 1, "block_n": 32}, {"num_warps": 1, "programs_per_sm": 4}, {"programs_per_sm": 16}, {"num_warps": 2}]'
+      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_smol_short_h200.json" --sweep --variants "$S" \
+        --kernels tiles i8k --contexts 512 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_smol_short_h200.log" 2>&1; grep -v Warning "$OUT/kv_smol_short_h200.log" | grep "ctx" | tail -40 ;;
     vt-tests)  # GPU tests: the KV writes (now through the cache's strides, both layouts), i8t and one-warp decode,
                # the engine with v_layout=channels
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_kv_write.py \
@@ -123,10 +144,19 @@ for stage in "$@"; do
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         tests/runtime/test_engine.py -k "channels or i8t or blocks_decode or odd_size or prefill" 2>&1 \
         | tee -a "$OUT/vt_tests_h200.log" | tail -6 ;;
-    vt)  # end to end, V row by row against channels by tokens (i8t), same run: the 8B shape and long context
-      e2e tuned vt_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfp12/bfp16,bfp12 --hf-batch "" \
-        --repeats 2 --v-layout rows,channels
-      e2e tuned vt_long --workload long-context --kv bfp12/bfp16 --kv-memory-gb 16 --repeats 2 --v-layout rows,channels ;;
+    vt|vt-8b|vt-long)  # end to end, V row by row against channels by tokens (i8t), same run: the 8B shape and long context
+      if [ "$stage" != vt-long ]; then
+        e2e tuned vt_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfp12/bfp16,bfp12 --hf-batch "" \
+          --repeats 2 --v-layout rows,channels
+      fi
+      if [ "$stage" != vt-8b ]; then
+        e2e tuned vt_long --workload long-context --kv bfp12/bfp16 --kv-memory-gb 16 --repeats 2 --v-layout rows,channels
+      fi ;;
+    vt-bf16)  # bf16 against V rows and V channels by tokens in one run: the 8B shape, then SmolLM2's (random weights)
+      e2e tuned vt_bf16_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16,bfp12 \
+        --hf-batch "" --repeats 2 --v-layout rows,channels
+      e2e tuned vt_bf16_smol smollm2-135m --random-init --prompt-len 160 --kv "$KV" --hf-batch "" --repeats 3 \
+        --v-layout rows,channels ;;
     i8k-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "blocks_decode or cuda_graph" 2>&1 | tee "$OUT/kv_i8k_tests_h200.log" | tail -8 ;;
@@ -136,6 +166,8 @@ for stage in "$@"; do
       grep -v Warning "$OUT/kv_ablate_h200.log" | grep "ctx" | tail -14 ;;
     e2e-smol-real)
       e2e tuned e2e_smol_real smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 ;;
+    e2e-smol-real-cfg)  # the same with the decode configs of .devcarry/cfg (carried): a second set of picks, same machine
+      FXFORGE_DECODE_CONFIG_DIR=.devcarry/cfg e2e tuned e2e_smol_real_cfg smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 ;;
     long16x3)
       e2e tuned long16x3 --workload long-context --kv bfloat16,bfp12/bfp16 --kv-memory-gb 16 --repeats 3 ;;
     long16x3-tiles)  # the packed row of long16x3 with the tiles decode kernel (i8k's peer)

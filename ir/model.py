@@ -15,7 +15,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxforge.ir.modules import EXPERT_COUNTS, TENSORS_PER_LAYER, DecoderLM
-from fxforge.ir.ops import REFERENCE, bindings
+from fxforge.ir.ops import REFERENCE, TRITON, bindings
 from fxforge.ir.spec import ModelSpec
 from fxforge.kernels.bfp import parse_kv_format
 from fxforge.kernels.kv_cache import allocate_kv_pair
@@ -136,12 +136,33 @@ class Model:
         pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
         if len(pages) != self.spec.num_layers:
             raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")
+        if v_layout == "channels":
+            self._check_channels_decode(torch.device(device or self.device))
         cache = []
         for layer_pages, (k_fmt, v_fmt) in zip(pages, self.kv_formats()):
             cache += allocate_kv_pair(layer_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
                                       k_fmt, v_fmt, device or self.device, v_layout)
         assert len(cache) == TENSORS_PER_LAYER * self.spec.num_layers
         return cache
+
+    def _check_channels_decode(self, device: torch.device) -> None:
+        """A V stored channels by tokens is read on the GPU by the "i8t" decode kernel only: refuse the
+        layout up front where a layer's shape is one i8t cannot run (the references read any layout)."""
+        if device.type != "cuda" or self.kernel_bindings().get("attention") != TRITON:
+            return
+        from fxforge.ir.verify import _pre_rope_layers
+        from fxforge.kernels.paged_attention import decode_kernel_supports
+
+        pre_rope = _pre_rope_layers(self.module) if isinstance(self.module, fx.GraphModule) else set()
+        for layer, (k_fmt, v_fmt) in enumerate(self.kv_formats()):
+            if not decode_kernel_supports("i8t", parse_kv_format(k_fmt), parse_kv_format(v_fmt), self.spec.head_dim,
+                                          layer in pre_rope, self.dtype):
+                raise ValueError(
+                    f"v_layout='channels': layer {layer} (K {k_fmt}, V {v_fmt}, head_dim {self.spec.head_dim}, "
+                    f"{'pre-RoPE keys, ' if layer in pre_rope else ''}{self.dtype}) cannot be decoded by the 'i8t' "
+                    "kernel, the only one that reads that layout on the GPU; it needs a bfloat16 model, post-RoPE "
+                    "keys in BFP16 or BFP12 (BFP12 needs a head_dim above 32) and V in BFP16 or BFP12 of K's block "
+                    "size. Use v_layout='rows' for this model")
 
     # -- running ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -105,6 +105,7 @@ _FORCED_KERNEL = os.environ.get("FXFORGE_DECODE_KERNEL") or None
 CONFIG_DIR = Path(os.environ.get("FXFORGE_DECODE_CONFIG_DIR") or Path(__file__).parent / "configs")
 _LOG2E = 1.4426950408889634
 _MIN_DOT = 16  # tl.dot needs every dim >= 16
+_MIN_INT8_DOT = 32  # and an int8 dot's contraction >= 32 (on the GPU; the interpreter has no such limit)
 _MAX_SPLITS = 256
 _DECODE_PAGES_MIN_TILES = 4  # prefill: query tiles per sequence (average) from which pages are decoded once
 _DECODE_PAGES_MAX_BYTES = 4 << 30  # prefill: the largest decoded copy of a step's pages
@@ -1678,6 +1679,8 @@ class DecodeConfig:
                              f"{self.num_stages} and programs_per_sm={self.programs_per_sm} >= 1")
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"DecodeConfig: prefetch must be a bool, got {self.prefetch!r}")
+        if self.kernel == "i8t" and self.block_n < _MIN_INT8_DOT:  # its int8 V dot contracts over the tile's tokens
+            raise ValueError(f"DecodeConfig: kernel='i8t' needs block_n >= {_MIN_INT8_DOT}, got {self.block_n}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -1703,17 +1706,19 @@ def decode_kernel_supports(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_d
     "diag": post-RoPE keys (a rotation mixes channels of different blocks) and per format dense, or
     4/8-bit BFP or MXFP4; "blocks" needs >= 16 codes per block and phase (4-bit blocks of >= 32), "diag"
     >= 16 codes per phase of a row and the same number of blocks (padded to a power of two) in K and V
-    if both are packed. "i8k": post-RoPE BFP16 or BFP12 keys, bf16 queries and V exact in bf16 (packed,
-    or bf16 pages): its P @ V dot runs in bf16. "i8t": as "i8k", with V BFP16 or BFP12 of K's block size."""
+    if both are packed. "i8k": post-RoPE BFP16 or BFP12 keys (BFP12 from 64 padded head
+    channels: an int8 dot contracts over >= 32), bf16 queries and V exact in bf16 (packed, or bf16
+    pages): its P @ V dot runs in bf16. "i8t": as "i8k", with V BFP16 or BFP12 of K's block size."""
     if kernel == "tiles":
         return True
     formats = (k_fmt, v_fmt)
     if kernel == "i8t":
         return (decode_kernel_supports("i8k", k_fmt, v_fmt, head_dim, pre_rope, dtype) and v_fmt.kind == "bfp"
                 and v_fmt.mantissa_bits in (4, 8) and v_fmt.block == k_fmt.block)
-    if kernel == "i8k":
+    if kernel == "i8k":  # (its K dot contracts over a row's codes, halved for 4-bit codes)
         return (not pre_rope and k_fmt.kind == "bfp" and k_fmt.mantissa_bits in (4, 8)
                 and head_dim % k_fmt.block == 0 and _head_dim_pad(head_dim) % k_fmt.block == 0
+                and _head_dim_pad(head_dim) // (2 if k_fmt.mantissa_bits == 4 else 1) >= _MIN_INT8_DOT
                 and dtype == torch.bfloat16 and (not v_fmt.is_dense or v_fmt.name == "bfloat16"))
     if pre_rope or any(not f.is_dense and f.mantissa_bits not in (4, 8) for f in formats):
         return False
@@ -1782,7 +1787,7 @@ def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: i
     key = functools.partial(decode_config_key, k_fmt, v_fmt, head_dim, group, dtype)
     if v_layout != "rows":
         config = tuned.get(key(v_layout)) or tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
-        return DecodeConfig(**{**config.to_dict(), "kernel": "i8t"})
+        return DecodeConfig(**{**config.to_dict(), "kernel": "i8t", "block_n": max(config.block_n, _MIN_INT8_DOT)})
     config = tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
     if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope, dtype):

@@ -449,6 +449,36 @@ def test_a_v_stored_channels_by_tokens_picks_i8t_configs(monkeypatch):
     assert pick(v_layout="channels") == pa.DecodeConfig(kernel="i8t", num_warps=1)
     assert pa.pick_decode_config(k_fmt, v_fmt, 128, 4, torch.bfloat16, torch.device("cpu"),
                                  v_layout="channels") == pa.DecodeConfig(kernel="i8t")
+    tuned[rows_key] = pa.DecodeConfig(kernel="i8k", block_n=16)  # i8t's int8 V dot contracts over >= 32 tokens
+    assert pick(v_layout="channels") == pa.DecodeConfig(kernel="i8t", block_n=32)
+    with pytest.raises(ValueError, match="kernel='i8t' needs block_n >= 32, got 16"):
+        pa.DecodeConfig(kernel="i8t", block_n=16)
+
+
+def test_int8_key_dots_contract_over_at_least_32_codes():
+    """On the GPU an int8 dot contracts over >= 32: BFP12 keys (two 4-bit phases) need >= 64 padded
+    channels for i8k / i8t, BFP16 keys >= 32 (the padded minimum). An engine asked to keep V channels
+    by tokens for a shape i8t cannot run is refused when its cache is made (the check reads only the
+    model's formats and kernels, so it runs here on CPU)."""
+    import fxforge
+    from tests.conftest import tiny_model
+
+    fmt = pa.parse_kv_format
+    for kernel in ("i8k", "i8t"):
+        for k, v, d, ok in (("bfp12_32", "bfp12_32", 32, False), ("bfp12_32", "bfp12_32", 64, True),
+                            ("bfp16_32", "bfp16_32", 32, True), ("bfp16_16", "bfp16_16", 16, True)):
+            assert pa.decode_kernel_supports(kernel, fmt(k), fmt(v), d) is ok, (kernel, k, d)
+    lowered = [{"name": "lower", "backend": "triton"}]
+    bfp12 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16), passes=["bfp-kv", *lowered])
+    with pytest.raises(ValueError, match=r"v_layout='channels': layer 0 \(K bfp12_32, V bfp16_32, head_dim 32"):
+        bfp12._check_channels_decode(torch.device("cuda"))
+    bfp12._check_channels_decode(torch.device("cpu"))  # the references read either layout
+    bfp16 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+                             passes=[{"name": "bfp-kv", "k_format": "bfp16"}, *lowered])
+    bfp16._check_channels_decode(torch.device("cuda"))
+    fp32 = fxforge.optimize(tiny_model("llama-gqa"), passes=[{"name": "bfp-kv", "k_format": "bfp16"}, *lowered])
+    with pytest.raises(ValueError, match="float32\\) cannot be decoded"):
+        fp32._check_channels_decode(torch.device("cuda"))
 
 
 def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():

@@ -199,7 +199,8 @@ test_interpreted_kernels_in_a_fresh_process = fresh_process_test(__file__, "-k",
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class TestCUDA:
-    def test_v_stored_channels_by_tokens(self, seed):
+    def test_v_stored_channels_by_tokens(self, seed, monkeypatch):
+        monkeypatch.setattr(test_kv_write, "NUM_PAGES", 64)  # 300 tokens after up to 7: 39 pages of 8
         check_against_the_pair((300, 8, 128), torch.bfloat16, "bfp12_32", "bfp16_32", False, True, seed, "cuda",
                                v_layout="channels")
 

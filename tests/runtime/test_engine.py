@@ -265,16 +265,23 @@ def test_packed_v_stored_channels_by_tokens_gives_the_same_tokens():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packed_v_stored_channels_by_tokens_decodes_with_i8t_on_cuda(monkeypatch):
     """On CUDA with the Triton kernels and bf16, the channels layout decodes by "i8t" (in CUDA graphs)
-    and generates what rows do, but for near-ties (i8t weighs V in int8 limbs of P, i8k in bf16 P)."""
+    and generates what rows do, but for near-ties (i8t weighs V in int8 limbs of P, i8k in bf16 P).
+    A shape i8t cannot run (BFP12 keys at head_dim 32: its int8 dot would contract over 16) is refused
+    when the engine is built, not at the first decode step."""
     pytest.importorskip("triton")
     import fxforge
     from fxforge.kernels import paged_attention as pa
 
-    model = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+    settings = dict(num_pages=256, page_size=16, max_num_seqs=8, max_num_batched_tokens=4096, num_decode_steps=4)
+    bfp12 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
                              passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
+    bfp12.module.cuda()
+    with pytest.raises(ValueError, match=r"layer 0 \(K bfp12_32, V bfp16_32, head_dim 32.*cannot be decoded by the 'i8t'"):
+        Engine(bfp12, v_layout="channels", **settings)
+    model = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+                             passes=[{"name": "bfp-kv", "k_format": "bfp16"}, {"name": "lower", "backend": "triton"}])
     model.module.cuda()
     prompts, params = _prompts(8, seed=9), SamplingParams(max_new_tokens=16, ignore_eos=True)
-    settings = dict(num_pages=256, page_size=16, max_num_seqs=8, max_num_batched_tokens=4096, num_decode_steps=4)
     expected = [o.token_ids for o in Engine(model, **settings).generate(prompts, params)]
     kernels = []
     real = pa._decode_constexprs
