@@ -531,9 +531,10 @@ def bench_e2e_cmd(
     max_num_seqs: str = typer.Option("256", help="fxforge decode batch limits to run (comma-separated)"),
     decode_steps: str = typer.Option("8", help="fxforge decode-window lengths to run (comma-separated; 1 = off)"),
     max_batched_tokens: int = typer.Option(32768, help="fxforge token budget of one step (prefill chunk size)"),
-    v_layout: str = typer.Option("rows", "--v-layout", help="fxforge V cache layouts to run (comma-separated): rows, "
-                                 "or channels (a packed V stored channels by tokens, decoded by the i8t kernel; "
-                                 "rows FORMAT+vt; formats with a dense V run rows only)"),
+    v_layout: str = typer.Option("auto", "--v-layout", help="fxforge V cache layouts to run (comma-separated): auto "
+                                 "(the engine's default: channels where this GPU's tuned configs time i8t for the "
+                                 "shape, else rows), rows, or channels (a packed V stored channels by tokens, decoded "
+                                 "by the i8t kernel; rows FORMAT+vt; formats with a dense V run rows only)"),
     repeats: int = typer.Option(3, help="timed generations per run (the median is reported)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
@@ -558,7 +559,7 @@ def bench_e2e_cmd(
     from fxforge.bench import (chat_prompts, copy_bandwidth, greedy_agreement, matmul_peak, random_prompts,
                                run_fxforge, run_hf_best, seats_in_kv_memory)
     from fxforge.kernels.formats import parse_kv_format
-    from fxforge.runtime.config import V_LAYOUTS
+    from fxforge.runtime.config import ENGINE_V_LAYOUTS
 
     long_context = _e2e_workload(workload)
     model = model or (LONG_CONTEXT["model"] if long_context else DEFAULT_MODEL)
@@ -570,8 +571,8 @@ def bench_e2e_cmd(
     seat_limits, windows = _int_list(max_num_seqs, "--max-num-seqs"), _int_list(decode_steps, "--decode-steps")
     formats = _kv_pairs(kv)
     layouts = [x for x in v_layout.split(",") if x]
-    if not layouts or set(layouts) - set(V_LAYOUTS):
-        raise FxforgeError(f"--v-layout {v_layout!r}: expected {' and/or '.join(V_LAYOUTS)}, comma-separated")
+    if not layouts or set(layouts) - set(ENGINE_V_LAYOUTS):
+        raise FxforgeError(f"--v-layout {v_layout!r}: expected {', '.join(ENGINE_V_LAYOUTS)}, comma-separated")
     for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
         if value is not None and value < least:
@@ -623,10 +624,11 @@ def bench_e2e_cmd(
         opt = optimized.pop(fmt)
         pages, seats = fits.get(fmt, (None, None))
         packed_v = all(not parse_kv_format(v).is_dense for _, v in opt.kv_formats())  # every layer's V
+        # "auto" resolved as the engine resolves it; a layout asked for twice (auto and what it resolves to) runs once
+        resolved = list(dict.fromkeys(opt.resolve_v_layout(x, device) for x in layouts
+                                      if x != "channels" or packed_v))  # only a packed V has that layout
         for limit in [seats] if seats else seat_limits:
-            for k, layout in itertools.product(windows, layouts):
-                if layout == "channels" and not packed_v:
-                    continue  # only a packed V has that layout
+            for k, layout in itertools.product(windows, resolved):
                 suffix = "+vt" if layout == "channels" else ""
                 run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth,
                                   f"fxforge-{fmt}{suffix}-s{limit}-k{k}", num_decode_steps=k,

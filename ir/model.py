@@ -145,6 +145,29 @@ class Model:
         assert len(cache) == TENSORS_PER_LAYER * self.spec.num_layers
         return cache
 
+    def resolve_v_layout(self, v_layout: str, device=None) -> str:
+        """EngineConfig.v_layout for this model on `device`: "rows" and "channels" as given; "auto" is
+        "channels" where the GPU decode would read it with "i8t" (CUDA, Triton kernels, every layer's
+        V packed and a shape i8t runs) and this device's tuned decode configs hold an i8t entry for
+        every layer's shape (kernels/configs: the tuner timed it there), else "rows"."""
+        if v_layout != "auto":
+            return v_layout
+        device = torch.device(device or self.device)
+        if device.type != "cuda" or self.kernel_bindings().get("attention") != TRITON:
+            return "rows"
+        from fxforge.kernels import paged_attention as pa
+
+        try:
+            self._check_channels_decode(device)
+        except ValueError:
+            return "rows"
+        tuned = pa.tuned_decode_configs(pa._device_name(device))
+        spec = self.spec
+        keys = {pa.decode_config_key(parse_kv_format(k), parse_kv_format(v), spec.head_dim,
+                                     spec.num_heads // spec.num_kv_heads, self.dtype, "channels")
+                for k, v in self.kv_formats()}
+        return "channels" if all(key in tuned for key in keys) else "rows"
+
     def _check_channels_decode(self, device: torch.device) -> None:
         """A V stored channels by tokens is read on the GPU by the "i8t" decode kernel only: refuse the
         layout up front where a layer's shape is one i8t cannot run (the references read any layout)."""

@@ -34,7 +34,7 @@ from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
 from fxforge.kernels.paged_attention import (ABLATIONS, DECODE_KERNELS, DecodeConfig, auto_num_splits,
                                              decode_kernel_supports, decode_config_key, decode_config_path,
-                                             paged_decode_attention, to_channels_by_tokens)
+                                             paged_decode_attention, to_channels_by_tokens, v_channels_by_tokens)
 
 # launch variants timed by --sweep, per kernel: tile shapes, warps, stages (a packed tile's loop is
 # a chain of dependent steps, so more tokens per iteration and deeper pipelining are the first
@@ -227,18 +227,34 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                             print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} skipped: {err}")
                             continue
                         ablation = config.get("ablate")
+                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config)
                         _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes, copy_bw, batch,
-                                 hq, hkv, d, page_size, base, ablation)
+                                 hq, hkv, d, page_size, base, ablation, launch)
             del cache, copies
         del k, v
         torch.cuda.empty_cache()
     return rows
 
 
+def launch_of(q, cache, k_name, v_name, kernel, config) -> dict:
+    """The whole launch a timed row ran (DecodeConfig.to_dict()): a variant's keywords over the config
+    pick_decode_config gives this device and shape (the tuned entry, or the default), as
+    paged_decode_attention resolves them; programs_per_sm as the variant gives it. The tuner writes
+    this, not the variant alone: a field the variant leaves out took the tuned entry's value."""
+    k_fmt, v_fmt = parse_kv_format(k_name), parse_kv_format(v_name)
+    layout = "channels" if v_channels_by_tokens(cache[2]) else "rows"
+    overrides = [config.get(key) for key in ("block_n", "num_warps", "num_stages", "prefetch")]
+    launch = paged_attention._decode_launch_config(k_fmt, v_fmt, q, q.shape[1] // cache[0].shape[2], False, kernel,
+                                                   *overrides, layout).to_dict()
+    if "programs_per_sm" in config:
+        launch["programs_per_sm"] = config["programs_per_sm"]
+    return launch
+
+
 def _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes, copy_bw, batch, hq, hkv, d,
-             page_size, base, ablation) -> None:
+             page_size, base, ablation, launch=None) -> None:
     bw = nbytes / (time_us * 1e-6) / 1e9
-    row = dict(format=fmt_name, context=ctx, kernel=kernel, config=config_name,
+    row = dict(format=fmt_name, context=ctx, kernel=kernel, config=config_name, launch=launch,
                time_us=round(time_us, 2), speedup_vs_sdpa=round(base["sdpa_us"] / time_us, 3),
                bytes_read=nbytes, effective_bw_GBps=round(bw, 1),
                pct_of_copy_bw=round(100 * bw / copy_bw, 1), max_abs_diff=max_diff,
@@ -291,7 +307,9 @@ def tuned_entries(rows: list[dict]) -> dict:
             variant = {} if best["config"] == "default" else json.loads(best["config"])
             if "asm" in variant:  # the portable decode is a process-wide switch, not a launch config
                 continue
-            config = DecodeConfig(kernel=best["kernel"], **variant)
+            # the launch the row ran (launch_of); rows from before it was recorded: the variant over the defaults
+            config = (DecodeConfig.from_dict(best["launch"]) if best.get("launch")
+                      else DecodeConfig(kernel=best["kernel"], **variant))
             k_name, _, v_name = fmt_name.partition("/")
             key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
                                     best["hq"] // best["hkv"], torch.bfloat16, layout)

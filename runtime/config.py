@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 LOOP_POLICIES = ("lockstep", "depthwise")
 V_LAYOUTS = ("rows", "channels")  # as kernels/kv_cache.py's allocate_kv_pair takes them
+ENGINE_V_LAYOUTS = ("auto",) + V_LAYOUTS  # "auto": resolved per model and device (Model.resolve_v_layout)
 SKIP_POLICIES = ("bucket", "mask", "full")
 
 
@@ -38,7 +39,8 @@ class EngineConfig:
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
     skip_policy: str = "bucket"  # skip-decode models: "bucket", "mask" (runtime/skip_runner.py) or "full" (every layer)
     skip_kv_fraction: float = 1.0  # skip-decode models: pages of each skippable layer group, as a share of num_pages
-    v_layout: str = "rows"  # "channels": packed V stored channels by tokens, read by the "i8t" decode kernel
+    v_layout: str = "auto"  # "channels": packed V stored channels by tokens, read by the "i8t" decode kernel;
+    # "auto": channels where this device's tuned decode configs time i8t for every layer's shape, else rows
 
     def __post_init__(self):
         for name, minimum in (("max_num_seqs", 1), ("max_num_batched_tokens", 1), ("max_model_len", 2),
@@ -51,8 +53,8 @@ class EngineConfig:
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.loop_policy not in LOOP_POLICIES:
             raise ValueError(f"EngineConfig.loop_policy must be one of {LOOP_POLICIES}, got {self.loop_policy!r}")
-        if self.v_layout not in V_LAYOUTS:
-            raise ValueError(f"EngineConfig.v_layout must be one of {V_LAYOUTS}, got {self.v_layout!r}")
+        if self.v_layout not in ENGINE_V_LAYOUTS:
+            raise ValueError(f"EngineConfig.v_layout must be one of {ENGINE_V_LAYOUTS}, got {self.v_layout!r}")
         if self.skip_policy not in SKIP_POLICIES:
             raise ValueError(f"EngineConfig.skip_policy must be one of {SKIP_POLICIES}, got {self.skip_policy!r}")
         fraction = self.skip_kv_fraction

@@ -32,8 +32,7 @@ class DepthwiseRunner(ModelRunner):
         self.hidden: dict[int, torch.Tensor] = {}  # seq_id -> hidden rows of its chunk inside the stack
 
     def _new_kv_cache(self) -> list[torch.Tensor]:
-        return self.looped.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device,
-                                        self.config.v_layout)
+        return self.looped.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device, self.v_layout)
 
     def _capture_graphs(self) -> None:
         raise RuntimeError("depth-wise batching runs eagerly: its steps are not captured as CUDA graphs yet")

@@ -51,6 +51,7 @@ class ModelRunner:
         self._eager = direct_module(model.module) if direct else model.module
         self.device = model.device
         self.scratch_page = config.num_pages  # the reserved page for padded graph rows
+        self.v_layout = model.resolve_v_layout(config.v_layout, self.device)  # "rows" or "channels"
         self.kv_cache = self._new_kv_cache()
         self.max_pages_per_seq = -(-config.max_model_len // config.page_size)
         self.generators: dict[int, torch.Generator] = {}  # seq_id -> its seeded generator
@@ -67,8 +68,7 @@ class ModelRunner:
                 torch.cuda.synchronize()
 
     def _new_kv_cache(self) -> list[torch.Tensor]:
-        return self.model.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device,
-                                       self.config.v_layout)
+        return self.model.new_kv_cache(self.config.num_pages + 1, self.config.page_size, self.device, self.v_layout)
 
     # -- one engine step --------------------------------------------------------------------------
     @torch.inference_mode()

@@ -82,7 +82,7 @@ class SkipRunner(ModelRunner):
     def _new_kv_cache(self) -> list[torch.Tensor]:
         """Each layer's cache sized to its pool: the main pool's pages, or its group's (+1 scratch page)."""
         pages = [self._scratch(layer) + 1 for layer in range(self.model.spec.num_layers)]
-        return self.model.new_kv_cache(pages, self.config.page_size, self.device, self.config.v_layout)
+        return self.model.new_kv_cache(pages, self.config.page_size, self.device, self.v_layout)
 
     def _scratch(self, layer: int) -> int:
         """The scratch page of a layer's cache: the page after its pool's."""

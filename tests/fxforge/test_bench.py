@@ -198,7 +198,7 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     (["--workload", "huge"], "--workload 'huge' is not valid"),
     (["--kv", "bfp13"], "--kv 'bfp13': unknown KV format"),
     (["--kv-memory-gb", "1e-9", "--prompt-len", "8", "--smoke"], "not one sequence of 264 tokens fits"),
-    (["--v-layout", "rows,cols"], "--v-layout 'rows,cols': expected rows and/or channels"),
+    (["--v-layout", "rows,cols"], "--v-layout 'rows,cols': expected auto, rows, channels"),
 ], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits", "v-layout"])
 def test_bench_e2e_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     source = write_tiny_checkpoint(tmp_path / "hf")

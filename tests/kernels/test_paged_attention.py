@@ -10,6 +10,7 @@ import functools
 import os
 import secrets
 import sys
+import types
 from unittest import mock
 
 import numpy as np
@@ -24,7 +25,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from fxforge.kernels import paged_attention as pa  # noqa: E402
-from fxforge.kernels import triton_support  # noqa: E402
+from fxforge.kernels import kv_cache, triton_support  # noqa: E402
 from fxforge.kernels.attention import attention_ref  # noqa: E402
 from fxforge.kernels.bfp import valid_format_names  # noqa: E402
 from fxforge.kernels.formats import parse_kv_format  # noqa: E402
@@ -506,6 +507,35 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     channels = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16,v_layout=channels"]
     assert channels["config"] == pa.DecodeConfig(kernel="i8t").to_dict() and channels["time_us"] == 80.0
     assert sum(k.endswith("v_layout=channels") for k in entries) == 1
+
+
+def test_tuner_writes_the_launch_each_row_ran(monkeypatch):
+    """A variant's keywords override the config the device's tuned file gives, so a field the variant
+    leaves out ran with the tuned entry's value: each row records that whole launch (launch_of), and
+    the tuner writes it. (The fourth session's one-warp entries were written as the variant over the
+    defaults, programs_per_sm 8, where the timed launch had inherited 4 from the entry it replaced.)"""
+    from fxforge.kernels.attention_bench import launch_of, tuned_entries
+
+    fmt = pa.parse_kv_format
+    k_fmt = fmt("bfp12_32")
+    rows_key = pa.decode_config_key(k_fmt, k_fmt, 128, 4, torch.bfloat16)
+    tuned = {rows_key: pa.DecodeConfig(kernel="i8k", programs_per_sm=4)}
+    monkeypatch.setattr(pa, "_device_name", lambda device: "test")
+    monkeypatch.setattr(pa, "tuned_decode_configs", lambda name: tuned)
+    # launch_of reads the query's shape, dtype and device only: a CUDA query stood in for on CPU
+    q = types.SimpleNamespace(shape=(64, 32, 128), dtype=torch.bfloat16, device=torch.device("cuda"))
+    cache = kv_cache.allocate_kv_pair(2, 16, 8, 128, "bfp12_32", "bfp12_32")
+    launch = launch_of(q, cache, "bfp12_32", "bfp12_32", "i8k", {"num_warps": 1})
+    assert launch == pa.DecodeConfig(kernel="i8k", num_warps=1, programs_per_sm=4).to_dict()
+    assert launch_of(q, cache, "bfp12_32", "bfp12_32", "i8k", {"num_warps": 1, "programs_per_sm": 16}) == \
+        pa.DecodeConfig(kernel="i8k", num_warps=1, programs_per_sm=16).to_dict()
+    channels = [cache[0], cache[1], kv_cache.to_channels_by_tokens(cache[2]), kv_cache.to_channels_by_tokens(cache[3])]
+    assert launch_of(q, channels, "bfp12_32", "bfp12_32", "i8t", {}) == \
+        pa.DecodeConfig(kernel="i8t", programs_per_sm=4).to_dict()  # no channels entry: the rows entry's launch
+    row = dict(format="bfp12_32", context=4096, kernel="i8k", config='{"num_warps": 1}', launch=launch,
+               time_us=240.0, d=128, hq=32, hkv=8)
+    default = dict(row, kernel="tiles", config="default", launch=None, time_us=300.0)
+    assert tuned_entries([default, row])[rows_key]["config"] == launch
 
 
 @pytest.mark.skipif(INTERPRETER or not triton_support.HAS_TRITON, reason="compiles for sm_90 (not interpreted)")

@@ -257,8 +257,41 @@ def test_packed_v_stored_channels_by_tokens_gives_the_same_tokens():
             == [o.token_ids for o in rows.generate(prompts, params)])
     with pytest.raises(ValueError, match="v_layout='channels' needs a packed V format"):
         Engine(tiny_model("llama-gqa"), v_layout="channels", **settings)
-    with pytest.raises(ValueError, match="EngineConfig.v_layout must be one of"):
+    with pytest.raises(ValueError, match=r"EngineConfig.v_layout must be one of \('auto', 'rows', 'channels'\)"):
         EngineConfig(v_layout="columns")
+
+
+def test_auto_v_layout_is_channels_only_where_i8t_was_tuned_for_every_layer(monkeypatch):
+    """EngineConfig.v_layout="auto" (the default) resolves to "channels" only on CUDA with the Triton
+    kernels, where i8t runs every layer's shape and this device's tuned configs hold an i8t entry for
+    it; rows everywhere else. (Resolution reads formats and config files only, so it runs on CPU.)"""
+    import fxforge
+    from fxforge.kernels import paged_attention as pa
+
+    assert EngineConfig().v_layout == "auto"
+    lowered = [{"name": "lower", "backend": "triton"}]
+    bfp16 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+                             passes=[{"name": "bfp-kv", "k_format": "bfp16"}, *lowered])
+    key = pa.decode_config_key(pa.parse_kv_format("bfp16_32"), pa.parse_kv_format("bfp16_32"), 32, 2,
+                               torch.bfloat16, "channels")
+    tuned = {key: pa.DecodeConfig(kernel="i8t", num_warps=1)}
+    monkeypatch.setattr(pa, "_device_name", lambda device: "test")
+    monkeypatch.setattr(pa, "tuned_decode_configs", lambda name: tuned)
+    cuda = torch.device("cuda")
+    assert bfp16.resolve_v_layout("auto", cuda) == "channels"
+    assert bfp16.resolve_v_layout("rows", cuda) == "rows" and bfp16.resolve_v_layout("auto", "cpu") == "rows"
+    engine = Engine(bfp16, num_pages=16, page_size=4)  # on CPU: rows
+    assert engine.runner.v_layout == "rows"
+    bfp12 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16), passes=["bfp-kv", *lowered])
+    tuned[key.replace("K=bfp16_32", "K=bfp12_32")] = tuned[key]
+    assert bfp12.resolve_v_layout("auto", cuda) == "rows"  # i8t cannot run BFP12 keys at head_dim 32
+    reference = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
+                                 passes=[{"name": "bfp-kv", "k_format": "bfp16"}, "lower"])
+    assert reference.resolve_v_layout("auto", cuda) == "rows"  # the references read rows as fast
+    dense = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16), passes=lowered)
+    assert dense.resolve_v_layout("auto", cuda) == "rows"
+    del tuned[key]
+    assert bfp16.resolve_v_layout("auto", cuda) == "rows"  # not tuned on this device
 
 
 @pytest.mark.gpu
