@@ -7,10 +7,11 @@
 # (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. Next, after the fourth session: vt-tests (one-warp
-# launches, i8t, the channels-by-tokens V writes and engine), vt (i8t end to end), e2e-smol-real (both
-# device_env calls: SmolLM2's packed shapes now pick one-warp i8k, unmeasured end to end), then the split
-# target (programs_per_sm) of the one-warp configs (attention_bench --sweep --variants, programs_per_sm 16 / 32).
+# The session's 30 device-minutes do not hold every stage. Next, after the fifth session: vt-tests (now with
+# the GPU test of EngineConfig.v_layout="auto"), e2e-8b (HF too: the 3.5x target; the engine's default now keeps V
+# channels by tokens at that shape), split-smol (SmolLM2's shape has no i8t entry: one-warp i8t/i8k over
+# programs_per_sm; the tuner now writes the launch each row ran, so --tune is safe), then e2e-smol-real (both
+# device_env calls: its BFP16 entry was corrected to the launch that was timed, programs_per_sm 16).
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
@@ -29,8 +30,12 @@
 #   bash benchmarks/kv_speed_h200.sh i8t         # "i8t" (V stored channels by tokens) vs i8k, its sweep, ablations, SmolLM2 shape
 #   bash benchmarks/kv_speed_h200.sh warps       # 1-2 warps per program for tiles / i8k / i8t, 8B and SmolLM2 shapes
 #   bash benchmarks/kv_speed_h200.sh split       # programs_per_sm 4/16/32 for one-warp tiles / i8k / i8t, 8B shape (split-smol: SmolLM2's)
+#   bash benchmarks/kv_speed_h200.sh split2      # programs_per_sm 2 against 4 for one-warp i8k / i8t, 8B shape (~1 min, measured)
+#   bash benchmarks/kv_speed_h200.sh smol-short  # SmolLM2's shape at 512 tokens of context, the tuned launches (~1 min)
+#   bash benchmarks/kv_speed_h200.sh vt-bf16     # e2e bf16 / V rows / V channels by tokens, 8B shape and SmolLM2 random (~4.5 min, measured)
+#   bash benchmarks/kv_speed_h200.sh e2e-smol-real-cfg  # e2e-smol-real with the decode configs in .devcarry/cfg (carried)
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
-#   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run
+#   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run (vt-8b, vt-long: one each)
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
 #   bash benchmarks/kv_speed_h200.sh ablate      # tiles and i8k at 4k with one stage left out each (what the loads, decode, K and V cost)
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real  # SmolLM2 real weights, 512 GSM8K x 256, the three KV formats, the tuned configs, fusions on

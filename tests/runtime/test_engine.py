@@ -296,6 +296,31 @@ def test_auto_v_layout_is_channels_only_where_i8t_was_tuned_for_every_layer(monk
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_auto_v_layout_on_this_gpu_follows_its_tuned_channels_entries():
+    """On a real GPU the default engine keeps V channels by tokens exactly where this device's tuned
+    file holds i8t entries: a d128, 4-query-heads-per-KV-head model in BFP12-K/BFP16-V (Llama-3-8B's
+    attention shape; the H200's file has it) decodes by i8t with the default config, and generates."""
+    import fxforge
+    from fxforge.ir.spec import ModelSpec
+    from fxforge.kernels import paged_attention as pa
+    from fxforge.kernels.kv_cache import v_channels_by_tokens
+
+    spec = ModelSpec(family="llama", vocab_size=257, hidden_size=512, intermediate_size=256, num_layers=2,
+                     num_heads=4, num_kv_heads=1, head_dim=128, rope_theta=10000.0, max_position_embeddings=512)
+    base = Model.from_state_dict(spec, None, dtype=torch.bfloat16, device="cuda")
+    model = fxforge.optimize(base, passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
+    key = pa.decode_config_key(pa.parse_kv_format("bfp12_32"), pa.parse_kv_format("bfp16_32"), 128, 4,
+                               torch.bfloat16, "channels")
+    tuned = key in pa.tuned_decode_configs(pa._device_name(torch.device("cuda")))
+    engine = Engine(model, num_pages=64, page_size=16, max_num_seqs=4)
+    assert engine.runner.v_layout == ("channels" if tuned else "rows")
+    assert v_channels_by_tokens(engine.runner.kv_cache[2]) == tuned
+    outputs = engine.generate(_prompts(4, seed=3), SamplingParams(max_new_tokens=8, ignore_eos=True))
+    assert all(len(o.token_ids) == 8 for o in outputs)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_packed_v_stored_channels_by_tokens_decodes_with_i8t_on_cuda(monkeypatch):
     """On CUDA with the Triton kernels and bf16, the channels layout decodes by "i8t" (in CUDA graphs)
     and generates what rows do, but for near-ties (i8t weighs V in int8 limbs of P, i8k in bf16 P).
