@@ -132,7 +132,9 @@ class Model:
     def new_kv_cache(self, num_pages: int | list[int], page_size: int = DEFAULT_PAGE_SIZE,
                      device=None, v_layout: str = "rows") -> list[torch.Tensor]:
         """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer; v_layout
-        "channels" stores every layer's (packed) V channels by tokens (kernels/kv_cache.allocate_kv_pair)."""
+        "channels" stores every layer's (packed) V channels by tokens (kernels/kv_cache.allocate_kv_pair),
+        "auto" as resolve_v_layout decides."""
+        v_layout = self.resolve_v_layout(v_layout, device)
         pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
         if len(pages) != self.spec.num_layers:
             raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")

@@ -282,6 +282,7 @@ def test_auto_v_layout_is_channels_only_where_i8t_was_tuned_for_every_layer(monk
     assert bfp16.resolve_v_layout("rows", cuda) == "rows" and bfp16.resolve_v_layout("auto", "cpu") == "rows"
     engine = Engine(bfp16, num_pages=16, page_size=4)  # on CPU: rows
     assert engine.runner.v_layout == "rows"
+    assert bfp16.new_kv_cache(4, 4, v_layout="auto")[2].is_contiguous()  # Model.new_kv_cache resolves it too
     bfp12 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16), passes=["bfp-kv", *lowered])
     tuned[key.replace("K=bfp16_32", "K=bfp12_32")] = tuned[key]
     assert bfp12.resolve_v_layout("auto", cuda) == "rows"  # i8t cannot run BFP12 keys at head_dim 32
