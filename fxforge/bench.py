@@ -222,19 +222,20 @@ def roofline(model, passes: list[tuple[int, int, int, int]], flop_model: FlopMod
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
                 name: str, warmup: bool = True, num_decode_steps: int = 8,
                 max_num_batched_tokens: int = 8192, repeats: int = 3, peak_flops: float | None = None,
-                num_pages: int | None = None, v_layout: str = "auto") -> E2EResult:
+                num_pages: int | None = None, v_layout: str = "auto", overlap_windows: bool = False) -> E2EResult:
     """Timed offline generation: the median of `repeats` timed runs after a warm-up. The counts
     (steps, forward passes, FLOPs, bytes) are the last timed run's; roofline_pct = its `roofline`
     at the measured ceilings over the median wall time (needs bandwidth and peak_flops). A profiled
     re-run of the same workload afterwards gives gpu_busy_pct (None on a CPU) and counts nowhere.
-    num_pages: the KV pool (None: the engine's default); v_layout: EngineConfig.v_layout."""
+    num_pages: the KV pool (None: the engine's default); v_layout, overlap_windows: as EngineConfig's."""
     from fxforge.runtime.engine import Engine, EngineStats
     from fxforge.runtime.sequence import SamplingParams
 
     params = SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True)
     max_len = max(len(p) for p in prompts) + max_new_tokens + 16
     settings = dict(max_num_seqs=max_num_seqs, max_model_len=max_len, num_decode_steps=num_decode_steps,
-                    max_num_batched_tokens=max(max_num_batched_tokens, max_len), v_layout=v_layout)
+                    max_num_batched_tokens=max(max_num_batched_tokens, max_len), v_layout=v_layout,
+                    overlap_windows=overlap_windows)
     if num_pages is not None:
         settings["num_pages"] = num_pages
     engine = Engine(model, **settings)
@@ -272,6 +273,7 @@ def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_se
     result.prefill_steps = stats.prefill_steps
     result.prefill_step_seconds = stats.prefill_step_seconds
     result.decode_step_seconds = stats.decode_step_seconds
+    result.chained_windows = stats.chained_windows
     result.num_decode_steps = num_decode_steps
     result.max_num_seqs = max_num_seqs
     result.max_scheduled_seqs = max_scheduled

@@ -535,6 +535,9 @@ def bench_e2e_cmd(
                                  "(the engine's default: channels where this GPU's tuned configs time i8t for the "
                                  "shape, else rows), rows, or channels (a packed V stored channels by tokens, decoded "
                                  "by the i8t kernel; rows FORMAT+vt; formats with a dense V run rows only)"),
+    overlap_windows: str = typer.Option("off", "--overlap-windows", help="fxforge: read each decode window's tokens "
+                                        "before launching the next (off), launch the next first (on), or both as "
+                                        "peers (off,on; rows FORMAT+ow)"),
     repeats: int = typer.Option(3, help="timed generations per run (the median is reported)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
@@ -573,6 +576,9 @@ def bench_e2e_cmd(
     layouts = [x for x in v_layout.split(",") if x]
     if not layouts or set(layouts) - set(ENGINE_V_LAYOUTS):
         raise FxforgeError(f"--v-layout {v_layout!r}: expected {', '.join(ENGINE_V_LAYOUTS)}, comma-separated")
+    overlaps = list(dict.fromkeys(x for x in overlap_windows.split(",") if x))
+    if not overlaps or set(overlaps) - {"off", "on"}:
+        raise FxforgeError(f"--overlap-windows {overlap_windows!r}: expected off, on or off,on")
     for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
         if value is not None and value < least:
@@ -628,14 +634,14 @@ def bench_e2e_cmd(
         resolved = list(dict.fromkeys(opt.resolve_v_layout(x, device) for x in layouts
                                       if x != "channels" or packed_v))  # only a packed V has that layout
         for limit in [seats] if seats else seat_limits:
-            for k, layout in itertools.product(windows, resolved):
-                suffix = "+vt" if layout == "channels" else ""
+            for k, layout, overlap in itertools.product(windows, resolved, overlaps):
+                suffix = ("+vt" if layout == "channels" else "") + ("+ow" if overlap == "on" else "")
                 run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth,
                                   f"fxforge-{fmt}{suffix}-s{limit}-k{k}", num_decode_steps=k,
                                   max_num_batched_tokens=max_batched_tokens, repeats=repeats, peak_flops=peak,
-                                  num_pages=pages, v_layout=layout)
+                                  num_pages=pages, v_layout=layout, overlap_windows=overlap == "on")
                 row = run.to_dict()
-                row.update(kv_format=fmt, seats_that_fit=seats, v_layout=layout)
+                row.update(kv_format=fmt, seats_that_fit=seats, v_layout=layout, overlap_windows=overlap == "on")
                 results["runs"].append(row)
                 console.print(row)
                 gc.collect()
@@ -703,9 +709,9 @@ def _kv_pairs(text: str) -> list[tuple[str, list[dict]]]:
 def _fixed_kv_summary(runs: list[dict]) -> dict:
     """Per KV format in the fixed-KV-memory mode: sequences that fit, most scheduled at once,
     tokens/s, and both against the bfloat16 row (if one ran)."""
-    rows = {r["kv_format"] + ("+vt" if r.get("v_layout") == "channels" else ""): r for r in runs
-            if r.get("seats_that_fit")}
-    base = rows.get("bfloat16")
+    rows = {r["kv_format"] + ("+vt" if r.get("v_layout") == "channels" else "")
+            + ("+ow" if r.get("overlap_windows") else ""): r for r in runs if r.get("seats_that_fit")}
+    base = rows.get("bfloat16") or rows.get("bfloat16+ow")
     summary = {}
     for fmt, r in rows.items():
         entry = {"seats_that_fit": r["seats_that_fit"], "max_scheduled_seqs": r["max_scheduled_seqs"],

@@ -39,6 +39,7 @@ class EngineConfig:
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
     skip_policy: str = "bucket"  # skip-decode models: "bucket", "mask" (runtime/skip_runner.py) or "full" (every layer)
     skip_kv_fraction: float = 1.0  # skip-decode models: pages of each skippable layer group, as a share of num_pages
+    overlap_windows: bool = False  # launch the next decode window before reading this one's tokens (Scheduler.chain)
     v_layout: str = "auto"  # "channels": packed V stored channels by tokens, read by the "i8t" decode kernel;
     # "auto": channels where this device's tuned decode configs time i8t for every layer's shape, else rows
 
@@ -48,7 +49,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not _is_int(value) or value < minimum:
                 raise ValueError(f"EngineConfig.{name} must be an int >= {minimum}, got {value!r}")
-        for name in ("enable_chunked_prefill", "use_cuda_graphs", "direct_dispatch", "chat"):
+        for name in ("enable_chunked_prefill", "use_cuda_graphs", "direct_dispatch", "chat", "overlap_windows"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"EngineConfig.{name} must be a bool, got {getattr(self, name)!r}")
         if self.loop_policy not in LOOP_POLICIES:

@@ -75,6 +75,7 @@ class EngineStats:
     prefill_steps: int = 0
     prefill_step_seconds: float = 0.0
     decode_step_seconds: float = 0.0
+    chained_windows: int = 0  # overlap_windows: decode windows launched before the previous one was read
 
     @property
     def tokens_per_second(self) -> float:
@@ -91,7 +92,10 @@ class Engine:
 
     `num_decode_steps` K: when only decodes can run, one step() runs up to K decode steps with
     the sampled tokens fed back on the device and one host sync (a sequence that stops mid-window
-    finishes at its end); 1 makes every step a single model step.
+    finishes at its end); 1 makes every step a single model step. With `overlap_windows` the next
+    window is launched before this one's tokens are read (Scheduler.chain), so the host's reading,
+    update and scheduling overlap the device's work; a sequence that stops on EOS or a stop token
+    then runs one window more, whose tokens are dropped.
 
     `loop_policy` for a layer-tied model: "lockstep" runs every token through all depths in one
     step (the unrolled graph); "depthwise" runs the shared block stack once per step for rows at
@@ -114,7 +118,11 @@ class Engine:
             raise ValueError("a skip-decode model cannot be served depth-wise (one pass of a shared block stack per "
                              "step cannot skip depths); use loop_policy='lockstep' or skip_policy='full'")
         runner = DepthwiseRunner if depthwise else SkipRunner if skipping else ModelRunner
+        if config.overlap_windows and runner is not ModelRunner:
+            raise ValueError("EngineConfig.overlap_windows needs the plain model runner: a depth-wise or skip-decode "
+                             "model runs no chained decode windows; leave overlap_windows off for it")
         self.runner = runner(model, config)
+        self._ahead = None  # (SchedulerOutput, launched window) chained after the window being read
         self.scheduler = Scheduler(config, model.kv_bytes_per_token(), self.runner.looped.loops if depthwise else 1,
                                    pool=self.runner.pool if skipping else None)
         self.stats = EngineStats()
@@ -138,10 +146,23 @@ class Engine:
     def step(self) -> list[Sequence]:
         """Schedule, run the model and sample, update; returns the sequences that finished."""
         start = time.perf_counter()
-        out = self.scheduler.schedule()
+        if self._ahead is not None:  # a chained window, launched during the previous step
+            (out, window), self._ahead = self._ahead, None
+        else:
+            out, window = self.scheduler.schedule(), None
         sampling = [s.seq for s in out.scheduled if s.sample]
         num_before = [seq.num_output_tokens for seq in sampling]
-        finished = self.scheduler.update(out, self.runner.execute(out))
+        if self.config.overlap_windows and out.num_steps > 1:
+            # launch the next window before reading this one: the host reads and updates while it runs
+            window = window or self.runner.launch_window(out)
+            chained = self.scheduler.chain(out)
+            if chained is not None:
+                self._ahead = (chained, self.runner.launch_chained(chained, window))
+                self.stats.chained_windows += 1
+            result = self.runner.collect(window)
+        else:
+            result = self.runner.execute(out)
+        finished = self.scheduler.update(out, result)
         self.runner.release(finished)
         self._count(out, [seq.num_output_tokens - n for seq, n in zip(sampling, num_before)],
                     time.perf_counter() - start)
@@ -178,7 +199,7 @@ class Engine:
         seqs = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
         index = {s.seq_id: i for i, s in enumerate(seqs)}
         start = time.perf_counter()
-        while self.scheduler.has_unfinished():
+        while self.scheduler.has_unfinished() or self._ahead is not None:  # (a chained window still to read)
             finished = self.step()
             for seq in finished:
                 if progress is not None:

@@ -8,7 +8,10 @@ rows decode a dummy token into a reserved scratch page, so a replay never touche
 Decode windows: the inputs of the first step are prepared once; after each step the sampled
 tokens become the next input ids and positions, sequence lengths and cache slots advance on the
 device, so the host only enqueues work and syncs once, to read the window's tokens. A row that has
-taken its last step (its `num_steps`) stays where it is and writes to the scratch page.
+taken its last step (its `num_steps`) stays where it is and writes to the scratch page. A window is
+launched (`launch_window`) and read (`collect`) apart: with EngineConfig.overlap_windows the engine
+launches the next window (`launch_chained`, continuing from this one's inputs on the device) before
+it reads this one, so the host's reading, update and scheduling overlap the device's work.
 
 Sampling happens here, on the device, with one generator per seeded sequence: made from
 `SamplingParams.seed` on the sequence's first sample, dropped when the engine `release`s it.
@@ -76,12 +79,55 @@ class ModelRunner:
         """Run `out` (one model step, or a decode window of out.num_steps) and sample each entry that samples."""
         if out.is_empty:
             return RunnerOutput()
-        sample_fn = self._sampler([s.seq for s in out.scheduled if s.sample])
         if out.num_steps == 1:
+            sample_fn = self._sampler([s.seq for s in out.scheduled if s.sample])
             return RunnerOutput([[token] for token in sample_fn(self._logits(out)).tolist()])
-        columns = self._run_window(out, sample_fn)
-        # A row that has taken its num_steps steps stays put; what it samples after them is padding.
-        return RunnerOutput([column[: s.num_steps] for s, column in zip(out.scheduled, columns)])
+        return self.collect(self.launch_window(out))
+
+    # -- decode windows, launched and read apart (EngineConfig.overlap_windows) --------------------
+    def launch_window(self, out: SchedulerOutput) -> "_Window":
+        """Enqueue the decode window `out` on the device; its tokens are read by collect()."""
+        sample_fn = self._sampler([s.seq for s in out.scheduled])
+        batch, n = self.prepare(out)
+        steps = self._to_device(np.fromiter((s.num_steps for s in out.scheduled), dtype=np.int64, count=n))
+        graph = logits_out = None
+        if self.graphs and n <= max(self.graphs):
+            graph, batch, logits_out = self._load_static(batch, n)
+            left = torch.zeros(batch.input_ids.shape[0], dtype=torch.int64, device=self.device)
+            left[:n] = steps
+        else:
+            left = steps
+        window = _Window(out, batch, n, left, graph, logits_out, sample_fn)
+        self._run_steps(window, out.num_steps)
+        return window
+
+    def launch_chained(self, out: SchedulerOutput, previous: "_Window") -> "_Window":
+        """Enqueue `out`, the window Scheduler.chain scheduled after `previous` (same sequences, same
+        rows), straight after it on the device: its inputs continue from `previous`'s on the device (its
+        last tokens fed back, positions one on), with the page table re-read for the pages chain() added.
+        No host sync: the host reads `previous` while this one runs."""
+        batch, n = previous.batch, previous.n
+        num_pages = np.fromiter((len(s.seq.page_ids) for s in out.scheduled), dtype=np.int64, count=n)
+        table = np.zeros((n, int(num_pages.max())), dtype=np.int64)
+        for row, s in enumerate(out.scheduled):
+            table[row, : len(s.seq.page_ids)] = s.seq.page_ids
+        table = self._to_device(table, torch.int32)
+        if previous.graph is not None:  # the static table is max_pages_per_seq wide
+            batch.page_table[:n, : table.shape[1]].copy_(table)
+        else:  # the eager batch's table is as wide as its pages were
+            batch = BatchInputs(**{**vars(batch), "page_table": table})
+        left = torch.zeros_like(previous.left)
+        left[:n] = self._to_device(np.fromiter((s.num_steps + 1 for s in out.scheduled), dtype=np.int64, count=n))
+        self._advance(batch, previous.tokens[-1], left)  # the last tokens in; `left` now the steps to take
+        window = _Window(out, batch, n, left, previous.graph, previous.logits_out, previous.sample_fn)
+        self._run_steps(window, out.num_steps)
+        return window
+
+    def collect(self, window: "_Window") -> RunnerOutput:
+        """The tokens of a launched window (the one host sync). A row that has taken its num_steps
+        steps stays put; what it samples after them is padding, dropped here."""
+        columns = window.host_tokens()
+        return RunnerOutput([column[: s.num_steps] for s, column in zip(window.out.scheduled, columns)])
 
     def release(self, finished: list[Sequence]) -> None:
         """Forget the generators of sequences that will not sample again."""
@@ -157,32 +203,21 @@ class ModelRunner:
         if self.expert_passes is not None:
             self.expert_passes += self.model.expert_counts() > 0
 
-    def _run_window(self, out: SchedulerOutput, sample_fn: Callable[[torch.Tensor], torch.Tensor]) -> list[list[int]]:
-        """Run a decode window of out.num_steps steps, `sample_fn` picking each step's tokens on the
-        device. Returns each row's out.num_steps sampled tokens (one host sync)."""
-        batch, n = self.prepare(out)
-        k = out.num_steps
-        steps = self._to_device(np.fromiter((s.num_steps for s in out.scheduled), dtype=np.int64, count=n))
-        graph = None
-        if self.graphs and n <= max(self.graphs):
-            graph, batch, logits_out = self._load_static(batch, n)
-            left = torch.zeros(batch.input_ids.shape[0], dtype=torch.int64, device=self.device)
-            left[:n] = steps
-        else:
-            left = steps
-        produced = []
+    def _run_steps(self, window: "_Window", k: int) -> None:
+        """k decode steps of `window`, each step's sampled tokens fed back on the device."""
+        batch, n = window.batch, window.n
         for i in range(k):
-            if graph is not None:
-                graph.replay()
-                logits = logits_out[:n]
+            if window.graph is not None:
+                window.graph.replay()
+                logits = window.logits_out[:n]
             else:
                 logits = self._eager(*batch.args(), self.kv_cache)
             self._tally_experts()
-            tokens = sample_fn(logits)
-            produced.append(tokens)
+            tokens = window.sample_fn(logits)
+            window.tokens.append(tokens)
             if i + 1 < k:
-                self._advance(batch, tokens, left)
-        return torch.stack(produced, dim=1).tolist()
+                self._advance(batch, tokens, window.left)
+        window.start_copy(self.device)
 
     def _advance(self, batch: BatchInputs, tokens: torch.Tensor, left: torch.Tensor) -> None:
         """Next decode step's inputs, in place: rows with steps left move one position on."""
@@ -256,3 +291,32 @@ class ModelRunner:
         static.seq_lens[:n].copy_(batch.seq_lens)
         static.seq_lens[n:].fill_(1)
         return graph, static, logits
+
+
+class _Window:
+    """A launched decode window: its SchedulerOutput, device inputs and per-step sampled tokens, and
+    the copy of those tokens to pinned host memory (an event marks when it is done)."""
+
+    def __init__(self, out: SchedulerOutput, batch: BatchInputs, n: int, left: torch.Tensor, graph, logits_out,
+                 sample_fn: Callable[[torch.Tensor], torch.Tensor]):
+        self.out, self.batch, self.n, self.left = out, batch, n, left
+        self.graph, self.logits_out, self.sample_fn = graph, logits_out, sample_fn
+        self.tokens: list[torch.Tensor] = []  # [n] per step, on the device
+        self._host: torch.Tensor | None = None
+        self._event = None
+
+    def start_copy(self, device: torch.device) -> None:
+        stacked = torch.stack(self.tokens, dim=1)
+        if device.type != "cuda":
+            self._host = stacked
+            return
+        self._host = torch.empty(stacked.shape, dtype=stacked.dtype, pin_memory=True)
+        self._host.copy_(stacked, non_blocking=True)
+        self._event = torch.cuda.Event()
+        self._event.record()
+
+    def host_tokens(self) -> list[list[int]]:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+

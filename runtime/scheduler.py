@@ -20,7 +20,12 @@ take (`num_steps`, at most K, cut at its max_new_tokens / max_model_len) and the
 sampled token back on the device, syncing with the host once per window. Without the pages for
 the whole window the step falls back to the single-step policy above (which may preempt). A
 sequence that samples EOS or a stop token mid-window finishes at the window's end; the tokens it
-computed after that are dropped.
+computed after that are dropped. `chain(out)` schedules the window after `out` before `out`'s tokens
+are known (EngineConfig.overlap_windows: the runner launches it at once, so the host reads `out`
+while the device runs it), only where the batch cannot change by what the host does not know yet:
+every running sequence in `out`, none stopping there by length, no waiting sequence that could be
+admitted, and the pages for both windows free. A sequence that stops on EOS or a stop token in `out`
+runs the chained window too, and update() drops what it sampled there.
 
 Depth-wise batching (`loop_policy="depthwise"`, a layer-tied model of L loops over one shared
 stack): a chunk (a decode token or a prefill chunk) passes through the stack L times, one loop
@@ -77,14 +82,15 @@ class ScheduledSeq:
     final_loop: bool = True  # the chunk leaves the loop stack after this step (always, outside depth-wise mode)
 
     @classmethod
-    def decode(cls, seq: Sequence, num_steps: int) -> "ScheduledSeq":
-        """A decode window's entry for `seq`: equal to ScheduledSeq(seq, 1, seq.num_computed_tokens,
-        is_prefill=False, sample=True, num_steps=num_steps), built with one dict update instead of the
+    def decode(cls, seq: Sequence, num_steps: int, ahead: int = 0) -> "ScheduledSeq":
+        """A decode window's entry for `seq`: equal to ScheduledSeq(seq, 1, seq.num_computed_tokens +
+        ahead, is_prefill=False, sample=True, num_steps=num_steps), built with one dict update instead of the
         frozen __init__'s setattr per field: a window makes one per running sequence, on the host
-        between windows (BENCHMARKS.md, "host work between windows": schedule 2.11 -> 1.63 ms)."""
+        between windows (BENCHMARKS.md, "host work between windows": schedule 2.11 -> 1.63 ms).
+        ahead: positions the window before it computes (a chained window, Scheduler.chain)."""
         entry = object.__new__(cls)
-        entry.__dict__.update(seq=seq, num_tokens=1, start_position=seq.num_computed_tokens, is_prefill=False,
-                              sample=True, num_steps=num_steps, loop=0, final_loop=True)
+        entry.__dict__.update(seq=seq, num_tokens=1, start_position=seq.num_computed_tokens + ahead,
+                              is_prefill=False, sample=True, num_steps=num_steps, loop=0, final_loop=True)
         return entry
 
     @property
@@ -156,6 +162,7 @@ class Scheduler:
         self._unfinished: dict[int, Sequence] = {}
         self._arrivals = itertools.count()
         self._pending: SchedulerOutput | None = None
+        self._chained: SchedulerOutput | None = None  # a window scheduled by chain(), launched before _pending's update
 
     @property
     def num_waiting(self) -> int:
@@ -234,7 +241,7 @@ class Scheduler:
         if output is not self._pending:
             raise RuntimeError("update() needs the SchedulerOutput of the latest schedule(), applied once")
         sampled = iter(self._checked_tokens(output, result))
-        self._pending = None
+        self._pending, self._chained = self._chained, None  # a chained window is the next to update
         finished = []
         for sched in output.scheduled:
             tokens = next(sampled) if sched.sample else []
@@ -297,6 +304,36 @@ class Scheduler:
         seq.finish(reason)
         del self._unfinished[seq.seq_id]
         return True
+
+    def chain(self, output: SchedulerOutput) -> SchedulerOutput | None:
+        """The decode window after `output` (a window not yet updated), scheduled before its tokens are
+        known, so the runner can launch it while the host reads `output` (EngineConfig.overlap_windows).
+        It is the window schedule() would give after update(output) if no sequence stops on EOS or a stop
+        token in `output`: None unless every running sequence is in `output`, takes all its steps and
+        has steps left after it, no waiting sequence could be admitted, and the pages fit. A sequence
+        that does stop in `output` still runs the chained window; update() drops what it sampled there
+        (it is finished), and its pages, these included, are freed when it stops."""
+        k_max = self.config.num_decode_steps
+        if (output is not self._pending or self._chained is not None or output.num_steps == 1
+                or len(output.scheduled) != len(self.running)
+                or (self.waiting and len(self.running) < self.config.max_num_seqs)):
+            return None
+        k, max_len, steps = output.num_steps, self.config.max_model_len, []
+        for sched, seq in zip(output.scheduled, self.running):
+            if sched.seq is not seq or sched.num_steps != k or seq.is_finished:
+                return None
+            left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens) - k
+            if left < 1:  # stops by length inside `output`: the batch changes
+                return None
+            steps.append(min(k_max, left))
+        if max(steps) == 1 or not self.pool.can_allocate_all([(seq, k + n) for seq, n in zip(self.running, steps)]):
+            return None
+        out = SchedulerOutput(num_steps=max(steps), num_batched_tokens=len(self.running))
+        for seq, n in zip(self.running, steps):
+            self.pool.allocate(seq, k + n)
+            out.scheduled.append(ScheduledSeq.decode(seq, n, ahead=k))
+        self._chained = out
+        return out
 
     def _schedule_window(self) -> SchedulerOutput | None:
         """A decode window of up to num_decode_steps steps, or None for the single-step policy."""

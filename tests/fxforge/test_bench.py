@@ -192,6 +192,24 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     assert sorted(results["fixed_kv_memory"]) == ["bfloat16", "bfp12/bfp16", "bfp12/bfp16+vt"]
 
 
+def test_overlapped_windows_run_as_peers_smoke(tmp_path):
+    """--overlap-windows off,on: each format read window by window and with the next window launched
+    first, as peers in one run (rows FORMAT+ow), the same tokens, and windows really chained."""
+    source = write_tiny_checkpoint(tmp_path / "hf")
+    out = tmp_path / "e2e.json"
+    result = CliRunner().invoke(app, ["bench", "e2e", str(source), "--smoke", "--random-init", "--prompts", "4",
+                                      "--prompt-len", "10", "--max-new-tokens", "9", "--kv", "bfp12/bfp16", "--decode-steps", "3",
+                                      "--repeats", "1", "--hf-batch", "", "--overlap-windows", "off,on",
+                                      "--json-out", str(out)])
+    assert result.exit_code == 0, result.output
+    runs = {r["name"]: r for r in json.loads(out.read_text())["runs"]}
+    assert sorted(runs) == ["fxforge-bfp12/bfp16+ow-s256-k3", "fxforge-bfp12/bfp16-s256-k3"], sorted(runs)
+    off, on = runs["fxforge-bfp12/bfp16-s256-k3"], runs["fxforge-bfp12/bfp16+ow-s256-k3"]
+    assert (off["overlap_windows"], on["overlap_windows"]) == (False, True)
+    assert on["tokens"] == off["tokens"] == 4 * 9
+    assert on["chained_windows"] > 0 == off["chained_windows"]
+
+
 @pytest.mark.parametrize("args, message", [
     (["--prompt-len", "0", "--kv-memory-gb", "1"], "--kv-memory-gb needs --prompt-len"),
     (["--kv-memory-gb", "-1", "--prompt-len", "8"], "--kv-memory-gb must be > 0"),
@@ -199,7 +217,8 @@ def test_long_context_fixed_kv_memory_smoke(tmp_path):
     (["--kv", "bfp13"], "--kv 'bfp13': unknown KV format"),
     (["--kv-memory-gb", "1e-9", "--prompt-len", "8", "--smoke"], "not one sequence of 264 tokens fits"),
     (["--v-layout", "rows,cols"], "--v-layout 'rows,cols': expected auto, rows, channels"),
-], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits", "v-layout"])
+    (["--overlap-windows", "yes"], "--overlap-windows 'yes': expected off, on or off,on"),
+], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits", "v-layout", "overlap"])
 def test_bench_e2e_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     source = write_tiny_checkpoint(tmp_path / "hf")
     out = tmp_path / "e2e.json"

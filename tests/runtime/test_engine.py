@@ -187,6 +187,40 @@ def test_decode_windows_match_single_steps(kind):
     assert window.kv_tokens_read == single.kv_tokens_read and window.generated_tokens == single.generated_tokens
 
 
+@pytest.mark.parametrize("kind", ["llama-gqa", "mixtral-moe"])
+def test_overlapped_windows_give_the_tokens_of_windows_read_one_by_one(kind):
+    """overlap_windows launches each decode window before the previous one's tokens are read
+    (Scheduler.chain): the same outputs and finish reasons (EOS, stop tokens, lengths, seeded
+    sampling, more requests than seats), windows really chained, every page back in the pool."""
+    model = tiny_model(kind)
+    rng = random.Random(5)
+    prompts = _prompts(16, seed=6)
+    params = [SamplingParams(max_new_tokens=rng.randint(1, 12)) for _ in range(4)]  # short: seats free up early
+    params += [SamplingParams(max_new_tokens=rng.randint(40, 80), stop_token_ids=tuple(rng.sample(range(257), 2)))
+               for _ in range(8)]
+    params += [SamplingParams(temperature=0.9, top_k=50, seed=i, max_new_tokens=rng.randint(40, 80)) for i in range(4)]
+    settings = dict(num_pages=512, page_size=4, max_num_seqs=12, num_decode_steps=5, eos_token_id=11)
+    runs, tables = {}, []
+    for overlap in (False, True):
+        engine = Engine(model, overlap_windows=overlap, **settings)
+        launch = engine.runner.launch_chained
+        engine.runner.launch_chained = lambda out, prev: tables.append(prev.batch.page_table.shape) or launch(out, prev)
+        runs[overlap] = ([(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)], engine.stats)
+        assert engine.scheduler.pool.num_free_pages == 512 and engine._ahead is None
+    assert runs[True][0] == runs[False][0]
+    reasons = {reason for _, reason in runs[False][0]}
+    assert {"stop", "length"} <= reasons, reasons
+    # windows chained, over sequences that needed pages chain() added (the page table grew on the way)
+    assert runs[True][1].chained_windows >= 5 and runs[False][1].chained_windows == 0
+    assert len({shape[1] for shape in tables}) > 1, tables
+    assert runs[True][1].generated_tokens == runs[False][1].generated_tokens
+
+
+def test_overlap_windows_is_checked():
+    with pytest.raises(ValueError, match="EngineConfig.overlap_windows must be a bool, got 'yes'"):
+        EngineConfig(overlap_windows="yes")
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("passes", [[], [{"name": "bfp-kv", "k_format": "bfp16", "v_format": "bfp16", "block": 16}]],
@@ -212,6 +246,30 @@ def test_cuda_graph_windows_match_single_steps_and_reference(passes):
     assert runs[6] == runs[1]
     if not passes:
         assert runs[1] == reference
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_overlapped_windows_replay_cuda_graphs_with_the_same_tokens():
+    """On the GPU (Triton kernels, CUDA graphs, a packed cache): chained windows continue on the
+    device from the previous window's inputs, with the pages chain() added; same tokens as reading
+    each window before the next, with EOS stops among them."""
+    pytest.importorskip("triton")
+    import fxforge
+
+    lowered = fxforge.optimize(tiny_model("llama-gqa"), passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
+    lowered.module.cuda()
+    prompts = _prompts(24, seed=7)
+    params = [SamplingParams(max_new_tokens=n) for n in range(20, 44)]
+    runs = {}
+    for overlap in (False, True):
+        engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=6, eos_token_id=5,
+                        overlap_windows=overlap)
+        assert engine.runner.graphs, engine.runner.graph_error
+        runs[overlap] = [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)]
+        assert engine.scheduler.pool.num_free_pages == 512
+    assert runs[True] == runs[False]
+    assert engine.stats.chained_windows > 0
 
 
 @pytest.mark.parametrize("max_num_seqs,buckets", [(15, [1, 2, 4, 8, 15]), (39, [1, 2, 4, 8, 16, 24, 32, 39]),

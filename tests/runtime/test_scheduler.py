@@ -555,3 +555,54 @@ def test_decode_entry_equals_the_constructors():
     assert hash(entry) == hash(ScheduledSeq(seq, 1, 2, is_prefill=False, sample=True, num_steps=5))
     with pytest.raises(dataclasses.FrozenInstanceError):
         entry.num_steps = 1
+
+
+def test_chain_schedules_the_next_window_before_the_tokens_are_known():
+    """Scheduler.chain(out): the window schedule() would give after update(out) had no sequence
+    stopped early: positions num_steps on, pages for both windows, and it is the next to update. A
+    sequence that does stop (EOS) in `out` keeps its place in the chained window, whose tokens for
+    it update() drops; its pages are freed when it stops."""
+    sched = make_scheduler(num_decode_steps=4)
+    params = SamplingParams(max_new_tokens=30)
+    a, b = Sequence([1, 2, 3], params), Sequence([4, 5], params)
+    sched.add(a)
+    sched.add(b)
+    sched.update(sched.schedule(), sampled([7], [8]))  # both prompts prefilled
+    out = sched.schedule()
+    assert out.num_steps == 4
+    chained = sched.chain(out)
+    assert sched.chain(out) is None  # one window ahead at most
+    assert [(s.seq, s.start_position, s.num_steps) for s in chained.scheduled] == [(a, 3 + 4, 4), (b, 2 + 4, 4)]
+    assert len(a.page_ids) == sched.pool.pages_for(3 + 4 + 4) and len(b.page_ids) == sched.pool.pages_for(2 + 4 + 4)
+    with pytest.raises(RuntimeError, match="needs the SchedulerOutput of the latest schedule"):
+        sched.update(chained, sampled([9] * 4, [9] * 4))  # `out` first
+    assert sched.update(out, sampled([9, 9, 9, 9], [9, EOS, 9, 9])) == [b]  # b stops on EOS in `out`
+    assert b.output_token_ids == [8, 9, EOS] and b.page_ids == [] and a.num_computed_tokens == 3 + 4
+    assert sched.update(chained, sampled([10] * 4, [10] * 4)) == []  # b's chained tokens dropped
+    assert a.output_token_ids == [7] + [9] * 4 + [10] * 4 and b.output_token_ids == [8, 9, EOS]
+    assert a.num_computed_tokens == 3 + 8
+
+
+def test_chain_declines_when_the_batch_would_change():
+    """No chained window when a sequence stops by length inside the window, when a waiting sequence
+    could take a free seat, or when the pages for it do not fit."""
+    def windowed(max_new, num_pages=64, max_num_seqs=256):
+        sched = make_scheduler(num_pages=num_pages, num_decode_steps=4, max_num_seqs=max_num_seqs)
+        seqs = [Sequence([1, 2, 3], SamplingParams(max_new_tokens=n)) for n in max_new]
+        for seq in seqs:
+            sched.add(seq)
+        sched.update(sched.schedule(), sampled(*[[7]] * len(seqs)))
+        out = sched.schedule()
+        assert out.num_steps == 4
+        return sched, out
+
+    sched, out = windowed([30, 5])  # the second stops by length in this window (1 + 4 of 5 tokens)
+    assert sched.chain(out) is None
+    sched, out = windowed([30, 30], max_num_seqs=3)
+    sched.add(Sequence([1, 2], SamplingParams(max_new_tokens=3)))  # arrives during the window, a seat free
+    assert sched.chain(out) is None
+    sched, out = windowed([30, 30], max_num_seqs=2)
+    sched.add(Sequence([1, 2], SamplingParams(max_new_tokens=3)))  # arrives, but no seat is free
+    assert sched.chain(out) is not None
+    sched, out = windowed([12, 12], num_pages=5)  # 2 pages each hold this window, the next needs 3 each
+    assert sched.chain(out) is None and sched.pool.num_free_pages == 1
