@@ -7,11 +7,12 @@
 # (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. Next, after the fifth session: vt-tests (now with
-# the GPU test of EngineConfig.v_layout="auto"), e2e-8b (HF too: the 3.5x target; the engine's default now keeps V
-# channels by tokens at that shape), split-smol (SmolLM2's shape has no i8t entry: one-warp i8t/i8k over
-# programs_per_sm; the tuner now writes the launch each row ran, so --tune is safe), then e2e-smol-real (both
-# device_env calls: its BFP16 entry was corrected to the launch that was timed, programs_per_sm 16).
+# The session's 30 device-minutes do not hold every stage. Next, after the fifth session: vt-tests and
+# overlap-tests (GPU tests of EngineConfig.v_layout="auto" and of overlap_windows), overlap (both device_env
+# calls: SmolLM2 real weights with each decode window read before / after the next is launched; the GPU idles a
+# third of that run between windows), overlap-8b, e2e-8b (HF too: the 3.5x target; the engine's default now keeps
+# V channels by tokens at that shape), split-smol (SmolLM2's shape has no i8t entry; the tuner now writes the
+# launch each row ran, so --tune is safe).
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
@@ -34,6 +35,9 @@
 #   bash benchmarks/kv_speed_h200.sh smol-short  # SmolLM2's shape at 512 tokens of context, the tuned launches (~1 min)
 #   bash benchmarks/kv_speed_h200.sh vt-bf16     # e2e bf16 / V rows / V channels by tokens, 8B shape and SmolLM2 random (~4.5 min, measured)
 #   bash benchmarks/kv_speed_h200.sh e2e-smol-real-cfg  # e2e-smol-real with the decode configs in .devcarry/cfg (carried)
+#   bash benchmarks/kv_speed_h200.sh overlap     # SmolLM2 real weights, --overlap-windows off,on (both device_env calls)
+#   bash benchmarks/kv_speed_h200.sh overlap-8b  # the 8B shape, bf16 and BFP12-K/BFP16-V, --overlap-windows off,on
+#   bash benchmarks/kv_speed_h200.sh overlap-tests  # GPU tests of chained decode windows
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
 #   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run (vt-8b, vt-long: one each)
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
@@ -162,6 +166,14 @@ for stage in "$@"; do
         --hf-batch "" --repeats 2 --v-layout rows,channels
       e2e tuned vt_bf16_smol smollm2-135m --random-init --prompt-len 160 --kv "$KV" --hf-batch "" --repeats 3 \
         --v-layout rows,channels ;;
+    overlap)  # SmolLM2 real weights (both device_env calls), each window read before the next is launched vs after
+      e2e tuned overlap_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --overlap-windows off,on ;;
+    overlap-8b)  # the same on the 8B shape (random weights), bf16 and BFP12-K/BFP16-V
+      e2e tuned overlap_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
+        --hf-batch "" --repeats 2 --overlap-windows off,on ;;
+    overlap-tests)  # GPU tests of chained windows (CUDA graphs, a packed cache)
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/runtime/test_engine.py -k "overlap" 2>&1 \
+        | tee "$OUT/overlap_tests_h200.log" | tail -4 ;;
     i8k-tests)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "blocks_decode or cuda_graph" 2>&1 | tee "$OUT/kv_i8k_tests_h200.log" | tail -8 ;;
