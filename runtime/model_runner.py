@@ -85,6 +85,7 @@ class ModelRunner:
         return self.collect(self.launch_window(out))
 
     # -- decode windows, launched and read apart (EngineConfig.overlap_windows) --------------------
+    @torch.inference_mode()
     def launch_window(self, out: SchedulerOutput) -> "_Window":
         """Enqueue the decode window `out` on the device; its tokens are read by collect()."""
         sample_fn = self._sampler([s.seq for s in out.scheduled])
@@ -101,6 +102,7 @@ class ModelRunner:
         self._run_steps(window, out.num_steps)
         return window
 
+    @torch.inference_mode()
     def launch_chained(self, out: SchedulerOutput, previous: "_Window") -> "_Window":
         """Enqueue `out`, the window Scheduler.chain scheduled after `previous` (same sequences, same
         rows), straight after it on the device: its inputs continue from `previous`'s on the device (its
