@@ -169,14 +169,21 @@ class PassLog:
     max_scheduled: int = 0
 
     def attach(self, engine) -> "PassLog":
-        schedule = engine.scheduler.schedule
+        """Record every SchedulerOutput of schedule(), and of chain() (the windows overlap_windows chains)."""
+        schedule, chain = engine.scheduler.schedule, engine.scheduler.chain
 
         def logged():
             out = schedule()
             self.record(out)
             return out
 
-        engine.scheduler.schedule = logged
+        def logged_chain(output):
+            out = chain(output)
+            if out is not None:
+                self.record(out)
+            return out
+
+        engine.scheduler.schedule, engine.scheduler.chain = logged, logged_chain
         return self
 
     def clear(self) -> None:

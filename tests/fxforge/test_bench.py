@@ -208,6 +208,9 @@ def test_overlapped_windows_run_as_peers_smoke(tmp_path):
     assert (off["overlap_windows"], on["overlap_windows"]) == (False, True)
     assert on["tokens"] == off["tokens"] == 4 * 9
     assert on["chained_windows"] > 0 == off["chained_windows"]
+    # the chained windows' passes are counted as the others are: the same work, the same counts
+    for count in ("forward_passes", "flops", "weight_bytes", "kv_bytes"):
+        assert on[count] == off[count] > 0, count
 
 
 @pytest.mark.parametrize("args, message", [
