@@ -252,18 +252,19 @@ def test_cuda_graph_windows_match_single_steps_and_reference(passes):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_overlapped_windows_replay_cuda_graphs_with_the_same_tokens():
     """On the GPU (Triton kernels, CUDA graphs, a packed cache): chained windows continue on the
-    device from the previous window's inputs, with the pages chain() added; same tokens as reading
-    each window before the next, with EOS stops among them."""
+    device from the previous window's inputs, with the pages chain() added; same tokens and finish
+    reasons as reading each window before the next (EOS is a token the CPU run of this model samples
+    mid-sequence in 5 of the 16, so some sequences stop inside a chained window)."""
     pytest.importorskip("triton")
     import fxforge
 
     lowered = fxforge.optimize(tiny_model("llama-gqa"), passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
     lowered.module.cuda()
-    prompts = _prompts(24, seed=7)
-    params = [SamplingParams(max_new_tokens=n) for n in range(20, 44)]
+    prompts = _prompts(16, seed=7)  # one seat each, one length: windows chain until EOS or the end
+    params = SamplingParams(max_new_tokens=40)
     runs = {}
     for overlap in (False, True):
-        engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=6, eos_token_id=5,
+        engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=6, eos_token_id=101,
                         overlap_windows=overlap)
         assert engine.runner.graphs, engine.runner.graph_error
         runs[overlap] = [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)]
@@ -393,7 +394,8 @@ def test_packed_v_stored_channels_by_tokens_decodes_with_i8t_on_cuda(monkeypatch
     bfp12 = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
                              passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
     bfp12.module.cuda()
-    with pytest.raises(ValueError, match=r"layer 0 \(K bfp12_32, V bfp16_32, head_dim 32.*cannot be decoded by the 'i8t'"):
+    refused = r"layer 0 \(K bfp12_32, V bfp16_32, head_dim 32.*cannot be decoded by the 'i8t'"
+    with pytest.raises(ValueError, match=refused):
         Engine(bfp12, v_layout="channels", **settings)
     model = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
                              passes=[{"name": "bfp-kv", "k_format": "bfp16"}, {"name": "lower", "backend": "triton"}])
