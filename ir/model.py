@@ -134,12 +134,12 @@ class Model:
         """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer; v_layout
         "channels" stores every layer's (packed) V channels by tokens (kernels/kv_cache.allocate_kv_pair),
         "auto" as resolve_v_layout decides."""
+        if v_layout == "channels":  # ("auto" resolves to channels only where i8t runs)
+            self._check_channels_decode(torch.device(device or self.device))
         v_layout = self.resolve_v_layout(v_layout, device)
         pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
         if len(pages) != self.spec.num_layers:
             raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")
-        if v_layout == "channels":
-            self._check_channels_decode(torch.device(device or self.device))
         cache = []
         for layer_pages, (k_fmt, v_fmt) in zip(pages, self.kv_formats()):
             cache += allocate_kv_pair(layer_pages, page_size, self.spec.num_kv_heads, self.spec.head_dim,
@@ -155,14 +155,10 @@ class Model:
         if v_layout != "auto":
             return v_layout
         device = torch.device(device or self.device)
-        if device.type != "cuda" or self.kernel_bindings().get("attention") != TRITON:
+        if not self._decodes_on_gpu(device) or self._i8t_refusal() is not None:
             return "rows"
         from fxforge.kernels import paged_attention as pa
 
-        try:
-            self._check_channels_decode(device)
-        except ValueError:
-            return "rows"
         tuned = pa.tuned_decode_configs(pa._device_name(device))
         spec = self.spec
         keys = {pa.decode_config_key(parse_kv_format(k), parse_kv_format(v), spec.head_dim,
@@ -170,11 +166,12 @@ class Model:
                 for k, v in self.kv_formats()}
         return "channels" if all(key in tuned for key in keys) else "rows"
 
-    def _check_channels_decode(self, device: torch.device) -> None:
-        """A V stored channels by tokens is read on the GPU by the "i8t" decode kernel only: refuse the
-        layout up front where a layer's shape is one i8t cannot run (the references read any layout)."""
-        if device.type != "cuda" or self.kernel_bindings().get("attention") != TRITON:
-            return
+    def _decodes_on_gpu(self, device: torch.device) -> bool:
+        """Whether decode attention runs the Triton kernels here (the references read any V layout)."""
+        return device.type == "cuda" and self.kernel_bindings().get("attention") == TRITON
+
+    def _i8t_refusal(self) -> str | None:
+        """Why the "i8t" decode kernel cannot run some layer of this model (the first), or None."""
         from fxforge.ir.verify import _pre_rope_layers
         from fxforge.kernels.paged_attention import decode_kernel_supports
 
@@ -182,12 +179,19 @@ class Model:
         for layer, (k_fmt, v_fmt) in enumerate(self.kv_formats()):
             if not decode_kernel_supports("i8t", parse_kv_format(k_fmt), parse_kv_format(v_fmt), self.spec.head_dim,
                                           layer in pre_rope, self.dtype):
-                raise ValueError(
-                    f"v_layout='channels': layer {layer} (K {k_fmt}, V {v_fmt}, head_dim {self.spec.head_dim}, "
-                    f"{'pre-RoPE keys, ' if layer in pre_rope else ''}{self.dtype}) cannot be decoded by the 'i8t' "
-                    "kernel, the only one that reads that layout on the GPU; it needs a bfloat16 model, post-RoPE "
-                    "keys in BFP16 or BFP12 (BFP12 needs a head_dim above 32) and V in BFP16 or BFP12 of K's block "
-                    "size. Use v_layout='rows' for this model")
+                return (f"layer {layer} (K {k_fmt}, V {v_fmt}, head_dim {self.spec.head_dim}, "
+                        f"{'pre-RoPE keys, ' if layer in pre_rope else ''}{self.dtype}) cannot be decoded by the 'i8t' "
+                        "kernel, the only one that reads that layout on the GPU; it needs a bfloat16 model, post-RoPE "
+                        "keys in BFP16 or BFP12 (BFP12 needs a head_dim above 32) and V in BFP16 or BFP12 of K's "
+                        "block size. Use v_layout='rows' for this model")
+        return None
+
+    def _check_channels_decode(self, device: torch.device) -> None:
+        """A V stored channels by tokens is read on the GPU by the "i8t" decode kernel only: refuse the
+        layout up front where a layer's shape is one i8t cannot run."""
+        refusal = self._i8t_refusal() if self._decodes_on_gpu(device) else None
+        if refusal is not None:
+            raise ValueError(f"v_layout='channels': {refusal}")
 
     # -- running ------------------------------------------------------------------------------
     @torch.no_grad()

@@ -109,11 +109,7 @@ class ModelRunner:
         last tokens fed back, positions one on), with the page table re-read for the pages chain() added.
         No host sync: the host reads `previous` while this one runs."""
         batch, n = previous.batch, previous.n
-        num_pages = np.fromiter((len(s.seq.page_ids) for s in out.scheduled), dtype=np.int64, count=n)
-        table = np.zeros((n, int(num_pages.max())), dtype=np.int64)
-        for row, s in enumerate(out.scheduled):
-            table[row, : len(s.seq.page_ids)] = s.seq.page_ids
-        table = self._to_device(table, torch.int32)
+        table = self._to_device(_page_table(out.scheduled), torch.int32)
         if previous.graph is not None:  # the static table is max_pages_per_seq wide
             batch.page_table[:n, : table.shape[1]].copy_(table)
         else:  # the eager batch's table is as wide as its pages were
@@ -166,13 +162,7 @@ class ModelRunner:
         ids = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in scheduled), dtype=np.int64, count=total)
         seq_index = np.repeat(np.arange(n_seq), counts)
         positions = np.arange(total) - query_start[:-1][seq_index] + starts[seq_index]
-        # the page table, rows padded with zeros, filled in one scatter (no per-row list conversion)
-        num_pages = np.fromiter((len(s.seq.page_ids) for s in scheduled), dtype=np.int64, count=n_seq)
-        table = np.zeros((n_seq, int(num_pages.max())), dtype=np.int64)
-        page_rows = np.repeat(np.arange(n_seq), num_pages)
-        page_cols = np.arange(len(page_rows)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
-        table[page_rows, page_cols] = np.fromiter(itertools.chain.from_iterable(s.seq.page_ids for s in scheduled),
-                                                  dtype=np.int64, count=len(page_rows))
+        table = _page_table(scheduled)
         page_size = self.config.page_size
         slots = table[seq_index, positions // page_size] * page_size + positions % page_size
         sample_rows = np.fromiter((s.sample for s in scheduled), dtype=bool, count=n_seq)
@@ -293,6 +283,18 @@ class ModelRunner:
         static.seq_lens[:n].copy_(batch.seq_lens)
         static.seq_lens[n:].fill_(1)
         return graph, static, logits
+
+
+def _page_table(scheduled: list) -> np.ndarray:
+    """The scheduled sequences' page ids [rows, most pages], rows padded with zeros, filled in one
+    scatter (no per-row list conversion)."""
+    num_pages = np.fromiter((len(s.seq.page_ids) for s in scheduled), dtype=np.int64, count=len(scheduled))
+    table = np.zeros((len(scheduled), int(num_pages.max())), dtype=np.int64)
+    page_rows = np.repeat(np.arange(len(scheduled)), num_pages)
+    page_cols = np.arange(len(page_rows)) - np.repeat(np.cumsum(num_pages) - num_pages, num_pages)
+    table[page_rows, page_cols] = np.fromiter(itertools.chain.from_iterable(s.seq.page_ids for s in scheduled),
+                                              dtype=np.int64, count=len(page_rows))
+    return table
 
 
 class _Window:

@@ -305,6 +305,11 @@ class Scheduler:
         del self._unfinished[seq.seq_id]
         return True
 
+    def _tokens_left(self, seq: Sequence) -> int:
+        """Tokens `seq` may still sample: to its max_new_tokens or max_model_len, whichever comes first."""
+        params = seq.sampling_params
+        return min(params.max_new_tokens - seq.num_output_tokens, self.config.max_model_len - seq.num_tokens)
+
     def chain(self, output: SchedulerOutput) -> SchedulerOutput | None:
         """The decode window after `output` (a window not yet updated), scheduled before its tokens are
         known, so the runner can launch it while the host reads `output` (EngineConfig.overlap_windows).
@@ -318,11 +323,11 @@ class Scheduler:
                 or len(output.scheduled) != len(self.running)
                 or (self.waiting and len(self.running) < self.config.max_num_seqs)):
             return None
-        k, max_len, steps = output.num_steps, self.config.max_model_len, []
+        k, steps = output.num_steps, []
         for sched, seq in zip(output.scheduled, self.running):
             if sched.seq is not seq or sched.num_steps != k or seq.is_finished:
                 return None
-            left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens) - k
+            left = self._tokens_left(seq) - k
             if left < 1:  # stops by length inside `output`: the batch changes
                 return None
             steps.append(min(k_max, left))
@@ -344,11 +349,8 @@ class Scheduler:
             return None  # a waiting sequence may be admitted: its prefill goes first
         if not all(seq.is_decoding for seq in running):
             return None
-        max_len, pool = self.config.max_model_len, self.pool
-        steps = []
-        for seq in running:
-            left = min(seq.sampling_params.max_new_tokens - seq.num_output_tokens, max_len - seq.num_tokens)
-            steps.append(max(1, min(k_max, left)))
+        pool = self.pool
+        steps = [max(1, min(k_max, self._tokens_left(seq))) for seq in running]
         k = max(steps)
         if k == 1 or not pool.can_allocate_all(list(zip(running, steps))):
             return None
