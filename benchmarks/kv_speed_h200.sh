@@ -38,6 +38,7 @@
 #   bash benchmarks/kv_speed_h200.sh overlap     # SmolLM2 real weights, --overlap-windows off,on (both device_env calls)
 #   bash benchmarks/kv_speed_h200.sh overlap-8b  # the 8B shape, bf16 and BFP12-K/BFP16-V, --overlap-windows off,on
 #   bash benchmarks/kv_speed_h200.sh overlap-tests  # GPU tests of chained decode windows
+#   bash benchmarks/kv_speed_h200.sh kprof-smol  # kernel times of a decode pass and a prefill step, SmolLM2 shape, 3 formats
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
 #   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run (vt-8b, vt-long: one each)
 #   bash benchmarks/kv_speed_h200.sh i8k-tests   # GPU tests of the packed decode kernels (i8k among them) and their CUDA-graph replay
@@ -171,6 +172,10 @@ for stage in "$@"; do
     overlap-8b)  # the same on the 8B shape (random weights), bf16 and BFP12-K/BFP16-V
       e2e tuned overlap_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --repeats 2 --overlap-windows off,on ;;
+    kprof-smol)  # kernel times of one eager decode pass (256 x 300 tokens) and one prefill step, SmolLM2 shape
+      timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
+        --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --json-out "$OUT/kernel_profile_smol_h200.json" \
+        2>&1 | grep -v Warning | tail -120 ;;
     overlap-tests)  # GPU tests of chained windows (CUDA graphs, a packed cache)
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/runtime/test_engine.py -k "overlap" 2>&1 \
         | tee "$OUT/overlap_tests_h200.log" | tail -4 ;;

@@ -229,12 +229,13 @@ def roofline(model, passes: list[tuple[int, int, int, int]], flop_model: FlopMod
 def run_fxforge(model, prompts: list[list[int]], max_new_tokens: int, max_num_seqs: int, bandwidth: float | None,
                 name: str, warmup: bool = True, num_decode_steps: int = 8,
                 max_num_batched_tokens: int = 8192, repeats: int = 3, peak_flops: float | None = None,
-                num_pages: int | None = None, v_layout: str = "auto", overlap_windows: bool = False) -> E2EResult:
+                num_pages: int | None = None, v_layout: str = "auto", overlap_windows: bool | None = None) -> E2EResult:
     """Timed offline generation: the median of `repeats` timed runs after a warm-up. The counts
     (steps, forward passes, FLOPs, bytes) are the last timed run's; roofline_pct = its `roofline`
     at the measured ceilings over the median wall time (needs bandwidth and peak_flops). A profiled
     re-run of the same workload afterwards gives gpu_busy_pct (None on a CPU) and counts nowhere.
-    num_pages: the KV pool (None: the engine's default); v_layout, overlap_windows: as EngineConfig's."""
+    num_pages: the KV pool (None: the engine's default); v_layout, overlap_windows: as EngineConfig's (None:
+    the engine's default)."""
     from fxforge.runtime.engine import Engine, EngineStats
     from fxforge.runtime.sequence import SamplingParams
 

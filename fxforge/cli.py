@@ -535,9 +535,10 @@ def bench_e2e_cmd(
                                  "(the engine's default: channels where this GPU's tuned configs time i8t for the "
                                  "shape, else rows), rows, or channels (a packed V stored channels by tokens, decoded "
                                  "by the i8t kernel; rows FORMAT+vt; formats with a dense V run rows only)"),
-    overlap_windows: str = typer.Option("off", "--overlap-windows", help="fxforge: read each decode window's tokens "
-                                        "before launching the next (off), launch the next first (on), or both as "
-                                        "peers (off,on; rows FORMAT+ow)"),
+    overlap_windows: str = typer.Option("auto", "--overlap-windows", help="fxforge: read each decode window's "
+                                        "tokens before launching the next (off), launch the next first (on; rows "
+                                        "FORMAT+ow), auto (the engine's default: on for CUDA), or both as peers "
+                                        "(off,on)"),
     repeats: int = typer.Option(3, help="timed generations per run (the median is reported)"),
     hf_batch: str = typer.Option("64,256", help="HF generate batch sizes (empty: skip HF)"),
     random_init: bool = typer.Option(False, help="random weights (named shapes)"),
@@ -563,6 +564,7 @@ def bench_e2e_cmd(
                                run_fxforge, run_hf_best, seats_in_kv_memory)
     from fxforge.kernels.formats import parse_kv_format
     from fxforge.runtime.config import ENGINE_V_LAYOUTS
+    from fxforge.runtime.engine import default_overlap_windows
 
     long_context = _e2e_workload(workload)
     model = model or (LONG_CONTEXT["model"] if long_context else DEFAULT_MODEL)
@@ -576,9 +578,9 @@ def bench_e2e_cmd(
     layouts = [x for x in v_layout.split(",") if x]
     if not layouts or set(layouts) - set(ENGINE_V_LAYOUTS):
         raise FxforgeError(f"--v-layout {v_layout!r}: expected {', '.join(ENGINE_V_LAYOUTS)}, comma-separated")
-    overlaps = list(dict.fromkeys(x for x in overlap_windows.split(",") if x))
-    if not overlaps or set(overlaps) - {"off", "on"}:
-        raise FxforgeError(f"--overlap-windows {overlap_windows!r}: expected off, on or off,on")
+    overlaps = [x for x in overlap_windows.split(",") if x]
+    if not overlaps or set(overlaps) - {"auto", "off", "on"}:
+        raise FxforgeError(f"--overlap-windows {overlap_windows!r}: expected auto, off, on or off,on")
     for flag, value, least in (("--repeats", repeats, 1), ("--max-new-tokens", max_new_tokens, 1),
                                ("--prompts", num_prompts, 1), ("--prompt-len", prompt_len, 0)):
         if value is not None and value < least:
@@ -633,15 +635,17 @@ def bench_e2e_cmd(
         # "auto" resolved as the engine resolves it; a layout asked for twice (auto and what it resolves to) runs once
         resolved = list(dict.fromkeys(opt.resolve_v_layout(x, device) for x in layouts
                                       if x != "channels" or packed_v))  # only a packed V has that layout
+        # "auto" resolved as the engine resolves it, and run once if asked for beside what it resolves to
+        chained = list(dict.fromkeys(x == "on" or (x == "auto" and default_overlap_windows(opt)) for x in overlaps))
         for limit in [seats] if seats else seat_limits:
-            for k, layout, overlap in itertools.product(windows, resolved, overlaps):
-                suffix = ("+vt" if layout == "channels" else "") + ("+ow" if overlap == "on" else "")
+            for k, layout, overlap in itertools.product(windows, resolved, chained):
+                suffix = ("+vt" if layout == "channels" else "") + ("+ow" if overlap else "")
                 run = run_fxforge(opt, prompts, max_new_tokens, limit, bandwidth,
                                   f"fxforge-{fmt}{suffix}-s{limit}-k{k}", num_decode_steps=k,
                                   max_num_batched_tokens=max_batched_tokens, repeats=repeats, peak_flops=peak,
-                                  num_pages=pages, v_layout=layout, overlap_windows=overlap == "on")
+                                  num_pages=pages, v_layout=layout, overlap_windows=overlap)
                 row = run.to_dict()
-                row.update(kv_format=fmt, seats_that_fit=seats, v_layout=layout, overlap_windows=overlap == "on")
+                row.update(kv_format=fmt, seats_that_fit=seats, v_layout=layout, overlap_windows=overlap)
                 results["runs"].append(row)
                 console.print(row)
                 gc.collect()

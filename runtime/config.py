@@ -39,7 +39,8 @@ class EngineConfig:
     loop_policy: str = "lockstep"  # layer-tied models: "lockstep" (unrolled forward) or "depthwise" (see scheduler)
     skip_policy: str = "bucket"  # skip-decode models: "bucket", "mask" (runtime/skip_runner.py) or "full" (every layer)
     skip_kv_fraction: float = 1.0  # skip-decode models: pages of each skippable layer group, as a share of num_pages
-    overlap_windows: bool = False  # launch the next decode window before reading this one's tokens (Scheduler.chain)
+    overlap_windows: bool = False  # launch the next decode window before reading this one's tokens (Scheduler.chain);
+    # Engine's settings leave it to the model: on for CUDA and the plain runner (engine.default_overlap_windows)
     v_layout: str = "auto"  # "channels": packed V stored channels by tokens, read by the "i8t" decode kernel;
     # "auto": channels where this device's tuned decode configs time i8t for every layer's shape, else rows
 

@@ -23,7 +23,7 @@ from .sequence import SamplingParams, Sequence
 from .skip_runner import SkipRunner
 
 # Settings whose None means "the model's default", as Engine's keywords always took them.
-_MODEL_DEFAULTS = ("max_model_len", "num_pages", "use_cuda_graphs")
+_MODEL_DEFAULTS = ("max_model_len", "num_pages", "use_cuda_graphs", "overlap_windows")
 
 
 def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> EngineConfig:
@@ -31,7 +31,10 @@ def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> 
     out (or None): max_model_len = min(its max positions, 4096); num_pages = what
     `gpu_memory_fraction` of free GPU memory holds, or on CPU enough for max_num_seqs full sequences
     up to 65,536 positions; use_cuda_graphs = on CUDA with the attention (and MoE experts) bound to Triton;
-    eos_token_id = the spec's first EOS id."""
+    eos_token_id = the spec's first EOS id; overlap_windows = on CUDA where the plain model runner serves
+    (no depth-wise loop, no skip-decode schedule): launching the next decode window before this one's
+    tokens are read took SmolLM2 from 117k to 137k tokens/s on the H200 (BENCHMARKS.md), while on a CPU
+    every launch runs to its end, so chaining would only add a window for sequences that stop early."""
     settings = {k: v for k, v in settings.items() if not (k in _MODEL_DEFAULTS and v is None)}
     spec = model.spec
     settings.setdefault("max_model_len", min(spec.max_position_embeddings, 4096))
@@ -39,10 +42,20 @@ def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> 
     settings.setdefault("use_cuda_graphs", model.device.type == "cuda" and bound.get("attention") == "triton"
                         and bound.get("moe", "triton") == "triton")
     settings.setdefault("eos_token_id", spec.eos_token_ids[0] if spec.eos_token_ids else None)
+    settings.setdefault("overlap_windows", default_overlap_windows(
+        model, settings.get("loop_policy", EngineConfig.loop_policy), settings.get("skip_policy", EngineConfig.skip_policy)))
     config = EngineConfig(**settings)
     if "num_pages" not in settings:
         config = dataclasses.replace(config, num_pages=_default_num_pages(model, config, gpu_memory_fraction))
     return config
+
+
+def default_overlap_windows(model, loop_policy: str = EngineConfig.loop_policy,
+                            skip_policy: str = EngineConfig.skip_policy) -> bool:
+    """EngineConfig.overlap_windows when the settings leave it out: on for a model on CUDA that the plain
+    ModelRunner serves (the runner that chains decode windows: no depth-wise loop, no skip schedule)."""
+    plain = loop_policy != "depthwise" and (skip_schedule(model) is None or skip_policy == "full")
+    return model.device.type == "cuda" and plain
 
 
 def _default_num_pages(model, config: EngineConfig, gpu_memory_fraction: float) -> int:
@@ -92,7 +105,8 @@ class Engine:
 
     `num_decode_steps` K: when only decodes can run, one step() runs up to K decode steps with
     the sampled tokens fed back on the device and one host sync (a sequence that stops mid-window
-    finishes at its end); 1 makes every step a single model step. With `overlap_windows` the next
+    finishes at its end); 1 makes every step a single model step. With `overlap_windows` (the default
+    on CUDA for the plain runner, `default_overlap_windows`) the next
     window is launched before this one's tokens are read (Scheduler.chain), so the host's reading,
     update and scheduling overlap the device's work; a sequence that stops on EOS or a stop token
     then runs one window more, whose tokens are dropped.

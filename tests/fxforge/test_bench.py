@@ -220,7 +220,7 @@ def test_overlapped_windows_run_as_peers_smoke(tmp_path):
     (["--kv", "bfp13"], "--kv 'bfp13': unknown KV format"),
     (["--kv-memory-gb", "1e-9", "--prompt-len", "8", "--smoke"], "not one sequence of 264 tokens fits"),
     (["--v-layout", "rows,cols"], "--v-layout 'rows,cols': expected auto, rows, channels"),
-    (["--overlap-windows", "yes"], "--overlap-windows 'yes': expected off, on or off,on"),
+    (["--overlap-windows", "yes"], "--overlap-windows 'yes': expected auto, off, on or off,on"),
 ], ids=["no-prompt-len", "negative-memory", "workload", "format", "nothing-fits", "v-layout", "overlap"])
 def test_bench_e2e_bad_input_exits_2_and_writes_nothing(tmp_path, args, message):
     source = write_tiny_checkpoint(tmp_path / "hf")

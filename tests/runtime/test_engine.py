@@ -221,6 +221,29 @@ def test_overlap_windows_is_checked():
         EngineConfig(overlap_windows="yes")
 
 
+def test_overlapped_windows_are_the_default_on_cuda_for_the_plain_runner(monkeypatch):
+    """Engine's settings leave overlap_windows to the model: on for CUDA where the plain ModelRunner serves,
+    off on a CPU (every launch runs to its end there), for a depth-wise loop and for a skip schedule; an
+    explicit setting wins. (The device is faked: resolution reads it and the graph only.)"""
+    import fxforge
+    from fxforge.ir.model import Model
+    from fxforge.passes import SkipDecode
+    from fxforge.runtime.engine import config_for_model, default_overlap_windows
+
+    model = tiny_model("llama-gqa")
+    assert not default_overlap_windows(model) and not Engine(model, num_pages=16, page_size=4).config.overlap_windows
+    assert Engine(model, num_pages=16, page_size=4, overlap_windows=True).config.overlap_windows
+    skipped = fxforge.optimize(model, passes=[SkipDecode(min_layers=1, max_layers=1, warmup_layers=1, span=8)])
+    monkeypatch.setattr(Model, "device", property(lambda self: torch.device("cuda")))
+    assert default_overlap_windows(model) and not default_overlap_windows(model, loop_policy="depthwise")
+    assert not default_overlap_windows(skipped) and default_overlap_windows(skipped, skip_policy="full")
+    settings = dict(num_pages=16, use_cuda_graphs=False)
+    assert config_for_model(model, **settings).overlap_windows
+    assert not config_for_model(model, overlap_windows=False, **settings).overlap_windows
+    assert not config_for_model(skipped, **settings).overlap_windows
+    assert config_for_model(skipped, skip_policy="full", **settings).overlap_windows
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("passes", [[], [{"name": "bfp-kv", "k_format": "bfp16", "v_format": "bfp16", "block": 16}]],
@@ -346,7 +369,7 @@ def test_auto_v_layout_is_channels_only_where_i8t_was_tuned_for_every_layer(monk
     tuned[key.replace("K=bfp16_32", "K=bfp12_32")] = tuned[key]
     assert bfp12.resolve_v_layout("auto", cuda) == "rows"  # i8t cannot run BFP12 keys at head_dim 32
     reference = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16),
-                                 passes=[{"name": "bfp-kv", "k_format": "bfp16"}, "lower"])
+                                 passes=[{"name": "bfp-kv", "k_format": "bfp16"}, {"name": "lower", "backend": "torch"}])
     assert reference.resolve_v_layout("auto", cuda) == "rows"  # the references read rows as fast
     dense = fxforge.optimize(tiny_model("llama-gqa", dtype=torch.bfloat16), passes=lowered)
     assert dense.resolve_v_layout("auto", cuda) == "rows"
