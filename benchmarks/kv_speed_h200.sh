@@ -38,6 +38,8 @@
 #   bash benchmarks/kv_speed_h200.sh overlap     # SmolLM2 real weights, --overlap-windows off,on (both device_env calls)
 #   bash benchmarks/kv_speed_h200.sh overlap-8b  # the 8B shape, bf16 and BFP12-K/BFP16-V, --overlap-windows off,on
 #   bash benchmarks/kv_speed_h200.sh overlap-tests  # GPU tests of chained decode windows
+#   bash benchmarks/kv_speed_h200.sh split-short # SmolLM2's shape at 512 tokens: min_split_tokens / programs per SM, tuned at 512
+#   bash benchmarks/kv_speed_h200.sh short-e2e   # SmolLM2 random weights e2e: committed configs vs split-short's, same call
 #   bash benchmarks/kv_speed_h200.sh kprof-smol  # kernel times of a decode pass and a prefill step, SmolLM2 shape, 3 formats
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
 #   bash benchmarks/kv_speed_h200.sh vt          # e2e 8B and long context, V rows vs channels by tokens (i8t), same run (vt-8b, vt-long: one each)
@@ -172,6 +174,20 @@ for stage in "$@"; do
     overlap-8b)  # the same on the 8B shape (random weights), bf16 and BFP12-K/BFP16-V
       e2e tuned overlap_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --repeats 2 --overlap-windows off,on ;;
+    split-short)  # SmolLM2's shape at 512 tokens (its GSM8K regime): shorter context slices (min_split_tokens) and
+                  # more programs; tuned at 512 into .devcarry/configs (a copy of the committed file) and $OUT
+      mkdir -p .devcarry/configs && cp kernels/configs/paged_decode_NVIDIA_H200.json .devcarry/configs/
+      S='[{"min_split_tokens": 128}, {"min_split_tokens": 64}, {"num_warps": 1, "programs_per_sm": 16, "min_split_tokens": 64}, {"num_warps": 1, "programs_per_sm": 32, "min_split_tokens": 64}, {"num_warps": 1, "programs_per_sm": 32, "min_split_tokens": 128}, {"num_warps": 2, "programs_per_sm": 16, "min_split_tokens": 64}, {"num_warps": 4, "programs_per_sm": 16, "min_split_tokens": 64}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 32, "min_split_tokens": 32}]'
+      timeout 240 python3 -m fxforge.kernels.attention_bench "$OUT/kv_split_short_smol_h200.json" --sweep --variants "$S" \
+        --sweep-context 512 --contexts 512 --kernels tiles i8k --shape 256 9 3 64 \
+        --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 --tune .devcarry/configs > "$OUT/kv_split_short_smol_h200.log" 2>&1
+      grep -v Warning "$OUT/kv_split_short_smol_h200.log" | grep "ctx\|tuned" | tail -40
+      cp .devcarry/configs/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_short.json" ;;
+    short-e2e)  # SmolLM2 random weights, 160-token prompts: the committed decode configs against split-short's, same call
+      FXFORGE_DECODE_CONFIG_DIR=kernels/configs e2e tuned short_committed_smol smollm2-135m --random-init \
+        --prompt-len 160 --kv "$KV" --hf-batch "" --repeats 3
+      FXFORGE_DECODE_CONFIG_DIR=.devcarry/configs e2e tuned short_tuned_smol smollm2-135m --random-init \
+        --prompt-len 160 --kv "$KV" --hf-batch "" --repeats 3 ;;
     kprof-smol)  # kernel times of one eager decode pass (256 x 300 tokens) and one prefill step, SmolLM2 shape
       timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
         --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --json-out "$OUT/kernel_profile_smol_h200.json" \

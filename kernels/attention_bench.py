@@ -14,8 +14,9 @@ the ceiling is a device-to-device copy (bytes read + written / time).
 Each of our decode kernels runs in the same run ("tiles": values scaled per value, the kernel before
 issue 14; "blocks" and "diag": scales per block, see kernels/paged_attention.py), so old and new
 compare on the same inputs and baseline.
---sweep also times a few launch variants of each kernel at context 4096 (SWEEP); --tune DIR then
-writes the fastest config per (K, V, head_dim, group, bf16) shape to DIR/paged_decode_<device>.json,
+--sweep also times a few launch variants of each kernel at context 4096 (SWEEP; --sweep-context picks
+another, e.g. the few hundred tokens of a chat workload); --tune DIR then
+writes the fastest config per (K, V, head_dim, group, bf16) shape at that context to DIR/paged_decode_<device>.json,
 the file paged_decode_attention reads at launch (entries of other shapes in an existing file kept).
 """
 
@@ -56,6 +57,8 @@ SWEEP["i8k"] = ([dict(block_n=n, num_warps=w, num_stages=st)
                  for n, w, st in ((64, 4, 3), (64, 4, 1), (64, 8, 2), (128, 8, 2), (128, 8, 3))]
                 + [dict(programs_per_sm=pps) for pps in (4, 16)])
 SWEEP["i8t"] = SWEEP["i8k"] + [dict(block_n=32, num_warps=4, num_stages=st) for st in (2, 3)]
+# DecodeConfig fields that set the split count (auto_num_splits), not keywords of paged_decode_attention
+SPLIT_KEYS = ("programs_per_sm", "min_split_tokens")
 
 
 def _do_bench(fn) -> float:
@@ -154,11 +157,11 @@ def _sdpa_variants(q4, kv_copies, group):
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
                  seed: int = 0, kernels=("tiles", "blocks", "diag"), ablate: bool = False,
-                 variants: list[dict] | None = None) -> list[dict]:
+                 variants: list[dict] | None = None, sweep_context: int = 4096) -> list[dict]:
     """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
-    each kernel at context 4096. A kernel's rows are left out for formats it does not run. With ablate,
+    each kernel at context `sweep_context`. A kernel's rows are left out for formats it does not run. With ablate,
     two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
     stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
     no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the
@@ -201,7 +204,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                                      for c in copies]
                 configs = [("default", {})] + ([(json.dumps(c), c) for c in (SWEEP[kernel] if variants is None
                                                                              else variants)]
-                                               if sweep and ctx == 4096 else [])
+                                               if sweep and ctx == sweep_context else [])
                 if ablate and kernel in ABLATIONS:  # after the full runs: the kernel's fastest config, stages left out
                     configs += [("ablate", None)]
                 for config_name, config in configs:
@@ -246,8 +249,7 @@ def launch_of(q, cache, k_name, v_name, kernel, config) -> dict:
     overrides = [config.get(key) for key in ("block_n", "num_warps", "num_stages", "prefetch")]
     launch = paged_attention._decode_launch_config(k_fmt, v_fmt, q, q.shape[1] // cache[0].shape[2], False, kernel,
                                                    *overrides, layout).to_dict()
-    if "programs_per_sm" in config:
-        launch["programs_per_sm"] = config["programs_per_sm"]
+    launch.update({key: config[key] for key in SPLIT_KEYS if key in config})
     return launch
 
 
@@ -271,11 +273,12 @@ def _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes
 def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, kernel, config, ctx, page_size):
     """(median µs over CUDA-graph replays rotating the cache copies, max |out - ref|) of one kernel and
     launch variant (config: paged_decode_attention keywords, plus asm and programs_per_sm)."""
-    kwargs = {key: val for key, val in config.items() if key not in ("asm", "programs_per_sm")}
-    if "programs_per_sm" in config:
+    kwargs = {key: val for key, val in config.items() if key not in ("asm",) + SPLIT_KEYS}
+    if any(key in config for key in SPLIT_KEYS):  # the split count of the launch with the variant's split keys
+        launch = launch_of(q, copies[0], k_name, v_name, kernel, config)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         kwargs["num_splits"] = auto_num_splits(q.shape[0], copies[0][0].shape[2], page_table.shape[1] * page_size,
-                                               sms, config["programs_per_sm"])
+                                               sms, launch["programs_per_sm"], launch["min_split_tokens"])
     default_asm = paged_attention._ASM_DECODE
     paged_attention._ASM_DECODE = config.get("asm", default_asm)  # read when the kernels are launched
     try:
@@ -289,12 +292,12 @@ def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, ke
         paged_attention._ASM_DECODE = default_asm
 
 
-def tuned_entries(rows: list[dict]) -> dict:
-    """{decode_config_key: {"config", "time_us", "default_time_us"}}: per format, the fastest row at
-    context 4096 among every kernel and variant timed (the "tiles" default is the baseline)."""
+def tuned_entries(rows: list[dict], context: int = 4096) -> dict:
+    """{decode_config_key: {"config", "time_us", "default_time_us", "context"}}: per format, the fastest row
+    at `context` (the sweep's) among every kernel and variant timed (the "tiles" default is the baseline)."""
     entries = {}
     for fmt_name in dict.fromkeys(r["format"] for r in rows):
-        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == 4096 and "ablate" not in r]
+        timed = [r for r in rows if r["format"] == fmt_name and r["context"] == context and "ablate" not in r]
         if not timed:
             continue
         default = next(r for r in timed if r["kernel"] == "tiles" and r["config"] == "default")
@@ -314,18 +317,18 @@ def tuned_entries(rows: list[dict]) -> dict:
             key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
                                     best["hq"] // best["hkv"], torch.bfloat16, layout)
             entries[key] = {"config": config.to_dict(), "time_us": best["time_us"],
-                            "default_time_us": default["time_us"]}
+                            "default_time_us": default["time_us"], "context": context}
     return entries
 
 
-def write_tuned(rows: list[dict], directory: Path) -> Path:
-    """Merge tuned_entries(rows) into directory/paged_decode_<device>.json (version 1); its path."""
+def write_tuned(rows: list[dict], directory: Path, context: int = 4096) -> Path:
+    """Merge tuned_entries(rows, context) into directory/paged_decode_<device>.json (version 1); its path."""
     device = torch.cuda.get_device_name()
     path = decode_config_path(device, directory)
     data = json.loads(path.read_text()) if path.is_file() else {"shapes": {}}
     data.update(version=DecodeConfig.VERSION, device=device, torch=torch.__version__,
                 triton=__import__("triton").__version__)
-    data["shapes"].update(tuned_entries(rows))
+    data["shapes"].update(tuned_entries(rows, context))
     path.write_text(json.dumps(data, indent=1))
     return path
 
@@ -424,7 +427,9 @@ def _print_sass(json_path: str, formats, kernels, group: int, head_dim: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("json_path", help="where to write the rows as JSON")
-    parser.add_argument("--sweep", action="store_true", help="also time kernel variants at context 4096")
+    parser.add_argument("--sweep", action="store_true", help="also time kernel variants at --sweep-context")
+    parser.add_argument("--sweep-context", type=int, default=4096, help="the context of --sweep and --tune "
+                        "(one of --contexts; default 4096)")
     parser.add_argument("--variants", type=json.loads, default=None, metavar="JSON",
                         help="with --sweep: these launch variants (a JSON list of paged_decode_attention keywords, "
                         "e.g. '[{\"num_warps\": 2}]') for every kernel instead of SWEEP")
@@ -443,19 +448,22 @@ def main() -> None:
     if args.sass:
         _print_sass(args.json_path, args.formats, args.kernels, args.shape[1] // args.shape[2], args.shape[3])
         return
-    if args.tune is not None and not (args.sweep and 4096 in args.contexts and "tiles" in args.kernels):
-        parser.error("--tune needs --sweep, context 4096 and the tiles kernel (its default is the baseline)")
+    if args.sweep and args.sweep_context not in args.contexts:
+        parser.error(f"--sweep-context {args.sweep_context} must be one of --contexts {args.contexts}")
+    if args.tune is not None and not (args.sweep and "tiles" in args.kernels):
+        parser.error("--tune needs --sweep and the tiles kernel (its default is the baseline)")
     torch.cuda.set_device(0)
     props = torch.cuda.get_device_properties(0)
     batch, hq, hkv, d = args.shape
     rows = bench_decode(batch, hq, hkv, d, contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
-                        kernels=tuple(args.kernels), ablate=args.ablate, variants=args.variants)
+                        kernels=tuple(args.kernels), ablate=args.ablate, variants=args.variants,
+                        sweep_context=args.sweep_context)
     _print_table(rows)
     with open(args.json_path, "w") as f:
         json.dump(dict(version=1, device=props.name, torch=torch.__version__,
                        triton=__import__("triton").__version__, rows=rows), f, indent=1)
     if args.tune is not None:
-        print(f"tuned configs: {write_tuned(rows, args.tune)}")
+        print(f"tuned configs: {write_tuned(rows, args.tune, args.sweep_context)}")
 
 
 if __name__ == "__main__":

@@ -1627,13 +1627,13 @@ def _sm_count(device: torch.device) -> int:
 
 
 def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: int = _DEFAULT_SMS,
-                    programs_per_sm: int = 8) -> int:
+                    programs_per_sm: int = 8, min_tokens: int = _MIN_TOKENS_PER_SPLIT) -> int:
     """Context slices per sequence for decode: about `programs_per_sm` programs per SM (several
-    waves, so the last, partial wave costs little), each slice at least _MIN_TOKENS_PER_SPLIT tokens
-    long. `max_context` is an upper bound on the visible context."""
+    waves, so the last, partial wave costs little), each slice at least `min_tokens` tokens long
+    (DecodeConfig.min_split_tokens). `max_context` is an upper bound on the visible context."""
     programs = max(1, batch * num_kv_heads)
     wanted = math.ceil(programs_per_sm * num_sms / programs)
-    longest = max(1, max_context // _MIN_TOKENS_PER_SPLIT)
+    longest = max(1, max_context // min_tokens)
     return max(1, min(wanted, longest, _MAX_SPLITS))
 
 
@@ -1658,7 +1658,9 @@ class DecodeConfig:
     tile's bytes are loaded into registers before this tile's math (without it, "tiles" leaves its
     loads to Triton's pipeliner, which stages them through shared memory, num_stages deep; "tiles"
     ignores it for 6-bit formats; "i8k" and "i8t" have none).
-    block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits."""
+    block_n: tokens per iteration; programs_per_sm: the split-K target of auto_num_splits;
+    min_split_tokens: the shortest context slice it makes (short contexts of a few hundred tokens run
+    in one or two slices at the default, so one-warp programs leave SMs idle)."""
 
     VERSION: ClassVar[int] = 1  # of the JSON layout; a file of another version is refused
 
@@ -1668,6 +1670,7 @@ class DecodeConfig:
     num_stages: int = 2
     prefetch: bool = False
     programs_per_sm: int = 8
+    min_split_tokens: int = _MIN_TOKENS_PER_SPLIT
 
     def __post_init__(self):
         if self.kernel not in DECODE_KERNELS:
@@ -1677,6 +1680,9 @@ class DecodeConfig:
         if self.num_warps not in (1, 2, 4, 8, 16) or self.num_stages < 1 or self.programs_per_sm < 1:
             raise ValueError(f"DecodeConfig: num_warps={self.num_warps} must be a power of two <= 16, num_stages="
                              f"{self.num_stages} and programs_per_sm={self.programs_per_sm} >= 1")
+        if not isinstance(self.min_split_tokens, int) or isinstance(self.min_split_tokens, bool) \
+                or self.min_split_tokens < 1:
+            raise ValueError(f"DecodeConfig: min_split_tokens={self.min_split_tokens!r} must be an int >= 1")
         if not isinstance(self.prefetch, bool):
             raise ValueError(f"DecodeConfig: prefetch must be a bool, got {self.prefetch!r}")
         if self.kernel == "i8t" and self.block_n < _MIN_INT8_DOT:  # its int8 V dot contracts over the tile's tokens
@@ -2002,7 +2008,8 @@ def paged_decode_attention(
         capacity = page_table.shape[1] * page_size
         if sliding_window > 0:
             capacity = min(capacity, sliding_window)
-        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device), config.programs_per_sm)
+        num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device), config.programs_per_sm,
+                                     config.min_split_tokens)
     num_splits = _check_num_splits(num_splits)
 
     out = torch.empty_like(q)

@@ -493,6 +493,7 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     variant = '{"block_n": 128, "num_warps": 8, "num_stages": 1, "prefetch": true}'
     rows = [row("bfp12_32", "tiles", "default", 300.0), row("bfp12_32", "blocks", "default", 200.0),
             row("bfp12_32", "blocks", variant, 150.0), row("bfp12_32", "blocks", "default", 10.0, context=1024),
+            row("bfp12_32", "tiles", "default", 12.0, context=1024),
             row("bfloat16", "tiles", "default", 260.0), row("bfloat16", "tiles", '{"asm": false}', 250.0),
             row("bfp12_32/bfp16_32", "tiles", "default", 280.0), row("bfp12_32/bfp16_32", "blocks", "default", 290.0),
             dict(row("bfp12_32/bfp16_32", "tiles", "ablate=1 default", 90.0), ablate=1),  # not a config
@@ -500,7 +501,9 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     entries = tuned_entries(rows)
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
     tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
-    assert entries[key] == {"config": tuned.to_dict(), "time_us": 150.0, "default_time_us": 300.0}
+    assert entries[key] == {"config": tuned.to_dict(), "time_us": 150.0, "default_time_us": 300.0, "context": 4096}
+    short = tuned_entries(rows, context=1024)  # a sweep at another context (--sweep-context) tunes from its rows
+    assert short[key]["config"] == pa.DecodeConfig(kernel="blocks").to_dict() and short[key]["context"] == 1024
     assert "K=bfloat16,V=bfloat16,D=128,G=4,dtype=bfloat16" not in entries  # its fastest was asm=False
     mixed = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"]
     assert mixed["config"] == pa.DecodeConfig().to_dict() and mixed["time_us"] == 280.0
@@ -532,6 +535,8 @@ def test_tuner_writes_the_launch_each_row_ran(monkeypatch):
     channels = [cache[0], cache[1], kv_cache.to_channels_by_tokens(cache[2]), kv_cache.to_channels_by_tokens(cache[3])]
     assert launch_of(q, channels, "bfp12_32", "bfp12_32", "i8t", {}) == \
         pa.DecodeConfig(kernel="i8t", programs_per_sm=4).to_dict()  # no channels entry: the rows entry's launch
+    assert launch_of(q, cache, "bfp12_32", "bfp12_32", "i8k", {"min_split_tokens": 64}) == \
+        pa.DecodeConfig(kernel="i8k", programs_per_sm=4, min_split_tokens=64).to_dict()
     row = dict(format="bfp12_32", context=4096, kernel="i8k", config='{"num_warps": 1}', launch=launch,
                time_us=240.0, d=128, hq=32, hkv=8)
     default = dict(row, kernel="tiles", config="default", launch=None, time_us=300.0)
@@ -938,6 +943,11 @@ def test_auto_num_splits():
     assert pa.auto_num_splits(1, 8, 4096, 132) == 16  # capped by 256 tokens per slice
     assert pa.auto_num_splits(1, 8, 100, 132) == 1  # short context: no split
     assert pa.auto_num_splits(1, 1, 10**7, 132) == 256  # capped at _MAX_SPLITS
+    # DecodeConfig.min_split_tokens: 256 sequences x 3 KV heads at 300 tokens, 16 programs a SM wanted
+    assert pa.auto_num_splits(256, 3, 300, 132, 16) == 1 and pa.auto_num_splits(256, 3, 300, 132, 16, 64) == 3
+    assert pa.DecodeConfig().min_split_tokens == 256
+    with pytest.raises(ValueError, match="min_split_tokens=0 must be an int >= 1"):
+        pa.DecodeConfig(min_split_tokens=0)
 
 
 @needs_interpreter
