@@ -104,22 +104,49 @@ class ModelRunner:
 
     @torch.inference_mode()
     def launch_chained(self, out: SchedulerOutput, previous: "_Window") -> "_Window":
-        """Enqueue `out`, the window Scheduler.chain scheduled after `previous` (same sequences, same
-        rows), straight after it on the device: its inputs continue from `previous`'s on the device (its
-        last tokens fed back, positions one on), with the page table re-read for the pages chain() added.
+        """Enqueue `out`, the window Scheduler.chain scheduled after `previous`, straight after it on the
+        device: its inputs continue from `previous`'s on the device (its last tokens fed back, positions
+        one on), with the page table re-read for the pages chain() added. Rows of sequences chain() left
+        out (stopped by length, or stopped before `previous`) are dropped: the rows kept move up, in order.
         No host sync: the host reads `previous` while this one runs."""
         batch, n = previous.batch, previous.n
+        tokens, sample_fn = previous.tokens[-1], previous.sample_fn
+        rows = {id(s.seq): i for i, s in enumerate(previous.out.scheduled)}
+        kept = [rows[id(s.seq)] for s in out.scheduled]
+        if kept != list(range(n)):
+            batch, tokens = self._keep_rows(previous, kept)
+            n, sample_fn = len(kept), self._sampler([s.seq for s in out.scheduled])
         table = self._to_device(_page_table(out.scheduled), torch.int32)
         if previous.graph is not None:  # the static table is max_pages_per_seq wide
             batch.page_table[:n, : table.shape[1]].copy_(table)
         else:  # the eager batch's table is as wide as its pages were
             batch = BatchInputs(**{**vars(batch), "page_table": table})
-        left = torch.zeros_like(previous.left)
+        left = torch.zeros(batch.input_ids.shape[0], dtype=torch.int64, device=self.device)
         left[:n] = self._to_device(np.fromiter((s.num_steps + 1 for s in out.scheduled), dtype=np.int64, count=n))
-        self._advance(batch, previous.tokens[-1], left)  # the last tokens in; `left` now the steps to take
-        window = _Window(out, batch, n, left, previous.graph, previous.logits_out, previous.sample_fn)
+        self._advance(batch, tokens, left)  # the last tokens in; `left` now the steps to take
+        window = _Window(out, batch, n, left, previous.graph, previous.logits_out, sample_fn)
         self._run_steps(window, out.num_steps)
         return window
+
+    def _keep_rows(self, previous: "_Window", kept: list[int]) -> tuple[BatchInputs, torch.Tensor]:
+        """`previous`'s device inputs and last tokens with only the rows `kept` (indices, in order), moved
+        up to rows 0..len(kept)-1: in place in a graph's static inputs (the rows below become padding, as
+        _load_static leaves them), else a new eager batch of len(kept) rows."""
+        batch, n, m = previous.batch, previous.n, len(kept)
+        index = self._to_device(np.asarray(kept, dtype=np.int64))
+        tokens = previous.tokens[-1][index]
+        if previous.graph is None:
+            rows = {name: getattr(batch, name)[index] for name in ("input_ids", "positions", "slot_mapping", "seq_lens")}
+            arange = torch.arange(m + 1, device=self.device)
+            return BatchInputs(**rows, page_table=batch.page_table[index], query_start=arange.to(torch.int32),
+                               logits_indices=arange[:m]), tokens
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
+            t = getattr(batch, name)
+            t[:m] = t[index]  # (the index reads a copy first)
+        batch.page_table[m:n].fill_(self.scratch_page)
+        batch.seq_lens[m:n].fill_(1)
+        batch.slot_mapping[m:n].fill_(self.scratch_page * self.config.page_size)
+        return batch, tokens
 
     def collect(self, window: "_Window") -> RunnerOutput:
         """The tokens of a launched window (the one host sync). A row that has taken its num_steps

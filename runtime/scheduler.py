@@ -23,9 +23,10 @@ sequence that samples EOS or a stop token mid-window finishes at the window's en
 computed after that are dropped. `chain(out)` schedules the window after `out` before `out`'s tokens
 are known (EngineConfig.overlap_windows: the runner launches it at once, so the host reads `out`
 while the device runs it), only where the batch cannot change by what the host does not know yet:
-every running sequence in `out`, none stopping there by length, no waiting sequence that could be
-admitted, and the pages for both windows free. A sequence that stops on EOS or a stop token in `out`
-runs the chained window too, and update() drops what it sampled there.
+every running sequence in `out`, no waiting sequence that could take a seat, and the pages for both
+windows free. Sequences that stop by length in `out` are known to stop, so the chained window leaves
+them out; a sequence that stops on EOS or a stop token in `out` runs the chained window too, and
+update() drops what it sampled there.
 
 Depth-wise batching (`loop_policy="depthwise"`, a layer-tied model of L loops over one shared
 stack): a chunk (a decode token or a prefill chunk) passes through the stack L times, one loop
@@ -314,27 +315,35 @@ class Scheduler:
         """The decode window after `output` (a window not yet updated), scheduled before its tokens are
         known, so the runner can launch it while the host reads `output` (EngineConfig.overlap_windows).
         It is the window schedule() would give after update(output) if no sequence stops on EOS or a stop
-        token in `output`: None unless every running sequence is in `output`, takes all its steps and
-        has steps left after it, no waiting sequence could be admitted, and the pages fit. A sequence
-        that does stop in `output` still runs the chained window; update() drops what it sampled there
-        (it is finished), and its pages, these included, are freed when it stops."""
+        token in `output`: every running sequence that has tokens left after `output`, in the same order.
+        A sequence that stops by length in `output` is left out (the runner drops its row), and so is one
+        that `output` still carried after it had stopped; None when no sequence is left, when a waiting
+        sequence could take a seat (its prefill goes first), when `output` holds a sequence that is not
+        running or ran fewer steps with tokens left, or when the pages do not fit. A sequence that does
+        stop on EOS or a stop token in `output` still runs the chained window; update() drops what it
+        sampled there (it is finished), and its pages, these included, are freed when it stops."""
         k_max = self.config.num_decode_steps
-        if (output is not self._pending or self._chained is not None or output.num_steps == 1
-                or len(output.scheduled) != len(self.running)
-                or (self.waiting and len(self.running) < self.config.max_num_seqs)):
+        if output is not self._pending or self._chained is not None or output.num_steps == 1:
             return None
-        k, steps = output.num_steps, []
-        for sched, seq in zip(output.scheduled, self.running):
-            if sched.seq is not seq or sched.num_steps != k or seq.is_finished:
+        rows = [s for s in output.scheduled if not s.seq.is_finished]  # (finished: stopped in the window before)
+        if len(rows) != len(self.running) or any(s.seq is not seq for s, seq in zip(rows, self.running)):
+            return None
+        k, kept, steps = output.num_steps, [], []
+        for sched in rows:
+            left = self._tokens_left(sched.seq) - sched.num_steps
+            if left < 1:  # stops by length inside `output`
+                continue
+            if sched.num_steps != k:
                 return None
-            left = self._tokens_left(seq) - k
-            if left < 1:  # stops by length inside `output`: the batch changes
-                return None
+            kept.append(sched.seq)
             steps.append(min(k_max, left))
-        if max(steps) == 1 or not self.pool.can_allocate_all([(seq, k + n) for seq, n in zip(self.running, steps)]):
+        seats_free = self.config.max_num_seqs - len(kept)
+        if not kept or (self.waiting and seats_free > 0) or max(steps) == 1:
             return None
-        out = SchedulerOutput(num_steps=max(steps), num_batched_tokens=len(self.running))
-        for seq, n in zip(self.running, steps):
+        if not self.pool.can_allocate_all([(seq, k + n) for seq, n in zip(kept, steps)]):
+            return None
+        out = SchedulerOutput(num_steps=max(steps), num_batched_tokens=len(kept))
+        for seq, n in zip(kept, steps):
             self.pool.allocate(seq, k + n)
             out.scheduled.append(ScheduledSeq.decode(seq, n, ahead=k))
         self._chained = out

@@ -191,7 +191,8 @@ def test_decode_windows_match_single_steps(kind):
 def test_overlapped_windows_give_the_tokens_of_windows_read_one_by_one(kind):
     """overlap_windows launches each decode window before the previous one's tokens are read
     (Scheduler.chain): the same outputs and finish reasons (EOS, stop tokens, lengths, seeded
-    sampling, more requests than seats), windows really chained, every page back in the pool."""
+    sampling, more requests than seats), windows really chained, also past sequences that stop by
+    length (their rows dropped from the chained window), every page back in the pool."""
     model = tiny_model(kind)
     rng = random.Random(5)
     prompts = _prompts(16, seed=6)
@@ -200,11 +201,12 @@ def test_overlapped_windows_give_the_tokens_of_windows_read_one_by_one(kind):
                for _ in range(8)]
     params += [SamplingParams(temperature=0.9, top_k=50, seed=i, max_new_tokens=rng.randint(40, 80)) for i in range(4)]
     settings = dict(num_pages=512, page_size=4, max_num_seqs=12, num_decode_steps=5, eos_token_id=11)
-    runs, tables = {}, []
+    runs, tables, dropped = {}, [], []
     for overlap in (False, True):
         engine = Engine(model, overlap_windows=overlap, **settings)
-        launch = engine.runner.launch_chained
+        launch, keep = engine.runner.launch_chained, engine.runner._keep_rows
         engine.runner.launch_chained = lambda out, prev: tables.append(prev.batch.page_table.shape) or launch(out, prev)
+        engine.runner._keep_rows = lambda prev, kept: dropped.append(prev.n - len(kept)) or keep(prev, kept)
         runs[overlap] = ([(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)], engine.stats)
         assert engine.scheduler.pool.num_free_pages == 512 and engine._ahead is None
     assert runs[True][0] == runs[False][0]
@@ -213,6 +215,7 @@ def test_overlapped_windows_give_the_tokens_of_windows_read_one_by_one(kind):
     # windows chained, over sequences that needed pages chain() added (the page table grew on the way)
     assert runs[True][1].chained_windows >= 5 and runs[False][1].chained_windows == 0
     assert len({shape[1] for shape in tables}) > 1, tables
+    assert len(dropped) >= 3 and min(dropped) >= 1, dropped  # chained past sequences that stopped
     assert runs[True][1].generated_tokens == runs[False][1].generated_tokens
 
 
@@ -277,23 +280,62 @@ def test_overlapped_windows_replay_cuda_graphs_with_the_same_tokens():
     """On the GPU (Triton kernels, CUDA graphs, a packed cache): chained windows continue on the
     device from the previous window's inputs, with the pages chain() added; same tokens and finish
     reasons as reading each window before the next (EOS is a token the CPU run of this model samples
-    mid-sequence in 5 of the 16, so some sequences stop inside a chained window)."""
+    mid-sequence in 5 of the 16, so some sequences stop inside a chained window). With ragged lengths
+    the rows of sequences that stop by length leave a chained window: the static inputs' rows move up."""
     pytest.importorskip("triton")
     import fxforge
 
     lowered = fxforge.optimize(tiny_model("llama-gqa"), passes=["bfp-kv", {"name": "lower", "backend": "triton"}])
     lowered.module.cuda()
-    prompts = _prompts(16, seed=7)  # one seat each, one length: windows chain until EOS or the end
-    params = SamplingParams(max_new_tokens=40)
-    runs = {}
-    for overlap in (False, True):
-        engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=6, eos_token_id=101,
-                        overlap_windows=overlap)
-        assert engine.runner.graphs, engine.runner.graph_error
-        runs[overlap] = [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)]
-        assert engine.scheduler.pool.num_free_pages == 512
-    assert runs[True] == runs[False]
-    assert engine.stats.chained_windows > 0
+    prompts = _prompts(16, seed=7)  # one seat each
+    for params in (SamplingParams(max_new_tokens=40),  # one length: windows chain until EOS or the end
+                   [SamplingParams(max_new_tokens=10 + 3 * i) for i in range(16)]):  # one stops every window or so
+        runs, dropped = {}, []
+        for overlap in (False, True):
+            engine = Engine(lowered, num_pages=512, page_size=16, max_num_seqs=16, num_decode_steps=6,
+                            eos_token_id=101, overlap_windows=overlap)
+            assert engine.runner.graphs, engine.runner.graph_error
+            keep = engine.runner._keep_rows
+            engine.runner._keep_rows = lambda prev, kept: dropped.append(prev.n - len(kept)) or keep(prev, kept)
+            runs[overlap] = [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)]
+            assert engine.scheduler.pool.num_free_pages == 512
+        assert runs[True] == runs[False]
+        assert engine.stats.chained_windows > 0
+        if isinstance(params, list):
+            assert dropped, "ragged lengths should drop rows from a chained window"
+
+
+def test_chained_windows_over_static_graph_inputs_on_cpu():
+    """The CUDA-graph path of chained windows, on a CPU: each bucket's "graph" replays the model over
+    its static inputs into its logits buffer, as a captured graph would. Ragged lengths drop rows from
+    chained windows (the static rows move up, the rest become padding): the tokens of windows read
+    one by one without graphs."""
+    model = tiny_model("llama-gqa")
+    prompts = _prompts(12, seed=9)
+    params = [SamplingParams(max_new_tokens=6 + 4 * i, stop_token_ids=(11,)) for i in range(12)]
+    settings = dict(num_pages=256, page_size=4, max_num_seqs=12, num_decode_steps=5)
+    plain = Engine(model, **settings)
+    expected = [(o.token_ids, o.finish_reason) for o in plain.generate(prompts, params)]
+
+    class Replay:  # stands in for torch.cuda.CUDAGraph
+        def __init__(self, runner, static, logits):
+            self.runner, self.static, self.logits = runner, static, logits
+
+        def replay(self):
+            self.logits.copy_(self.runner.model.forward(self.static, self.runner.kv_cache))
+
+    engine = Engine(model, overlap_windows=True, **settings)
+    runner, dropped = engine.runner, []
+    with torch.inference_mode():
+        for size in runner._buckets():
+            static = runner._static_inputs(size)
+            logits = runner.model.forward(static, runner.kv_cache).clone()
+            runner.graphs[size] = (Replay(runner, static, logits), static, logits)
+    keep = runner._keep_rows
+    runner._keep_rows = lambda prev, kept: dropped.append((prev.graph is not None, prev.n - len(kept))) or keep(prev, kept)
+    assert [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)] == expected
+    assert engine.stats.chained_windows >= 5 and len(dropped) >= 3 and all(graph for graph, _ in dropped), dropped
+    assert engine.scheduler.pool.num_free_pages == 256
 
 
 @pytest.mark.parametrize("max_num_seqs,buckets", [(15, [1, 2, 4, 8, 15]), (39, [1, 2, 4, 8, 16, 24, 32, 39]),

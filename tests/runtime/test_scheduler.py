@@ -578,14 +578,18 @@ def test_chain_schedules_the_next_window_before_the_tokens_are_known():
         sched.update(chained, sampled([9] * 4, [9] * 4))  # `out` first
     assert sched.update(out, sampled([9, 9, 9, 9], [9, EOS, 9, 9])) == [b]  # b stops on EOS in `out`
     assert b.output_token_ids == [8, 9, EOS] and b.page_ids == [] and a.num_computed_tokens == 3 + 4
+    after = sched.chain(chained)  # b, stopped, still has a row in `chained`: the next window leaves it out
+    assert [(s.seq, s.start_position, s.num_steps) for s in after.scheduled] == [(a, 3 + 8, 4)]
     assert sched.update(chained, sampled([10] * 4, [10] * 4)) == []  # b's chained tokens dropped
     assert a.output_token_ids == [7] + [9] * 4 + [10] * 4 and b.output_token_ids == [8, 9, EOS]
     assert a.num_computed_tokens == 3 + 8
+    assert sched.update(after, sampled([11] * 4)) == [] and a.num_computed_tokens == 3 + 12
 
 
-def test_chain_declines_when_the_batch_would_change():
-    """No chained window when a sequence stops by length inside the window, when a waiting sequence
-    could take a free seat, or when the pages for it do not fit."""
+def test_chain_leaves_out_what_stops_by_length_and_declines_when_the_batch_would_change():
+    """A sequence that stops by length inside the window is left out of the chained window (known
+    on the host); no chained window when every sequence stops, when a waiting sequence could take a
+    free seat (one a sequence stopping by length frees, too), or when the pages for it do not fit."""
     def windowed(max_new, num_pages=64, max_num_seqs=256):
         sched = make_scheduler(num_pages=num_pages, num_decode_steps=4, max_num_seqs=max_num_seqs)
         seqs = [Sequence([1, 2, 3], SamplingParams(max_new_tokens=n)) for n in max_new]
@@ -597,6 +601,15 @@ def test_chain_declines_when_the_batch_would_change():
         return sched, out
 
     sched, out = windowed([30, 5])  # the second stops by length in this window (1 + 4 of 5 tokens)
+    chained = sched.chain(out)
+    assert [s.seq for s in chained.scheduled] == [sched.running[0]] and chained.num_batched_tokens == 1
+    second = sched.running[1]
+    assert sched.update(out, sampled([9] * 4, [9] * 4)) == [second] and second.finish_reason == "length"
+    assert sched.update(chained, sampled([9] * 4)) == [] and sched.running[0].num_output_tokens == 9
+    sched, out = windowed([5, 5])  # every sequence stops in this window
+    assert sched.chain(out) is None
+    sched, out = windowed([30, 5], max_num_seqs=2)
+    sched.add(Sequence([1, 2], SamplingParams(max_new_tokens=3)))  # no seat now, but the second frees one
     assert sched.chain(out) is None
     sched, out = windowed([30, 30], max_num_seqs=3)
     sched.add(Sequence([1, 2], SamplingParams(max_new_tokens=3)))  # arrives during the window, a seat free
