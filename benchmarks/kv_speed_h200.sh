@@ -8,9 +8,10 @@
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
 # The session's 30 device-minutes do not hold every stage. The sixth session ran vt-tests, overlap-tests, overlap,
-# overlap-8b, split-smol, kprof-smol, split-short, short-e2e and 8B against HF (BENCHMARKS.md). Next: where the
-# eager packed prefill step's extra host time goes (kernel_profile.py --cprofile with --kv bfp16), and a decode
-# kernel whose per-program latency suits SmolLM2's few hundred tokens of context.
+# overlap-8b, split-smol, kprof-smol, split-short, short-e2e and 8B against HF (BENCHMARKS.md). Next: overlap-tests
+# (chained windows now drop the rows of sequences that stop by length: its CUDA-graph test with ragged lengths has
+# not run), where the eager packed prefill step's extra host time goes (kernel_profile.py --cprofile with --kv
+# bfp16), and a decode kernel whose per-program latency suits SmolLM2's few hundred tokens of context.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
