@@ -23,13 +23,16 @@ ap.add_argument("--kv", default="bfloat16", help="KV formats, comma-separated; K
 ap.add_argument("--random-init", action="store_true", help="random weights of the model's shape (kernel times only)")
 ap.add_argument("--cprofile", action="store_true", help="also print a host (Python) profile of the prefill step")
 ap.add_argument("--json-out", help="per format: ms per eager forward and the top kernels, decode and prefill")
+ap.add_argument("--table-tokens", type=int, default=None, help="each sequence's page table this many tokens wide "
+                "(default: its context): the engine's decode graphs size it by max_model_len, and the decode split "
+                "count follows that width, not the context")
 args = ap.parse_args()
 REPEATS = 5
 
 
 def profile_format(model) -> dict:
     ps = 16
-    pages = -(-(args.context + 1) // ps)
+    pages = -(-max(args.context + 1, args.table_tokens or 0) // ps)
     cache = model.new_kv_cache(args.batch * pages + 1, ps, "cuda")
     tables = [list(range(b * pages, (b + 1) * pages)) for b in range(args.batch)]
     prompt = 128
@@ -76,6 +79,7 @@ def profile_format(model) -> dict:
 
 base = fxforge.load(args.model, device="cuda", dtype="bfloat16", random_init=args.random_init)
 results = {"model": args.model, "random_init": args.random_init, "batch": args.batch, "context": args.context,
+           "table_tokens": args.table_tokens,
            "prefill_tokens": args.prefill_tokens, "device": torch.cuda.get_device_name(), "formats": {}}
 for kv in args.kv.split(","):
     k_format, _, v_format = kv.partition("/")

@@ -10,8 +10,9 @@
 # The session's 30 device-minutes do not hold every stage. The sixth session ran vt-tests, overlap-tests, overlap,
 # overlap-8b, split-smol, kprof-smol, split-short, short-e2e and 8B against HF (BENCHMARKS.md). Next: overlap-tests
 # (chained windows now drop the rows of sequences that stop by length: its CUDA-graph test with ragged lengths has
-# not run), where the eager packed prefill step's extra host time goes (kprof-host), and a decode kernel whose
-# per-program latency suits SmolLM2's few hundred tokens of context.
+# not run), where the eager packed prefill step's extra host time goes (kprof-host), the e2e run's decode launch
+# (kprof-smol-wide: in the e2e run packed decode steps took 0.14-0.19 ms more than bf16's, against 0.05-0.13 ms
+# of kernel time in kprof-smol), and a decode kernel whose per-program latency suits SmolLM2's short contexts.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
@@ -39,6 +40,7 @@
 #   bash benchmarks/kv_speed_h200.sh overlap-tests  # GPU tests of chained decode windows
 #   bash benchmarks/kv_speed_h200.sh split-short # SmolLM2's shape at 512 tokens: min_split_tokens / programs per SM, tuned at 512
 #   bash benchmarks/kv_speed_h200.sh short-e2e   # SmolLM2 random weights e2e: committed configs vs split-short's, same call
+#   bash benchmarks/kv_speed_h200.sh kprof-smol-wide  # kprof-smol with page tables as wide as the e2e run's graphs
 #   bash benchmarks/kv_speed_h200.sh kprof-host  # cProfile of the eager prefill step, bf16 and BFP16 (host time)
 #   bash benchmarks/kv_speed_h200.sh kprof-smol  # kernel times of a decode pass and a prefill step, SmolLM2 shape, 3 formats
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
@@ -192,6 +194,11 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
         --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --json-out "$OUT/kernel_profile_smol_h200.json" \
         2>&1 | grep -v Warning | tail -120 ;;
+    kprof-smol-wide)  # the same with page tables 528 tokens wide, as the GSM8K run's decode graphs have them
+      # (max_model_len ~ 520): the split count follows the width, so this is the e2e run's decode launch
+      timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
+        --table-tokens 528 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
+        --json-out "$OUT/kernel_profile_smol_wide_h200.json" 2>&1 | grep -v Warning | grep "####\|== decode" -A4 ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do
         timeout 150 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
