@@ -40,7 +40,7 @@
 #   bash benchmarks/kv_speed_h200.sh overlap-tests  # GPU tests of chained decode windows
 #   bash benchmarks/kv_speed_h200.sh split-short # SmolLM2's shape at 512 tokens: min_split_tokens / programs per SM, tuned at 512
 #   bash benchmarks/kv_speed_h200.sh short-e2e   # SmolLM2 random weights e2e: committed configs vs split-short's, same call
-#   bash benchmarks/kv_speed_h200.sh kprof-smol-wide  # kprof-smol with page tables as wide as the e2e run's graphs
+#   bash benchmarks/kv_speed_h200.sh kprof-smol-wide  # kprof-smol at the GSM8K run's mean context and graph table width
 #   bash benchmarks/kv_speed_h200.sh kprof-host  # cProfile of the eager prefill step, bf16 and BFP16 (host time)
 #   bash benchmarks/kv_speed_h200.sh kprof-smol  # kernel times of a decode pass and a prefill step, SmolLM2 shape, 3 formats
 #   bash benchmarks/kv_speed_h200.sh vt-tests    # GPU tests of V stored channels by tokens (writes, i8t, the engine)
@@ -194,10 +194,10 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
         --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --json-out "$OUT/kernel_profile_smol_h200.json" \
         2>&1 | grep -v Warning | tail -120 ;;
-    kprof-smol-wide)  # the same with page tables 528 tokens wide, as the GSM8K run's decode graphs have them
-      # (max_model_len ~ 520): the split count follows the width, so this is the e2e run's decode launch
-      timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
-        --table-tokens 528 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
+    kprof-smol-wide)  # the GSM8K run's decode launch: its mean context (~220) and page tables 464 tokens wide, as its
+      # decode graphs have them (max_model_len 449): the split count follows the width
+      timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 220 \
+        --table-tokens 464 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
         --json-out "$OUT/kernel_profile_smol_wide_h200.json" 2>&1 | grep -v Warning | grep "####\|== decode" -A4 ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do
