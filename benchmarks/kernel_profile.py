@@ -11,8 +11,11 @@ import json
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+import torch.fx as fx
+
 import fxforge
 from fxforge.ir.model import build_batch
+from fxforge.ir.ops import direct_module
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model", nargs="?", default="smollm2-135m")
@@ -26,11 +29,19 @@ ap.add_argument("--json-out", help="per format: ms per eager forward and the top
 ap.add_argument("--table-tokens", type=int, default=None, help="each sequence's page table this many tokens wide "
                 "(default: its context): the engine's decode graphs size it by max_model_len, and the decode split "
                 "count follows that width, not the context")
+ap.add_argument("--dispatch", choices=["direct", "library"], default="direct", help="direct: the bound kernels called "
+                "directly, as the engine's eager steps do (EngineConfig.direct_dispatch); library: through torch.library")
 args = ap.parse_args()
 REPEATS = 5
 
 
 def profile_format(model) -> dict:
+    direct = args.dispatch == "direct" and isinstance(model.module, fx.GraphModule)
+    module = direct_module(model.module) if direct else None
+
+    def forward(batch, cache):
+        return module(*batch.args(), cache) if direct else model.forward(batch, cache)
+
     ps = 16
     pages = -(-max(args.context + 1, args.table_tokens or 0) // ps)
     cache = model.new_kv_cache(args.batch * pages + 1, ps, "cuda")
@@ -43,19 +54,19 @@ def profile_format(model) -> dict:
     for name, batch in batches.items():
         with torch.inference_mode():
             for _ in range(3):
-                model.forward(batch, cache)
+                forward(batch, cache)
             torch.cuda.synchronize()
             ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
             ev[0].record()
             for _ in range(REPEATS):
-                model.forward(batch, cache)
+                forward(batch, cache)
             ev[1].record()
             torch.cuda.synchronize()
             ms = ev[0].elapsed_time(ev[1]) / REPEATS
             print(f"== {name}: {ms:.3f} ms per forward (eager, events)")
             with profile(activities=[ProfilerActivity.CUDA]) as prof:
                 for _ in range(REPEATS):
-                    model.forward(batch, cache)
+                    forward(batch, cache)
                 torch.cuda.synchronize()
             if name == "prefill" and args.cprofile:
                 import cProfile
@@ -63,7 +74,7 @@ def profile_format(model) -> dict:
                 pr = cProfile.Profile()
                 pr.enable()
                 for _ in range(REPEATS):
-                    model.forward(batch, cache)
+                    forward(batch, cache)
                 torch.cuda.synchronize()
                 pr.disable()
                 pstats.Stats(pr).sort_stats("tottime").print_stats(25)
@@ -78,7 +89,7 @@ def profile_format(model) -> dict:
 
 
 base = fxforge.load(args.model, device="cuda", dtype="bfloat16", random_init=args.random_init)
-results = {"model": args.model, "random_init": args.random_init, "batch": args.batch, "context": args.context,
+results = {"model": args.model, "dispatch": args.dispatch, "random_init": args.random_init, "batch": args.batch, "context": args.context,
            "table_tokens": args.table_tokens,
            "prefill_tokens": args.prefill_tokens, "device": torch.cuda.get_device_name(), "formats": {}}
 for kv in args.kv.split(","):
