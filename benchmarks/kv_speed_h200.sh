@@ -192,7 +192,7 @@ for stage in "$@"; do
         --prompt-len 160 --kv "$KV" --hf-batch "" --repeats 3 ;;
     kprof-smol)  # kernel times of one eager decode pass (256 x 300 tokens) and one prefill step, SmolLM2 shape
       timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
-        --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --json-out "$OUT/kernel_profile_smol_h200.json" \
+        --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 --dispatch library --json-out "$OUT/kernel_profile_smol_h200.json" \
         2>&1 | grep -v Warning | tail -120 ;;
     kprof-smol-wide)  # the GSM8K run's decode launch: its mean context (~220) and page tables 464 tokens wide, as its
       # decode graphs have them (max_model_len 449): the split count follows the width

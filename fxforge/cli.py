@@ -632,10 +632,10 @@ def bench_e2e_cmd(
         opt = optimized.pop(fmt)
         pages, seats = fits.get(fmt, (None, None))
         packed_v = all(not parse_kv_format(v).is_dense for _, v in opt.kv_formats())  # every layer's V
-        # "auto" resolved as the engine resolves it; a layout asked for twice (auto and what it resolves to) runs once
+        # layouts and overlaps: "auto" resolved as the engine resolves it; a setting asked for twice (auto and
+        # what it resolves to) runs once
         resolved = list(dict.fromkeys(opt.resolve_v_layout(x, device) for x in layouts
                                       if x != "channels" or packed_v))  # only a packed V has that layout
-        # "auto" resolved as the engine resolves it, and run once if asked for beside what it resolves to
         chained = list(dict.fromkeys(x == "on" or (x == "auto" and default_overlap_windows(opt)) for x in overlaps))
         for limit in [seats] if seats else seat_limits:
             for k, layout, overlap in itertools.product(windows, resolved, chained):

@@ -134,9 +134,7 @@ class Model:
         """The paged KV cache: num_pages pages for every layer, or num_pages[layer] per layer; v_layout
         "channels" stores every layer's (packed) V channels by tokens (kernels/kv_cache.allocate_kv_pair),
         "auto" as resolve_v_layout decides."""
-        if v_layout == "channels":  # ("auto" resolves to channels only where i8t runs)
-            self._check_channels_decode(torch.device(device or self.device))
-        v_layout = self.resolve_v_layout(v_layout, device)
+        v_layout = self.cache_v_layout(v_layout, device)
         pages = [num_pages] * self.spec.num_layers if isinstance(num_pages, int) else list(num_pages)
         if len(pages) != self.spec.num_layers:
             raise ValueError(f"num_pages has {len(pages)} entries; the model has {self.spec.num_layers} layers")
@@ -146,6 +144,13 @@ class Model:
                                       k_fmt, v_fmt, device or self.device, v_layout)
         assert len(cache) == TENSORS_PER_LAYER * self.spec.num_layers
         return cache
+
+    def cache_v_layout(self, v_layout: str, device=None) -> str:
+        """The V layout a cache is made in: "auto" resolved (resolve_v_layout), an explicit "channels"
+        refused where i8t cannot run a layer ("auto" resolves to channels only where it can)."""
+        if v_layout == "channels":
+            self._check_channels_decode(torch.device(device or self.device))
+        return self.resolve_v_layout(v_layout, device)
 
     def resolve_v_layout(self, v_layout: str, device=None) -> str:
         """EngineConfig.v_layout for this model on `device`: "rows" and "channels" as given; "auto" is

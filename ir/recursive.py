@@ -136,9 +136,7 @@ class DepthwiseModel:
                      v_layout: str = "rows") -> list[torch.Tensor]:
         """4 tensors per block (kv_cache order of depths 0..K-1), each of loops * pages_per_loop pages
         (v_layout: as Model.new_kv_cache)."""
-        if v_layout == "channels":  # ("auto" resolves to channels only where i8t runs)
-            self.model._check_channels_decode(torch.device(device or self.model.device))
-        v_layout = self.model.resolve_v_layout(v_layout, device)
+        v_layout = self.model.cache_v_layout(v_layout, device)
         formats = self.model.kv_formats()
         for depth, fmt in enumerate(formats):
             if fmt != formats[depth % self.blocks]:

@@ -221,16 +221,16 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     else:
                         runs = [(config_name, config)]
                     for config_name, config in runs:
+                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config)
                         try:
                             time_us, max_diff = _time_kernel(q, kernel_copies, page_table, seq_lens, k_name, v_name,
-                                                             scale, ref, kernel, config, ctx, page_size)
+                                                             scale, ref, kernel, config, launch, page_size)
                         except Exception as err:  # e.g. a variant over the shared-memory limit: skipped, said
                             if type(err).__name__ != "OutOfResources":
                                 raise
                             print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} skipped: {err}")
                             continue
                         ablation = config.get("ablate")
-                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config)
                         _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes, copy_bw, batch,
                                  hq, hkv, d, page_size, base, ablation, launch)
             del cache, copies
@@ -270,12 +270,12 @@ def _add_row(rows, fmt_name, ctx, kernel, config_name, time_us, max_diff, nbytes
           f"{bw:7.0f} GB/s ({row['pct_of_copy_bw']:4.1f}% of copy)  {diff}", flush=True)
 
 
-def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, kernel, config, ctx, page_size):
+def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, kernel, config, launch, page_size):
     """(median µs over CUDA-graph replays rotating the cache copies, max |out - ref|) of one kernel and
-    launch variant (config: paged_decode_attention keywords, plus asm and programs_per_sm)."""
+    launch variant (config: paged_decode_attention keywords, plus asm and SPLIT_KEYS; launch: the whole
+    launch it runs, launch_of)."""
     kwargs = {key: val for key, val in config.items() if key not in ("asm",) + SPLIT_KEYS}
     if any(key in config for key in SPLIT_KEYS):  # the split count of the launch with the variant's split keys
-        launch = launch_of(q, copies[0], k_name, v_name, kernel, config)
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count
         kwargs["num_splits"] = auto_num_splits(q.shape[0], copies[0][0].shape[2], page_table.shape[1] * page_size,
                                                sms, launch["programs_per_sm"], launch["min_split_tokens"])

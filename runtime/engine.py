@@ -42,20 +42,30 @@ def config_for_model(model, *, gpu_memory_fraction: float = 0.5, **settings) -> 
     settings.setdefault("use_cuda_graphs", model.device.type == "cuda" and bound.get("attention") == "triton"
                         and bound.get("moe", "triton") == "triton")
     settings.setdefault("eos_token_id", spec.eos_token_ids[0] if spec.eos_token_ids else None)
-    settings.setdefault("overlap_windows", default_overlap_windows(
-        model, settings.get("loop_policy", EngineConfig.loop_policy), settings.get("skip_policy", EngineConfig.skip_policy)))
+    policies = [settings.get(name, getattr(EngineConfig, name)) for name in ("loop_policy", "skip_policy")]
+    settings.setdefault("overlap_windows", default_overlap_windows(model, *policies))
     config = EngineConfig(**settings)
     if "num_pages" not in settings:
         config = dataclasses.replace(config, num_pages=_default_num_pages(model, config, gpu_memory_fraction))
     return config
 
 
+def runner_class(model, loop_policy: str, skip_policy: str) -> type[ModelRunner]:
+    """The runner Engine serves `model` with: DepthwiseRunner for a depth-wise loop, SkipRunner for a
+    skip-decode schedule (unless skip_policy is "full"), else the plain ModelRunner."""
+    depthwise = loop_policy == "depthwise"
+    skipping = skip_schedule(model) is not None and skip_policy != "full"
+    if depthwise and skipping:
+        raise ValueError("a skip-decode model cannot be served depth-wise (one pass of a shared block stack per "
+                         "step cannot skip depths); use loop_policy='lockstep' or skip_policy='full'")
+    return DepthwiseRunner if depthwise else SkipRunner if skipping else ModelRunner
+
+
 def default_overlap_windows(model, loop_policy: str = EngineConfig.loop_policy,
                             skip_policy: str = EngineConfig.skip_policy) -> bool:
     """EngineConfig.overlap_windows when the settings leave it out: on for a model on CUDA that the plain
     ModelRunner serves (the runner that chains decode windows: no depth-wise loop, no skip schedule)."""
-    plain = loop_policy != "depthwise" and (skip_schedule(model) is None or skip_policy == "full")
-    return model.device.type == "cuda" and plain
+    return model.device.type == "cuda" and runner_class(model, loop_policy, skip_policy) is ModelRunner
 
 
 def _default_num_pages(model, config: EngineConfig, gpu_memory_fraction: float) -> int:
@@ -126,12 +136,8 @@ class Engine:
         elif settings:
             raise TypeError(f"Engine takes either config or settings by keyword, got both (config and {sorted(settings)})")
         self.model, self.config = model, config
-        depthwise = config.loop_policy == "depthwise"
-        skipping = skip_schedule(model) is not None and config.skip_policy != "full"
-        if depthwise and skipping:
-            raise ValueError("a skip-decode model cannot be served depth-wise (one pass of a shared block stack per "
-                             "step cannot skip depths); use loop_policy='lockstep' or skip_policy='full'")
-        runner = DepthwiseRunner if depthwise else SkipRunner if skipping else ModelRunner
+        runner = runner_class(model, config.loop_policy, config.skip_policy)
+        depthwise, skipping = runner is DepthwiseRunner, runner is SkipRunner
         if config.overlap_windows and runner is not ModelRunner:
             raise ValueError("EngineConfig.overlap_windows needs the plain model runner: a depth-wise or skip-decode "
                              "model runs no chained decode windows; leave overlap_windows off for it")

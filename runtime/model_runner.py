@@ -111,12 +111,12 @@ class ModelRunner:
         No host sync: the host reads `previous` while this one runs."""
         batch, n = previous.batch, previous.n
         tokens, sample_fn = previous.tokens[-1], previous.sample_fn
+        table = self._to_device(_page_table(out.scheduled), torch.int32)
         rows = {id(s.seq): i for i, s in enumerate(previous.out.scheduled)}
         kept = [rows[id(s.seq)] for s in out.scheduled]
         if kept != list(range(n)):
-            batch, tokens = self._keep_rows(previous, kept)
+            batch, tokens = self._keep_rows(previous, kept, table)
             n, sample_fn = len(kept), self._sampler([s.seq for s in out.scheduled])
-        table = self._to_device(_page_table(out.scheduled), torch.int32)
         if previous.graph is not None:  # the static table is max_pages_per_seq wide
             batch.page_table[:n, : table.shape[1]].copy_(table)
         else:  # the eager batch's table is as wide as its pages were
@@ -128,24 +128,25 @@ class ModelRunner:
         self._run_steps(window, out.num_steps)
         return window
 
-    def _keep_rows(self, previous: "_Window", kept: list[int]) -> tuple[BatchInputs, torch.Tensor]:
+    def _keep_rows(self, previous: "_Window", kept: list[int], table: torch.Tensor) -> tuple[BatchInputs, torch.Tensor]:
         """`previous`'s device inputs and last tokens with only the rows `kept` (indices, in order), moved
         up to rows 0..len(kept)-1: in place in a graph's static inputs (the rows below become padding, as
-        _load_static leaves them), else a new eager batch of len(kept) rows."""
+        _load_static leaves them), else a new eager batch of len(kept) rows over `table`. Only what
+        _advance does not rewrite moves: positions and sequence lengths (input ids and slots it writes;
+        the kept rows' page table is `table`)."""
         batch, n, m = previous.batch, previous.n, len(kept)
         index = self._to_device(np.asarray(kept, dtype=np.int64))
         tokens = previous.tokens[-1][index]
         if previous.graph is None:
-            rows = {name: getattr(batch, name)[index] for name in ("input_ids", "positions", "slot_mapping", "seq_lens")}
             arange = torch.arange(m + 1, device=self.device)
-            return BatchInputs(**rows, page_table=batch.page_table[index], query_start=arange.to(torch.int32),
+            return BatchInputs(input_ids=batch.input_ids[:m].clone(), positions=batch.positions[index],
+                               slot_mapping=batch.slot_mapping[:m].clone(), page_table=table,
+                               query_start=arange.to(torch.int32), seq_lens=batch.seq_lens[index],
                                logits_indices=arange[:m]), tokens
-        for name in ("input_ids", "positions", "slot_mapping", "seq_lens", "page_table"):
-            t = getattr(batch, name)
+        for t in (batch.positions, batch.seq_lens):
             t[:m] = t[index]  # (the index reads a copy first)
         batch.page_table[m:n].fill_(self.scratch_page)
         batch.seq_lens[m:n].fill_(1)
-        batch.slot_mapping[m:n].fill_(self.scratch_page * self.config.page_size)
         return batch, tokens
 
     def collect(self, window: "_Window") -> RunnerOutput:

@@ -206,7 +206,8 @@ def test_overlapped_windows_give_the_tokens_of_windows_read_one_by_one(kind):
         engine = Engine(model, overlap_windows=overlap, **settings)
         launch, keep = engine.runner.launch_chained, engine.runner._keep_rows
         engine.runner.launch_chained = lambda out, prev: tables.append(prev.batch.page_table.shape) or launch(out, prev)
-        engine.runner._keep_rows = lambda prev, kept: dropped.append(prev.n - len(kept)) or keep(prev, kept)
+        engine.runner._keep_rows = (lambda prev, kept, table: dropped.append(prev.n - len(kept))
+                                    or keep(prev, kept, table))
         runs[overlap] = ([(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)], engine.stats)
         assert engine.scheduler.pool.num_free_pages == 512 and engine._ahead is None
     assert runs[True][0] == runs[False][0]
@@ -296,7 +297,8 @@ def test_overlapped_windows_replay_cuda_graphs_with_the_same_tokens():
                             eos_token_id=101, overlap_windows=overlap)
             assert engine.runner.graphs, engine.runner.graph_error
             keep = engine.runner._keep_rows
-            engine.runner._keep_rows = lambda prev, kept: dropped.append(prev.n - len(kept)) or keep(prev, kept)
+            engine.runner._keep_rows = (lambda prev, kept, table: dropped.append(prev.n - len(kept))
+                                    or keep(prev, kept, table))
             runs[overlap] = [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)]
             assert engine.scheduler.pool.num_free_pages == 512
         assert runs[True] == runs[False]
@@ -332,7 +334,8 @@ def test_chained_windows_over_static_graph_inputs_on_cpu():
             logits = runner.model.forward(static, runner.kv_cache).clone()
             runner.graphs[size] = (Replay(runner, static, logits), static, logits)
     keep = runner._keep_rows
-    runner._keep_rows = lambda prev, kept: dropped.append((prev.graph is not None, prev.n - len(kept))) or keep(prev, kept)
+    runner._keep_rows = (lambda prev, kept, table: dropped.append((prev.graph is not None, prev.n - len(kept)))
+                         or keep(prev, kept, table))
     assert [(o.token_ids, o.finish_reason) for o in engine.generate(prompts, params)] == expected
     assert engine.stats.chained_windows >= 5 and len(dropped) >= 3 and all(graph for graph, _ in dropped), dropped
     assert engine.scheduler.pool.num_free_pages == 256
