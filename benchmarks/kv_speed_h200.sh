@@ -176,6 +176,40 @@ for stage in "$@"; do
     overlap-8b)  # the same on the 8B shape (random weights), bf16 and BFP12-K/BFP16-V
       e2e tuned overlap_8b llama-3-8b --random-init --prompts 64 --prompt-len 1792 --kv bfloat16,bfp12/bfp16 \
         --hf-batch "" --repeats 2 --overlap-windows off,on ;;
+    short-sweep)  # SmolLM2's shape as the GSM8K run's decode graphs launch it (page tables 464 tokens wide,
+                  # max_model_len 449): warps, tiles, slices, stages for tiles / i8k, 3 formats, at 224 tokens of
+                  # context (about the run's mean; tuned into /root/cfg, a copy of the committed file, keyed
+                  # context=464; /root survives between calls to a warm machine, ignored repo folders do not)
+                  # and at 448 (rows only)
+      mkdir -p /root/cfg && cp kernels/configs/paged_decode_NVIDIA_H200.json /root/cfg/
+      S='[{}, {"num_warps": 1}, {"num_warps": 2}, {"num_warps": 1, "programs_per_sm": 16, "min_split_tokens": 64}, {"num_warps": 1, "programs_per_sm": 16, "min_split_tokens": 128}, {"num_warps": 2, "programs_per_sm": 16, "min_split_tokens": 128}, {"num_warps": 4, "programs_per_sm": 16, "min_split_tokens": 128}, {"num_warps": 1, "block_n": 32}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 16, "min_split_tokens": 64}, {"num_warps": 2, "block_n": 32}, {"num_warps": 4, "num_stages": 3}, {"num_warps": 1, "num_stages": 3}]'
+      for ctx in 224 448; do
+        tune=""; if [ $ctx = 224 ]; then tune="--tune /root/cfg"; fi
+        timeout 250 python3 -m fxforge.kernels.attention_bench "$OUT/kv_short_sweep_${ctx}_h200.json" --sweep --variants "$S" \
+          --sweep-context $ctx --contexts $ctx --table-tokens 464 --kernels tiles i8k --shape 256 9 3 64 \
+          --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 $tune > "$OUT/kv_short_sweep_${ctx}_h200.log" 2>&1
+        grep -v Warning "$OUT/kv_short_sweep_${ctx}_h200.log" | grep "ctx\|tuned" | tail -80
+      done
+      cp /root/cfg/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_ctx464.json" ;;
+    ctx-bfp16)  # short-sweep's BFP16 rows inherited the context=512 entry's split launch: one slice (8 programs per
+                # SM, 256-token slices) and the BFP12-K entry's launches too, at 224 tokens / 464-token tables; tuned
+                # into /root/cfg (seeded from .devcarry/a/cfg when short-sweep ran in an earlier session)
+      mkdir -p /root/cfg; [ -f /root/cfg/paged_decode_NVIDIA_H200.json ] || cp .devcarry/a/cfg/*.json /root/cfg/
+      S='[{"num_warps": 1, "block_n": 32, "num_stages": 3, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "num_stages": 3, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 2, "block_n": 32, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 16, "min_split_tokens": 64}]'
+      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_bfp16_h200.json" --sweep --variants "$S" \
+        --sweep-context 224 --contexts 224 --table-tokens 464 --kernels tiles i8k --shape 256 9 3 64 \
+        --formats bfp16_32 --tune /root/cfg > "$OUT/kv_ctx_bfp16_h200.log" 2>&1
+      grep -v Warning "$OUT/kv_ctx_bfp16_h200.log" | grep "ctx\|tuned" | tail -20
+      cp /root/cfg/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_ctx464.json" ;;
+    ctx-tests)  # GPU tests of the decode config picks (by page-table capacity) and the CUDA-graph decode
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
+        -k "config or tuned or tuner or capacity or channels or cuda_graph" 2>&1 | tee "$OUT/ctx_tests_h200.log" | tail -4 ;;
+    ctx-e2e)  # SmolLM2 real weights (both device_env calls), 512 GSM8K x 256, overlapped windows: the committed decode
+              # configs against those in /root/cfg (short-sweep's and ctx-bfp16's context=464 entries), same call
+      FXFORGE_DECODE_CONFIG_DIR=kernels/configs e2e tuned ctx_committed_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 --no-check
+      FXFORGE_DECODE_CONFIG_DIR=/root/cfg e2e tuned ctx_tuned_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 ;;
     split-short)  # SmolLM2's shape at 512 tokens (its GSM8K regime): shorter context slices (min_split_tokens) and
                   # more programs; tuned at 512 into .devcarry/configs (a copy of the committed file) and $OUT
       mkdir -p .devcarry/configs && cp kernels/configs/paged_decode_NVIDIA_H200.json .devcarry/configs/

@@ -104,9 +104,12 @@ def _copies_needed(nbytes: int) -> int:
     return 1 if nbytes >= 2 * l2 else min(8, math.ceil(2 * l2 / max(nbytes, 1)))
 
 
-def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt, page_size: int, generator: torch.Generator):
+def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt, page_size: int, generator: torch.Generator,
+                table_tokens: int | None = None):
     """k, v [B, ctx, Hkv, D] -> ([k_data, k_scale, v_data, v_scale], page_table [B, pages]) with the
-    pages of all sequences scattered through a random permutation; fmt: one format or (K, V)."""
+    pages of all sequences scattered through a random permutation; fmt: one format or (K, V).
+    table_tokens: the page table holds this many tokens (>= ctx; the columns past ctx name page 0,
+    never read), as an engine's decode graph's table is as wide as the longest sequence it serves."""
     k_format, v_format = (fmt, fmt) if isinstance(fmt, str) else fmt
     batch, ctx, hkv, d = k.shape
     pages_per_seq = -(-ctx // page_size)
@@ -120,7 +123,12 @@ def paged_cache(k: torch.Tensor, v: torch.Tensor, fmt, page_size: int, generator
             paged = torch.empty_like(part)
             paged[perm] = part
             tensors.append(paged)
-    return tensors, perm.view(batch, pages_per_seq).to(torch.int32)
+    table = perm.view(batch, pages_per_seq).to(torch.int32)
+    if table_tokens is not None:
+        if table_tokens < ctx:
+            raise ValueError(f"paged_cache: table_tokens={table_tokens} must be >= the context {ctx}")
+        table = torch.nn.functional.pad(table, (0, -(-table_tokens // page_size) - pages_per_seq))
+    return tensors, table
 
 
 def _sdpa_variants(q4, kv_copies, group):
@@ -157,7 +165,8 @@ def _sdpa_variants(q4, kv_copies, group):
 def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, contexts=(1024, 4096, 16384),
                  formats=("bfp12_32", "bfp16_32", "bfloat16"), page_size: int = 16, sweep: bool = False,
                  seed: int = 0, kernels=("tiles", "blocks", "diag"), ablate: bool = False,
-                 variants: list[dict] | None = None, sweep_context: int = 4096) -> list[dict]:
+                 variants: list[dict] | None = None, sweep_context: int = 4096,
+                 table_tokens: int | None = None) -> list[dict]:
     """One row per (format, context, kernel): time_us, speedup_vs_sdpa, bytes_read, effective_bw_GBps,
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
@@ -165,7 +174,9 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
     stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
     no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the
-    device's shared memory are skipped, and said so."""
+    device's shared memory are skipped, and said so. table_tokens: each page table this many tokens
+    wide (paged_cache), so launches pick configs and split counts as an engine's decode graph of that
+    width does; rows record the width as "capacity" (the context otherwise)."""
     if not torch.cuda.is_available():
         raise RuntimeError("bench_decode needs a CUDA device")
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -184,13 +195,14 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
         del dense, kv_copies
         base_name = min(sdpa_times, key=sdpa_times.get)
         base = dict(sdpa_us=round(sdpa_times[base_name], 2), sdpa_variant=base_name,
-                    sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()})
+                    sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()},
+                    capacity=-(-max(ctx, table_tokens or 0) // page_size) * page_size)
 
         for fmt_name in formats:
             k_name, _, v_name = fmt_name.partition("/")
             v_name = v_name or k_name
             k_fmt, v_fmt = parse_kv_format(k_name), parse_kv_format(v_name)
-            cache, page_table = paged_cache(k, v, (k_name, v_name), page_size, gen)
+            cache, page_table = paged_cache(k, v, (k_name, v_name), page_size, gen, table_tokens)
             query_start = torch.arange(batch + 1, dtype=torch.int32, device="cuda")
             ref = attention_ref(q, *cache, page_table, query_start, seq_lens, k_name, v_name, scale, 0)
             nbytes = batch * ctx * hkv * (k_fmt.bytes_per_row(d) + v_fmt.bytes_per_row(d)) + 2 * q.numel() * 2
@@ -221,7 +233,8 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     else:
                         runs = [(config_name, config)]
                     for config_name, config in runs:
-                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config)
+                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config,
+                                           page_table.shape[1] * page_size)
                         try:
                             time_us, max_diff = _time_kernel(q, kernel_copies, page_table, seq_lens, k_name, v_name,
                                                              scale, ref, kernel, config, launch, page_size)
@@ -239,16 +252,16 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     return rows
 
 
-def launch_of(q, cache, k_name, v_name, kernel, config) -> dict:
+def launch_of(q, cache, k_name, v_name, kernel, config, capacity: int | None = None) -> dict:
     """The whole launch a timed row ran (DecodeConfig.to_dict()): a variant's keywords over the config
-    pick_decode_config gives this device and shape (the tuned entry, or the default), as
+    pick_decode_config gives this device, shape and page-table capacity (the tuned entry, or the default), as
     paged_decode_attention resolves them; programs_per_sm as the variant gives it. The tuner writes
     this, not the variant alone: a field the variant leaves out took the tuned entry's value."""
     k_fmt, v_fmt = parse_kv_format(k_name), parse_kv_format(v_name)
     layout = "channels" if v_channels_by_tokens(cache[2]) else "rows"
     overrides = [config.get(key) for key in ("block_n", "num_warps", "num_stages", "prefetch")]
     launch = paged_attention._decode_launch_config(k_fmt, v_fmt, q, q.shape[1] // cache[0].shape[2], False, kernel,
-                                                   *overrides, layout).to_dict()
+                                                   *overrides, layout, capacity).to_dict()
     launch.update({key: config[key] for key in SPLIT_KEYS if key in config})
     return launch
 
@@ -294,7 +307,9 @@ def _time_kernel(q, copies, page_table, seq_lens, k_name, v_name, scale, ref, ke
 
 def tuned_entries(rows: list[dict], context: int = 4096) -> dict:
     """{decode_config_key: {"config", "time_us", "default_time_us", "context"}}: per format, the fastest row
-    at `context` (the sweep's) among every kernel and variant timed (the "tiles" default is the baseline)."""
+    at `context` (the sweep's) among every kernel and variant timed (the "tiles" default is the baseline).
+    An entry's context is its rows' page-table capacity (the context unless --table-tokens widened it),
+    in its key where that is not TUNE_CONTEXT; "lengths" records the sequences' own context when it differs."""
     entries = {}
     for fmt_name in dict.fromkeys(r["format"] for r in rows):
         timed = [r for r in rows if r["format"] == fmt_name and r["context"] == context and "ablate" not in r]
@@ -314,10 +329,13 @@ def tuned_entries(rows: list[dict], context: int = 4096) -> dict:
             config = (DecodeConfig.from_dict(best["launch"]) if best.get("launch")
                       else DecodeConfig(kernel=best["kernel"], **variant))
             k_name, _, v_name = fmt_name.partition("/")
+            capacity = best.get("capacity", context)
             key = decode_config_key(parse_kv_format(k_name), parse_kv_format(v_name or k_name), best["d"],
-                                    best["hq"] // best["hkv"], torch.bfloat16, layout)
+                                    best["hq"] // best["hkv"], torch.bfloat16, layout, capacity)
             entries[key] = {"config": config.to_dict(), "time_us": best["time_us"],
-                            "default_time_us": default["time_us"], "context": context}
+                            "default_time_us": default["time_us"], "context": capacity}
+            if capacity != context:
+                entries[key]["lengths"] = context
     return entries
 
 
@@ -436,6 +454,10 @@ def main() -> None:
     parser.add_argument("--tune", type=Path, default=None, metavar="DIR",
                         help="with --sweep: write the fastest config per format to DIR/paged_decode_<device>.json")
     parser.add_argument("--contexts", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--table-tokens", type=int, default=None, metavar="N",
+                        help="each page table N tokens wide (>= every context), as an engine's decode graphs are "
+                        "as wide as the longest sequence they serve: configs and split counts follow the width; "
+                        "tuned entries are keyed by it")
     parser.add_argument("--formats", nargs="+", default=["bfp12_32", "bfp16_32", "bfloat16"])
     parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
@@ -450,6 +472,8 @@ def main() -> None:
         return
     if args.sweep and args.sweep_context not in args.contexts:
         parser.error(f"--sweep-context {args.sweep_context} must be one of --contexts {args.contexts}")
+    if args.table_tokens is not None and args.table_tokens < max(args.contexts):
+        parser.error(f"--table-tokens {args.table_tokens} must be >= every context (--contexts {args.contexts})")
     if args.tune is not None and not (args.sweep and "tiles" in args.kernels):
         parser.error("--tune needs --sweep and the tiles kernel (its default is the baseline)")
     torch.cuda.set_device(0)
@@ -457,7 +481,7 @@ def main() -> None:
     batch, hq, hkv, d = args.shape
     rows = bench_decode(batch, hq, hkv, d, contexts=tuple(args.contexts), formats=tuple(args.formats), sweep=args.sweep,
                         kernels=tuple(args.kernels), ablate=args.ablate, variants=args.variants,
-                        sweep_context=args.sweep_context)
+                        sweep_context=args.sweep_context, table_tokens=args.table_tokens)
     _print_table(rows)
     with open(args.json_path, "w") as f:
         json.dump(dict(version=1, device=props.name, torch=torch.__version__,

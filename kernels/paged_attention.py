@@ -95,7 +95,7 @@ from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launch
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
            "DECODE_KERNELS", "decode_kernel_supports", "v_channels_by_tokens", "to_channels_by_tokens",
            "default_decode_config", "pick_decode_config", "decode_kernel_spec",
-           "decode_config_path", "tuned_decode_configs", "decode_config_key"]
+           "decode_config_path", "tuned_decode_configs", "decode_config_key", "TUNE_CONTEXT"]
 
 # On CUDA, 4- and 8-bit BFP and MXFP4 pages are decoded with inline PTX (bf16x2 math) when the dots run
 # in bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
@@ -1751,11 +1751,29 @@ def default_decode_config(k_fmt: KVFormat, v_fmt: KVFormat) -> DecodeConfig:
     return DecodeConfig()
 
 
+TUNE_CONTEXT = 4096  # the context a config file's plain shape keys were tuned at
+
+
 def decode_config_key(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
-                      v_layout: str = "rows") -> str:
-    """Key of one decode shape in a config file (a V stored channels by tokens has keys of its own)."""
+                      v_layout: str = "rows", context: int | None = None) -> str:
+    """Key of one decode shape in a config file (a V stored channels by tokens has keys of its own).
+    An entry tuned at a context other than TUNE_CONTEXT (the tokens its launch's page table held)
+    carries it as ",context=N"; pick_decode_config takes the entry nearest the launch's context."""
     key = f"K={k_fmt.name},V={v_fmt.name},D={head_dim},G={group},dtype={str(dtype).removeprefix('torch.')}"
-    return key if v_layout == "rows" else f"{key},v_layout={v_layout}"
+    key = key if v_layout == "rows" else f"{key},v_layout={v_layout}"
+    return key if context in (None, TUNE_CONTEXT) else f"{key},context={context}"
+
+
+def _nearest_tuned(tuned: dict[str, DecodeConfig], key: str, context: int | None) -> DecodeConfig | None:
+    """The entry of shape `key` tuned nearest `context` in ratio (the plain key counts as TUNE_CONTEXT;
+    None asks for TUNE_CONTEXT); a tie goes to the longer context. None without an entry."""
+    tuned_at = {TUNE_CONTEXT: tuned[key]} if key in tuned else {}
+    prefix = key + ",context="
+    tuned_at.update({int(k[len(prefix):]): config for k, config in tuned.items() if k.startswith(prefix)})
+    if not tuned_at:
+        return None
+    want = math.log(context or TUNE_CONTEXT)
+    return tuned_at[min(tuned_at, key=lambda c: (abs(math.log(c) - want), -c))]
 
 
 def decode_config_path(device_name: str, directory: Path | None = None) -> Path:
@@ -1784,17 +1802,20 @@ def _device_name(device: torch.device) -> str:
 
 
 def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dtype: torch.dtype,
-                       device: torch.device, pre_rope: bool = False, v_layout: str = "rows") -> DecodeConfig:
+                       device: torch.device, pre_rope: bool = False, v_layout: str = "rows",
+                       context: int | None = None) -> DecodeConfig:
     """The tuned config of this CUDA device and shape, else default_decode_config; FXFORGE_DECODE_KERNEL
     overrides the kernel. A kernel that cannot run the formats falls back to "tiles" (decode_kernel_supports).
     A V stored channels by tokens (v_layout "channels") is read by "i8t" only: its tuned config, else the
-    rows config's launch with kernel "i8t"."""
+    rows config's launch with kernel "i8t". context: the tokens the launch's page table holds (None:
+    TUNE_CONTEXT); of a shape's entries tuned at several contexts, the nearest is taken."""
     tuned = tuned_decode_configs(_device_name(device)) if device.type == "cuda" else {}
     key = functools.partial(decode_config_key, k_fmt, v_fmt, head_dim, group, dtype)
     if v_layout != "rows":
-        config = tuned.get(key(v_layout)) or tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
+        config = (_nearest_tuned(tuned, key(v_layout), context) or _nearest_tuned(tuned, key(), context)
+                  or default_decode_config(k_fmt, v_fmt))
         return DecodeConfig(**{**config.to_dict(), "kernel": "i8t", "block_n": max(config.block_n, _MIN_INT8_DOT)})
-    config = tuned.get(key()) or default_decode_config(k_fmt, v_fmt)
+    config = _nearest_tuned(tuned, key(), context) or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
     if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope, dtype):
         kernel = "tiles"
@@ -1993,8 +2014,11 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: V stored channels by tokens is read only by kernel='i8t', which "
                          f"does not run K {k_fmt.name}, V {v_fmt.name}, head_dim {head_dim}, {q.dtype} queries"
                          f"{' with pre-RoPE keys' if key_rope is not None else ''}; store V row by row")
+    capacity = page_table.shape[1] * page_size  # the longest context this launch serves (a graph's width)
+    if sliding_window > 0:
+        capacity = min(capacity, sliding_window)
     config = _decode_launch_config(k_fmt, v_fmt, q, group, key_rope is not None, kernel, block_n, num_warps,
-                                   num_stages, prefetch, "channels" if v_t else "rows")
+                                   num_stages, prefetch, "channels" if v_t else "rows", capacity)
     if config.kernel == "i8t" and not v_t:
         if kernel is not None:
             raise ValueError(f"paged_decode_attention: kernel='i8t' reads V stored channels by tokens "
@@ -2005,9 +2029,6 @@ def paged_decode_attention(
         raise ValueError(f"paged_decode_attention: V stored channels by tokens (v_data strides {v_data.stride()}) "
                          f"is read only by kernel='i8t', not {config.kernel!r}")
     if num_splits is None:
-        capacity = page_table.shape[1] * page_size
-        if sliding_window > 0:
-            capacity = min(capacity, sliding_window)
         num_splits = auto_num_splits(batch, num_kv_heads, capacity, _sm_count(q.device), config.programs_per_sm,
                                      config.min_split_tokens)
     num_splits = _check_num_splits(num_splits)
@@ -2092,10 +2113,10 @@ def decode_kernel_spec(kernel: str, k_fmt: KVFormat, v_fmt: KVFormat, head_dim: 
 
 def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, group: int, pre_rope: bool,
                           kernel: str | None, block_n: int | None, num_warps: int | None, num_stages: int | None,
-                          prefetch: bool | None, v_layout: str = "rows") -> DecodeConfig:
+                          prefetch: bool | None, v_layout: str = "rows", context: int | None = None) -> DecodeConfig:
     """pick_decode_config with the caller's overrides; an explicit kernel that cannot run these
     formats is an error (a picked one falls back to "tiles")."""
-    config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope, v_layout)
+    config = pick_decode_config(k_fmt, v_fmt, q.shape[2], group, q.dtype, q.device, pre_rope, v_layout, context)
     if kernel is not None and kernel in DECODE_KERNELS and not decode_kernel_supports(kernel, k_fmt, v_fmt, q.shape[2],
                                                                                       pre_rope, q.dtype):
         raise ValueError(f"paged_decode_attention: kernel={kernel!r} does not run K {k_fmt.name}, V {v_fmt.name}, "

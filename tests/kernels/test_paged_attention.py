@@ -456,6 +456,47 @@ def test_a_v_stored_channels_by_tokens_picks_i8t_configs(monkeypatch):
         pa.DecodeConfig(kernel="i8t", block_n=16)
 
 
+def test_decode_configs_tuned_at_several_contexts_pick_the_nearest(monkeypatch):
+    """A shape may hold entries tuned at several page-table capacities (",context=N"; the plain key is
+    TUNE_CONTEXT): a launch takes the one nearest its capacity in ratio, ties to the longer; no capacity
+    asks for TUNE_CONTEXT; a channels V looks among its own entries first."""
+    fmt, cuda = pa.parse_kv_format, torch.device("cuda")  # (a device object; nothing runs on it)
+    k_fmt = fmt("bfp16_32")
+    key = functools.partial(pa.decode_config_key, k_fmt, k_fmt, 64, 3, torch.bfloat16)
+    assert key(context=464) == key() + ",context=464" and key(context=pa.TUNE_CONTEXT) == key()
+    assert key("channels", 512) == key() + ",v_layout=channels,context=512"
+    tuned = {key(): pa.DecodeConfig(num_warps=8), key(context=464): pa.DecodeConfig(num_warps=1),
+             key(context=1024): pa.DecodeConfig(num_warps=2)}
+    monkeypatch.setattr(pa, "_device_name", lambda device: "test")
+    monkeypatch.setattr(pa, "tuned_decode_configs", lambda name: tuned)
+    pick = functools.partial(pa.pick_decode_config, k_fmt, k_fmt, 64, 3, torch.bfloat16, cuda)
+    warps = {context: pick(context=context).num_warps for context in (None, 64, 464, 600, 700, 1024, 2048, 2049, 65536)}
+    assert warps == {None: 8, 64: 1, 464: 1, 600: 1, 700: 2, 1024: 2, 2048: 8, 2049: 8, 65536: 8}  # 2048: a tie
+    del tuned[key()]
+    assert pick().num_warps == 2 and pick(context=100).num_warps == 1  # context entries alone still serve
+    tuned[key("channels", 512)] = pa.DecodeConfig(kernel="i8t", num_warps=4)
+    assert pick(v_layout="channels", context=4096) == pa.DecodeConfig(kernel="i8t", num_warps=4)
+    tuned.clear()
+    assert pick(context=464) == pa.DecodeConfig()
+
+
+@needs_interpreter
+def test_paged_decode_attention_picks_by_its_page_table_capacity(monkeypatch):
+    """paged_decode_attention asks pick_decode_config for the config of its page table's capacity (a
+    sliding window caps it): the capacity an engine's decode graph has, not the sequences' lengths."""
+    seen = []
+    real = pa.pick_decode_config
+    monkeypatch.setattr(pa, "pick_decode_config", lambda *args, **kwargs: seen.append(args[-1]) or real(*args, **kwargs))
+    fmt = "bfp16_32"
+    q, cache, page_table, _, seq_lens = decode_inputs([16, 40], 4, 2, 32, fmt, fmt, torch.float32, 16, 0)
+    wide = torch.nn.functional.pad(page_table, (0, 3))  # 3 more pages never read
+    out = pa.paged_decode_attention(q, *cache, page_table, seq_lens, fmt, fmt, 0.125, 0)
+    assert_close(pa.paged_decode_attention(q, *cache, wide, seq_lens, fmt, fmt, 0.125, 0), out, torch.float32,
+                 "a wider page table", 0)
+    pa.paged_decode_attention(q, *cache, wide, seq_lens, fmt, fmt, 0.125, 32)
+    assert seen == [page_table.shape[1] * 16, wide.shape[1] * 16, 32]
+
+
 def test_int8_key_dots_contract_over_at_least_32_codes():
     """On the GPU an int8 dot contracts over >= 32: BFP12 keys (two 4-bit phases) need >= 64 padded
     channels for i8k / i8t, BFP16 keys >= 32 (the padded minimum). An engine asked to keep V channels
@@ -502,8 +543,13 @@ def test_tuner_keeps_the_fastest_kernel_and_variant_per_format():
     key = "K=bfp12_32,V=bfp12_32,D=128,G=4,dtype=bfloat16"
     tuned = pa.DecodeConfig(kernel="blocks", block_n=128, num_warps=8, num_stages=1, prefetch=True)
     assert entries[key] == {"config": tuned.to_dict(), "time_us": 150.0, "default_time_us": 300.0, "context": 4096}
-    short = tuned_entries(rows, context=1024)  # a sweep at another context (--sweep-context) tunes from its rows
-    assert short[key]["config"] == pa.DecodeConfig(kernel="blocks").to_dict() and short[key]["context"] == 1024
+    short = tuned_entries(rows, context=1024)  # a sweep at another context (--sweep-context) tunes from its rows,
+    assert short[key + ",context=1024"]["config"] == pa.DecodeConfig(kernel="blocks").to_dict()  # keyed by it
+    assert short[key + ",context=1024"]["context"] == 1024 and key not in short
+    wide = [dict(r, capacity=4096) for r in rows if r["context"] == 1024]  # 1k-token sequences, 4k-token tables
+    assert tuned_entries(wide, context=1024)[key] == {"config": pa.DecodeConfig(kernel="blocks").to_dict(),
+                                                       "time_us": 10.0, "default_time_us": 12.0, "context": 4096,
+                                                       "lengths": 1024}
     assert "K=bfloat16,V=bfloat16,D=128,G=4,dtype=bfloat16" not in entries  # its fastest was asm=False
     mixed = entries["K=bfp12_32,V=bfp16_32,D=128,G=4,dtype=bfloat16"]
     assert mixed["config"] == pa.DecodeConfig().to_dict() and mixed["time_us"] == 280.0
