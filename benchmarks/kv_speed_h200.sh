@@ -3,16 +3,14 @@
 # fits one 10-minute call (times are estimates until a run records them). Results land in $OUT.
 # SmolLM2 stages need the real weights (benchmarks/device_env.sh: call 1 carries .devcarry/a, call 2
 # .devcarry/b within 30 s); the others run on random weights. `tune` writes the decode configs to
-# .devcarry/configs (ignored by git, so they survive between calls on one warm machine) and to $OUT
-# (commit that file to kernels/configs/ afterwards); later stages read it (FXFORGE_DECODE_CONFIG_DIR).
+# .devcarry/configs and to $OUT (commit that file to kernels/configs/ afterwards); stages of the same call read
+# it (FXFORGE_DECODE_CONFIG_DIR). Ignored repo folders did not survive between calls in the seventh session;
+# the ctx-* stages keep theirs in /root/cfg, which does (as device_env.sh's /root/stash).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. The sixth session ran vt-tests, overlap-tests, overlap,
-# overlap-8b, split-smol, kprof-smol, split-short, short-e2e and 8B against HF (BENCHMARKS.md). Next: overlap-tests
-# (chained windows now drop the rows of sequences that stop by length: its CUDA-graph test with ragged lengths has
-# not run), where the eager packed prefill step's extra host time goes (kprof-host), the e2e run's decode launch
-# (kprof-smol-wide: in the e2e run packed decode steps took 0.14-0.19 ms more than bf16's, against 0.05-0.13 ms
-# of kernel time in kprof-smol), and a decode kernel whose per-program latency suits SmolLM2's short contexts.
+# The session's 30 device-minutes do not hold every stage. The seventh session ran overlap-tests, kprof-smol-wide,
+# kprof-host, short-sweep, ctx-tests, ctx-bfp16 and ctx-e2e (BENCHMARKS.md). Next: a decode kernel for contexts under
+# ~512 tokens, where every packed launch swept runs at 1.0-1.3x bf16's time.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
