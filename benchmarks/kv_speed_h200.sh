@@ -199,6 +199,13 @@ for stage in "$@"; do
         --formats bfp16_32 --tune /root/cfg > "$OUT/kv_ctx_bfp16_h200.log" 2>&1
       grep -v Warning "$OUT/kv_ctx_bfp16_h200.log" | grep "ctx\|tuned" | tail -20
       cp /root/cfg/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_ctx464.json" ;;
+    ctx-kernels)  # every decode kernel that runs the packed formats (blocks, diag, i8t over V channels by tokens too)
+                  # at 224 tokens / 464-token tables, a few launches each: rows only
+      S='[{"num_warps": 1, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 2, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "block_n": 32, "programs_per_sm": 8, "min_split_tokens": 256}, {"num_warps": 1, "programs_per_sm": 16, "min_split_tokens": 64}]'
+      timeout 250 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_kernels_h200.json" --sweep --variants "$S" \
+        --sweep-context 224 --contexts 224 --table-tokens 464 --kernels tiles blocks diag i8k i8t --shape 256 9 3 64 \
+        --formats bfp16_32 bfp12_32/bfp16_32 > "$OUT/kv_ctx_kernels_h200.log" 2>&1
+      grep -v Warning "$OUT/kv_ctx_kernels_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -50 ;;
     ctx-tests)  # GPU tests of the decode config picks (by page-table capacity) and the CUDA-graph decode
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "config or tuned or tuner or capacity or channels or cuda_graph" 2>&1 | tee "$OUT/ctx_tests_h200.log" | tail -4 ;;
