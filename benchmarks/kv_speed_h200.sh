@@ -9,8 +9,9 @@
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
 # The session's 30 device-minutes do not hold every stage. The seventh session ran overlap-tests, kprof-smol-wide,
-# kprof-host, short-sweep, ctx-tests, ctx-bfp16 and ctx-e2e (BENCHMARKS.md). Next: a decode kernel for contexts under
-# ~512 tokens, where every packed launch swept runs at 1.0-1.3x bf16's time.
+# kprof-host, short-sweep, ctx-tests, ctx-bfp16, ctx-e2e and ctx-kernels (BENCHMARKS.md). Next: ctx-ablate (what sets
+# the ~26.5 us every decode kernel takes at 224 tokens, bf16's too; not run, no device time left), then a decode
+# kernel for contexts under ~512 tokens, where every packed launch swept runs at 1.0-1.3x bf16's time.
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)
@@ -206,6 +207,12 @@ for stage in "$@"; do
         --sweep-context 224 --contexts 224 --table-tokens 464 --kernels tiles blocks diag i8k i8t --shape 256 9 3 64 \
         --formats bfp16_32 bfp12_32/bfp16_32 > "$OUT/kv_ctx_kernels_h200.log" 2>&1
       grep -v Warning "$OUT/kv_ctx_kernels_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -50 ;;
+    ctx-ablate)  # what sets the common ~26.5 us at 224 tokens / 464-token tables: the committed launches of tiles and
+                 # i8k with stages left out (tiles: loads only, loads + decode; i8k: no V stage, no K stage)
+      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_ablate_h200.json" --ablate --kernels tiles i8k \
+        --contexts 224 --table-tokens 464 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+        > "$OUT/kv_ctx_ablate_h200.log" 2>&1
+      grep -v Warning "$OUT/kv_ctx_ablate_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -20 ;;
     ctx-tests)  # GPU tests of the decode config picks (by page-table capacity) and the CUDA-graph decode
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "config or tuned or tuner or capacity or channels or cuda_graph" 2>&1 | tee "$OUT/ctx_tests_h200.log" | tail -4 ;;

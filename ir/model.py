@@ -169,7 +169,7 @@ class Model:
         keys = {pa.decode_config_key(parse_kv_format(k), parse_kv_format(v), spec.head_dim,
                                      spec.num_heads // spec.num_kv_heads, self.dtype, "channels")
                 for k, v in self.kv_formats()}
-        return "channels" if all(pa._nearest_tuned(tuned, key, None) is not None for key in keys) else "rows"
+        return "channels" if all(pa.nearest_tuned_config(tuned, key, None) is not None for key in keys) else "rows"
 
     def _decodes_on_gpu(self, device: torch.device) -> bool:
         """Whether decode attention runs the Triton kernels here (the references read any V layout)."""

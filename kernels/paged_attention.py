@@ -95,7 +95,7 @@ from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launch
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
            "DECODE_KERNELS", "decode_kernel_supports", "v_channels_by_tokens", "to_channels_by_tokens",
            "default_decode_config", "pick_decode_config", "decode_kernel_spec",
-           "decode_config_path", "tuned_decode_configs", "decode_config_key", "TUNE_CONTEXT"]
+           "decode_config_path", "tuned_decode_configs", "decode_config_key", "nearest_tuned_config", "TUNE_CONTEXT"]
 
 # On CUDA, 4- and 8-bit BFP and MXFP4 pages are decoded with inline PTX (bf16x2 math) when the dots run
 # in bf16; FXFORGE_ATTENTION_ASM=0 selects the portable Triton decode instead (the one the interpreter runs).
@@ -1764,7 +1764,7 @@ def decode_config_key(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: in
     return key if context in (None, TUNE_CONTEXT) else f"{key},context={context}"
 
 
-def _nearest_tuned(tuned: dict[str, DecodeConfig], key: str, context: int | None) -> DecodeConfig | None:
+def nearest_tuned_config(tuned: dict[str, DecodeConfig], key: str, context: int | None) -> DecodeConfig | None:
     """The entry of shape `key` tuned nearest `context` in ratio (the plain key counts as TUNE_CONTEXT;
     None asks for TUNE_CONTEXT); a tie goes to the longer context. None without an entry."""
     tuned_at = {TUNE_CONTEXT: tuned[key]} if key in tuned else {}
@@ -1812,10 +1812,10 @@ def pick_decode_config(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: i
     tuned = tuned_decode_configs(_device_name(device)) if device.type == "cuda" else {}
     key = functools.partial(decode_config_key, k_fmt, v_fmt, head_dim, group, dtype)
     if v_layout != "rows":
-        config = (_nearest_tuned(tuned, key(v_layout), context) or _nearest_tuned(tuned, key(), context)
+        config = (nearest_tuned_config(tuned, key(v_layout), context) or nearest_tuned_config(tuned, key(), context)
                   or default_decode_config(k_fmt, v_fmt))
         return DecodeConfig(**{**config.to_dict(), "kernel": "i8t", "block_n": max(config.block_n, _MIN_INT8_DOT)})
-    config = _nearest_tuned(tuned, key(), context) or default_decode_config(k_fmt, v_fmt)
+    config = nearest_tuned_config(tuned, key(), context) or default_decode_config(k_fmt, v_fmt)
     kernel = _FORCED_KERNEL or config.kernel
     if not decode_kernel_supports(kernel, k_fmt, v_fmt, head_dim, pre_rope, dtype):
         kernel = "tiles"

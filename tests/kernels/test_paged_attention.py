@@ -486,7 +486,8 @@ def test_paged_decode_attention_picks_by_its_page_table_capacity(monkeypatch):
     sliding window caps it): the capacity an engine's decode graph has, not the sequences' lengths."""
     seen = []
     real = pa.pick_decode_config
-    monkeypatch.setattr(pa, "pick_decode_config", lambda *args, **kwargs: seen.append(args[-1]) or real(*args, **kwargs))
+    monkeypatch.setattr(pa, "pick_decode_config",
+                        lambda *args, **kwargs: seen.append(args[-1]) or real(*args, **kwargs))
     fmt = "bfp16_32"
     q, cache, page_table, _, seq_lens = decode_inputs([16, 40], 4, 2, 32, fmt, fmt, torch.float32, 16, 0)
     wide = torch.nn.functional.pad(page_table, (0, 3))  # 3 more pages never read
