@@ -474,6 +474,10 @@ def bench_attention_cmd(
     kernels: str = typer.Option("tiles,blocks,diag,i8k", help="our decode kernels to time, each in the same run: "
                                 "tiles (per-value scales, the pre-issue-14 kernel), blocks and diag (per-block "
                                 "scales), i8k (BFP16/BFP12 keys in int8 dots); each only where it runs the formats"),
+    table_tokens: Optional[int] = typer.Option(None, "--table-tokens", help="each page table this many tokens "
+                                               "wide (>= every context), as an engine's decode graphs are as wide "
+                                               "as the longest sequence they serve: tuned configs and split counts "
+                                               "follow the width"),
     json_out: Optional[Path] = typer.Option(None, "--json-out", help="write results here"),
 ):
     """Paged decode attention (our Triton kernels per KV format) vs SDPA over bf16 KV."""
@@ -486,10 +490,14 @@ def bench_attention_cmd(
     if not kernel_list or set(kernel_list) - set(DECODE_KERNELS):
         raise FxforgeError(f"--kernels {kernels!r} is not valid; expected a comma-separated subset of "
                            f"{','.join(DECODE_KERNELS)}")
+    context_list = tuple(int(c) for c in contexts.split(","))
+    if table_tokens is not None and table_tokens < max(context_list):
+        raise FxforgeError(f"--table-tokens {table_tokens} is shorter than the longest of --contexts {contexts}; "
+                           f"give at least {max(context_list)}")
     if not torch.cuda.is_available():
         raise FxforgeError("fxforge bench attention needs a CUDA device")
-    rows = bench_decode(batch, q_heads, kv_heads, head_dim, tuple(int(c) for c in contexts.split(",")),
-                        tuple(formats.split(",")), kernels=tuple(kernel_list))
+    rows = bench_decode(batch, q_heads, kv_heads, head_dim, context_list, tuple(formats.split(",")),
+                        kernels=tuple(kernel_list), table_tokens=table_tokens)
     _print_rows([{k: v for k, v in row.items() if k != "sdpa_all_us"} for row in rows])
     if json_out:
         json_out.write_text(json.dumps(rows, indent=2))

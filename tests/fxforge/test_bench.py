@@ -240,6 +240,9 @@ def test_bench_e2e_needs_cuda_or_smoke(tmp_path):
 def test_bench_attention_checks_kernels_and_cuda():
     result = CliRunner().invoke(app, ["bench", "attention", "--kernels", "tiles,fast"])
     assert result.exit_code == 2 and "--kernels 'tiles,fast' is not valid" in result.output
+    result = CliRunner().invoke(app, ["bench", "attention", "--contexts", "224,448", "--table-tokens", "300"])
+    assert result.exit_code == 2 and "--table-tokens 300 is shorter than the longest of --contexts 224,448; " \
+        "give at least 448" in " ".join(result.output.split())
     if not torch.cuda.is_available():
         result = CliRunner().invoke(app, ["bench", "attention", "--kernels", "blocks"])
         assert result.exit_code == 2 and "needs a CUDA device" in result.output
