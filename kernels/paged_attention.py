@@ -1994,9 +1994,10 @@ def paged_decode_attention(
 
     num_splits: context slices per sequence (flash-decoding); None picks it from B * Hkv, the SM
     count and the page table's capacity (page_table.shape[1] * page_size, min sliding_window), so it
-    never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles", "blocks" or "diag", see
-    DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps, num_stages and
-    prefetch override the launch config (pick_decode_config: tuned per device, or the default).
+    never reads seq_lens back to the host (CUDA-graph safe). kernel ("tiles", "blocks", "diag", "i8k"
+    or "i8t", see DecodeConfig), block_n (tokens per iteration, a power of two >= 16), num_warps,
+    num_stages and prefetch override the launch config (pick_decode_config: tuned per device, shape and
+    that capacity, or the default).
     ablate (benchmarks only; 4/8-bit and dense formats; ABLATIONS): "tiles" 1 runs the loop's loads and
     nothing else, 2 loads and decodes; "i8k" 3 leaves the V stage out, 4 the K stage (every key scores
     0); the output is then not attention.
