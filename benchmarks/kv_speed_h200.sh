@@ -53,6 +53,12 @@
 #   bash benchmarks/kv_speed_h200.sh fusion-tests  # GPU tests of the step-fusion kernels (add_rmsnorm, rope_kv_write, swiglu, fused GEMMs)
 #   bash benchmarks/kv_speed_h200.sh prefill-tests  # GPU prefill tests, packed pages decoded in the loop and once
 #   bash benchmarks/kv_speed_h200.sh prefill-pages  # prefill attention: in-loop decode vs pages decoded once vs bf16
+#   bash benchmarks/kv_speed_h200.sh short-sweep # SmolLM2's shape at 224 / 448 tokens, 464-token tables, tiles / i8k launches; tunes /root/cfg
+#   bash benchmarks/kv_speed_h200.sh ctx-bfp16   # BFP16 one-slice launches at 224 / 464 (after short-sweep); tunes /root/cfg
+#   bash benchmarks/kv_speed_h200.sh ctx-kernels # every kernel that runs the packed formats at 224 / 464 (~1 min, measured)
+#   bash benchmarks/kv_speed_h200.sh ctx-ablate  # the committed launches at 224 / 464 with stages left out (not run yet)
+#   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
+#   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
 set -o pipefail
 source benchmarks/device_env.sh
