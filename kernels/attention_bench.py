@@ -194,9 +194,9 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                       for name, fns in _sdpa_variants(q[:, :, None, :], kv_copies, hq // hkv).items()}
         del dense, kv_copies
         base_name = min(sdpa_times, key=sdpa_times.get)
+        capacity = -(-max(ctx, table_tokens or 0) // page_size) * page_size  # paged_cache's table, in tokens
         base = dict(sdpa_us=round(sdpa_times[base_name], 2), sdpa_variant=base_name,
-                    sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()},
-                    capacity=-(-max(ctx, table_tokens or 0) // page_size) * page_size)
+                    sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()}, capacity=capacity)
 
         for fmt_name in formats:
             k_name, _, v_name = fmt_name.partition("/")
@@ -233,8 +233,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     else:
                         runs = [(config_name, config)]
                     for config_name, config in runs:
-                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config,
-                                           page_table.shape[1] * page_size)
+                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config, capacity)
                         try:
                             time_us, max_diff = _time_kernel(q, kernel_copies, page_table, seq_lens, k_name, v_name,
                                                              scale, ref, kernel, config, launch, page_size)
