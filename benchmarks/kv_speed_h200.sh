@@ -56,7 +56,9 @@
 #   bash benchmarks/kv_speed_h200.sh short-sweep # SmolLM2's shape at 224 / 448 tokens, 464-token tables, tiles / i8k launches; tunes /root/cfg
 #   bash benchmarks/kv_speed_h200.sh ctx-bfp16   # BFP16 one-slice launches at 224 / 464 (after short-sweep); tunes /root/cfg
 #   bash benchmarks/kv_speed_h200.sh ctx-kernels # every kernel that runs the packed formats at 224 / 464 (~1 min, measured)
-#   bash benchmarks/kv_speed_h200.sh ctx-ablate  # the committed launches at 224 / 464 with stages left out (not run yet)
+#   bash benchmarks/kv_speed_h200.sh ctx-ablate  # the committed launches at 224 and 448 / 464 with stages left out, empty launch
+#   bash benchmarks/kv_speed_h200.sh ctx-wide    # tiles of 128 / 256 keys at 224 and 448 / 464, tuned at 224 into /root/cfgw
+#   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
 #   bash benchmarks/kv_speed_h200.sh long16      # long-context at 16 GiB of KV, bf16 vs BFP12-K/BFP16-V (~4 min, measured)
@@ -213,12 +215,36 @@ for stage in "$@"; do
         --sweep-context 224 --contexts 224 --table-tokens 464 --kernels tiles blocks diag i8k i8t --shape 256 9 3 64 \
         --formats bfp16_32 bfp12_32/bfp16_32 > "$OUT/kv_ctx_kernels_h200.log" 2>&1
       grep -v Warning "$OUT/kv_ctx_kernels_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -50 ;;
-    ctx-ablate)  # what sets the common ~26.5 us at 224 tokens / 464-token tables: the committed launches of tiles and
-                 # i8k with stages left out (tiles: loads only, loads + decode; i8k: no V stage, no K stage)
-      timeout 200 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_ablate_h200.json" --ablate --kernels tiles i8k \
-        --contexts 224 --table-tokens 464 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
+    ctx-ablate)  # what sets the common ~26.5 us at 224 tokens / 464-token tables, and what bounds the packed kernels at
+                 # 448: the committed launches of tiles and i8k with stages left out (tiles: loads only, loads +
+                 # decode; i8k: no V stage, no K stage; both: no loop) and an empty launch of the same grid
+      timeout 250 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_ablate_h200.json" --ablate --kernels tiles i8k \
+        --contexts 224 448 --table-tokens 464 --shape 256 9 3 64 --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 \
         > "$OUT/kv_ctx_ablate_h200.log" 2>&1
-      grep -v Warning "$OUT/kv_ctx_ablate_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -20 ;;
+      grep -v Warning "$OUT/kv_ctx_ablate_h200.log" | grep "ctx" | sed 's/x .*vs SDPA ([^)]*)//' | tail -40 ;;
+    ctx-wide)  # tiles of 128 / 256 keys at SmolLM2's contexts (fewer, longer loop iterations: more bytes in flight a
+               # program), tiles and i8k, 3 formats, 464-token tables; tuned at 224 into /root/cfgw (a copy of the
+               # committed file), rows only at 448
+      mkdir -p /root/cfgw && cp kernels/configs/paged_decode_NVIDIA_H200.json /root/cfgw/
+      S='[{"block_n": 128, "num_warps": 2, "num_stages": 2}, {"block_n": 128, "num_warps": 4, "num_stages": 1}, {"block_n": 128, "num_warps": 4, "num_stages": 2}, {"block_n": 128, "num_warps": 8, "num_stages": 2}, {"block_n": 128, "num_warps": 4, "num_stages": 1, "prefetch": true}, {"block_n": 256, "num_warps": 4, "num_stages": 1}, {"block_n": 256, "num_warps": 8, "num_stages": 1}, {"block_n": 256, "num_warps": 8, "num_stages": 2}, {"block_n": 256, "num_warps": 8, "num_stages": 1, "prefetch": true}]'
+      for ctx in 224 448; do
+        tune=""; if [ $ctx = 224 ]; then tune="--tune /root/cfgw"; fi
+        timeout 250 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_wide_${ctx}_h200.json" --sweep --variants "$S" \
+          --sweep-context $ctx --contexts $ctx --table-tokens 464 --kernels tiles i8k --shape 256 9 3 64 \
+          --formats bfp16_32 bfp12_32/bfp16_32 bfloat16 $tune > "$OUT/kv_ctx_wide_${ctx}_h200.log" 2>&1
+        grep -v Warning "$OUT/kv_ctx_wide_${ctx}_h200.log" | grep "ctx\|tuned\|skipped" | sed 's/x .*vs SDPA ([^)]*)//' | tail -70
+      done
+      cp /root/cfgw/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_wide.json" ;;
+    wide-e2e)  # SmolLM2 real weights (both device_env calls), 512 GSM8K x 256: committed decode configs against
+               # /root/cfgw's (ctx-wide's), same call, both orders
+      FXFORGE_DECODE_CONFIG_DIR=kernels/configs e2e tuned wide_committed_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 --no-check
+      FXFORGE_DECODE_CONFIG_DIR=/root/cfgw e2e tuned wide_tuned_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 --no-check
+      FXFORGE_DECODE_CONFIG_DIR=/root/cfgw e2e tuned wide_tuned2_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 --no-check
+      FXFORGE_DECODE_CONFIG_DIR=kernels/configs e2e tuned wide_committed2_smol smollm2-135m --kv "$KV" --hf-batch "" \
+        --repeats 3 --no-check ;;
     ctx-tests)  # GPU tests of the decode config picks (by page-table capacity) and the CUDA-graph decode
       timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_paged_attention.py \
         -k "config or tuned or tuner or capacity or channels or cuda_graph" 2>&1 | tee "$OUT/ctx_tests_h200.log" | tail -4 ;;

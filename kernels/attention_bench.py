@@ -91,6 +91,22 @@ def _time_rotating(make_fns) -> float:
     return _do_bench(lambda: next(cycle)()) * 1e3  # us
 
 
+def empty_launch_us(grid: tuple[int, ...]) -> float:
+    """Median time of a Triton kernel that reads and writes nothing, over `grid` programs of one warp,
+    replayed from a CUDA graph as every timed launch is: the floor under any decode launch of that grid
+    in this harness (the graph replay and the programs' scheduling)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _empty(ptr):
+        if tl.program_id(0) < 0:  # never true: nothing is read or written
+            tl.store(ptr, 0)
+
+    sink = torch.empty(1, dtype=torch.int32, device="cuda")
+    return _time_rotating([lambda: _empty[grid](sink, num_warps=1)])
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth in GB/s, counting bytes read + written."""
     src = torch.empty(nbytes, dtype=torch.uint8, device="cuda").random_()
@@ -173,7 +189,8 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     each kernel at context `sweep_context`. A kernel's rows are left out for formats it does not run. With ablate,
     two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
     stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
-    no dots or softmax; "i8k" 3: no V stage, 4: no K stage): what each stage costs. Variants over the
+    no dots or softmax; "i8k" 3: no V stage, 4: no K stage; each 5: no loop, setup and store only) and
+    an empty launch of the same grid (rows' "empty_launch_us"): what each stage costs. Variants over the
     device's shared memory are skipped, and said so. table_tokens: each page table this many tokens
     wide (paged_cache), so launches pick configs and split counts as an engine's decode graph of that
     width does; rows record the width as "capacity" (the context otherwise)."""
@@ -197,6 +214,10 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
         capacity = -(-max(ctx, table_tokens or 0) // page_size) * page_size  # paged_cache's table, in tokens
         base = dict(sdpa_us=round(sdpa_times[base_name], 2), sdpa_variant=base_name,
                     sdpa_all_us={n: round(t, 2) for n, t in sdpa_times.items()}, capacity=capacity)
+        if ablate:  # the floor under the ablations: a launch of the decode grid (one slice) doing nothing
+            base["empty_launch_us"] = round(empty_launch_us((hkv, 1, batch)), 2)
+            print(f"ctx {ctx:>6}: empty launch over {hkv} x 1 x {batch} programs {base['empty_launch_us']:.1f} us",
+                  flush=True)
 
         for fmt_name in formats:
             k_name, _, v_name = fmt_name.partition("/")
@@ -461,8 +482,9 @@ def main() -> None:
     parser.add_argument("--kernels", nargs="+", default=list(DECODE_KERNELS), choices=list(DECODE_KERNELS))
     parser.add_argument("--shape", type=int, nargs=4, default=[64, 32, 8, 128], metavar=("B", "HQ", "HKV", "D"),
                         help="sequences, query heads, KV heads, head_dim (default: the Llama-3-8B decode shape)")
-    parser.add_argument("--ablate", action="store_true", help="also time the fastest tiles and i8k configs with "
-                        "stages left out (tiles: loads only, loads + decode; i8k: no V stage, no K stage)")
+    parser.add_argument("--ablate", action="store_true", help="also time the fastest tiles / i8k / i8t configs "
+                        "with stages left out (tiles: loads only, loads + decode; i8k / i8t: no V stage, no K stage; "
+                        "each: no loop), and an empty launch of the decode grid")
     parser.add_argument("--sass", action="store_true", help="no GPU needed: compile each kernel for sm_90 and print "
                         "its registers and per-iteration SASS mix per format (json_path gets the rows)")
     args = parser.parse_args()

@@ -54,9 +54,14 @@ def v_channels_by_tokens(data: torch.Tensor) -> bool:
     head and column, the page's tokens adjacent (strides: slot 1, column page_size), as
     to_channels_by_tokens lays it out. The "i8t" decode kernel reads V this way (its P @ V dot
     contracts over tokens); the other decode kernels read rows (last dim contiguous)."""
-    return (isinstance(data, torch.Tensor) and data.dim() == 4 and data.shape[1] > 1 and data.stride(1) == 1
-            and data.stride(3) == data.shape[1] and data.stride(0) % data.shape[1] == 0
-            and data.stride(2) % data.shape[1] == 0)
+    if not (isinstance(data, torch.Tensor) and data.dim() == 4 and data.shape[1] > 1 and data.stride(1) == 1):
+        return False
+    # a dim of length 1 is never stepped over, so its stride says nothing (torch may give it any value:
+    # a [pages, page_size, 1, 1] scale comes out of .contiguous() or .clone() with strides (page_size, 1, 1, 1))
+    page_size = data.shape[1]
+    return ((data.shape[3] == 1 or data.stride(3) == page_size)
+            and (data.shape[0] == 1 or data.stride(0) % page_size == 0)
+            and (data.shape[2] == 1 or data.stride(2) % page_size == 0))
 
 
 def to_channels_by_tokens(data: torch.Tensor) -> torch.Tensor:
@@ -198,8 +203,10 @@ def _check_write(name: str, x: torch.Tensor, data: torch.Tensor, scale: torch.Te
                          f"[pages, page_size, {heads}, {cols}] (a packed V may be stored channels by tokens), got "
                          f"{data.dtype} {tuple(data.shape)} strides {data.stride() if data.dim() == 4 else ()}")
     want_scale = (*data.shape[:3], fmt.scale_cols(head_dim))
-    if scale.dtype != torch.uint8 or tuple(scale.shape) != want_scale or not laid_out(scale) or (
-            v_channels_by_tokens(data) != v_channels_by_tokens(scale) and not fmt.is_dense):
+    # a packed scale is laid out as its data: channels by tokens with such data, else contiguous (a scale of
+    # one column and one head per token can be both, so the data decides)
+    same_layout = fmt.is_dense or (v_channels_by_tokens(scale) if v_channels_by_tokens(data) else scale.is_contiguous())
+    if scale.dtype != torch.uint8 or tuple(scale.shape) != want_scale or not laid_out(scale) or not same_layout:
         raise ValueError(f"kv_write_triton: {name}_scale for {fmt.name} must be a uint8 {want_scale} laid out as "
                          f"{name}_data, got {scale.dtype} {tuple(scale.shape)} strides {scale.stride()}")
     if x.stride(2) != 1 or x.stride(1) != head_dim:

@@ -629,7 +629,7 @@ def _paged_decode_kernel(
     PRE_ROPE: tl.constexpr,  # True: K is stored before RoPE and rotated on read
     K_TILE_DTYPE: tl.constexpr,  # dtype K tiles are decoded to: float32 when PRE_ROPE, else DOT_DTYPE
     PREFETCH: tl.constexpr,  # load the next tile's raw bytes before this tile's decode and math
-    ABLATE: tl.constexpr,  # benchmarks only: 1 loads the tiles and skips all math, 2 also decodes them
+    ABLATE: tl.constexpr,  # benchmarks only: 1 loads the tiles and skips all math, 2 also decodes them, 5 no loop
 ):
     kv_head = tl.program_id(0)
     split = tl.program_id(1)
@@ -642,6 +642,8 @@ def _paged_decode_kernel(
                         DOT_DTYPE)
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+    if ABLATE == 5:  # the loop left out: the program's setup (q, its slice) and its store, no K/V read
+        hi = lo
 
     # Everything runs transposed (keys x heads): with BLOCK_N >= 64 keys as the M dim of K q^T and
     # head_dim as the M dim of V^T p^T, Hopper runs both dots as wgmma (M of 64 per warpgroup),
@@ -1410,7 +1412,8 @@ def _paged_decode_i8k_kernel(
     V_BITS: tl.constexpr, V_MXFP4: tl.constexpr, V_BLOCK: tl.constexpr,  # V format (V_BLOCK 0: dense)
     V_ASM: tl.constexpr, V_PHASES: tl.constexpr,  # V decoded by inline PTX; 2: V as column halves
     UPCAST_DOT: tl.constexpr,  # True under the interpreter (see _dot)
-    ABLATE: tl.constexpr,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage
+    ABLATE: tl.constexpr,  # benchmarks only: 3 leaves the V stage out (no V loads, no P V dot), 4 the K stage,
+    #                      5 the whole loop
     V_T: tl.constexpr = False,  # "i8t": V stored channels by tokens, its codes in int8 dots (_int8_values);
     #                              V's block is K's, so V has K_NB blocks a row
 ):
@@ -1424,6 +1427,8 @@ def _paged_decode_i8k_kernel(
         step = step * 0.0625  # 4-bit codes enter the dots as int8 16 * code
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
     lo, hi = _decode_slice(seq_len, split, num_splits, sliding_window, BLOCK_N)
+    if ABLATE == 5:  # the loop left out: the program's setup (q's limbs, its slice) and its store only
+        hi = lo
     slice_start = lo
     V_RUN: tl.constexpr = min(PAGE_SIZE, BLOCK_N)  # "i8t": tokens of one page adjacent in V's columns
     if V_T:  # tiles start on a run (a sliding window's slice may not); tokens before slice_start are masked
@@ -1643,7 +1648,7 @@ def auto_num_splits(batch: int, num_kv_heads: int, max_context: int, num_sms: in
 
 DECODE_KERNELS = ("tiles", "blocks", "diag", "i8k", "i8t")
 # benchmark ablations per kernel (paged_decode_attention(ablate=)): stages of the loop left out
-ABLATIONS = {"tiles": (1, 2), "i8k": (3, 4), "i8t": (3, 4)}
+ABLATIONS = {"tiles": (1, 2, 5), "i8k": (3, 4, 5), "i8t": (3, 4, 5)}
 
 
 @dataclass(frozen=True)
@@ -1999,8 +2004,9 @@ def paged_decode_attention(
     num_stages and prefetch override the launch config (pick_decode_config: tuned per device, shape and
     that capacity, or the default).
     ablate (benchmarks only; 4/8-bit and dense formats; ABLATIONS): "tiles" 1 runs the loop's loads and
-    nothing else, 2 loads and decodes; "i8k" 3 leaves the V stage out, 4 the K stage (every key scores
-    0); the output is then not attention.
+    nothing else, 2 loads and decodes; "i8k" / "i8t" 3 leave the V stage out, 4 the K stage (every key
+    scores 0); 5 (each of them) the whole loop: the programs' setup and stores only (zeros out). The
+    output is then not attention.
     """
     k_fmt, v_fmt = _check_common("paged_decode_attention", q, k_data, k_scale, v_data, v_scale, page_table,
                                  seq_lens, k_format, v_format, scale, sliding_window, key_rope)

@@ -16,6 +16,7 @@ from tests.kernels.checks import Spy
 from tests.kernels.interpreter import fresh_process_test, interpreter_mark, is_interpreted
 
 from fxforge.kernels import kv_cache
+from fxforge.kernels.bfp import parse_kv_format
 from fxforge.kernels.kv_cache import allocate_kv_pair, kv_write_ref, v_channels_by_tokens
 
 INTERPRETER = is_interpreted(kv_cache._kv_write_packed_kernel)
@@ -165,6 +166,31 @@ def test_v_layout_is_checked_at_allocation():
         allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfloat16", v_layout="channels")
     with pytest.raises(ValueError, match=r"v_layout='columns' must be one of \('rows', 'channels'\)"):
         allocate_kv_pair(3, 8, 2, 64, "bfp12_32", "bfp16_32", v_layout="columns")
+
+
+@needs_interpreter
+def test_triton_takes_a_one_column_one_head_scale_in_its_data_layout():
+    """With one KV head and one scale column a token (head_dim 32 in blocks of 32), a V scale is
+    [pages, page_size, 1, 1]: rows and channels by tokens are the same bytes, and to_channels_by_tokens
+    hands it back with strides (page_size, 1, 1, 1). It counts as channels by tokens (length-1 dims'
+    strides say nothing), the write and decode checks take it beside channels data, and beside rows
+    data the rows reading stands (both caches were refused before, or classed by those strides)."""
+    from fxforge.kernels.paged_attention import _check_cache
+
+    for layout in ("channels", "rows"):
+        k_data, k_scale, v_data, v_scale = allocate_kv_pair(3, 8, 1, 32, "bfp16_32", "bfp16_32", v_layout=layout)
+        assert v_scale.shape == (3, 8, 1, 1) and v_scale.stride()[:2] == (8, 1)
+        assert v_channels_by_tokens(v_scale)  # either way: the same bytes
+        assert v_channels_by_tokens(v_data) == (layout == "channels")
+        x = torch.zeros(2, 1, 32)
+        kv_cache._check_write("v", x, v_data, v_scale, torch.tensor([0, 9]), parse_kv_format("bfp16_32"))
+        _check_cache("paged_decode_attention", "v", v_data, v_scale, "bfp16_32", 32, torch.device("cpu"))
+    rows_scale = torch.zeros(3, 8, 2, 1, dtype=torch.uint8)  # two heads: rows, not channels by tokens
+    assert not v_channels_by_tokens(rows_scale)
+    _, _, v_data, _ = allocate_kv_pair(3, 8, 2, 32, "bfp16_32", "bfp16_32", v_layout="channels")
+    with pytest.raises(ValueError, match="v_scale for bfp16_32 must be a uint8 .* laid out as v_data"):
+        kv_cache._check_write("v", torch.zeros(2, 2, 32), v_data, rows_scale, torch.tensor([0, 9]),
+                              parse_kv_format("bfp16_32"))
 
 
 @needs_interpreter

@@ -195,6 +195,29 @@ def test_i8k_ablations_leave_out_one_stage(k_format, seed):
 
 
 @needs_interpreter
+@pytest.mark.parametrize("kernel,k_format", [("tiles", "bfp16_32"), ("tiles", "bfloat16"), ("i8k", "bfp12_32"),
+                                             ("i8t", "bfp16_32")])
+def test_ablation_without_the_loop_reads_no_kv(kernel, k_format, seed):
+    """ablate=5 times a launch's fixed cost (setup and store, no K/V loop): the output is zeros, one
+    slice or several (the reduce weighs empty slices 0), and the cache's values cannot reach it (a
+    cache of NaN gives zeros too). The full launch on the same inputs is attention, so the test sees
+    that 5 changed what ran."""
+    v_format = "bfloat16" if k_format == "bfloat16" else "bfp16_32"
+    q, cache, page_table, _, seq_lens = decode_inputs([40, 7], 4, 2, 64, k_format, v_format, torch.bfloat16, 16, seed)
+    if kernel == "i8t":
+        cache = [cache[0], cache[1], pa.to_channels_by_tokens(cache[2]), pa.to_channels_by_tokens(cache[3])]
+    for num_splits in (1, 3):
+        launch = dict(num_splits=num_splits, kernel=kernel, block_n=32 if kernel == "i8t" else 16)
+        full = pa.paged_decode_attention(q, *cache, page_table, seq_lens, k_format, v_format, 0.125, **launch)
+        assert full.abs().max() > 0
+        nan_cache = [c.float().fill_(float("nan")).to(c.dtype) if c.is_floating_point() else c for c in cache]
+        for kv in (cache, nan_cache):
+            out = pa.paged_decode_attention(q, *kv, page_table, seq_lens, k_format, v_format, 0.125, ablate=5,
+                                            **launch)
+            assert torch.equal(out, torch.zeros_like(q)), (kernel, k_format, num_splits)
+
+
+@needs_interpreter
 def test_decode_splits_agree_and_sliding_window(seed):
     """num_splits 1, 2, 5 give the same numbers (up to summation order); with a sliding window the
     slices cover only the last `window` tokens (window 20 < 100, and > 17, and > 1)."""
