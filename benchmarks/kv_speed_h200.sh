@@ -58,6 +58,8 @@
 #   bash benchmarks/kv_speed_h200.sh ctx-kernels # every kernel that runs the packed formats at 224 / 464 (~1 min, measured)
 #   bash benchmarks/kv_speed_h200.sh ctx-ablate  # the committed launches at 224 and 448 / 464 with stages left out, empty launch
 #   bash benchmarks/kv_speed_h200.sh ctx-wide    # tiles of 128 / 256 keys at 224 and 448 / 464, tuned at 224 into /root/cfgw
+#   bash benchmarks/kv_speed_h200.sh probe-bf16  # ctx-wide's bf16 tiles variants one process each: which fault
+#   bash benchmarks/kv_speed_h200.sh ctx-i8k     # i8k 128 / 256-key launches, 1-4 warps, 224 and 448; tuned at 224 into /root/cfgw
 #   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
@@ -235,8 +237,28 @@ for stage in "$@"; do
         grep -v Warning "$OUT/kv_ctx_wide_${ctx}_h200.log" | grep "ctx\|tuned\|skipped" | sed 's/x .*vs SDPA ([^)]*)//' | tail -70
       done
       cp /root/cfgw/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_wide.json" ;;
+    probe-bf16)  # ctx-wide's bf16 "tiles" sweep ended in an illegal memory access at its third launch (128 keys, 4 warps,
+                 # one stage): each of its bf16 variants in a process of its own, which ones fault
+      timeout 400 python3 benchmarks/decode_variant_probe.py "$OUT/kv_probe_bf16_h200.json" --format bfloat16 \
+        --context 224 --table-tokens 464 --kernel tiles \
+        --variants '[{"block_n": 128, "num_warps": 2, "num_stages": 2}, {"block_n": 128, "num_warps": 4, "num_stages": 1}, {"block_n": 128, "num_warps": 4, "num_stages": 2}, {"block_n": 128, "num_warps": 4, "num_stages": 1, "prefetch": true}, {"block_n": 256, "num_warps": 4, "num_stages": 1}, {"block_n": 64, "num_warps": 4, "num_stages": 1}, {"block_n": 64, "num_warps": 2, "num_stages": 1}]' \
+        2>&1 | grep -v Warning | tail -12 ;;
+    ctx-i8k)  # around ctx-wide's find (BFP12-K/BFP16-V i8k, 128 keys, 2 warps, 2 stages: 24.4 us against bf16's 26.7 at
+              # 224 tokens): i8k's 128 / 256-key launches with 1-4 warps, BFP16 and BFP12-K/BFP16-V, 224 and 448 tokens,
+              # 464-token tables; tuned at 224 into /root/cfgw (a copy of the committed file), rows only at 448
+      mkdir -p /root/cfgw && cp kernels/configs/paged_decode_NVIDIA_H200.json /root/cfgw/
+      S='[{"block_n": 128, "num_warps": 1, "num_stages": 2}, {"block_n": 128, "num_warps": 1, "num_stages": 3}, {"block_n": 128, "num_warps": 2, "num_stages": 2}, {"block_n": 128, "num_warps": 2, "num_stages": 3}, {"block_n": 128, "num_warps": 2, "num_stages": 1}, {"block_n": 256, "num_warps": 2, "num_stages": 1}, {"block_n": 256, "num_warps": 2, "num_stages": 2}, {"block_n": 256, "num_warps": 4, "num_stages": 2}, {"block_n": 64, "num_warps": 2, "num_stages": 2}]'
+      for ctx in 224 448; do
+        tune=""; if [ $ctx = 224 ]; then tune="--tune /root/cfgw"; fi
+        timeout 250 python3 -m fxforge.kernels.attention_bench "$OUT/kv_ctx_i8k_${ctx}_h200.json" --sweep --variants "$S" \
+          --sweep-context $ctx --contexts $ctx --table-tokens 464 --kernels tiles i8k --shape 256 9 3 64 \
+          --formats bfp16_32 bfp12_32/bfp16_32 $tune > "$OUT/kv_ctx_i8k_${ctx}_h200.log" 2>&1
+        grep -v Warning "$OUT/kv_ctx_i8k_${ctx}_h200.log" | grep "ctx\|tuned\|skipped\|Error" | grep -v " tiles {" \
+          | sed 's/x .*vs SDPA ([^)]*)//' | tail -30
+      done
+      cp /root/cfgw/paged_decode_NVIDIA_H200.json "$OUT/paged_decode_NVIDIA_H200_i8k.json" ;;
     wide-e2e)  # SmolLM2 real weights (both device_env calls), 512 GSM8K x 256: committed decode configs against
-               # /root/cfgw's (ctx-wide's), same call, both orders
+               # /root/cfgw's (ctx-wide's or ctx-i8k's), same call, both orders
       FXFORGE_DECODE_CONFIG_DIR=kernels/configs e2e tuned wide_committed_smol smollm2-135m --kv "$KV" --hf-batch "" \
         --repeats 3 --no-check
       FXFORGE_DECODE_CONFIG_DIR=/root/cfgw e2e tuned wide_tuned_smol smollm2-135m --kv "$KV" --hf-batch "" \
