@@ -60,6 +60,7 @@
 #   bash benchmarks/kv_speed_h200.sh ctx-wide    # tiles of 128 / 256 keys at 224 and 448 / 464, tuned at 224 into /root/cfgw
 #   bash benchmarks/kv_speed_h200.sh probe-bf16  # ctx-wide's bf16 tiles variants one process each: which fault
 #   bash benchmarks/kv_speed_h200.sh ctx-i8k     # i8k 128 / 256-key launches, 1-4 warps, 224 and 448; tuned at 224 into /root/cfgw
+#   bash benchmarks/kv_speed_h200.sh kprof-smol-ctx  # kprof-smol-wide at 220 and 440 tokens, committed configs
 #   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
@@ -299,6 +300,13 @@ for stage in "$@"; do
       timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 220 \
         --table-tokens 464 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
         --json-out "$OUT/kernel_profile_smol_wide_h200.json" 2>&1 | grep -v Warning | grep "####\|== decode" -A4 ;;
+    kprof-smol-ctx)  # kprof-smol-wide at 220 and 440 tokens of context with the committed configs (the eighth session's
+                     # BFP12-K/BFP16-V entry): where the e2e decode windows' remaining packed cost goes, kernel by kernel
+      for ctx in 220 440; do
+        timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context $ctx \
+          --table-tokens 464 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
+          --json-out "$OUT/kernel_profile_smol_ctx${ctx}_h200.json" 2>&1 | grep -v Warning | grep "####\|== decode" -A4
+      done ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do
         timeout 150 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
