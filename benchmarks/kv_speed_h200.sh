@@ -61,6 +61,7 @@
 #   bash benchmarks/kv_speed_h200.sh probe-bf16  # ctx-wide's bf16 tiles variants one process each: which fault
 #   bash benchmarks/kv_speed_h200.sh ctx-i8k     # i8k 128 / 256-key launches, 1-4 warps, 224 and 448; tuned at 224 into /root/cfgw
 #   bash benchmarks/kv_speed_h200.sh kprof-smol-ctx  # kprof-smol-wide at 220 and 440 tokens, committed configs
+#   bash benchmarks/kv_speed_h200.sh write-bench # the fused RoPE + KV write per format and grid cut, SmolLM2 and 8B shapes
 #   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
@@ -306,6 +307,13 @@ for stage in "$@"; do
         timeout 200 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context $ctx \
           --table-tokens 464 --prefill-tokens 8192 --kv bfloat16,bfp16,bfp12/bfp16 \
           --json-out "$OUT/kernel_profile_smol_ctx${ctx}_h200.json" 2>&1 | grep -v Warning | grep "####\|== decode" -A4
+      done ;;
+    write-bench)  # the fused RoPE + KV write of one layer's decode batch (SmolLM2: 256 tokens x 3 heads x d64; 8B: 64 x 8 x
+                  # d128) per KV format and grid cut: packed writes cost ~1.2 us a layer more than bf16's (kprof-smol-ctx)
+      L='[{}, {"split_kv": true}, {"num_warps": 1}, {"num_warps": 2}, {"split_kv": true, "num_warps": 1}, {"split_kv": true, "num_warps": 2}, {"values_per_program": 64, "num_warps": 1}, {"values_per_program": 64, "split_kv": true, "num_warps": 1}, {"values_per_program": 64, "split_kv": true, "num_warps": 2}]'
+      for shape in "256 3 64" "64 8 128"; do
+        timeout 200 python3 benchmarks/kv_write_bench.py "$OUT/kv_write_${shape// /_}_h200.json" --shape $shape \
+          --formats bfloat16 bfp16 bfp12/bfp16 --launches "$L" 2>&1 | grep -v Warning | tail -30
       done ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do

@@ -24,7 +24,9 @@ from fxforge.kernels.kv_cache import _check_write, _store_packed_blocks, _write_
 from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, rope_tables, rotated
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
-_VALUES_PER_PROGRAM = 1024  # K values (and as many V values) one program writes: heads = this // D
+# how rope_kv_write_triton cuts its grid: K values (and as many V values) a program writes (heads = this // D),
+# K and V in programs of their own or not, warps a program
+WRITE_LAUNCH = {"values_per_program": 1024, "split_kv": False, "num_warps": 4}
 
 
 def rope_kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
@@ -182,6 +184,7 @@ def _rope_kv_write_kernel(
     V_MXFP4: tl.constexpr,
     V_BLOCK: tl.constexpr,
     V_TO_BF16: tl.constexpr,
+    SPLIT_KV: tl.constexpr = False,  # grid axis 2 of 2: program 0 writes K, program 1 V (else one program, both)
 ):
     token = tl.program_id(0).to(tl.int64)
     first_head = tl.program_id(1) * HEADS_PER_PROGRAM
@@ -189,15 +192,18 @@ def _rope_kv_write_kernel(
     heads = tl.minimum(HEADS_PER_PROGRAM, NUM_HEADS - first_head)
     live_values = tl.where(slot >= 0, heads * HEAD_DIM, 0)
     position = tl.load(positions_ptr + token).to(tl.float32)
-    _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, stride_kdp, stride_kds,
-                stride_kdh, stride_kdc, stride_ksp, stride_kss, stride_ksh, stride_ksc, slot, first_head,
-                live_values, position, inv_freq_ptr, table_ptr + first_head * HEAD_DIM, stride_kh, NUM_HEADS,
-                HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16, BLOCK_VALUES,
-                PAGE_SIZE)
-    _write_rows(v_ptr + token * stride_vt + first_head * stride_vh, v_data_ptr, v_scale_ptr, stride_vdp, stride_vds,
-                stride_vdh, stride_vdc, stride_vsp, stride_vss, stride_vsh, stride_vsc, slot, first_head,
-                live_values, position, inv_freq_ptr, table_ptr, stride_vh, NUM_HEADS, HEAD_DIM, False, False, False,
-                V_MANTISSA_BITS, V_MXFP4, V_BLOCK, V_TO_BF16, BLOCK_VALUES, PAGE_SIZE)
+    which = tl.program_id(2) if SPLIT_KV else -1  # -1: this program writes both
+    if which != 1:
+            _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, stride_kdp,
+                    stride_kds, stride_kdh, stride_kdc, stride_ksp, stride_kss, stride_ksh, stride_ksc, slot,
+                    first_head, live_values, position, inv_freq_ptr, table_ptr + first_head * HEAD_DIM, stride_kh,
+                    NUM_HEADS, HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16,
+                    BLOCK_VALUES, PAGE_SIZE)
+    if which != 0:
+        _write_rows(v_ptr + token * stride_vt + first_head * stride_vh, v_data_ptr, v_scale_ptr, stride_vdp,
+                    stride_vds, stride_vdh, stride_vdc, stride_vsp, stride_vss, stride_vsh, stride_vsc, slot,
+                    first_head, live_values, position, inv_freq_ptr, table_ptr, stride_vh, NUM_HEADS, HEAD_DIM, False,
+                    False, False, V_MANTISSA_BITS, V_MXFP4, V_BLOCK, V_TO_BF16, BLOCK_VALUES, PAGE_SIZE)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -214,12 +220,20 @@ def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
 def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
                          v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
                          positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
-                         channel_perm: torch.Tensor | None, k_format: str, v_format: str) -> None:
+                         channel_perm: torch.Tensor | None, k_format: str, v_format: str,
+                         launch: dict | None = None) -> None:
     """Triton `rope_kv_write_ref` (in place, one launch; CUDA, or CPU under TRITON_INTERPRET=1).
 
     The bytes equal those of rope_triton followed by kv_write_triton for every slot >= 0, and
     inputs are validated as those two validate theirs before anything is written.
+    launch (benchmarks): how the grid is cut, over WRITE_LAUNCH's values: values_per_program (K values
+    a program writes, whole heads), split_kv (K and V by programs of their own), num_warps; any cut
+    stores the same bytes.
     """
+    launch = {**WRITE_LAUNCH, **(launch or {})}
+    if set(launch) != set(WRITE_LAUNCH):
+        raise ValueError(f"rope_kv_write_triton: launch keys must be among {sorted(WRITE_LAUNCH)}, got "
+                         f"{sorted(set(launch) - set(WRITE_LAUNCH))}")
     k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
     try:
         _check_rope_inputs(k, positions, inv_freq, channel_perm)
@@ -232,9 +246,9 @@ def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor,
     tokens, heads, head_dim = k.shape
     if tokens == 0:
         return
-    per_program = min(heads, max(1, _VALUES_PER_PROGRAM // head_dim))
+    per_program = min(heads, max(1, launch["values_per_program"] // head_dim))
     table = rope_tables(channel_perm, interleaved) if channel_perm is not None else positions
-    grid = (tokens, triton.cdiv(heads, per_program))
+    grid = (tokens, triton.cdiv(heads, per_program), 2 if launch["split_kv"] else 1)
     _rope_kv_write_kernel[grid](
         k, v, k_data, k_scale, v_data, v_scale, slot_mapping.contiguous(), positions.contiguous(),
         inv_freq.contiguous(), table, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -242,4 +256,4 @@ def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor,
         HEAD_DIM=head_dim, HEADS_PER_PROGRAM=per_program,
         BLOCK_VALUES=triton.next_power_of_2(per_program * head_dim), INTERLEAVED=bool(interleaved),
         PERMUTED=channel_perm is not None, **_format_meta("K", k_fmt, k_data), **_format_meta("V", v_fmt, v_data),
-        num_warps=4)
+        SPLIT_KV=bool(launch["split_kv"]), num_warps=launch["num_warps"])

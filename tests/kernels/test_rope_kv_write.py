@@ -134,10 +134,27 @@ def test_triton_keys_are_rope_ref_within_rounding(interleaved, permuted, seed):
 
 
 @needs_interpreter
-def test_triton_heads_split_over_programs(seed, monkeypatch):
-    """Fewer values per program than a token holds: heads go to several programs, the last one partial."""
-    monkeypatch.setattr(rope_kv_write, "_VALUES_PER_PROGRAM", 128)  # 2 heads of 64 per program, 3 heads
+@pytest.mark.parametrize("launch", [{"values_per_program": 128}, {"split_kv": True},
+                                    {"values_per_program": 64, "split_kv": True, "num_warps": 1}],
+                         ids=["2-heads", "split-kv", "1-head-split-kv-1-warp"])
+def test_triton_grid_cuts_store_the_same_bytes(launch, seed, monkeypatch):
+    """Fewer values per program than a token holds (heads over several programs, the last one partial),
+    K and V in programs of their own, fewer warps: the bytes of the unfused pair and the reference."""
+    monkeypatch.setattr(rope_kv_write, "WRITE_LAUNCH", {**rope_kv_write.WRITE_LAUNCH, **launch})
     check_against_the_pair((3, 3, 64), torch.float32, "bfp12_16", "bfloat16", False, True, seed, "cpu")
+    check_against_the_pair((4, 3, 64), torch.bfloat16, "bfloat16", "bfp16_32", True, False, seed, "cpu")
+
+
+@needs_interpreter
+def test_triton_refuses_an_unknown_launch_key(seed):
+    gen = torch.Generator().manual_seed(seed)
+    k, v, slots, positions, inv_freq, _ = rope_inputs((3, 2, 64), torch.float32, False, gen)
+    cache, untouched = random_cache(2, 64, "bfp16_32", "bfp16_32", gen)
+    with pytest.raises(ValueError, match=r"launch keys must be among \['num_warps', 'split_kv', "
+                                         r"'values_per_program'\], got \['warps'\]"):
+        rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32",
+                                           "bfp16_32", launch={"warps": 2})
+    assert all(torch.equal(a, b) for a, b in zip(cache, untouched)), "a refused call wrote to the cache"
 
 
 @needs_interpreter
