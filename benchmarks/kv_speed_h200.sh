@@ -62,6 +62,8 @@
 #   bash benchmarks/kv_speed_h200.sh ctx-i8k     # i8k 128 / 256-key launches, 1-4 warps, 224 and 448; tuned at 224 into /root/cfgw
 #   bash benchmarks/kv_speed_h200.sh kprof-smol-ctx  # kprof-smol-wide at 220 and 440 tokens, committed configs
 #   bash benchmarks/kv_speed_h200.sh write-bench # the fused RoPE + KV write per format and grid cut, SmolLM2 and 8B shapes
+#   bash benchmarks/kv_speed_h200.sh write-bench2  # the new default write cut at both shapes, against the old one
+#   bash benchmarks/kv_speed_h200.sh write-e2e   # SmolLM2 real weights: old write cut vs new, both orders (~5.5 min)
 #   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
@@ -315,6 +317,20 @@ for stage in "$@"; do
         timeout 200 python3 benchmarks/kv_write_bench.py "$OUT/kv_write_${shape// /_}_h200.json" --shape $shape \
           --formats bfloat16 bfp16 bfp12/bfp16 --launches "$L" 2>&1 | grep -v Warning | tail -30
       done ;;
+    write-bench2)  # the default cut chosen from write-bench ({values_per_program 256, split_kv, 2 warps}: SmolLM2's best
+                   # launch) at the 8B shape, where it cuts 2 heads a program (not timed by write-bench), and the old cut
+      OLD='{"values_per_program": 1024, "split_kv": false, "num_warps": 4}'
+      timeout 200 python3 benchmarks/kv_write_bench.py "$OUT/kv_write2_64_8_128_h200.json" --shape 64 8 128 \
+        --formats bfloat16 bfp16 bfp12/bfp16 --launches "[{}, $OLD, {\"values_per_program\": 128}]" 2>&1 | grep -v Warning | tail -12
+      timeout 200 python3 benchmarks/kv_write_bench.py "$OUT/kv_write2_256_3_64_h200.json" --shape 256 3 64 \
+        --formats bfloat16 bfp16 bfp12/bfp16 --launches "[{}, $OLD]" 2>&1 | grep -v Warning | tail -8 ;;
+    write-e2e)  # SmolLM2 real weights (both device_env calls), 512 GSM8K x 256: the KV write's old cut (FXFORGE_WRITE_LAUNCH)
+                # against the new default, same call, both orders; committed decode configs
+      OLD='{"values_per_program": 1024, "split_kv": false, "num_warps": 4}'
+      FXFORGE_WRITE_LAUNCH="$OLD" e2e tuned write_old_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --no-check
+      e2e tuned write_new_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3
+      e2e tuned write_new2_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --no-check
+      FXFORGE_WRITE_LAUNCH="$OLD" e2e tuned write_old2_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --no-check ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do
         timeout 150 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \

@@ -17,6 +17,10 @@ Keys cached before RoPE (bfp-kv pre_rope=True) have no RoPE before their write: 
 
 from __future__ import annotations
 
+import functools
+import json
+import os
+
 import torch
 
 from fxforge.kernels.bfp import encode_groups, encode_values, parse_kv_format
@@ -25,8 +29,11 @@ from fxforge.kernels.rope import _check_rope_inputs, permuted_pair, rope_ref, ro
 from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 
 # how rope_kv_write_triton cuts its grid: K values (and as many V values) a program writes (heads = this // D),
-# K and V in programs of their own or not, warps a program
-WRITE_LAUNCH = {"values_per_program": 1024, "split_kv": False, "num_warps": 4}
+# K and V in programs of their own or not, warps a program. Measured on the H200 (benchmarks/kv_write_bench.py,
+# BENCHMARKS.md): K and V apart with 2 warps took a SmolLM2 decode layer's write (256 tokens x 3 heads x d64)
+# from 5.98 to 5.63 us in bf16 and from 7.04 to 6.34-6.50 us packed. FXFORGE_WRITE_LAUNCH (JSON) overrides
+# it per process, for A/B runs of whole benchmarks.
+WRITE_LAUNCH = {"values_per_program": 256, "split_kv": True, "num_warps": 2}
 
 
 def rope_kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
@@ -217,6 +224,12 @@ def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
             f"{prefix}_BLOCK": fmt.block if packed else 4, f"{prefix}_TO_BF16": data.dtype == torch.bfloat16}
 
 
+@functools.lru_cache(maxsize=8)
+def _env_launch(text: str):
+    """FXFORGE_WRITE_LAUNCH's JSON, parsed once per value ({} when unset)."""
+    return json.loads(text) if text else {}
+
+
 def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,
                          v_data: torch.Tensor, v_scale: torch.Tensor, slot_mapping: torch.Tensor,
                          positions: torch.Tensor, inv_freq: torch.Tensor, interleaved: bool,
@@ -226,14 +239,16 @@ def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor,
 
     The bytes equal those of rope_triton followed by kv_write_triton for every slot >= 0, and
     inputs are validated as those two validate theirs before anything is written.
-    launch (benchmarks): how the grid is cut, over WRITE_LAUNCH's values: values_per_program (K values
-    a program writes, whole heads), split_kv (K and V by programs of their own), num_warps; any cut
-    stores the same bytes.
+    launch (benchmarks): how the grid is cut, over WRITE_LAUNCH's values (and FXFORGE_WRITE_LAUNCH's):
+    values_per_program (K values a program writes, whole heads), split_kv (K and V by programs of their
+    own), num_warps; any cut stores the same bytes.
     """
-    launch = {**WRITE_LAUNCH, **(launch or {})}
-    if set(launch) != set(WRITE_LAUNCH):
-        raise ValueError(f"rope_kv_write_triton: launch keys must be among {sorted(WRITE_LAUNCH)}, got "
-                         f"{sorted(set(launch) - set(WRITE_LAUNCH))}")
+    env = _env_launch(os.environ.get("FXFORGE_WRITE_LAUNCH", ""))
+    for what, given in (("FXFORGE_WRITE_LAUNCH", env), ("launch", launch or {})):
+        if not isinstance(given, dict) or set(given) - set(WRITE_LAUNCH):
+            raise ValueError(f"rope_kv_write_triton: {what} keys must be among {sorted(WRITE_LAUNCH)}, got "
+                             f"{sorted(set(given) - set(WRITE_LAUNCH)) if isinstance(given, dict) else given!r}")
+    launch = {**WRITE_LAUNCH, **env, **(launch or {})}
     k_fmt, v_fmt = parse_kv_format(k_format), parse_kv_format(v_format)
     try:
         _check_rope_inputs(k, positions, inv_freq, channel_perm)

@@ -146,7 +146,7 @@ def test_triton_grid_cuts_store_the_same_bytes(launch, seed, monkeypatch):
 
 
 @needs_interpreter
-def test_triton_refuses_an_unknown_launch_key(seed):
+def test_triton_refuses_an_unknown_launch_key(seed, monkeypatch):
     gen = torch.Generator().manual_seed(seed)
     k, v, slots, positions, inv_freq, _ = rope_inputs((3, 2, 64), torch.float32, False, gen)
     cache, untouched = random_cache(2, 64, "bfp16_32", "bfp16_32", gen)
@@ -154,7 +154,14 @@ def test_triton_refuses_an_unknown_launch_key(seed):
                                          r"'values_per_program'\], got \['warps'\]"):
         rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32",
                                            "bfp16_32", launch={"warps": 2})
+    monkeypatch.setenv("FXFORGE_WRITE_LAUNCH", '{"split_kv": true, "blocks": 4}')
+    with pytest.raises(ValueError, match=r"FXFORGE_WRITE_LAUNCH keys must be among .*, got \['blocks'\]"):
+        rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32",
+                                           "bfp16_32")
     assert all(torch.equal(a, b) for a, b in zip(cache, untouched)), "a refused call wrote to the cache"
+    monkeypatch.setenv("FXFORGE_WRITE_LAUNCH", '{"split_kv": false, "num_warps": 1}')  # the pre-H200 cut, by env
+    rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32", "bfp16_32")
+    assert not all(torch.equal(a, b) for a, b in zip(cache, untouched))
 
 
 @needs_interpreter
