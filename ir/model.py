@@ -172,8 +172,12 @@ class Model:
         return "channels" if all(pa.nearest_tuned_config(tuned, key, None) is not None for key in keys) else "rows"
 
     def _decodes_on_gpu(self, device: torch.device) -> bool:
-        """Whether decode attention runs the Triton kernels here (the references read any V layout)."""
-        return device.type == "cuda" and self.kernel_bindings().get("attention") == TRITON
+        """Whether decode attention runs the Triton kernels here: CUDA, or the CPU under TRITON_INTERPRET=1
+        (the references read any V layout)."""
+        from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED
+
+        here = device.type == "cuda" or (INTERPRETED and device.type == "cpu")  # as can_launch, by device
+        return HAS_TRITON and here and self.kernel_bindings().get("attention") == TRITON
 
     def _i8t_refusal(self) -> str | None:
         """Why the "i8t" decode kernel cannot run some layer of this model (the first), or None."""
