@@ -8,10 +8,10 @@
 # the ctx-* stages keep theirs in /root/cfg, which does (as device_env.sh's /root/stash).
 # e2e stages compare "tiles" (FXFORGE_DECODE_KERNEL=tiles: the decode kernel before issue 14) with
 # "tuned" (no override: the tuned config's kernel per shape, "tiles", "blocks" or "diag").
-# The session's 30 device-minutes do not hold every stage. The seventh session ran overlap-tests, kprof-smol-wide,
-# kprof-host, short-sweep, ctx-tests, ctx-bfp16, ctx-e2e and ctx-kernels (BENCHMARKS.md). Next: ctx-ablate (what sets
-# the ~26.5 us every decode kernel takes at 224 tokens, bf16's too; not run, no device time left), then a decode
-# kernel for contexts under ~512 tokens, where every packed launch swept runs at 1.0-1.3x bf16's time.
+# The session's 30 device-minutes do not hold every stage. The eighth session ran ctx-ablate, ctx-wide, probe-bf16,
+# ctx-i8k, wide-e2e, kprof-smol-ctx, ctx-tests, write-bench, write-bench2 and write-e2e (BENCHMARKS.md). Open: the
+# packed kernels' V stage (decode through shared memory into the P.V dot) costs what bf16's loads of twice the bytes
+# do at SmolLM2's contexts; bf16 "tiles" faults with 4 warps and one stage on Triton 3.6 (probe-bf16).
 #   bash benchmarks/kv_speed_h200.sh tests       # GPU tests: both decode kernels vs the reference, decoders, bench (~5 min)
 #   bash benchmarks/kv_speed_h200.sh attention   # fxforge bench attention, tiles / blocks / diag vs SDPA, 1k/4k/16k (~5 min)
 #   bash benchmarks/kv_speed_h200.sh tune        # sweep of "tiles" variants + ablations at 4k, 8B shape, 5 formats; tuned configs (~4 min, measured)

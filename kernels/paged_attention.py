@@ -93,6 +93,7 @@ from fxforge.kernels.kv_cache import to_channels_by_tokens, v_channels_by_tokens
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
+           "known_decode_fault",
            "DECODE_KERNELS", "decode_kernel_supports", "v_channels_by_tokens", "to_channels_by_tokens",
            "default_decode_config", "pick_decode_config", "decode_kernel_spec",
            "decode_config_path", "tuned_decode_configs", "decode_config_key", "nearest_tuned_config", "TUNE_CONTEXT"]
@@ -2132,9 +2133,26 @@ def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, gro
     overrides = dict(kernel=kernel, block_n=block_n, num_warps=num_warps, num_stages=num_stages, prefetch=prefetch)
     overrides = {name: value for name, value in overrides.items() if value is not None}
     try:
-        return DecodeConfig(**{**config.to_dict(), **overrides}) if overrides else config
+        config = DecodeConfig(**{**config.to_dict(), **overrides}) if overrides else config
     except ValueError as exc:
         raise ValueError(f"paged_decode_attention: {exc}") from None
+    fault = known_decode_fault(config, k_fmt, v_fmt, q.device)
+    if fault is not None:
+        raise ValueError(f"paged_decode_attention: {fault}")
+    return config
+
+
+def known_decode_fault(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, device) -> str | None:
+    """Why a launch is known to fault on this device (an illegal memory access, which ends the process's
+    CUDA context), or None. Measured on the H200 with Triton 3.6 (benchmarks/decode_variant_probe.py,
+    BENCHMARKS.md, eighth session): "tiles" over dense K and V with 4 warps, one stage and no register
+    prefetch, at 64, 128 and 256 keys a tile; the same launch is exact under the interpreter."""
+    if (torch.device(device).type == "cuda" and config.kernel == "tiles" and k_fmt.is_dense and v_fmt.is_dense
+            and config.num_warps == 4 and config.num_stages == 1 and not config.prefetch):
+        return ("kernel='tiles' over dense K/V with num_warps=4, num_stages=1 and no prefetch faults on CUDA "
+                "(an illegal memory access, measured on the H200 with Triton 3.6); use num_stages >= 2, "
+                "num_warps=2 or prefetch=True")
+    return None
 
 
 def _diag_meta(k_fmt: KVFormat, v_fmt: KVFormat, head_dim: int, group: int, dot_dtype, device: torch.device) -> dict:

@@ -521,6 +521,21 @@ def test_paged_decode_attention_picks_by_its_page_table_capacity(monkeypatch):
     assert seen == [page_table.shape[1] * 16, wide.shape[1] * 16, 32]
 
 
+def test_the_launch_known_to_fault_is_refused_on_cuda_only():
+    """bf16 "tiles" with 4 warps, one stage and no prefetch faults on the H200 (Triton 3.6): refused there
+    with the launches that run instead named; the neighbours that ran stay allowed, and the CPU (the
+    interpreter, where it is exact) is not refused."""
+    fmt = pa.parse_kv_format
+    dense, packed = fmt("bfloat16"), fmt("bfp16_32")
+    faulty = pa.DecodeConfig(kernel="tiles", block_n=128, num_warps=4, num_stages=1)
+    assert "num_stages >= 2, num_warps=2 or prefetch=True" in pa.known_decode_fault(faulty, dense, dense, "cuda")
+    assert pa.known_decode_fault(faulty, dense, dense, "cpu") is None
+    assert pa.known_decode_fault(faulty, packed, packed, "cuda") is None
+    for ok in (dict(num_stages=2), dict(num_warps=2), dict(prefetch=True)):
+        config = pa.DecodeConfig(**{**faulty.to_dict(), **ok})
+        assert pa.known_decode_fault(config, dense, dense, "cuda") is None, ok
+
+
 def test_int8_key_dots_contract_over_at_least_32_codes():
     """On the GPU an int8 dot contracts over >= 32: BFP12 keys (two 4-bit phases) need >= 64 padded
     channels for i8k / i8t, BFP16 keys >= 32 (the padded minimum). An engine asked to keep V channels
