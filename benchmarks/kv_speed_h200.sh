@@ -64,6 +64,7 @@
 #   bash benchmarks/kv_speed_h200.sh write-bench # the fused RoPE + KV write per format and grid cut, SmolLM2 and 8B shapes
 #   bash benchmarks/kv_speed_h200.sh write-bench2  # the new default write cut at both shapes, against the old one
 #   bash benchmarks/kv_speed_h200.sh write-e2e   # SmolLM2 real weights: old write cut vs new, both orders (~5.5 min)
+#   bash benchmarks/kv_speed_h200.sh write-tests # GPU tests of the fused RoPE + KV write and the plain write (~1 min)
 #   bash benchmarks/kv_speed_h200.sh wide-e2e    # SmolLM2 real weights, committed configs vs /root/cfgw's, both orders (~5 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-tests   # GPU tests of the decode-config picks and the CUDA-graph decode (~1 min)
 #   bash benchmarks/kv_speed_h200.sh ctx-e2e     # SmolLM2 real weights, committed configs vs /root/cfg's (both device_env calls; ~2.5 min)
@@ -331,6 +332,9 @@ for stage in "$@"; do
       e2e tuned write_new_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3
       e2e tuned write_new2_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --no-check
       FXFORGE_WRITE_LAUNCH="$OLD" e2e tuned write_old2_smol smollm2-135m --kv "$KV" --hf-batch "" --repeats 3 --no-check ;;
+    write-tests)  # GPU tests of the fused RoPE + KV write (the new grid cut) and the plain write, against the references
+      timeout 300 python3 -m pytest -q -p no:cacheprovider -n 8 tests/kernels/test_rope_kv_write.py tests/kernels/test_kv_write.py \
+        -k "TestCUDA" 2>&1 | tee "$OUT/write_tests_h200.log" | tail -4 ;;
     kprof-host)  # where the eager packed prefill step's extra host time goes: cProfile of bf16 and BFP16 prefill steps
       for kv in bfloat16 bfp16; do
         timeout 150 python3 benchmarks/kernel_profile.py smollm2-135m --random-init --batch 256 --context 300 \
