@@ -31,8 +31,9 @@ from fxforge.kernels.triton_support import jit, round_to_bf16, tl, triton
 # how rope_kv_write_triton cuts its grid: K values (and as many V values) a program writes (heads = this // D),
 # K and V in programs of their own or not, warps a program. Measured on the H200 (benchmarks/kv_write_bench.py,
 # BENCHMARKS.md): K and V apart with 2 warps took a SmolLM2 decode layer's write (256 tokens x 3 heads x d64)
-# from 5.98 to 5.63 us in bf16 and from 7.04 to 6.34-6.50 us packed. FXFORGE_WRITE_LAUNCH (JSON) overrides
-# it per process, for A/B runs of whole benchmarks.
+# from 5.98 to 5.63 us in bf16 and from 7.04 to 6.34-6.50 us packed, an 8B one (64 x 8 x d128, 2 heads a program)
+# from 6.94 to 6.24 us and from 8.3 to 6.6 us. FXFORGE_WRITE_LAUNCH (JSON) overrides it per process, for A/B
+# runs of whole benchmarks.
 WRITE_LAUNCH = {"values_per_program": 256, "split_kv": True, "num_warps": 2}
 
 
@@ -201,7 +202,7 @@ def _rope_kv_write_kernel(
     position = tl.load(positions_ptr + token).to(tl.float32)
     which = tl.program_id(2) if SPLIT_KV else -1  # -1: this program writes both
     if which != 1:
-            _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, stride_kdp,
+        _write_rows(k_ptr + token * stride_kt + first_head * stride_kh, k_data_ptr, k_scale_ptr, stride_kdp,
                     stride_kds, stride_kdh, stride_kdc, stride_ksp, stride_kss, stride_ksh, stride_ksc, slot,
                     first_head, live_values, position, inv_freq_ptr, table_ptr + first_head * HEAD_DIM, stride_kh,
                     NUM_HEADS, HEAD_DIM, True, INTERLEAVED, PERMUTED, K_MANTISSA_BITS, K_MXFP4, K_BLOCK, K_TO_BF16,
@@ -227,7 +228,11 @@ def _format_meta(prefix: str, fmt, data: torch.Tensor) -> dict:
 @functools.lru_cache(maxsize=8)
 def _env_launch(text: str):
     """FXFORGE_WRITE_LAUNCH's JSON, parsed once per value ({} when unset)."""
-    return json.loads(text) if text else {}
+    try:
+        return json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"rope_kv_write_triton: FXFORGE_WRITE_LAUNCH={text!r} is not JSON ({exc}); give a dict "
+                         f"such as {json.dumps(WRITE_LAUNCH)}") from None
 
 
 def rope_kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_data: torch.Tensor, k_scale: torch.Tensor,

@@ -159,7 +159,11 @@ def test_triton_refuses_an_unknown_launch_key(seed, monkeypatch):
         rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32",
                                            "bfp16_32")
     assert all(torch.equal(a, b) for a, b in zip(cache, untouched)), "a refused call wrote to the cache"
-    monkeypatch.setenv("FXFORGE_WRITE_LAUNCH", '{"split_kv": false, "num_warps": 1}')  # the pre-H200 cut, by env
+    monkeypatch.setenv("FXFORGE_WRITE_LAUNCH", "split_kv=1")
+    with pytest.raises(ValueError, match=r"FXFORGE_WRITE_LAUNCH='split_kv=1' is not JSON"):
+        rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32",
+                                           "bfp16_32")
+    monkeypatch.setenv("FXFORGE_WRITE_LAUNCH", '{"split_kv": false, "num_warps": 1}')  # another cut, by env
     rope_kv_write.rope_kv_write_triton(k, v, *cache, slots, positions, inv_freq, False, None, "bfp16_32", "bfp16_32")
     assert not all(torch.equal(a, b) for a, b in zip(cache, untouched))
 
