@@ -187,7 +187,7 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
     pct_of_copy_bw, max_abs_diff vs attention_ref (+ the SDPA baseline used). A format may be "K/V"
     (e.g. bfp12_32/bfp16_32). With sweep, extra rows (config != "default") time the SWEEP variants of
     each kernel at context `sweep_context`. A kernel's rows are left out for formats it does not run. With ablate,
-    two more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" with
+    more rows per format (4/8-bit and dense) time the fastest config of "tiles" and of "i8k" / "i8t" with
     stages left out (paged_attention.ABLATIONS; "tiles" 1: the loop's loads only, 2: loads and decode,
     no dots or softmax; "i8k" 3: no V stage, 4: no K stage; each 5: no loop, setup and store only) and
     an empty launch of the same grid (rows' "empty_launch_us"): what each stage costs. Variants over the
@@ -254,10 +254,9 @@ def bench_decode(batch: int = 64, hq: int = 32, hkv: int = 8, d: int = 128, cont
                     else:
                         runs = [(config_name, config)]
                     for config_name, config in runs:
-                        launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config, capacity)
-                        fault = paged_attention.known_decode_fault(DecodeConfig.from_dict(launch), k_fmt, v_fmt,
-                                                                   q.device)
-                        if fault is not None:  # a launch known to end the process's CUDA context: skipped, said
+                        try:
+                            launch = launch_of(q, kernel_copies[0], k_name, v_name, kernel, config, capacity)
+                        except paged_attention.DecodeLaunchFault as fault:  # would end the CUDA context: skipped, said
                             print(f"{fmt_name:>18} ctx {ctx:>6} {kernel:>6} {config_name:<60} skipped: {fault}")
                             continue
                         try:

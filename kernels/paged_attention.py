@@ -93,7 +93,7 @@ from fxforge.kernels.kv_cache import to_channels_by_tokens, v_channels_by_tokens
 from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED, check_launchable, jit, next_pow2, tl
 
 __all__ = ["paged_decode_attention", "paged_prefill_attention", "attention_triton", "auto_num_splits", "DecodeConfig",
-           "known_decode_fault",
+           "known_decode_fault", "DecodeLaunchFault",
            "DECODE_KERNELS", "decode_kernel_supports", "v_channels_by_tokens", "to_channels_by_tokens",
            "default_decode_config", "pick_decode_config", "decode_kernel_spec",
            "decode_config_path", "tuned_decode_configs", "decode_config_key", "nearest_tuned_config", "TUNE_CONTEXT"]
@@ -2138,8 +2138,12 @@ def _decode_launch_config(k_fmt: KVFormat, v_fmt: KVFormat, q: torch.Tensor, gro
         raise ValueError(f"paged_decode_attention: {exc}") from None
     fault = known_decode_fault(config, k_fmt, v_fmt, q.device)
     if fault is not None:
-        raise ValueError(f"paged_decode_attention: {fault}")
+        raise DecodeLaunchFault(f"paged_decode_attention: {fault}")
     return config
+
+
+class DecodeLaunchFault(ValueError):
+    """A decode launch refused because it is known to fault on this device (known_decode_fault)."""
 
 
 def known_decode_fault(config: DecodeConfig, k_fmt: KVFormat, v_fmt: KVFormat, device) -> str | None:

@@ -531,6 +531,7 @@ def test_the_launch_known_to_fault_is_refused_on_cuda_only():
     assert "num_stages >= 2, num_warps=2 or prefetch=True" in pa.known_decode_fault(faulty, dense, dense, "cuda")
     assert pa.known_decode_fault(faulty, dense, dense, "cpu") is None
     assert pa.known_decode_fault(faulty, packed, packed, "cuda") is None
+    assert issubclass(pa.DecodeLaunchFault, ValueError)  # what paged_decode_attention raises; attention_bench skips it
     for ok in (dict(num_stages=2), dict(num_warps=2), dict(prefetch=True)):
         config = pa.DecodeConfig(**{**faulty.to_dict(), **ok})
         assert pa.known_decode_fault(config, dense, dense, "cuda") is None, ok
