@@ -1,6 +1,7 @@
 """Which decode launch variants fault on this GPU: each variant's paged_decode_attention launch runs in a
 process of its own (CUDA_LAUNCH_BLOCKING=1), so an illegal memory access ends that process only, and
-the probe says which launches did and what the others computed against attention_ref.
+the probe says which launches did and what the others computed against attention_ref. A launch already
+known to fault (paged_attention.known_decode_fault) is refused before it runs: its row names DecodeLaunchFault.
 
     python benchmarks/decode_variant_probe.py out.json --format bfloat16 --context 224 --table-tokens 464 \\
         --shape 256 9 3 64 --kernel tiles --variants '[{"block_n": 128, "num_warps": 4, "num_stages": 1}]'

@@ -160,7 +160,9 @@ class Model:
         if v_layout != "auto":
             return v_layout
         device = torch.device(device or self.device)
-        if not self._decodes_on_gpu(device) or self._i8t_refusal() is not None:
+        # tuned decode configs are kept per CUDA device only (pick_decode_config), so the interpreted CPU
+        # resolves to rows
+        if device.type != "cuda" or not self._decodes_with_triton(device) or self._i8t_refusal() is not None:
             return "rows"
         from fxforge.kernels import paged_attention as pa
 
@@ -171,13 +173,12 @@ class Model:
                 for k, v in self.kv_formats()}
         return "channels" if all(pa.nearest_tuned_config(tuned, key, None) is not None for key in keys) else "rows"
 
-    def _decodes_on_gpu(self, device: torch.device) -> bool:
+    def _decodes_with_triton(self, device: torch.device) -> bool:
         """Whether decode attention runs the Triton kernels here: CUDA, or the CPU under TRITON_INTERPRET=1
         (the references read any V layout)."""
-        from fxforge.kernels.triton_support import HAS_TRITON, INTERPRETED
+        from fxforge.kernels.triton_support import launches_on
 
-        here = device.type == "cuda" or (INTERPRETED and device.type == "cpu")  # as can_launch, by device
-        return HAS_TRITON and here and self.kernel_bindings().get("attention") == TRITON
+        return launches_on(device) and self.kernel_bindings().get("attention") == TRITON
 
     def _i8t_refusal(self) -> str | None:
         """Why the "i8t" decode kernel cannot run some layer of this model (the first), or None."""
@@ -198,7 +199,7 @@ class Model:
     def _check_channels_decode(self, device: torch.device) -> None:
         """A V stored channels by tokens is read on the GPU by the "i8t" decode kernel only: refuse the
         layout up front where a layer's shape is one i8t cannot run."""
-        refusal = self._i8t_refusal() if self._decodes_on_gpu(device) else None
+        refusal = self._i8t_refusal() if self._decodes_with_triton(device) else None
         if refusal is not None:
             raise ValueError(f"v_layout='channels': {refusal}")
 

@@ -33,6 +33,7 @@ import torch
 from fxforge.kernels.attention import attention_ref
 from fxforge.kernels.bfp import parse_kv_format, quantize
 from fxforge.kernels import paged_attention
+from fxforge.kernels.triton_support import jit, tl
 from fxforge.kernels.paged_attention import (ABLATIONS, DECODE_KERNELS, DecodeConfig, auto_num_splits,
                                              decode_kernel_supports, decode_config_key, decode_config_path,
                                              paged_decode_attention, to_channels_by_tokens, v_channels_by_tokens)
@@ -91,20 +92,18 @@ def _time_rotating(make_fns) -> float:
     return _do_bench(lambda: next(cycle)()) * 1e3  # us
 
 
+@jit
+def _empty_kernel(ptr):
+    if tl.program_id(0) < 0:  # never true: nothing is read or written
+        tl.store(ptr, 0)
+
+
 def empty_launch_us(grid: tuple[int, ...]) -> float:
     """Median time of a Triton kernel that reads and writes nothing, over `grid` programs of one warp,
     replayed from a CUDA graph as every timed launch is: the floor under any decode launch of that grid
     in this harness (the graph replay and the programs' scheduling)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _empty(ptr):
-        if tl.program_id(0) < 0:  # never true: nothing is read or written
-            tl.store(ptr, 0)
-
     sink = torch.empty(1, dtype=torch.int32, device="cuda")
-    return _time_rotating([lambda: _empty[grid](sink, num_warps=1)])
+    return _time_rotating([lambda: _empty_kernel[grid](sink, num_warps=1)])
 
 
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:

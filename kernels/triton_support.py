@@ -31,9 +31,16 @@ def jit(fn):
     return triton.jit(fn) if triton is not None else fn
 
 
+def launches_on(device) -> bool:
+    """True when Triton kernels run on `device` (a torch.device or its name): CUDA, or the CPU under the
+    interpreter."""
+    kind = device.type if hasattr(device, "type") else str(device).split(":")[0]
+    return HAS_TRITON and (kind == "cuda" or (INTERPRETED and kind == "cpu"))
+
+
 def can_launch(tensor) -> bool:
     """True when a Triton kernel can run on `tensor`: a CUDA tensor, or a CPU one under the interpreter."""
-    return HAS_TRITON and (tensor.is_cuda or (INTERPRETED and tensor.device.type == "cpu"))
+    return launches_on(tensor.device)
 
 
 def check_launchable(kernel: str, name: str, tensor, reference: str) -> None:
@@ -72,4 +79,4 @@ def dot_acc(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
-__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "can_launch", "check_launchable", "next_pow2", "round_to_bf16", "dot_acc"]
+__all__ = ["triton", "tl", "HAS_TRITON", "INTERPRETED", "jit", "launches_on", "can_launch", "check_launchable", "next_pow2", "round_to_bf16", "dot_acc"]
